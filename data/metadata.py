@@ -1,0 +1,60 @@
+"""One metadata row per image file: what the validation suites look at."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from dinomx.data import IMAGE_SUFFIXES
+
+COLUMNS = ["path", "split", "label", "readable", "error", "format", "mode", "channels", "dtype",
+           "width", "height", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "has_nan", "bytes"]
+
+
+def image_row(path: Path, root: Path) -> dict:
+    """Describe one file; an unreadable file yields a row saying why rather than an exception."""
+    relative = path.relative_to(root)
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        path=relative.as_posix(),
+        split=relative.parts[0] if len(relative.parts) == 3 else None,
+        label=relative.parts[-2] if len(relative.parts) >= 2 else None,
+        readable=False,
+        bytes=path.stat().st_size,
+    )
+    try:
+        with Image.open(path) as img:
+            img.load()
+            pixels = np.asarray(img)
+            row.update(format=img.format, mode=img.mode)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        return row
+    values = pixels.astype(np.float64)
+    row.update(
+        readable=True,
+        channels=1 if pixels.ndim == 2 else int(pixels.shape[2]),
+        dtype=str(pixels.dtype),
+        height=int(pixels.shape[0]),
+        width=int(pixels.shape[1]),
+        has_nan=bool(np.isnan(values).any()),
+        pixel_min=float(np.nanmin(values)),
+        pixel_max=float(np.nanmax(values)),
+        pixel_mean=float(np.nanmean(values)),
+        pixel_std=float(np.nanstd(values)),
+    )
+    return row
+
+
+def image_folder_metadata(root: str | Path) -> pd.DataFrame:
+    """Rows for every file under ``root`` (``<split>/<class>/<image>``), images or not."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset directory not found")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    rows = [image_row(p, root) for p in files]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["is_image_file"] = frame["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    return frame

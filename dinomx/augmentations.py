@@ -1,0 +1,152 @@
+"""Multi-crop augmentation of DINO, written on torch tensors (no torchvision dependency).
+
+Images enter as float tensors in [0, 1], shape (C, H, W). Colour operations apply to 3-channel
+images only; single-channel inputs get the geometric and intensity parts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dinomx.config import CropsConfig
+
+# RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q).
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+
+
+def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+
+def _chance(p: float, generator: torch.Generator | None) -> bool:
+    return p > 0 and torch.rand((), generator=generator).item() < p
+
+
+def random_resized_crop(
+    img: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    _, height, width = img.shape
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(*scale, generator)
+        aspect = math.exp(_uniform(*log_ratio, generator))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            break
+    else:  # fall back to a central crop of the full image
+        h, w = height, width
+        top = left = 0
+    crop = img[:, top : top + h, left : left + w].unsqueeze(0)
+    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def color_jitter(
+    img: torch.Tensor,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    img = img * _uniform(1 - brightness, 1 + brightness, generator)
+    mean = (img * _LUMA).sum(0).mean()
+    img = (img - mean) * _uniform(1 - contrast, 1 + contrast, generator) + mean
+    gray = (img * _LUMA).sum(0, keepdim=True)
+    img = (img - gray) * _uniform(1 - saturation, 1 + saturation, generator) + gray
+    angle = _uniform(-hue, hue, generator) * 2 * math.pi
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    transform = _YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ
+    img = torch.einsum("ij,jhw->ihw", transform, img)
+    return img.clamp(0, 1)
+
+
+def grayscale(img: torch.Tensor) -> torch.Tensor:
+    return (img * _LUMA).sum(0, keepdim=True).expand_as(img).clone()
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=img.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = img.shape[0]
+    out = img.unsqueeze(0)
+    out = F.pad(out, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return out[0]
+
+
+def solarize(img: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    return torch.where(img >= threshold, 1 - img, img)
+
+
+class DataAugmentationDINO:
+    """Two global crops (teacher and student) and N local crops (student only).
+
+    Global crop 1 is always blurred, global crop 2 rarely and sometimes solarised; local crops
+    are blurred half of the time — the asymmetric recipe of DINO.
+    """
+
+    def __init__(
+        self,
+        crops: CropsConfig,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        generator: torch.Generator | None = None,
+    ):
+        self.crops = crops
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.generator = generator
+
+    def _photometric(self, img: torch.Tensor, blur_p: float, solarize_p: float) -> torch.Tensor:
+        g = self.generator
+        if torch.rand((), generator=g).item() < 0.5:
+            img = img.flip(-1)
+        if img.shape[0] == 3:
+            if _chance(0.8, g):
+                img = color_jitter(img, generator=g)
+            if _chance(0.2, g):
+                img = grayscale(img)
+        if _chance(blur_p, g):
+            # DINO's sigma range is meant for 224 px crops; keep it relative to the crop size.
+            img = gaussian_blur(img, _uniform(0.1, 2.0, g) * img.shape[-1] / 224)
+        if _chance(solarize_p, g):
+            img = solarize(img)
+        return (img - self.mean) / self.std
+
+    def __call__(self, img: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        c, g = self.crops, self.generator
+        global_crops = [
+            self._photometric(random_resized_crop(img, c.global_crops_size, c.global_crops_scale, generator=g), blur_p, sol_p)
+            for blur_p, sol_p in ((1.0, 0.0), (0.1, 0.2))
+        ]
+        local_crops = [
+            self._photometric(random_resized_crop(img, c.local_crops_size, c.local_crops_scale, generator=g), 0.5, 0.0)
+            for _ in range(c.local_crops_number)
+        ]
+        return {"global_crops": global_crops, "local_crops": local_crops}
+
+
+def collate_crops(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Stack crops view-major: (n_views * batch, C, H, W), view i occupying rows [i*B, (i+1)*B)."""
+    n_global = len(samples[0]["global_crops"])
+    n_local = len(samples[0]["local_crops"])
+    out = {"global_crops": torch.stack([s["global_crops"][v] for v in range(n_global) for s in samples])}
+    if n_local:
+        out["local_crops"] = torch.stack([s["local_crops"][v] for v in range(n_local) for s in samples])
+    return out

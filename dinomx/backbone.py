@@ -1,0 +1,107 @@
+"""Hugging Face ViT backbones: build from the student config, load pretrained, save for AutoModel."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    PreTrainedModel,
+    ViTConfig,
+)
+from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+from dinomx.config import DatasetConfig, StudentConfig
+
+
+def _hf_config(cfg: StudentConfig):
+    common = dict(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.num_channels,
+    )
+    if cfg.arch == "vit":
+        return ViTConfig(intermediate_size=cfg.hidden_size * cfg.mlp_ratio, **common)
+    if cfg.arch == "dinov2_with_registers":
+        return Dinov2WithRegistersConfig(
+            mlp_ratio=cfg.mlp_ratio,
+            drop_path_rate=cfg.drop_path_rate,
+            num_register_tokens=cfg.num_register_tokens,
+            **common,
+        )
+    return Dinov2Config(mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate, **common)
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """``hf:<repo id>`` names a hub model that must already be in the local HF cache; anything
+    else is a local directory written by ``save_pretrained``."""
+    if pretrained.startswith("hf:"):
+        return pretrained[3:]
+    if not (Path(pretrained) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"student.pretrained: {pretrained!r} is neither 'scratch', 'hf:<repo id>' "
+            "nor a directory containing config.json"
+        )
+    return pretrained
+
+
+class Backbone(nn.Module):
+    """Uniform view over HF vision transformers: ``forward`` returns (CLS token, patch tokens)."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        self._num_prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+        # ViTModel interpolates position embeddings for local crops only when asked to.
+        self._forward_kwargs = {"interpolate_pos_encoding": True} if model.config.model_type == "vit" else {}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state
+        return hidden[:, 0], hidden[:, self._num_prefix :]
+
+    @classmethod
+    def from_config(cls, cfg: StudentConfig) -> "Backbone":
+        if cfg.pretrained == "scratch":
+            model = AutoModel.from_config(_hf_config(cfg))
+        else:
+            model = AutoModel.from_pretrained(resolve_pretrained(cfg.pretrained))
+        if model.config.model_type == "vit" and getattr(model, "pooler", None) is not None:
+            # DINO trains the CLS token itself; ViT's tanh pooler would get no gradient.
+            model.pooler = None
+        return cls(model)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "Backbone":
+        return cls(AutoModel.from_pretrained(directory))
+
+    def save_pretrained(self, directory: str | os.PathLike, dataset: DatasetConfig, image_size: int) -> None:
+        self.model.save_pretrained(directory)
+        build_image_processor(dataset, image_size, self.model.config.num_channels).save_pretrained(directory)
+
+
+def build_image_processor(dataset: DatasetConfig, image_size: int, num_channels: int) -> BitImageProcessorPil:
+    return BitImageProcessorPil(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        do_normalize=True,
+        image_mean=list(dataset.mean),
+        image_std=list(dataset.std),
+        do_convert_rgb=num_channels == 3,
+    )
+
+
+def load_image_processor(directory: str | os.PathLike):
+    return AutoImageProcessor.from_pretrained(directory)

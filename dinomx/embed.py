@@ -1,0 +1,52 @@
+"""Embedding extraction with a frozen backbone (CLS token after the final norm)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinomx.backbone import Backbone, load_image_processor
+from dinomx.data import list_images, load_image
+
+
+class Embedder:
+    def __init__(self, backbone: Backbone, processor, device: str | torch.device = "cpu"):
+        self.backbone = backbone.eval().to(device)
+        self.processor = processor
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Embedder":
+        return cls(Backbone.from_pretrained(directory), load_image_processor(directory), device)
+
+    @property
+    def num_channels(self) -> int:
+        return self.backbone.model.config.num_channels
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.embed_dim
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        mode = "RGB" if self.num_channels == 3 else "L"
+        images = [img if img.mode == mode else img.convert(mode) for img in images]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        chunks = [
+            self.backbone(self.preprocess(images[start : start + batch_size]))[0].float().cpu().numpy()
+            for start in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def embed_folder(self, root: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Embeddings, integer labels and class names of an image folder."""
+        paths, labels, classes = list_images(root)
+        images = [load_image(p, self.num_channels) for p in paths]
+        return self.embed(images, batch_size), np.asarray(labels), classes

@@ -1,0 +1,100 @@
+"""Entry point ``pretrain``: DINO-MX self-supervised pretraining, tracked and registered in MLflow.
+
+    mlflow run . -e pretrain --env-manager local -P name=demo -P overrides="train.epochs=2"
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from dinomx.config import ConfigError, DinoMXConfig
+from dinomx.train import train
+from projects.tracking import (
+    DataNotValidatedError,
+    configure_logging,
+    log_flat_params,
+    log_training_data,
+    training_data,
+)
+from registry.lineage import Lineage, code_version
+from registry.models import log_and_register
+from registry.pyfunc import BACKBONE_ARTIFACT, BackboneModel
+
+
+def backbone_signature(num_channels: int, embed_dim: int) -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, num_channels), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), "embeddings")]),
+    )
+
+
+def run(config: str, data: str, validation_report: str, name: str, overrides: list[str]):
+    cfg = DinoMXConfig.from_yaml(config, overrides)
+    dataset = training_data(data, validation_report)
+    commit, dirty = code_version(Path(config).resolve().parent)
+    with mlflow.start_run() as active:
+        log_flat_params(cfg.flat())
+        mlflow.log_params({"data": dataset.version.path, "model_name": name})
+        mlflow.set_tags({"vf.entry_point": "pretrain", "vf.config_sha256": cfg.sha256(),
+                         "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
+        mlflow.log_dict(cfg.to_dict(), "config.yaml")
+        report_uri = log_training_data(dataset, context="training")
+
+        run_cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / active.info.run_id))
+        )
+        result = train(run_cfg, dataset.path, on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step))
+
+        lineage = Lineage(
+            kind="backbone",
+            source_run_id=active.info.run_id,
+            parent=cfg.student.pretrained,
+            data_path=dataset.version.path,
+            data_md5=dataset.version.md5,
+            data_source=dataset.version.source,
+            data_remote=dataset.version.remote_url or "",
+            validation_suite=dataset.report.suite,
+            validation_success=dataset.report.success,
+            validation_report=report_uri,
+            git_commit=commit,
+            git_dirty=dirty,
+            config_sha256=cfg.sha256(),
+        )
+        version = log_and_register(
+            f"{name}-backbone",
+            BackboneModel(),
+            {BACKBONE_ARTIFACT: str(result.backbone_dir)},
+            lineage,
+            backbone_signature(cfg.student.num_channels, cfg.student.hidden_size),
+        )
+    print(f"registered models:/{version.name}/{version.version} from run {active.info.run_id}")
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="DINO-MX YAML config")
+    parser.add_argument("--data", required=True, help="image folder tracked by DVC")
+    parser.add_argument("--validation-report", required=True, help="report.json of the data's validation")
+    parser.add_argument("--name", required=True, help="model family; registers <name>-backbone")
+    parser.add_argument("--overrides", default="", help='space-separated section.key=value, e.g. "train.epochs=2"')
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        run(args.config, args.data, args.validation_report, args.name, shlex.split(args.overrides))
+    except (ConfigError, DataNotValidatedError, LookupError, FileNotFoundError) as exc:
+        print(f"pretrain: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

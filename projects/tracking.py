@@ -1,0 +1,80 @@
+"""MLflow glue shared by the entry points: training data with its version and validation, params."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+
+from data.validate import ValidationReport
+from data.versioning import DatasetVersion, dataset_version
+
+VALIDATION_ARTIFACT_DIR = "data_validation"
+
+
+class DataNotValidatedError(RuntimeError):
+    """The data has no passing validation report; nothing trains on it."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    path: Path
+    version: DatasetVersion
+    report: ValidationReport
+    report_path: Path
+
+
+def training_data(path: str | Path, report_path: str | Path) -> TrainingData:
+    """Resolve ``path`` to its DVC version and refuse it unless its validation report passed."""
+    path, report_path = Path(path), Path(report_path)
+    version = dataset_version(path)
+    if not report_path.is_file():
+        raise DataNotValidatedError(
+            f"{report_path}: validation report not found; run `dvc repro` (stage validate) before training on {path}"
+        )
+    report = ValidationReport.read(report_path)
+    covered = Path(report.dataset).resolve()
+    if covered != path.resolve() and covered not in path.resolve().parents:
+        raise DataNotValidatedError(f"{report_path}: reports on {report.dataset}, which does not contain {path}")
+    if not report.success:
+        raise DataNotValidatedError(f"{path} failed validation; nothing trains on it:\n{report.summary()}")
+    return TrainingData(path=path, version=version, report=report, report_path=report_path)
+
+
+def log_training_data(data: TrainingData, context: str) -> str:
+    """Log the dataset as a run input (DVC md5 as digest) and its validation report; returns
+    the report's artifact URI."""
+    source = data.version.remote_url or str(Path(data.version.repo_root) / data.version.tracked_path)
+    dataset = MetaDataset(source=resolve_dataset_source(source), name=data.version.path, digest=data.version.digest)
+    mlflow.log_input(
+        dataset,
+        context=context,
+        tags={"dvc.md5": data.version.md5, "dvc.source": data.version.source, "dvc.path": data.version.tracked_path},
+    )
+    mlflow.log_artifact(str(data.report_path), VALIDATION_ARTIFACT_DIR)
+    mlflow.set_tags({
+        "data.path": data.version.path,
+        "data.dvc_md5": data.version.md5,
+        "data.validation.suite": data.report.suite,
+        "data.validation.success": str(data.report.success).lower(),
+    })
+    return f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{data.report_path.name}"
+
+
+def log_flat_params(params: dict) -> None:
+    mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+
+
+def _param_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "urllib3", "alembic", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

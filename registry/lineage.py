@@ -1,0 +1,142 @@
+"""Lineage carried by every registered model version, and the query that walks it back.
+
+Tags live on the model version (and its MLflow LoggedModel) under ``vf.*``: the run that made
+it, the DVC version and validation result of its data, its parent, the code version and the
+config hash. ``python -m registry.lineage models:/demo-head@production`` prints the chain back
+to the raw data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+PREFIX = "vf."
+
+
+@dataclass(frozen=True)
+class Lineage:
+    kind: str  # "backbone" | "head"
+    source_run_id: str
+    parent: str  # "scratch", "hf:<repo>", a local path, or "models:/<name>/<version>"
+    data_path: str
+    data_md5: str
+    data_source: str  # "dvc.lock:<stage>" or "<file>.dvc"
+    data_remote: str
+    validation_suite: str
+    validation_success: bool
+    validation_report: str  # artifact URI of the report
+    git_commit: str
+    git_dirty: bool
+    config_sha256: str
+
+    def tags(self) -> dict[str, str]:
+        return {PREFIX + k: _tag_value(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> "Lineage":
+        missing = [f.name for f in fields(cls) if PREFIX + f.name not in tags]
+        if missing:
+            raise LookupError(f"lineage incomplete: missing tag(s) {', '.join(PREFIX + m for m in missing)}")
+        values = {f.name: tags[PREFIX + f.name] for f in fields(cls)}
+        for flag in ("validation_success", "git_dirty"):
+            values[flag] = values[flag] == "true"
+        return cls(**values)
+
+
+def _tag_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def code_version(repo: str | Path = ".") -> tuple[str, bool]:
+    """(commit, dirty) of the git checkout holding ``repo``; ("unknown", True) outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown", True
+    return commit, bool(status.strip())
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name/3`` -> (name, "3", None); ``models:/name@alias`` -> (name, None, "alias")."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    body = uri[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, None, alias
+    name, _, version = body.rpartition("/")
+    if not name or not version:
+        raise ValueError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    return name, version, None
+
+
+def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
+    name, version, alias = parse_model_uri(uri)
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    if version == "latest":
+        versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"], max_results=1)
+        if not versions:
+            raise LookupError(f"registered model {name!r} has no versions")
+        return versions[0]
+    return client.get_model_version(name, version)
+
+
+def version_uri(mv: ModelVersion) -> str:
+    return f"models:/{mv.name}/{mv.version}"
+
+
+def lineage_chain(client: MlflowClient, uri: str) -> list[dict]:
+    """From a model version back to its data: one entry per model, child first."""
+    chain = []
+    current: str | None = uri
+    while current and current.startswith("models:/"):
+        mv = resolve_version(client, current)
+        lineage = Lineage.from_tags(mv.tags)
+        children = [version_uri(c) for c in client.search_model_versions(f"tags.`vf.parent` = '{version_uri(mv)}'")]
+        chain.append({"model": version_uri(mv), "aliases": list(mv.aliases), "children": sorted(children), **asdict(lineage)})
+        current = lineage.parent
+    return chain
+
+
+def format_chain(chain: list[dict]) -> str:
+    lines = []
+    for depth, entry in enumerate(chain):
+        pad = "    " * depth
+        aliases = f" @{', @'.join(entry['aliases'])}" if entry["aliases"] else ""
+        lines += [
+            f"{pad}{'└─ ' if depth else ''}{entry['model']}{aliases} ({entry['kind']})",
+            f"{pad}   run {entry['source_run_id']}  code {entry['git_commit'][:12]}{' (dirty)' if entry['git_dirty'] else ''}"
+            f"  config sha256 {entry['config_sha256'][:12]}",
+            f"{pad}   data {entry['data_path']} md5 {entry['data_md5']} ({entry['data_source']}, remote {entry['data_remote']})",
+            f"{pad}   validation {entry['validation_suite']} {'PASSED' if entry['validation_success'] else 'FAILED'}"
+            f"  report {entry['validation_report']}",
+        ]
+        if entry["children"]:
+            lines.append(f"{pad}   built on it: {', '.join(entry['children'])}")
+        if not entry["parent"].startswith("models:/"):
+            lines.append(f"{pad}   parent {entry['parent']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print a registered model's lineage back to its data")
+    parser.add_argument("model", help="models:/<name>/<version> or models:/<name>@<alias>")
+    parser.add_argument("--json", action="store_true", help="print the chain as JSON")
+    args = parser.parse_args(argv)
+    chain = lineage_chain(MlflowClient(), args.model)
+    print(json.dumps(chain, indent=2) if args.json else format_chain(chain))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

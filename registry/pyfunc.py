@@ -1,0 +1,47 @@
+"""MLflow pyfunc flavours of DINO-MX artefacts.
+
+The backbone is stored as its ``save_pretrained`` directory (loadable with
+``transformers.AutoModel.from_pretrained``) inside the model's artifacts; the head as a
+``ClassifierHeads`` directory. ``unwrap_python_model()`` gives the engine objects back.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+from PIL import Image
+
+from dinomx.classifiers import ClassifierHeads
+from dinomx.embed import Embedder
+
+BACKBONE_ARTIFACT = "backbone"
+HEADS_ARTIFACT = "heads"
+
+
+class BackboneModel(PythonModel):
+    """Images (N, H, W, C) uint8 -> embeddings (N, D) float32."""
+
+    def load_context(self, context) -> None:
+        self.embedder = Embedder.from_pretrained(context.artifacts[BACKBONE_ARTIFACT])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        batch = np.asarray(model_input)
+        if batch.ndim == 3:  # (N, H, W): single-channel images
+            batch = batch[..., None]
+        if batch.ndim != 4 or batch.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, C), got {batch.dtype} {batch.shape}")
+        images = [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in batch]
+        return self.embedder.embed(images)
+
+
+class HeadModel(PythonModel):
+    """Embeddings (N, D) -> predicted label and confidence per row (the default head)."""
+
+    def load_context(self, context) -> None:
+        self.heads = ClassifierHeads.from_pretrained(context.artifacts[HEADS_ARTIFACT])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        head = (params or {}).get("head")
+        probs = self.heads.predict_proba(np.asarray(model_input, dtype=np.float32), head)
+        best = probs.argmax(1)
+        return pd.DataFrame({"label": [self.heads.classes[i] for i in best], "confidence": probs.max(1)})

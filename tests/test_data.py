@@ -1,0 +1,116 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from data.synthetic import CLASSES, generate
+from data.validate import ValidationReport, main as validate_main, validate_image_folder
+from data.versioning import UntrackedDataError, dataset_version
+from tests.conftest import REPO
+
+
+def test_generation_is_deterministic_and_laid_out_by_split_and_class(tmp_path, tiles):
+    again = generate(tmp_path / "images", seed=0, image_size=32, train_per_class=24, val_per_class=8)
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (again / split).iterdir()) == sorted(CLASSES)
+    first = sorted(tiles.rglob("*.png"))
+    second = sorted(again.rglob("*.png"))
+    assert len(first) == len(second) == 4 * 32
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
+    assert not (tmp_path / "images.partial").exists()
+
+
+def test_clean_tiles_pass_the_suite(tiles):
+    report, frame = validate_image_folder(tiles, image_size=32)
+    assert report.success, report.summary()
+    assert report.rows == len(frame) == 128 and report.evaluated_expectations >= 10
+    assert set(frame["channels"]) == {3}
+
+
+def test_bad_files_fail_the_suite_and_are_named(tiles, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiles, bad)
+    (bad / "train/glands/truncated.png").write_bytes((bad / "train/glands/glands_0000.png").read_bytes()[:60])
+    Image.new("L", (32, 32), 128).save(bad / "val/stroma/gray.png")
+    Image.fromarray(np.zeros((48, 32, 3), np.uint8) + 90).save(bad / "val/nuclei/big.png")
+    (bad / "train/stroma/notes.txt").write_text("not an image")
+
+    code = validate_main(["--images", str(bad), "--report-dir", str(tmp_path / "report"), "--image-size", "32"])
+    assert code == 1
+    report = ValidationReport.read(tmp_path / "report/report.json")
+    assert not report.success
+    failing = {(f.column, tuple(f.files)) for f in report.failures}
+    assert ("readable", ("train/glands/truncated.png", "train/stroma/notes.txt")) in failing
+    assert ("channels", ("val/stroma/gray.png",)) in failing
+    assert ("height", ("val/nuclei/big.png",)) in failing
+    assert ("is_image_file", ("train/stroma/notes.txt",)) in failing
+    assert ("pixel_std", ("val/nuclei/big.png", "val/stroma/gray.png")) in failing
+    assert (tmp_path / "report/metadata.csv").is_file()
+    assert "FAILED" in capsys.readouterr().out
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture()
+def dvc_repo(tmp_path) -> Path:
+    """A real git + DVC repository with the project's pipeline, small parameters."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(REPO / "data", root / "data", ignore=shutil.ignore_patterns("__pycache__", "demo"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["generate"].update(train_per_class=4, val_per_class=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+def test_dvc_pipeline_versions_validates_and_pushes(dvc_repo):
+    run = subprocess.run(["dvc", "repro"], cwd=dvc_repo, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (dvc_repo / "data/demo/validation/report.json").is_file()
+
+    version = dataset_version(dvc_repo / "data/demo/images/train")
+    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["generate"]["outs"] if o["path"] == "data/demo/images")
+    assert version.md5 == md5 and md5.endswith(".dir")
+    assert version.tracked_path == "data/demo/images" and version.source == "dvc.lock:generate"
+    assert version.remote_url == str(dvc_repo / ".dvc-storage")
+
+    subprocess.run(["dvc", "push"], cwd=dvc_repo, check=True, capture_output=True)
+    # The remote now holds the directory manifest under its md5: a fresh checkout can `dvc pull` it.
+    digest = version.digest
+    assert (dvc_repo / ".dvc-storage/files/md5" / digest[:2] / (digest[2:] + ".dir")).is_file()
+    shutil.rmtree(dvc_repo / "data/demo/images")
+    subprocess.run(["dvc", "pull"], cwd=dvc_repo, check=True, capture_output=True)
+    assert len(list((dvc_repo / "data/demo/images").rglob("*.png"))) == 4 * 6
+
+
+def test_failing_validation_stops_dvc_repro_and_keeps_the_report(dvc_repo):
+    params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+    # Tiles of 24 px against a suite expecting 32 px: the validate stage must fail.
+    (dvc_repo / "dvc.yaml").write_text((dvc_repo / "dvc.yaml").read_text().replace(
+        "--image-size ${generate.image_size}\n", "--image-size 24\n"))
+    run = subprocess.run(["dvc", "repro"], cwd=dvc_repo, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert params["generate"]["image_size"] == 32
+    report = ValidationReport.read(dvc_repo / "data/demo/validation/report.json")
+    assert not report.success and {f.column for f in report.failures} >= {"width", "height"}
+
+
+def test_untracked_data_is_refused(tmp_path, dvc_repo):
+    (dvc_repo / "elsewhere").mkdir()
+    with pytest.raises(UntrackedDataError, match="not tracked by DVC"):
+        dataset_version(dvc_repo / "elsewhere")
+    with pytest.raises(UntrackedDataError, match="not inside a DVC repository"):
+        dataset_version(tmp_path)

@@ -1,0 +1,113 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dinomx.augmentations import DataAugmentationDINO, collate_crops, gaussian_blur, random_resized_crop
+from dinomx.backbone import Backbone
+from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
+from dinomx.config import StudentConfig
+from dinomx.dino_head import DINOHead
+from dinomx.loss import DINOLoss
+from dinomx.schedules import CosineScheduler
+from tests.conftest import tiny_config
+
+
+def test_cosine_scheduler_warmup_freeze_and_end():
+    s = CosineScheduler(1.0, 0.1, total_iters=20, warmup_iters=5, freeze_iters=3)
+    assert [s[i] for i in range(3)] == [0.0, 0.0, 0.0]
+    assert s[3] == 0.0 and s[7] == pytest.approx(1.0)
+    assert s[8] == pytest.approx(1.0)
+    assert s[19] == pytest.approx(0.1, abs=0.02)
+    assert s[100] == 0.1  # past the end it holds the final value
+    values = [s[i] for i in range(8, 20)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_dino_loss_is_cross_entropy_and_skips_same_view():
+    loss = DINOLoss(out_dim=4, student_temp=1.0)
+    teacher = [torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0, 1.0, 0, 0]])]
+    student = [torch.zeros(1, 4), torch.zeros(1, 4)]
+    # Uniform student: cross-entropy against any one-hot target is log(4).
+    assert loss(student, teacher, skip_same_view=True).item() == pytest.approx(math.log(4))
+    # Student view 0 agrees with teacher view 0 only: skipping that pair leaves the mismatch.
+    sharp = [torch.tensor([[20.0, 0, 0, 0]]), torch.tensor([[0, 20.0, 0, 0]])]
+    assert loss(sharp, teacher, skip_same_view=True).item() > 10
+    assert loss(sharp, teacher, skip_same_view=False).item() < loss(sharp, teacher, skip_same_view=True).item()
+
+
+def test_center_tracks_teacher_mean_without_process_group():
+    loss = DINOLoss(out_dim=3, center_momentum=0.5)
+    loss.update_center(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    assert torch.allclose(loss.center, torch.tensor([[0.5, 0.5, 0.0]]))
+    probs = loss.softmax_center_teacher(torch.tensor([[1.0, 1.0, 1.0]]), teacher_temp=0.1)
+    assert probs.sum().item() == pytest.approx(1.0)
+    assert probs[0, 2] > probs[0, 0]  # centering removed what the batch already agrees on
+
+
+def test_dino_head_output_and_frozen_prototype_norm():
+    head = DINOHead(in_dim=8, out_dim=32, hidden_dim=16, bottleneck_dim=4, nlayers=3, norm_last_layer=True)
+    out = head(torch.randn(5, 8))
+    assert out.shape == (5, 32)
+    # Prototypes have unit norm, bottleneck is L2-normalised: logits are cosines.
+    assert out.abs().max() <= 1.0 + 1e-5
+    assert not head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_random_resized_crop_and_blur_shapes():
+    img = torch.rand(3, 40, 30)
+    crop = random_resized_crop(img, 16, (0.2, 0.5), generator=torch.Generator().manual_seed(0))
+    assert crop.shape == (3, 16, 16)
+    blurred = gaussian_blur(img, 1.5)
+    assert blurred.shape == img.shape and blurred.std() < img.std()
+
+
+def test_multicrop_views_and_view_major_collate():
+    cfg = tiny_config()
+    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, generator=torch.Generator().manual_seed(0))
+    samples = [aug(torch.rand(3, 32, 32)) for _ in range(3)]
+    assert len(samples[0]["global_crops"]) == 2 and len(samples[0]["local_crops"]) == 2
+    batch = collate_crops(samples)
+    assert batch["global_crops"].shape == (6, 3, 32, 32)
+    assert batch["local_crops"].shape == (6, 3, 16, 16)
+    assert torch.equal(batch["global_crops"][1], samples[1]["global_crops"][0])
+    assert torch.equal(batch["global_crops"][3], samples[0]["global_crops"][1])
+
+
+def test_single_channel_skips_colour_operations():
+    cfg = tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25]})
+    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
+    views = aug(torch.rand(1, 32, 32))
+    assert views["global_crops"][0].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("arch", ["dinov2", "vit", "dinov2_with_registers"])
+def test_backbones_return_cls_and_patches_at_any_crop_size(arch):
+    cfg = StudentConfig(arch=arch, image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_register_tokens=2)
+    backbone = Backbone.from_config(cfg)
+    cls, patches = backbone(torch.randn(2, 3, 32, 32))
+    assert cls.shape == (2, 32) and patches.shape == (2, 64, 32)
+    cls, patches = backbone(torch.randn(2, 3, 16, 16))  # local crops: interpolated positions
+    assert patches.shape == (2, 16, 32)
+
+
+def test_knn_and_linear_heads_fit_separable_data_and_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 4
+    y = np.repeat(np.arange(3), 20)
+    x = (centres[y] + rng.normal(size=(60, 8))).astype(np.float32)
+    heads = ClassifierHeads(["a", "b", "c"], {"knn": KNNClassifier(3, k=5).fit(x, y),
+                                              "linear": LinearClassifier(3).fit(x, y)}, "linear", 8)
+    for name in ("knn", "linear"):
+        assert (heads.predict_proba(x, name).argmax(1) == y).mean() > 0.95
+    heads.save_pretrained(tmp_path)
+    loaded = ClassifierHeads.from_pretrained(tmp_path)
+    assert loaded.classes == ["a", "b", "c"] and loaded.default == "linear"
+    for name in ("knn", "linear"):
+        np.testing.assert_allclose(loaded.predict_proba(x, name), heads.predict_proba(x, name), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"expected embeddings of shape \(n, 8\)"):
+        loaded.predict_proba(x[:, :4])
+    with pytest.raises(KeyError, match="unknown head 'svm'"):
+        loaded.predict_proba(x, "svm")

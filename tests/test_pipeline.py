@@ -1,0 +1,179 @@
+"""The platform end to end, as `make demo` runs it: DVC data -> mlflow run pretrain -> heads ->
+promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow store."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import AutoModel
+
+from dinomx.backbone import build_image_processor
+from dinomx.classifiers import KNNClassifier
+from dinomx.config import DinoMXConfig
+from dinomx.embed import Embedder
+from dinomx.train import build_models
+from registry.lineage import Lineage, lineage_chain
+from registry.promote import PromotionRefused, promote
+from scripts.demo import free_port, wait_ready
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the demo script in a copy of the working tree; yields (checkout, client, output)."""
+    checkout = tmp_path_factory.mktemp("checkout") / "vision-foundry"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    for git in (["init", "-q"], ["add", "-A"], ["-c", "user.name=ci", "-c", "user.email=ci@x", "commit", "-qm", "demo"]):
+        subprocess.run(["git", *git], cwd=checkout, check=True, capture_output=True)
+    uri = f"sqlite:///{checkout / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run([sys.executable, "scripts/demo.py"], cwd=checkout, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    mlflow.set_tracking_uri(uri)
+    yield checkout, MlflowClient(uri), run.stdout
+    mlflow.set_tracking_uri(None)
+
+
+def _run_of(client, entry_point):
+    exp = client.get_experiment_by_name("vision-foundry-demo")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`vf.entry_point` = '{entry_point}'")
+    return run
+
+
+def test_pretrain_run_logs_flat_params_step_metrics_and_data_version(demo):
+    checkout, client, _ = demo
+    run = _run_of(client, "pretrain")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    cfg = DinoMXConfig.from_yaml(checkout / "configs/demo.yaml")
+    assert params["optim.lr"] == str(cfg.optim.lr) and params["train.batch_size"] == "32"
+    assert params["crops.global_crops_scale"] == "[0.4, 1.0]"
+    assert params["crops.local_crops_number"] == "4" and params["student.arch"] == "dinov2"
+    for metric in ("total_loss", "dino_global_loss", "dino_local_loss", "lr", "wd", "teacher_momentum", "teacher_temp"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert len(history) == 60, metric  # 600 steps, logged every 10
+    assert run.data.tags["mlflow.source.git.commit"]
+    (dataset_input,) = run.inputs.dataset_inputs
+    lock = (checkout / "dvc.lock").read_text()
+    assert dataset_input.dataset.digest in lock
+    assert dataset_input.dataset.name == "data/demo/images/train"
+
+
+def test_backbone_is_registered_with_complete_lineage_and_loads_with_automodel(demo):
+    checkout, client, _ = demo
+    mv = client.get_model_version_by_alias("demo-backbone", "production")
+    lineage = Lineage.from_tags(mv.tags)
+    assert lineage.kind == "backbone" and lineage.parent == "scratch"
+    assert lineage.source_run_id == _run_of(client, "pretrain").info.run_id
+    assert lineage.data_md5 in (checkout / "dvc.lock").read_text()
+    assert lineage.validation_success and lineage.validation_suite == "image_tiles"
+    assert json.loads(mlflow.artifacts.load_text(lineage.validation_report))["success"] is True
+    assert len(lineage.git_commit) == 40 and lineage.git_dirty is False
+    assert lineage.data_remote == str(checkout / ".dvc-storage")
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/demo-backbone/{mv.version}"))
+    model = AutoModel.from_pretrained(local / "artifacts" / "backbone")
+    assert model.config.model_type == "dinov2"
+
+
+def test_pretraining_beats_random_init_on_knn(demo):
+    checkout, client, _ = demo
+    trained = _run_of(client, "heads").data.metrics["knn.val_accuracy"]
+    cfg = DinoMXConfig.from_yaml(checkout / "configs/demo.yaml")
+    torch.manual_seed(cfg.train.seed)
+    student, _ = build_models(cfg)
+    random_init = Embedder(student.backbone, build_image_processor(cfg.dataset, cfg.crops.global_crops_size, 3))
+    data = checkout / "data/demo/images"
+    train_x, train_y, classes = random_init.embed_folder(data / "train")
+    val_x, val_y, _ = random_init.embed_folder(data / "val")
+    baseline = (KNNClassifier(len(classes), k=20).fit(train_x, train_y).predict_proba(val_x).argmax(1) == val_y).mean()
+    assert trained > baseline + 0.05, (trained, baseline)
+
+
+def test_head_names_its_backbone_and_both_hold_production(demo):
+    _, client, output = demo
+    backbone = client.get_model_version_by_alias("demo-backbone", "production")
+    head = client.get_model_version_by_alias("demo-head", "production")
+    assert Lineage.from_tags(head.tags).parent == f"models:/demo-backbone/{backbone.version}"
+    metrics = _run_of(client, "heads").data.metrics
+    assert {"linear.val_accuracy", "linear.val_f1_macro", "knn.val_accuracy", "knn.val_f1_macro"} <= set(metrics)
+    audit = [json.loads(v) for k, v in head.tags.items() if k.startswith("vf.audit.production.")]
+    assert audit and audit[0]["reason"] == "demo run" and audit[0]["previous"] is None
+
+    chain = lineage_chain(client, "models:/demo-head@production")
+    assert [c["model"] for c in chain] == [f"models:/demo-head/{head.version}", f"models:/demo-backbone/{backbone.version}"]
+    assert chain[1]["children"] == [f"models:/demo-head/{head.version}"]
+    assert "└─ models:/demo-backbone/1 @production (backbone)" in output
+
+
+def test_demo_served_real_requests(demo):
+    _, _, output = demo
+    assert "POST /embed" in output and "96-d vector" in output
+    assert "POST /classify" in output and "by models:/demo-head/1" in output
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+
+def test_head_cannot_be_promoted_before_its_backbone(demo):
+    _, client, _ = demo
+    with pytest.raises(PromotionRefused) as refused:
+        promote(client, "models:/demo-head/1", "staging", reason="test")
+    assert refused.value.gate == "parent promoted"
+    assert "promote the parent first" in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def service(demo):
+    checkout, _, _ = demo
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo", "VF_MAX_IMAGES": "4"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:VisionFoundry",
+                              "--host", "127.0.0.1", "--port", str(port)], cwd=checkout, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base}/readyz", server, timeout=180)
+        yield base, checkout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _png(path):
+    return ("images", (path.name, path.read_bytes(), "image/png"))
+
+
+def test_service_classifies_validation_tiles(service):
+    base, checkout = service
+    samples = [sorted((checkout / "data/demo/images/val" / c).glob("*.png"))[0] for c in ("adipose", "stroma")]
+    response = httpx.post(f"{base}/classify", files=[_png(p) for p in samples], timeout=60)
+    assert response.status_code == 200
+    body = response.json()
+    assert [set(p["probabilities"]) for p in body["predictions"]] == [{"adipose", "glands", "nuclei", "stroma"}] * 2
+    embed = httpx.post(f"{base}/embed", files=[_png(samples[0])], timeout=60).json()
+    assert np.asarray(embed["embeddings"]).shape == (1, 96)
+    assert httpx.get(f"{base}/livez").status_code == 200
+    assert "bentoml_service_request" in httpx.get(f"{base}/metrics").text
+
+
+def test_service_answers_bad_input_with_4xx(service):
+    base, checkout = service
+    sample = sorted((checkout / "data/demo/images/val/glands").glob("*.png"))[0]
+    not_image = httpx.post(f"{base}/embed", files=[("images", ("x.png", b"not an image", "image/png"))], timeout=30)
+    assert 400 <= not_image.status_code < 500
+    too_many = httpx.post(f"{base}/embed", files=[_png(sample)] * 5, timeout=30)
+    assert too_many.status_code == 400 and "at most 4 per request" in too_many.text
+    unknown = httpx.post(f"{base}/classify", files=[_png(sample)], data={"head": "svm"}, timeout=30)
+    assert unknown.status_code == 400 and "unknown 'svm'" in unknown.text
