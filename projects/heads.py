@@ -18,7 +18,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 from sklearn.metrics import accuracy_score, f1_score
 
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
@@ -30,8 +30,9 @@ from registry.pyfunc import HEADS_ARTIFACT, HeadModel
 
 def head_signature(embed_dim: int) -> ModelSignature:
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), "embeddings")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
         outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "confidence")]),
+        params=ParamSchema([ParamSpec("head", DataType.string, "")]),
     )
 
 
@@ -55,7 +56,8 @@ def run(backbone_uri: str, data: str, validation_report: str, name: str, knn_k: 
     parent = version_uri(backbone_version)
     dataset = training_data(data, validation_report)
     commit, dirty = code_version(Path(__file__).resolve().parent)
-    settings = {"backbone": parent, "data": dataset.version.path, "knn_k": knn_k, "model_name": name}
+    # Resolved values under their own keys: `mlflow run` already logged the raw parameters.
+    settings = {"parent_model": parent, "data.path": dataset.version.path, "head.knn_k": knn_k, "model_name": name}
     with mlflow.start_run() as active:
         mlflow.log_params(settings)
         mlflow.set_tags({"vf.entry_point": "heads", "vf.parent": parent, "vf.git_commit": commit})
@@ -87,7 +89,9 @@ def run(backbone_uri: str, data: str, validation_report: str, name: str, knn_k: 
         )
         with TemporaryDirectory() as tmp:
             heads.save_pretrained(tmp)
-            version = log_and_register(f"{name}-head", HeadModel(), {HEADS_ARTIFACT: tmp}, lineage, head_signature(embedder.dim))
+            version = log_and_register(
+                f"{name}-head", HeadModel(), {HEADS_ARTIFACT: tmp}, lineage, head_signature(embedder.dim), val_x[:2]
+            )
     print(f"registered models:/{version.name}/{version.version} on {parent}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return version, metrics
 

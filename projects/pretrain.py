@@ -16,6 +16,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from dinomx.config import ConfigError, DinoMXConfig
+from dinomx.data import list_images, load_image
 from dinomx.train import train
 from projects.tracking import (
     DataNotValidatedError,
@@ -31,9 +32,16 @@ from registry.pyfunc import BACKBONE_ARTIFACT, BackboneModel
 
 def backbone_signature(num_channels: int, embed_dim: int) -> ModelSignature:
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, num_channels), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), "embeddings")]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, num_channels))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
     )
+
+
+def example_images(root: Path, num_channels: int) -> np.ndarray:
+    """Two real training images as the model's input example, (2, H, W, C) uint8."""
+    paths = list_images(root)[0][:2]
+    arrays = [np.asarray(load_image(p, num_channels)) for p in paths]
+    return np.stack([a if a.ndim == 3 else a[..., None] for a in arrays])
 
 
 def run(config: str, data: str, validation_report: str, name: str, overrides: list[str]):
@@ -42,7 +50,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     commit, dirty = code_version(Path(config).resolve().parent)
     with mlflow.start_run() as active:
         log_flat_params(cfg.flat())
-        mlflow.log_params({"data": dataset.version.path, "model_name": name})
+        mlflow.log_params({"data.path": dataset.version.path, "model_name": name})
         mlflow.set_tags({"vf.entry_point": "pretrain", "vf.config_sha256": cfg.sha256(),
                          "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
         mlflow.log_dict(cfg.to_dict(), "config.yaml")
@@ -74,6 +82,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             {BACKBONE_ARTIFACT: str(result.backbone_dir)},
             lineage,
             backbone_signature(cfg.student.num_channels, cfg.student.hidden_size),
+            example_images(dataset.path, cfg.student.num_channels),
         )
     print(f"registered models:/{version.name}/{version.version} from run {active.info.run_id}")
     return version

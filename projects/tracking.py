@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def log_training_data(data: TrainingData, context: str) -> str:
     """Log the dataset as a run input (DVC md5 as digest) and its validation report; returns
     the report's artifact URI."""
     source = data.version.remote_url or str(Path(data.version.repo_root) / data.version.tracked_path)
-    dataset = MetaDataset(source=resolve_dataset_source(source), name=data.version.path, digest=data.version.digest)
+    with warnings.catch_warnings():
+        # A local path matches both of MLflow's local source types, which are the same class.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        resolved = resolve_dataset_source(source)
+    dataset = MetaDataset(source=resolved, name=data.version.path, digest=data.version.digest)
     mlflow.log_input(
         dataset,
         context=context,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.pyfunc import PythonModel
@@ -24,6 +25,7 @@ def log_and_register(
     artifacts: dict[str, str],
     lineage: Lineage,
     signature: mlflow.models.ModelSignature,
+    input_example: np.ndarray,
 ) -> ModelVersion:
     """Log the model in the active run, register a new version, and tag it with its lineage."""
     info = mlflow.pyfunc.log_model(
@@ -31,6 +33,7 @@ def log_and_register(
         python_model=python_model,
         artifacts=artifacts,
         signature=signature,
+        input_example=input_example,
         pip_requirements=runtime_requirements(),
         tags=lineage.tags(),
         registered_model_name=registered_name,

@@ -26,7 +26,7 @@ class PromotionRefused(RuntimeError):
 
 def current_holder(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
@@ -61,7 +61,7 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
     record = {
         "alias": alias,
         "model": mv.name,
-        "version": mv.version,
+        "version": str(mv.version),
         "previous": previous,
         "user": user or getpass.getuser(),
         "time": now.isoformat(),

@@ -41,7 +41,7 @@ class HeadModel(PythonModel):
         self.heads = ClassifierHeads.from_pretrained(context.artifacts[HEADS_ARTIFACT])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        head = (params or {}).get("head")
+        head = (params or {}).get("head") or None
         probs = self.heads.predict_proba(np.asarray(model_input, dtype=np.float32), head)
         best = probs.argmax(1)
         return pd.DataFrame({"label": [self.heads.classes[i] for i in best], "confidence": probs.max(1)})
