@@ -24,7 +24,7 @@ class BackboneModel(PythonModel):
     def load_context(self, context) -> None:
         self.embedder = Embedder.from_pretrained(context.artifacts[BACKBONE_ARTIFACT])
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         batch = np.asarray(model_input)
         if batch.ndim == 3:  # (N, H, W): single-channel images
             batch = batch[..., None]
@@ -40,7 +40,7 @@ class HeadModel(PythonModel):
     def load_context(self, context) -> None:
         self.heads = ClassifierHeads.from_pretrained(context.artifacts[HEADS_ARTIFACT])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         head = (params or {}).get("head") or None
         probs = self.heads.predict_proba(np.asarray(model_input, dtype=np.float32), head)
         best = probs.argmax(1)
