@@ -18,7 +18,7 @@ _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 
-def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
+def uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
     return lo + (hi - lo) * torch.rand((), generator=generator).item()
 
 
@@ -37,8 +37,8 @@ def random_resized_crop(
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * _uniform(*scale, generator)
-        aspect = math.exp(_uniform(*log_ratio, generator))
+        target = area * uniform(*scale, generator)
+        aspect = math.exp(uniform(*log_ratio, generator))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -60,12 +60,12 @@ def color_jitter(
     hue: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    img = img * _uniform(1 - brightness, 1 + brightness, generator)
+    img = img * uniform(1 - brightness, 1 + brightness, generator)
     mean = (img * _LUMA).sum(0).mean()
-    img = (img - mean) * _uniform(1 - contrast, 1 + contrast, generator) + mean
+    img = (img - mean) * uniform(1 - contrast, 1 + contrast, generator) + mean
     gray = (img * _LUMA).sum(0, keepdim=True)
-    img = (img - gray) * _uniform(1 - saturation, 1 + saturation, generator) + gray
-    angle = _uniform(-hue, hue, generator) * 2 * math.pi
+    img = (img - gray) * uniform(1 - saturation, 1 + saturation, generator) + gray
+    angle = uniform(-hue, hue, generator) * 2 * math.pi
     cos, sin = math.cos(angle), math.sin(angle)
     rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
     transform = _YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ
@@ -106,15 +106,12 @@ class DataAugmentationDINO:
         crops: CropsConfig,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        generator: torch.Generator | None = None,
     ):
         self.crops = crops
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
-        self.generator = generator
 
-    def _photometric(self, img: torch.Tensor, blur_p: float, solarize_p: float) -> torch.Tensor:
-        g = self.generator
+    def _photometric(self, img: torch.Tensor, blur_p: float, solarize_p: float, g: torch.Generator | None) -> torch.Tensor:
         if torch.rand((), generator=g).item() < 0.5:
             img = img.flip(-1)
         if img.shape[0] == 3:
@@ -124,29 +121,31 @@ class DataAugmentationDINO:
                 img = grayscale(img)
         if _chance(blur_p, g):
             # DINO's sigma range is meant for 224 px crops; keep it relative to the crop size.
-            img = gaussian_blur(img, _uniform(0.1, 2.0, g) * img.shape[-1] / 224)
+            img = gaussian_blur(img, uniform(0.1, 2.0, g) * img.shape[-1] / 224)
         if _chance(solarize_p, g):
             img = solarize(img)
         return (img - self.mean) / self.std
 
-    def __call__(self, img: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        c, g = self.crops, self.generator
+    def __call__(self, img: torch.Tensor, g: torch.Generator | None = None) -> dict[str, list[torch.Tensor]]:
+        """``g`` makes the views a function of the generator's seed alone (see ``dinomx.train``)."""
+        c = self.crops
         global_crops = [
-            self._photometric(random_resized_crop(img, c.global_crops_size, c.global_crops_scale, generator=g), blur_p, sol_p)
+            self._photometric(random_resized_crop(img, c.global_crops_size, c.global_crops_scale, generator=g), blur_p, sol_p, g)
             for blur_p, sol_p in ((1.0, 0.0), (0.1, 0.2))
         ]
         local_crops = [
-            self._photometric(random_resized_crop(img, c.local_crops_size, c.local_crops_scale, generator=g), 0.5, 0.0)
+            self._photometric(random_resized_crop(img, c.local_crops_size, c.local_crops_scale, generator=g), 0.5, 0.0, g)
             for _ in range(c.local_crops_number)
         ]
         return {"global_crops": global_crops, "local_crops": local_crops}
 
 
 def collate_crops(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """Stack crops view-major: (n_views * batch, C, H, W), view i occupying rows [i*B, (i+1)*B)."""
-    n_global = len(samples[0]["global_crops"])
-    n_local = len(samples[0]["local_crops"])
-    out = {"global_crops": torch.stack([s["global_crops"][v] for v in range(n_global) for s in samples])}
-    if n_local:
-        out["local_crops"] = torch.stack([s["local_crops"][v] for v in range(n_local) for s in samples])
-    return out
+    """Stack each list-valued key view-major: (n_views * batch, ...), view i in rows [i*B, (i+1)*B).
+
+    Keys with no views (no local crops) are left out."""
+    return {
+        key: torch.stack([s[key][v] for v in range(len(views)) for s in samples])
+        for key, views in samples[0].items()
+        if views
+    }

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModel,
     Dinov2Config,
@@ -67,20 +68,30 @@ class Backbone(nn.Module):
     def embed_dim(self) -> int:
         return self.model.config.hidden_size
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bool_masked_pos`` (N, P) replaces those patch embeddings with the mask token (iBOT)."""
+        kwargs = dict(self._forward_kwargs)
+        if bool_masked_pos is not None:
+            kwargs["bool_masked_pos"] = bool_masked_pos
+        hidden = self.model(pixel_values=pixel_values, **kwargs).last_hidden_state
         return hidden[:, 0], hidden[:, self._num_prefix :]
 
     @classmethod
     def from_config(cls, cfg: StudentConfig) -> "Backbone":
         if cfg.pretrained == "scratch":
-            model = AutoModel.from_config(_hf_config(cfg))
+            config = _hf_config(cfg)
+            source = None
         else:
-            model = AutoModel.from_pretrained(resolve_pretrained(cfg.pretrained))
-        if model.config.model_type == "vit" and getattr(model, "pooler", None) is not None:
-            # DINO trains the CLS token itself; ViT's tanh pooler would get no gradient.
-            model.pooler = None
-        return cls(model)
+            source = resolve_pretrained(cfg.pretrained)
+            config = AutoConfig.from_pretrained(source)
+        # DINO trains the CLS token itself, so ViT's tanh pooler would get no gradient; iBOT needs
+        # ViT's optional mask token (Dinov2 models always have one).
+        kwargs = {"add_pooling_layer": False, "use_mask_token": True} if config.model_type == "vit" else {}
+        if source is None:
+            return cls(AutoModel.from_config(config, **kwargs))
+        return cls(AutoModel.from_pretrained(source, **kwargs))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Backbone":

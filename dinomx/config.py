@@ -56,6 +56,24 @@ class DinoHeadConfig:
     norm_last_layer: bool = True
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+    loss_weight: float = 1.0
+    # KoLeo on the student's global CLS tokens; 0 turns it off.
+    koleo_loss_weight: float = 0.0
+
+
+@dataclass
+class IBOTConfig:
+    # Masked-patch prediction; a loss_weight of 0 turns iBOT off.
+    loss_weight: float = 0.0
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_sample_probability: float = 0.5
+    # With separate_head the patch tokens get their own head (sized below); otherwise the DINO head.
+    separate_head: bool = False
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
 
 
 @dataclass
@@ -96,6 +114,8 @@ class TrainConfig:
     steps_per_epoch: int = 1250
     seed: int = 0
     log_every: int = 10
+    # A resumable checkpoint every N iterations (and at the end); 0 keeps only the final one.
+    checkpoint_every: int = 0
     output_dir: str = "outputs/pretrain"
 
 
@@ -104,6 +124,7 @@ class DinoMXConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -259,6 +280,15 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive value, got {value}")
+    for key, value in {"train.checkpoint_every": cfg.train.checkpoint_every, "ibot.loss_weight": cfg.ibot.loss_weight,
+                       "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected >= 0, got {value}")
+    lo, hi = cfg.ibot.mask_ratio_min_max
+    if not 0 <= lo <= hi < 1:
+        raise ConfigError(f"ibot.mask_ratio_min_max: expected 0 <= min <= max < 1, got {[lo, hi]}")
+    if not 0 <= cfg.ibot.mask_sample_probability <= 1:
+        raise ConfigError(f"ibot.mask_sample_probability: expected a probability, got {cfg.ibot.mask_sample_probability}")
     if cfg.crops.local_crops_number < 0:
         raise ConfigError(f"crops.local_crops_number: expected >= 0, got {cfg.crops.local_crops_number}")
     if cfg.student.hidden_size % cfg.student.num_attention_heads:

@@ -1,12 +1,15 @@
-"""The DINO-MX self-distillation loop: student/teacher, multi-crop, centering, EMA teacher.
+"""The DINO-MX self-distillation loop: student/teacher, multi-crop, DINO + iBOT + KoLeo losses,
+EMA teacher, resumable checkpoints.
 
 The engine knows nothing of experiment tracking: callers pass ``on_log`` to receive metrics.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,31 +19,53 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinomx.augmentations import DataAugmentationDINO, collate_crops
 from dinomx.backbone import Backbone
 from dinomx.config import DinoMXConfig
 from dinomx.data import ImageFolderDataset
 from dinomx.dino_head import DINOHead
-from dinomx.loss import DINOLoss
+from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinomx.masking import sample_mask
 from dinomx.schedules import CosineScheduler
 
 logger = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class ResumeError(ValueError):
+    """The checkpoint cannot continue this run."""
 
 
 class DINOModel(nn.Module):
-    """Backbone + DINO head; one forward per crop resolution so DDP sees every pass."""
+    """Backbone + DINO head (+ iBOT head, possibly the same module). One forward per training
+    step so that DDP sees every pass."""
 
-    def __init__(self, backbone: Backbone, head: DINOHead):
+    def __init__(self, backbone: Backbone, dino_head: DINOHead, ibot_head: DINOHead | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = head
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
 
-    def forward(self, *crop_batches: torch.Tensor) -> list[torch.Tensor]:
-        return [self.head(self.backbone(x)[0]) for x in crop_batches]
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        mask_input: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """``masks`` (N, P) selects the patches whose iBOT logits are returned; with
+        ``mask_input`` they are also hidden from the backbone (student), otherwise seen (teacher)."""
+        cls, patches = self.backbone(global_crops, masks if mask_input and masks is not None else None)
+        out = {"global_cls": cls, "global_logits": self.dino_head(cls)}
+        if masks is not None and self.ibot_head is not None:
+            out["masked_patch_logits"] = self.ibot_head(patches[masks])
+        if local_crops is not None:
+            out["local_logits"] = self.dino_head(self.backbone(local_crops)[0])
+        return out
 
 
 @dataclass
@@ -74,15 +99,62 @@ class Schedules:
 @dataclass
 class TrainResult:
     backbone_dir: Path
+    checkpoint: Path
     steps: int
     metrics: dict[str, float]
 
 
+class StreamSampler(Sampler):
+    """Positions ``start..end`` of an endless stream of seeded epoch permutations, as
+    ``(position, index)`` pairs. The position seeds the sample's augmentation, so a run resumed
+    from a checkpoint (or read by more workers) sees exactly the same views."""
+
+    def __init__(self, num_items: int, start: int, end: int, seed: int):
+        self.num_items, self.start, self.end, self.seed = num_items, start, end, seed
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self):
+        epoch, order = -1, None
+        for position in range(self.start, self.end):
+            if position // self.num_items != epoch:
+                epoch = position // self.num_items
+                order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+            yield position, int(order[position % self.num_items])
+
+
+class CropDataset(Dataset):
+    """Multi-crop views (and iBOT masks of the global crops) of an image folder."""
+
+    def __init__(self, images: ImageFolderDataset, cfg: DinoMXConfig):
+        self.images = images
+        self.augment = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
+        self.seed = cfg.train.seed
+        self.ibot = cfg.ibot if cfg.ibot.loss_weight > 0 else None
+        self.grid = cfg.crops.global_crops_size // cfg.student.patch_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, list[torch.Tensor]]:
+        position, index = key
+        generator = torch.Generator().manual_seed(_mix(self.seed, position))
+        img, _ = self.images[index]
+        views = self.augment(img, generator)
+        if self.ibot is not None:
+            views["masks"] = [
+                sample_mask(self.grid, self.ibot.mask_ratio_min_max, self.ibot.mask_sample_probability, generator)
+                for _ in views["global_crops"]
+            ]
+        return views
+
+
+def _mix(seed: int, value: int) -> int:
+    return (seed * 1_000_003 + value) % (2**63)
+
+
 _NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
-
-
-def _collate_views(samples: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
-    return collate_crops([crops for crops, _ in samples])
 
 
 def _param_groups(model: nn.Module) -> list[dict]:
@@ -99,15 +171,33 @@ def _param_groups(model: nn.Module) -> list[dict]:
     ]
 
 
+def _head(in_dim: int, section, norm_last_layer: bool = True) -> DINOHead:
+    return DINOHead(in_dim, section.out_dim, section.hidden_dim, section.bottleneck_dim, section.nlayers, norm_last_layer)
+
+
 def build_models(cfg: DinoMXConfig) -> tuple[DINOModel, DINOModel]:
     backbone = Backbone.from_config(cfg.student)
-    h = cfg.dino_head
-    head = DINOHead(backbone.embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer)
-    student = DINOModel(backbone, head)
+    dino_head = _head(backbone.embed_dim, cfg.dino_head, cfg.dino_head.norm_last_layer)
+    ibot_head = None
+    if cfg.ibot.loss_weight > 0:
+        ibot_head = _head(backbone.embed_dim, cfg.ibot, cfg.dino_head.norm_last_layer) if cfg.ibot.separate_head else dino_head
+    student = DINOModel(backbone, dino_head, ibot_head)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     teacher.eval()
     return student, teacher
+
+
+class Losses(nn.Module):
+    """The loss modules, grouped so their centres checkpoint together."""
+
+    def __init__(self, cfg: DinoMXConfig):
+        super().__init__()
+        h = cfg.dino_head
+        self.dino = DINOLoss(h.out_dim, h.student_temp, h.center_momentum, h.centering)
+        self.koleo = KoLeoLoss()
+        ibot_dim = cfg.ibot.out_dim if cfg.ibot.separate_head else h.out_dim
+        self.ibot = IBOTPatchLoss(ibot_dim, h.student_temp, h.center_momentum, h.centering)
 
 
 def train(
@@ -115,76 +205,82 @@ def train(
     data_root: str | Path,
     on_log: MetricsCallback | None = None,
     accelerator: Accelerator | None = None,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
+    """Train, or continue from ``resume_from`` (a checkpoint file or a directory holding one)."""
     accelerator = accelerator or Accelerator()
     set_seed(cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
-    total = cfg.total_steps
+    total, batch_size = cfg.total_steps, cfg.train.batch_size
+    per_step = batch_size * accelerator.num_processes
 
-    augment = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
-    dataset = ImageFolderDataset(data_root, cfg.student.num_channels, transform=augment)
-    if len(dataset) < cfg.train.batch_size:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is larger than the dataset at {data_root} "
-            f"({len(dataset)} images)"
-        )
-    sampler = RandomSampler(
-        dataset,
-        num_samples=total * cfg.train.batch_size * accelerator.num_processes,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
+    images = ImageFolderDataset(data_root, cfg.student.num_channels)
+    if len(images) < batch_size:
+        raise ValueError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
+
+    student, teacher = build_models(cfg)
+    losses = Losses(cfg)
+    optimizer = torch.optim.AdamW(_param_groups(student), betas=cfg.optim.betas)
+    start = 0
+    if resume_from is not None:
+        start = _load_checkpoint(resume_from, cfg, student, teacher, losses, optimizer)
+        logger.info("resumed from %s at iteration %d/%d", resume_from, start, total)
+    teacher.to(accelerator.device)
+    losses.to(accelerator.device)
+
     loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        collate_fn=_collate_views,
+        CropDataset(images, cfg),
+        batch_size=batch_size,
+        sampler=StreamSampler(len(images), start * per_step, total * per_step, cfg.train.seed),
+        collate_fn=collate_crops,
         num_workers=cfg.dataset.num_workers,
         drop_last=True,
     )
-
-    student, teacher = build_models(cfg)
-    teacher.to(accelerator.device)
-    dino_loss = DINOLoss(cfg.dino_head.out_dim, cfg.dino_head.student_temp, cfg.dino_head.center_momentum)
-    dino_loss.to(accelerator.device)
-    optimizer = torch.optim.AdamW(_param_groups(student), betas=cfg.optim.betas)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     schedules = Schedules.from_config(cfg)
-    student_params = [p for p in accelerator.unwrap_model(student).parameters()]
-    teacher_params = [p for p in teacher.parameters()]
+    student_params = list(accelerator.unwrap_model(student).parameters())
+    teacher_params = list(teacher.parameters())
 
     n_local = cfg.crops.local_crops_number
     # Each student global crop is matched with the other teacher crop; each local crop with both.
     global_terms, local_terms = 2, 2 * n_local
+    use_ibot, use_koleo = cfg.ibot.loss_weight > 0, cfg.dino_head.koleo_loss_weight > 0
+    checkpoint = output_dir / CHECKPOINT_NAME
     metrics: dict[str, float] = {}
+    it = start
     window_start, window_steps = time.perf_counter(), 0
     student.train()
-    for it, batch in enumerate(loader):
-        if it >= total:
-            break
+    for it, batch in enumerate(loader, start=start):
         lr, wd = schedules.lr[it], schedules.weight_decay[it]
         momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
         for group in optimizer.param_groups:
             group["lr"] = schedules.last_layer_lr[it] if group["is_last_layer"] else lr
             group["weight_decay"] = wd if group["apply_wd"] else 0.0
 
-        global_crops = batch["global_crops"]
+        global_crops, masks = batch["global_crops"], batch.get("masks")
         with torch.no_grad():
-            (teacher_out,) = teacher(global_crops)
-            teacher_probs = list(dino_loss.softmax_center_teacher(teacher_out, teacher_temp).chunk(2))
-        crops = [global_crops] + ([batch["local_crops"]] if n_local else [])
+            teacher_out = teacher(global_crops, masks=masks, mask_input=False)
+            teacher_probs = list(losses.dino.teacher_probs(teacher_out["global_logits"], teacher_temp).chunk(2))
         with accelerator.autocast():
-            outputs = student(*crops)
-            global_loss = dino_loss(list(outputs[0].float().chunk(2)), teacher_probs, skip_same_view=True)
-            loss = global_loss * global_terms
-            local_loss = torch.zeros(())
+            out = student(global_crops, batch.get("local_crops"), masks)
+            parts = {"dino_global_loss": losses.dino(list(out["global_logits"].float().chunk(2)), teacher_probs, skip_same_view=True)}
+            dino = parts["dino_global_loss"] * global_terms
             if n_local:
-                local_loss = dino_loss(list(outputs[1].float().chunk(n_local)), teacher_probs, skip_same_view=False)
-                loss = loss + local_loss * local_terms
-            loss = loss / (global_terms + local_terms)
+                parts["dino_local_loss"] = losses.dino(list(out["local_logits"].float().chunk(n_local)), teacher_probs, skip_same_view=False)
+                dino = dino + parts["dino_local_loss"] * local_terms
+            loss = cfg.dino_head.loss_weight * dino / (global_terms + local_terms)
+            if use_koleo:
+                parts["koleo_loss"] = sum(losses.koleo(c) for c in out["global_cls"].chunk(2))
+                loss = loss + cfg.dino_head.koleo_loss_weight * parts["koleo_loss"]
+            if use_ibot and masks.any():
+                patch_probs = losses.ibot.teacher_probs(teacher_out["masked_patch_logits"], teacher_temp)
+                parts["ibot_loss"] = losses.ibot(out["masked_patch_logits"].float(), patch_probs, masks)
+                loss = loss + cfg.ibot.loss_weight * parts["ibot_loss"]
 
         if not math.isfinite(loss.item()):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise FloatingPointError(
-                f"loss became {loss.item()} at iteration {it} (lr={lr:.3g}, teacher_temp={teacher_temp:.3g}); "
+                f"loss became {loss.item()} at iteration {it} ({detail}; lr={lr:.3g}, teacher_temp={teacher_temp:.3g}); "
                 "lower optim.lr or raise optim.warmup_epochs"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -194,44 +290,87 @@ def train(
         optimizer.step()
 
         with torch.no_grad():
-            dino_loss.update_center(teacher_out)
+            losses.dino.update_center(teacher_out["global_logits"])
+            if "masked_patch_logits" in teacher_out:
+                losses.ibot.update_center(teacher_out["masked_patch_logits"])
             torch._foreach_mul_(teacher_params, momentum)
             torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
 
+        step = it + 1
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+            _save_checkpoint(accelerator, checkpoint, step, cfg, student, teacher, losses, optimizer)
         window_steps += 1
-        if (it + 1) % cfg.train.log_every == 0 or it + 1 == total:
+        if step % cfg.train.log_every == 0 or step == total:
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "total_loss": loss.item(),
-                "dino_global_loss": global_loss.item(),
-                "dino_local_loss": local_loss.item(),
+                **{k: v.item() for k, v in parts.items()},
                 "lr": lr,
                 "wd": wd,
                 "teacher_momentum": momentum,
                 "teacher_temp": teacher_temp,
                 "epoch": it / cfg.train.steps_per_epoch,
-                "images_per_sec": window_steps * cfg.train.batch_size * accelerator.num_processes / elapsed,
+                "images_per_sec": window_steps * per_step / elapsed,
             }
             if accelerator.is_main_process:
                 logger.info(
-                    "it %d/%d  loss %.4f (global %.4f, local %.4f)  lr %.3g  wd %.3g  mom %.5f  "
-                    "temp %.4f  batch %d  %.1f img/s%s",
-                    it + 1, total, metrics["total_loss"], metrics["dino_global_loss"],
-                    metrics["dino_local_loss"], lr, wd, momentum, teacher_temp,
-                    cfg.train.batch_size, metrics["images_per_sec"], _memory_note(accelerator),
+                    "it %d/%d  loss %.4f (%s)  lr %.3g  wd %.3g  mom %.5f  temp %.4f  batch %d  %.1f img/s%s",
+                    step, total, metrics["total_loss"], ", ".join(f"{k} {v.item():.4f}" for k, v in parts.items()),
+                    lr, wd, momentum, teacher_temp, per_step, metrics["images_per_sec"], _memory_note(accelerator),
                 )
                 if on_log is not None:
-                    on_log(it + 1, metrics)
+                    on_log(step, metrics)
             window_start, window_steps = time.perf_counter(), 0
 
+    _save_checkpoint(accelerator, checkpoint, total, cfg, student, teacher, losses, optimizer)
     backbone_dir = output_dir / "backbone"
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         # The EMA teacher is the better encoder (DINO evaluates the teacher).
         teacher.backbone.save_pretrained(backbone_dir, cfg.dataset, cfg.crops.global_crops_size)
         cfg.to_yaml(output_dir / "config.yaml")
-    return TrainResult(backbone_dir=backbone_dir, steps=min(total, it + 1), metrics=metrics)
+    accelerator.wait_for_everyone()
+    return TrainResult(backbone_dir=backbone_dir, checkpoint=checkpoint, steps=total, metrics=metrics)
+
+
+def _save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, student, teacher, losses, optimizer) -> None:
+    """Unwrapped states only, so a checkpoint loads under any number of processes."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "config_sha256": _resume_key(cfg),
+            "student": accelerator.unwrap_model(student).state_dict(),
+            "teacher": teacher.state_dict(),
+            "losses": losses.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        }
+        partial = path.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, path)  # a kill mid-write never leaves a truncated checkpoint
+
+
+def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, student, teacher, losses, optimizer) -> int:
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config_sha256"] != _resume_key(cfg):
+        raise ResumeError(f"resume_from: {path} was written with a different config; resume with the same one")
+    student.load_state_dict(state["student"])
+    teacher.load_state_dict(state["teacher"])
+    losses.load_state_dict(state["losses"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["step"] >= cfg.total_steps:
+        raise ResumeError(f"resume_from: {path} is already at iteration {state['step']} of {cfg.total_steps}")
+    return state["step"]
+
+
+def _resume_key(cfg: DinoMXConfig) -> str:
+    """The config hash without where outputs go, which may differ between the two runs."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir="")).sha256()
 
 
 def _memory_note(accelerator: Accelerator) -> str:

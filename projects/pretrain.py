@@ -17,7 +17,7 @@ from mlflow.types import Schema, TensorSpec
 
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import list_images, load_image
-from dinomx.train import train
+from dinomx.train import ResumeError, train
 from projects.tracking import (
     DataNotValidatedError,
     configure_logging,
@@ -44,7 +44,7 @@ def example_images(root: Path, num_channels: int) -> np.ndarray:
     return np.stack([a if a.ndim == 3 else a[..., None] for a in arrays])
 
 
-def run(config: str, data: str, validation_report: str, name: str, overrides: list[str]):
+def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = ""):
     cfg = DinoMXConfig.from_yaml(config, overrides)
     dataset = training_data(data, validation_report)
     commit, dirty = code_version(Path(config).resolve().parent)
@@ -59,7 +59,15 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         run_cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / active.info.run_id))
         )
-        result = train(run_cfg, dataset.path, on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step))
+        if resume_from:
+            mlflow.set_tag("vf.resumed_from", resume_from)
+        result = train(
+            run_cfg,
+            dataset.path,
+            on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
+            resume_from=resume_from or None,
+        )
+        mlflow.log_artifact(str(result.checkpoint), "checkpoint")
 
         lineage = Lineage(
             kind="backbone",
@@ -95,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-report", required=True, help="report.json of the data's validation")
     parser.add_argument("--name", required=True, help="model family; registers <name>-backbone")
     parser.add_argument("--overrides", default="", help='space-separated section.key=value, e.g. "train.epochs=2"')
+    parser.add_argument("--resume-from", default="", help="checkpoint (or its directory) of an interrupted run with the same config")
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        run(args.config, args.data, args.validation_report, args.name, shlex.split(args.overrides))
-    except (ConfigError, DataNotValidatedError, LookupError, FileNotFoundError) as exc:
+        run(args.config, args.data, args.validation_report, args.name, shlex.split(args.overrides), args.resume_from)
+    except (ConfigError, DataNotValidatedError, ResumeError, LookupError, FileNotFoundError) as exc:
         print(f"pretrain: {exc}", file=sys.stderr)
         return 2
     return 0

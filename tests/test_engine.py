@@ -9,7 +9,8 @@ from dinomx.backbone import Backbone
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
 from dinomx.config import StudentConfig
 from dinomx.dino_head import DINOHead
-from dinomx.loss import DINOLoss
+from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering
+from dinomx.masking import block_mask, sample_mask
 from dinomx.schedules import CosineScheduler
 from tests.conftest import tiny_config
 
@@ -40,8 +41,8 @@ def test_dino_loss_is_cross_entropy_and_skips_same_view():
 def test_center_tracks_teacher_mean_without_process_group():
     loss = DINOLoss(out_dim=3, center_momentum=0.5)
     loss.update_center(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
-    assert torch.allclose(loss.center, torch.tensor([[0.5, 0.5, 0.0]]))
-    probs = loss.softmax_center_teacher(torch.tensor([[1.0, 1.0, 1.0]]), teacher_temp=0.1)
+    assert torch.allclose(loss.centering.center, torch.tensor([[0.5, 0.5, 0.0]]))
+    probs = loss.teacher_probs(torch.tensor([[1.0, 1.0, 1.0]]), teacher_temp=0.1)
     assert probs.sum().item() == pytest.approx(1.0)
     assert probs[0, 2] > probs[0, 0]  # centering removed what the batch already agrees on
 
@@ -65,14 +66,24 @@ def test_random_resized_crop_and_blur_shapes():
 
 def test_multicrop_views_and_view_major_collate():
     cfg = tiny_config()
-    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, generator=torch.Generator().manual_seed(0))
-    samples = [aug(torch.rand(3, 32, 32)) for _ in range(3)]
+    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
+    samples = [aug(torch.rand(3, 32, 32), torch.Generator().manual_seed(i)) for i in range(3)]
     assert len(samples[0]["global_crops"]) == 2 and len(samples[0]["local_crops"]) == 2
     batch = collate_crops(samples)
     assert batch["global_crops"].shape == (6, 3, 32, 32)
     assert batch["local_crops"].shape == (6, 3, 16, 16)
     assert torch.equal(batch["global_crops"][1], samples[1]["global_crops"][0])
     assert torch.equal(batch["global_crops"][3], samples[0]["global_crops"][1])
+
+
+def test_views_are_a_function_of_the_generator_seed():
+    cfg = tiny_config()
+    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
+    img = torch.rand(3, 32, 32)
+    a, b = (aug(img, torch.Generator().manual_seed(7)) for _ in range(2))
+    c = aug(img, torch.Generator().manual_seed(8))
+    assert all(torch.equal(x, y) for x, y in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"]))
+    assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
 def test_single_channel_skips_colour_operations():
@@ -111,3 +122,47 @@ def test_knn_and_linear_heads_fit_separable_data_and_round_trip(tmp_path):
         loaded.predict_proba(x[:, :4])
     with pytest.raises(KeyError, match="unknown head 'svm'"):
         loaded.predict_proba(x, "svm")
+
+
+def test_sinkhorn_knopp_balances_prototypes_without_a_process_group():
+    centering = TeacherCentering(out_dim=4, mode="sinkhorn_knopp", sinkhorn_iterations=20)
+    # Every sample prefers prototype 0: Sinkhorn spreads the batch over all prototypes anyway.
+    logits = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 4) + torch.eye(4) * 0.1
+    probs = centering(logits, teacher_temp=0.1)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(4), atol=1e-4)
+    assert torch.allclose(probs.sum(dim=0), torch.ones(4), atol=1e-2)
+    assert probs.argmax(dim=1).tolist() == [0, 1, 2, 3]
+    centering.update(logits)  # no centre for Sinkhorn
+    assert centering.center.abs().sum() == 0
+
+
+def test_koleo_spreads_features_and_is_safe_on_tiny_or_duplicate_batches():
+    koleo = KoLeoLoss()
+    spread = koleo(torch.eye(4))
+    clustered = koleo(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]]))
+    assert clustered > spread
+    assert koleo(torch.randn(1, 8)).item() == 0.0
+    duplicates = koleo(torch.ones(3, 8))
+    assert torch.isfinite(duplicates) and duplicates > clustered
+    x = torch.randn(5, 8, requires_grad=True)
+    koleo(x).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_ibot_loss_weights_each_image_equally():
+    loss = IBOTPatchLoss(out_dim=3, student_temp=1.0)
+    masks = torch.tensor([[True, False, False], [True, True, True]])
+    teacher = torch.tensor([[1.0, 0, 0]] * 4)
+    # Image 0's single patch is right, image 1's three patches are wrong.
+    student = torch.tensor([[50.0, 0, 0], [0, 50.0, 0], [0, 50.0, 0], [0, 50.0, 0]])
+    value = loss(student, teacher, masks)
+    assert value.item() == pytest.approx((0.0 + 50.0) / 2, abs=1e-3)
+
+
+def test_block_masks_hit_their_ratio_in_rectangles():
+    g = torch.Generator().manual_seed(0)
+    mask = block_mask(8, 20, g)
+    assert 12 <= int(mask.sum()) <= 20
+    assert sample_mask(8, (0.2, 0.4), probability=0.0, generator=g).sum() == 0
+    ratios = [sample_mask(8, (0.2, 0.4), probability=1.0, generator=g).float().mean().item() for _ in range(20)]
+    assert all(0.1 <= r <= 0.4 for r in ratios)

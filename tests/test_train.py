@@ -1,4 +1,5 @@
 import logging
+import math
 
 import pytest
 import torch
@@ -47,3 +48,57 @@ def test_batch_larger_than_dataset_is_refused(tiles, tmp_path):
     cfg = tiny_config(train={"output_dir": str(tmp_path), "batch_size": 1000})
     with pytest.raises(ValueError, match="train.batch_size=1000 is larger than the dataset"):
         train(cfg, tiles / "train")
+
+
+def test_ibot_koleo_and_sinkhorn_train_together(tiles, tmp_path):
+    cfg = tiny_config(
+        train={"output_dir": str(tmp_path)},
+        dino_head={"koleo_loss_weight": 0.1, "centering": "sinkhorn_knopp"},
+        ibot={"loss_weight": 1.0, "mask_sample_probability": 1.0, "separate_head": True,
+              "out_dim": 48, "hidden_dim": 32, "bottleneck_dim": 16},
+    )
+    logged = []
+    train(cfg, tiles / "train", on_log=lambda step, m: logged.append(m))
+    assert {"ibot_loss", "koleo_loss", "dino_global_loss"} <= set(logged[-1])
+    assert all(math.isfinite(m["ibot_loss"]) and m["ibot_loss"] > 0 for m in logged)
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2_with_registers"])
+def test_other_backbones_train_with_ibot(tiles, tmp_path, arch):
+    cfg = tiny_config(train={"output_dir": str(tmp_path), "epochs": 1}, student={"arch": arch, "num_register_tokens": 2},
+                      ibot={"loss_weight": 1.0, "mask_sample_probability": 1.0})
+    result = train(cfg, tiles / "train")
+    assert AutoModel.from_pretrained(result.backbone_dir).config.model_type == cfg.student.arch
+
+
+def test_resume_after_a_kill_continues_the_same_loss_curve(tiles, tmp_path):
+    sections = dict(ibot={"loss_weight": 1.0}, dino_head={"koleo_loss_weight": 0.1})
+    straight = []
+    train(tiny_config(train={"output_dir": str(tmp_path / "a"), "log_every": 1}, **sections), tiles / "train",
+          on_log=lambda step, m: straight.append(m["total_loss"]))
+
+    class Killed(Exception):
+        pass
+
+    def die_at_4(step, metrics):
+        resumed.append(metrics["total_loss"])
+        if step == 4:
+            raise Killed
+
+    resumed: list[float] = []
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "b"), "log_every": 1, "checkpoint_every": 2}, **sections)
+    with pytest.raises(Killed):
+        train(cfg, tiles / "train", on_log=die_at_4)
+    # Killed after step 4 was checkpointed; the resumed run repeats nothing and diverges nowhere.
+    resumed = resumed[:4]
+    result = train(cfg, tiles / "train", on_log=lambda step, m: resumed.append(m["total_loss"]), resume_from=tmp_path / "b")
+    assert resumed == straight
+    assert result.checkpoint.is_file()
+
+
+def test_resume_refuses_another_config(tiles, tmp_path):
+    cfg = tiny_config(train={"output_dir": str(tmp_path)})
+    train(cfg, tiles / "train")
+    other = tiny_config(train={"output_dir": str(tmp_path), "epochs": 3}, optim={"lr": 0.01})
+    with pytest.raises(ValueError, match="written with a different config"):
+        train(other, tiles / "train", resume_from=tmp_path)

@@ -1,22 +1,27 @@
-"""DINO self-distillation loss on the CLS token, with teacher centering."""
+"""DINO self-distillation loss on the CLS token."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dinomx.loss.centering import TeacherCentering
+
 
 class DINOLoss(nn.Module):
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: Literal["centering", "sinkhorn_knopp"] = "centering"):
         super().__init__()
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.centering = TeacherCentering(out_dim, centering, center_momentum)
 
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+    def teacher_probs(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        return self.centering(teacher_output, teacher_temp)
+
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        self.centering.update(teacher_output)
 
     def forward(
         self, student_outputs: list[torch.Tensor], teacher_probs: list[torch.Tensor], skip_same_view: bool
@@ -37,15 +42,3 @@ class DINOLoss(nn.Module):
         if terms == 0:
             raise ValueError("DINO loss needs at least one (teacher view, student view) pair")
         return total / terms
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = teacher_output.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_output.shape[0]), device=teacher_output.device)
-        # Only reduce across processes when a process group exists: single-process runs must
-        # never touch torch.distributed.
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            dist.all_reduce(count)
-        batch_center = batch_center / count
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
