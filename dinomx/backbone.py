@@ -1,10 +1,13 @@
 """Hugging Face ViT backbones: build from the student config, load pretrained, save for AutoModel."""
 from __future__ import annotations
 
+import copy
 import os
+import re
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -17,7 +20,10 @@ from transformers import (
 )
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
-from dinomx.config import DatasetConfig, StudentConfig
+from dinomx.config import DatasetConfig, LoraSection, StudentConfig
+
+# Transformer block index in a parameter name: Dinov2 `encoder.layer.3.`, ViT `layers.3.`.
+_BLOCK_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
 def _hf_config(cfg: StudentConfig):
@@ -68,6 +74,29 @@ class Backbone(nn.Module):
     def embed_dim(self) -> int:
         return self.model.config.hidden_size
 
+    def add_lora(self, lora: LoraSection) -> None:
+        """Wrap the model with LoRA adapters; only the adapters stay trainable."""
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as exc:
+            raise ValueError(f"lora_config.target_modules: {exc}") from None
+
+    def freeze_blocks(self, count: int) -> None:
+        """Freeze the embeddings and the first ``count`` blocks, adapters included."""
+        if count <= 0:
+            return
+        for name, param in self.model.named_parameters():
+            block = _BLOCK_INDEX.search(name)
+            if ".embeddings." in f".{name}" or (block and int(block.group(1)) < count):
+                param.requires_grad = False
+
+    def export_model(self) -> PreTrainedModel:
+        """A plain ``transformers`` model: LoRA adapters merged into a copy of the weights."""
+        if isinstance(self.model, PeftModel):
+            return copy.deepcopy(self.model).merge_and_unload()
+        return self.model
+
     def forward(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,16 +118,17 @@ class Backbone(nn.Module):
         # DINO trains the CLS token itself, so ViT's tanh pooler would get no gradient; iBOT needs
         # ViT's optional mask token (Dinov2 models always have one).
         kwargs = {"add_pooling_layer": False, "use_mask_token": True} if config.model_type == "vit" else {}
-        if source is None:
-            return cls(AutoModel.from_config(config, **kwargs))
-        return cls(AutoModel.from_pretrained(source, **kwargs))
+        model = AutoModel.from_config(config, **kwargs) if source is None else AutoModel.from_pretrained(source, **kwargs)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return cls(model)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Backbone":
         return cls(AutoModel.from_pretrained(directory))
 
     def save_pretrained(self, directory: str | os.PathLike, dataset: DatasetConfig, image_size: int) -> None:
-        self.model.save_pretrained(directory)
+        self.export_model().save_pretrained(directory)
         build_image_processor(dataset, image_size, self.model.config.num_channels).save_pretrained(directory)
 
 

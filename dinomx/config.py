@@ -36,6 +36,20 @@ class StudentConfig:
     mlp_ratio: int = 4
     num_register_tokens: int = 0
     drop_path_rate: float = 0.0
+    # Freeze the patch embedding and the first N transformer blocks (combinable with LoRA).
+    freeze_blocks: int = 0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters (``peft``) on the backbone; its base weights are then frozen."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass
@@ -106,6 +120,14 @@ class DatasetConfig:
 
 
 @dataclass
+class DistributionConfig:
+    # Processes come from `accelerate launch` (one per GPU, or --cpu with gloo); this section
+    # says how they cooperate.
+    type: Literal["ddp"] = "ddp"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 64
     epochs: int = 100
@@ -125,10 +147,12 @@ class DinoMXConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    lora_config: LoraSection = field(default_factory=LoraSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
     def __post_init__(self) -> None:
         _check_semantics(self)
@@ -280,7 +304,14 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive value, got {value}")
-    for key, value in {"train.checkpoint_every": cfg.train.checkpoint_every, "ibot.loss_weight": cfg.ibot.loss_weight,
+    if cfg.lora_config.enabled and (cfg.lora_config.r <= 0 or not cfg.lora_config.target_modules):
+        raise ConfigError("lora_config: expected r > 0 and at least one target module")
+    if not 0 <= cfg.student.freeze_blocks <= cfg.student.num_hidden_layers and cfg.student.pretrained == "scratch":
+        raise ConfigError(
+            f"student.freeze_blocks: expected 0..{cfg.student.num_hidden_layers} (student.num_hidden_layers), "
+            f"got {cfg.student.freeze_blocks}"
+        )
+    for key, value in {"student.freeze_blocks": cfg.student.freeze_blocks, "train.checkpoint_every": cfg.train.checkpoint_every, "ibot.loss_weight": cfg.ibot.loss_weight,
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected >= 0, got {value}")

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -177,6 +177,15 @@ def _head(in_dim: int, section, norm_last_layer: bool = True) -> DINOHead:
 
 def build_models(cfg: DinoMXConfig) -> tuple[DINOModel, DINOModel]:
     backbone = Backbone.from_config(cfg.student)
+    # Adapters and freezing go in before the teacher is copied, so teacher and student have the
+    # same parameters and the EMA pairs them one to one (frozen ones stay equal).
+    if cfg.lora_config.enabled:
+        backbone.add_lora(cfg.lora_config)
+    backbone.freeze_blocks(cfg.student.freeze_blocks)
+    if cfg.ibot.loss_weight == 0:
+        for name, param in backbone.named_parameters():
+            if name.endswith("mask_token"):
+                param.requires_grad = False  # only masked crops (iBOT) use it
     dino_head = _head(backbone.embed_dim, cfg.dino_head, cfg.dino_head.norm_last_layer)
     ibot_head = None
     if cfg.ibot.loss_weight > 0:
@@ -200,6 +209,15 @@ class Losses(nn.Module):
         self.ibot = IBOTPatchLoss(ibot_dim, h.student_temp, h.center_momentum, h.centering)
 
 
+def make_accelerator(cfg: DinoMXConfig) -> Accelerator:
+    # Several processes without CUDA (torchrun --nproc_per_node N on CPU) must be told to use
+    # the CPU for accelerate to set up gloo DDP instead of running N independent copies.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A batch may hold no masked crop, leaving the mask token without gradient on that step.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ibot.loss_weight > 0)
+    return Accelerator(mixed_precision=cfg.distribution.mixed_precision, cpu=multi_cpu, kwargs_handlers=[ddp])
+
+
 def train(
     cfg: DinoMXConfig,
     data_root: str | Path,
@@ -208,7 +226,7 @@ def train(
     resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train, or continue from ``resume_from`` (a checkpoint file or a directory holding one)."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     total, batch_size = cfg.total_steps, cfg.train.batch_size

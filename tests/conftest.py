@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 # Embedded defaults for every test: no telemetry, no hub access.
 for key, value in {
@@ -11,8 +13,8 @@ for key, value in {
     "DO_NOT_TRACK": "1",
 }.items():
     os.environ.setdefault(key, value)
-
-from pathlib import Path  # noqa: E402
+# The tools the tests drive (dvc, mlflow, bentoml) are those of the interpreter running them.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 import pytest  # noqa: E402
 

@@ -39,7 +39,7 @@ def demo(tmp_path_factory):
     for git in (["init", "-q"], ["add", "-A"], ["-c", "user.name=ci", "-c", "user.email=ci@x", "commit", "-qm", "demo"]):
         subprocess.run(["git", *git], cwd=checkout, check=True, capture_output=True)
     uri = f"sqlite:///{checkout / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     run = subprocess.run([sys.executable, "scripts/demo.py"], cwd=checkout, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     mlflow.set_tracking_uri(uri)
@@ -139,7 +139,7 @@ def service(demo):
     checkout, _, _ = demo
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo", "VF_MAX_IMAGES": "4"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:VisionFoundry",
+    server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry",
                               "--host", "127.0.0.1", "--port", str(port)], cwd=checkout, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -1,12 +1,17 @@
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+from accelerate.utils import set_seed
 import torch
 from transformers import AutoModel
 
 from dinomx.embed import Embedder
-from dinomx.train import train
+from dinomx.train import build_models, train
+from scripts.demo import free_port
 from tests.conftest import tiny_config
 
 
@@ -102,3 +107,77 @@ def test_resume_refuses_another_config(tiles, tmp_path):
     other = tiny_config(train={"output_dir": str(tmp_path), "epochs": 3}, optim={"lr": 0.01})
     with pytest.raises(ValueError, match="written with a different config"):
         train(other, tiles / "train", resume_from=tmp_path)
+
+
+def _backbone_params(model_dir):
+    return {k: v.clone() for k, v in AutoModel.from_pretrained(model_dir).state_dict().items()}
+
+
+def test_freezing_keeps_the_first_blocks_and_embeddings(tiles, tmp_path):
+    cfg = tiny_config(train={"output_dir": str(tmp_path)}, student={"freeze_blocks": 1},
+                      teacher={"momentum_teacher": 0.0, "final_momentum_teacher": 0.0})
+    set_seed(cfg.train.seed)  # as train() does: the same initial weights
+    student, _ = build_models(cfg)
+    initial = {k: v.clone() for k, v in student.backbone.model.state_dict().items()}
+    trained = _backbone_params(train(cfg, tiles / "train").backbone_dir)
+    assert torch.equal(trained["encoder.layer.0.attention.q_proj.weight"], initial["encoder.layer.0.attention.q_proj.weight"])
+    assert torch.equal(trained["embeddings.patch_embeddings.projection.weight"], initial["embeddings.patch_embeddings.projection.weight"])
+    assert not torch.equal(trained["encoder.layer.1.attention.q_proj.weight"], initial["encoder.layer.1.attention.q_proj.weight"])
+
+
+def test_lora_trains_adapters_only_and_exports_a_merged_automodel(tiles, tmp_path):
+    cfg = tiny_config(train={"output_dir": str(tmp_path)}, lora_config={"enabled": True, "r": 4, "alpha": 8},
+                      student={"freeze_blocks": 1}, teacher={"momentum_teacher": 0.0, "final_momentum_teacher": 0.0})
+    set_seed(cfg.train.seed)
+    student, teacher = build_models(cfg)
+    trainable = [n for n, p in student.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "layer.1." in n for n in trainable)
+    assert [n for n, _ in student.named_parameters()] == [n for n, _ in teacher.named_parameters()]
+    initial = {k: v.clone() for k, v in student.backbone.export_model().state_dict().items()}
+
+    trained = _backbone_params(train(cfg, tiles / "train").backbone_dir)
+    assert not any("lora" in k for k in trained)
+    assert set(trained) == set(initial)
+    assert torch.equal(trained["encoder.layer.0.attention.q_proj.weight"], initial["encoder.layer.0.attention.q_proj.weight"])
+    # Adapters were merged into the targeted projections of the unfrozen block, nowhere else.
+    assert not torch.equal(trained["encoder.layer.1.attention.q_proj.weight"], initial["encoder.layer.1.attention.q_proj.weight"])
+    assert torch.equal(trained["encoder.layer.1.attention.k_proj.weight"], initial["encoder.layer.1.attention.k_proj.weight"])
+
+
+def test_unknown_lora_target_names_the_key(tmp_path):
+    cfg = tiny_config(lora_config={"enabled": True, "target_modules": ["qkv"]})
+    with pytest.raises(ValueError, match="lora_config.target_modules"):
+        build_models(cfg)
+
+
+def test_two_process_cpu_ddp_run_saves_one_backbone(tiles, tmp_path):
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4})
+    cfg.to_yaml(tmp_path / "c.yaml")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dinomx.cli",
+         "--config", str(tmp_path / "c.yaml"), "--data", str(tiles / "train")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "2 process(es), DistributedType.MULTI_CPU" in log
+    assert "it 6/6" in log and "batch 8" in log  # the global batch spans both processes
+    assert AutoModel.from_pretrained(tmp_path / "out" / "backbone").config.hidden_size == 32
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a test of another precision needs its own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tiles, tmp_path, fresh_accelerate_state):
+    cfg = tiny_config(train={"output_dir": str(tmp_path)}, distribution={"mixed_precision": "bf16"})
+    logged = []
+    train(cfg, tiles / "train", on_log=lambda step, m: logged.append(m["total_loss"]))
+    assert len(logged) == 3 and all(math.isfinite(v) for v in logged)
