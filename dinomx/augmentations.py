@@ -1,11 +1,17 @@
 """Multi-crop augmentation of DINO, written on torch tensors (no torchvision dependency).
 
-Images enter as float tensors in [0, 1], shape (C, H, W). Colour operations apply to 3-channel
-images only; single-channel inputs get the geometric and intensity parts.
+Images enter as float tensors in [0, 1], shape (C, H, W). Three photometric tables:
+
+- ``rgb``: DINO's natural-image recipe (colour jitter, grayscale, blur, solarisation);
+- ``ct``: radiology (any channel count): intensity only — brightness/contrast, Gaussian noise,
+  blur; no colour jitter or solarisation, which would invent tissue densities;
+- ``he``: H&E histology: stain jitter in HED space (Tellez et al., 2018), 90-degree rotations
+  and vertical flips (slides have no up), blur.
 """
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +100,30 @@ def solarize(img: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(img >= threshold, 1 - img, img)
 
 
+def window_hu(hu: torch.Tensor, center: float, width: float) -> torch.Tensor:
+    """Map Hounsfield units to [0, 1] through a CT window (e.g. soft tissue: 40 / 400)."""
+    return ((hu - (center - width / 2)) / width).clamp(0, 1)
+
+
+# Ruifrok & Johnston stain vectors (as in scikit-image): rows are H, E, DAB in optical density.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+def hed_jitter(img: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Scale (``alpha``) and shift (``beta``) each stain's concentration, per HED channel."""
+    density = -torch.log(img.clamp_min(1e-6))
+    stains = torch.einsum("chw,cs->shw", density, _HED_FROM_RGB)
+    stains = stains * alpha.view(3, 1, 1) + beta.view(3, 1, 1)
+    return torch.exp(-torch.einsum("shw,sc->chw", stains, _RGB_FROM_HED)).clamp(0, 1)
+
+
+def intensity_jitter(img: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator | None) -> torch.Tensor:
+    mean = img.mean()
+    img = (img - mean) * uniform(1 - contrast, 1 + contrast, generator) + mean
+    return (img + uniform(-brightness, brightness, generator)).clamp(0, 1)
+
+
 class DataAugmentationDINO:
     """Two global crops (teacher and student) and N local crops (student only).
 
@@ -106,19 +136,41 @@ class DataAugmentationDINO:
         crops: CropsConfig,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        table: Literal["rgb", "ct", "he"] = "rgb",
     ):
+        if table in ("rgb", "he") and len(mean) != 3:
+            raise ValueError(f"dataset.augmentation: {table!r} needs 3-channel images; use 'ct' for {len(mean)} channel(s)")
         self.crops = crops
+        self.table = table
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def _photometric(self, img: torch.Tensor, blur_p: float, solarize_p: float, g: torch.Generator | None) -> torch.Tensor:
-        if torch.rand((), generator=g).item() < 0.5:
+        if _chance(0.5, g):
             img = img.flip(-1)
-        if img.shape[0] == 3:
+        if self.table == "rgb":
             if _chance(0.8, g):
                 img = color_jitter(img, generator=g)
             if _chance(0.2, g):
                 img = grayscale(img)
+        elif self.table == "he":
+            if _chance(0.5, g):
+                img = img.flip(-2)
+            img = torch.rot90(img, int(torch.randint(0, 4, (), generator=g)), dims=(-2, -1))
+            if _chance(0.8, g):
+                sigma = 0.05
+                alpha = 1 + (torch.rand(3, generator=g) * 2 - 1) * sigma
+                beta = (torch.rand(3, generator=g) * 2 - 1) * sigma
+                img = hed_jitter(img, alpha, beta)
+            solarize_p = 0.0
+        else:  # ct
+            if _chance(0.8, g):
+                img = intensity_jitter(img, brightness=0.1, contrast=0.2, generator=g)
+            if _chance(0.5, g):
+                # One acquisition's noise: CT channels are windows of the same HU values.
+                noise = torch.randn((1, *img.shape[1:]), generator=g) * uniform(0.0, 0.03, g)
+                img = (img + noise).clamp(0, 1)
+            solarize_p = 0.0
         if _chance(blur_p, g):
             # DINO's sigma range is meant for 224 px crops; keep it relative to the crop size.
             img = gaussian_blur(img, uniform(0.1, 2.0, g) * img.shape[-1] / 224)

@@ -116,6 +116,8 @@ class DatasetConfig:
     # Normalisation statistics travel with the saved backbone's image processor.
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # Photometric table: natural images, radiology (CT) or H&E histology (dinomx.augmentations).
+    augmentation: Literal["rgb", "ct", "he"] = "rgb"
     num_workers: int = 0
 
 
@@ -341,6 +343,11 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
         raise ConfigError(
             f"dataset.mean/std: expected {cfg.student.num_channels} values "
             f"(student.num_channels), got {len(cfg.dataset.mean)}/{len(cfg.dataset.std)}"
+        )
+    if cfg.dataset.augmentation in ("rgb", "he") and cfg.student.num_channels != 3:
+        raise ConfigError(
+            f"dataset.augmentation: {cfg.dataset.augmentation!r} needs student.num_channels=3; "
+            f"use 'ct' for {cfg.student.num_channels}-channel images"
         )
     if not 0 <= cfg.teacher.momentum_teacher <= cfg.teacher.final_momentum_teacher <= 1:
         raise ConfigError("teacher.momentum_teacher: expected 0 <= momentum_teacher <= final_momentum_teacher <= 1")

@@ -129,7 +129,7 @@ class CropDataset(Dataset):
 
     def __init__(self, images: ImageFolderDataset, cfg: DinoMXConfig):
         self.images = images
-        self.augment = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
+        self.augment = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, cfg.dataset.augmentation)
         self.seed = cfg.train.seed
         self.ibot = cfg.ibot if cfg.ibot.loss_weight > 0 else None
         self.grid = cfg.crops.global_crops_size // cfg.student.patch_size

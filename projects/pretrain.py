@@ -9,12 +9,14 @@ import dataclasses
 import shlex
 import sys
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from dinomx.attention import write_attention_pngs
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import list_images, load_image
 from dinomx.train import ResumeError, train
@@ -35,6 +37,11 @@ def backbone_signature(num_channels: int, embed_dim: int) -> ModelSignature:
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, num_channels))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
     )
+
+
+def one_image_per_class(root: Path) -> list[Path]:
+    paths, labels, _ = list_images(root)
+    return [paths[labels.index(label)] for label in sorted(set(labels))]
 
 
 def example_images(root: Path, num_channels: int) -> np.ndarray:
@@ -68,6 +75,9 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             resume_from=resume_from or None,
         )
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
+        with TemporaryDirectory() as tmp:
+            write_attention_pngs(result.backbone_dir, one_image_per_class(dataset.path), tmp)
+            mlflow.log_artifacts(tmp, "attention")
 
         lineage = Lineage(
             kind="backbone",

@@ -4,10 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from dinomx.augmentations import DataAugmentationDINO, collate_crops, gaussian_blur, random_resized_crop
+from dinomx.augmentations import (
+    DataAugmentationDINO,
+    collate_crops,
+    gaussian_blur,
+    hed_jitter,
+    random_resized_crop,
+    window_hu,
+)
+from PIL import Image
+
+from dinomx.attention import attention_mask, cls_attention, pca_channels, write_attention_pngs
 from dinomx.backbone import Backbone
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
-from dinomx.config import StudentConfig
+from dinomx.config import ConfigError, StudentConfig
 from dinomx.dino_head import DINOHead
 from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering
 from dinomx.masking import block_mask, sample_mask
@@ -86,11 +96,46 @@ def test_views_are_a_function_of_the_generator_seed():
     assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
-def test_single_channel_skips_colour_operations():
-    cfg = tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25]})
-    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
-    views = aug(torch.rand(1, 32, 32))
-    assert views["global_crops"][0].shape == (1, 32, 32)
+def test_single_channel_ct_views():
+    cfg = tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25], "augmentation": "ct"})
+    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, cfg.dataset.augmentation)
+    views = aug(torch.rand(1, 32, 32), torch.Generator().manual_seed(0))
+    assert views["global_crops"][0].shape == (1, 32, 32) and views["local_crops"][0].shape == (1, 16, 16)
+
+
+def _keeps_channel_order(table: str, seeds: int = 30) -> bool:
+    """Whether every view of a reddish tile stays redder than green everywhere."""
+    cfg = tiny_config()
+    aug = DataAugmentationDINO(cfg.crops, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), table)
+    tile = torch.tensor([0.6, 0.35, 0.45]).view(3, 1, 1) + torch.rand(1, 32, 32) * 0.05
+    for seed in range(seeds):
+        for view in aug(tile, torch.Generator().manual_seed(seed))["global_crops"]:
+            if not (view[0] > view[1]).all():
+                return False
+    return True
+
+
+def test_ct_table_never_invents_colour_while_rgb_does():
+    assert _keeps_channel_order("ct")
+    assert not _keeps_channel_order("rgb")
+
+
+def test_rgb_table_is_refused_for_single_channel_configs():
+    with pytest.raises(ConfigError, match="dataset.augmentation: 'rgb' needs student.num_channels=3"):
+        tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25]})
+
+
+def test_hed_jitter_is_identity_at_rest_and_moves_stain_otherwise():
+    img = torch.rand(3, 8, 8) * 0.8 + 0.1
+    same = hed_jitter(img, torch.ones(3), torch.zeros(3))
+    assert torch.allclose(same, img, atol=1e-4)
+    more_hematoxylin = hed_jitter(img, torch.tensor([1.3, 1.0, 1.0]), torch.zeros(3))
+    assert more_hematoxylin.mean() < img.mean()  # more stain absorbs more light
+
+
+def test_hu_window_maps_to_unit_range():
+    hu = torch.tensor([-1000.0, -160.0, 40.0, 240.0, 3000.0])
+    assert window_hu(hu, center=40, width=400).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("arch", ["dinov2", "vit", "dinov2_with_registers"])
@@ -166,3 +211,29 @@ def test_block_masks_hit_their_ratio_in_rectangles():
     assert sample_mask(8, (0.2, 0.4), probability=0.0, generator=g).sum() == 0
     ratios = [sample_mask(8, (0.2, 0.4), probability=1.0, generator=g).float().mean().item() for _ in range(20)]
     assert all(0.1 <= r <= 0.4 for r in ratios)
+
+
+def test_attention_mass_threshold_and_pca():
+    maps = torch.tensor([[[0.5, 0.3], [0.15, 0.05]]])
+    assert attention_mask(maps, mass=0.6).tolist() == [[[True, True], [False, False]]]
+    assert attention_mask(maps, mass=0.9).sum() == 3
+    features = torch.randn(50, 6)
+    features[:, 0] *= 10  # the dominant direction becomes the first component
+    components = pca_channels(features, k=3)
+    assert components.shape == (50, 3) and components.min() >= 0 and components.max() <= 1
+    first = components[:, 0] - components[:, 0].mean()
+    assert abs(torch.corrcoef(torch.stack([first, features[:, 0]]))[0, 1]) > 0.95
+
+
+@pytest.mark.parametrize("arch", ["dinov2", "vit"])
+def test_cls_attention_per_head_and_pngs(tmp_path, tiles, arch):
+    backbone = Backbone.from_config(StudentConfig(arch=arch, image_size=32, patch_size=4, hidden_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2))
+    maps = cls_attention(backbone, torch.randn(2, 3, 32, 32))
+    assert maps.shape == (2, 2, 8, 8)
+    assert torch.allclose(maps.flatten(2).sum(-1), torch.ones(2, 2), atol=0.2)  # CLS row minus its self-attention
+    cfg = tiny_config()
+    backbone.save_pretrained(tmp_path / "model", cfg.dataset, 32)
+    written = write_attention_pngs(tmp_path / "model", [next((tiles / "val/glands").iterdir())], tmp_path / "png", scale=2)
+    assert [p.name for p in written] == ["glands_0000_heads.png", "glands_0000_pca.png"]
+    assert Image.open(written[0]).size == (64 * 3, 64)  # input + one panel per head

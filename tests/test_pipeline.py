@@ -66,6 +66,9 @@ def test_pretrain_run_logs_flat_params_step_metrics_and_data_version(demo):
         history = client.get_metric_history(run.info.run_id, metric)
         assert len(history) == 60, metric  # 600 steps, logged every 10
     assert run.data.tags["mlflow.source.git.commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "attention")}
+    assert {f"attention/{c}_0000_{kind}.png" for c in ("adipose", "glands", "nuclei", "stroma") for kind in ("heads", "pca")} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
     (dataset_input,) = run.inputs.dataset_inputs
     lock = (checkout / "dvc.lock").read_text()
     assert dataset_input.dataset.digest in lock

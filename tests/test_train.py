@@ -181,3 +181,13 @@ def test_bf16_mixed_precision_trains_on_cpu(tiles, tmp_path, fresh_accelerate_st
     logged = []
     train(cfg, tiles / "train", on_log=lambda step, m: logged.append(m["total_loss"]))
     assert len(logged) == 3 and all(math.isfinite(v) for v in logged)
+
+
+@pytest.mark.parametrize(("channels", "table"), [(1, "ct"), (3, "he")])
+def test_medical_tables_train_and_embed(tiles, tmp_path, channels, table):
+    cfg = tiny_config(train={"output_dir": str(tmp_path), "epochs": 1}, student={"num_channels": channels},
+                      dataset={"mean": [0.5] * channels, "std": [0.25] * channels, "augmentation": table})
+    result = train(cfg, tiles / "train")
+    assert AutoModel.from_pretrained(result.backbone_dir).config.num_channels == channels
+    embeddings, _, _ = Embedder.from_pretrained(result.backbone_dir).embed_folder(tiles / "val")
+    assert embeddings.shape == (32, 32)
