@@ -60,6 +60,15 @@ def resolve_pretrained(pretrained: str) -> str:
     return pretrained
 
 
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter for freezing and layer-wise lr decay: 0 for the embeddings, i + 1 for
+    transformer block i, ``num_layers + 1`` for everything above (final norm, heads)."""
+    if ".embeddings." in f".{name}":
+        return 0
+    block = _BLOCK_INDEX.search(name)
+    return int(block.group(1)) + 1 if block else num_layers + 1
+
+
 class Backbone(nn.Module):
     """Uniform view over HF vision transformers: ``forward`` returns (CLS token, patch tokens)."""
 
@@ -87,8 +96,7 @@ class Backbone(nn.Module):
         if count <= 0:
             return
         for name, param in self.model.named_parameters():
-            block = _BLOCK_INDEX.search(name)
-            if ".embeddings." in f".{name}" or (block and int(block.group(1)) < count):
+            if layer_depth(name, self.model.config.num_hidden_layers) <= count:
                 param.requires_grad = False
 
     def export_model(self) -> PreTrainedModel:

@@ -100,6 +100,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0
     freeze_last_layer_epochs: int = 1
+    # Block i of n trains at lr * layerwise_decay ** (n - i); 1.0 turns it off.
+    layerwise_decay: float = 1.0
 
 
 @dataclass
@@ -119,6 +121,17 @@ class DatasetConfig:
     # Photometric table: natural images, radiology (CT) or H&E histology (dinomx.augmentations).
     augmentation: Literal["rgb", "ct", "he"] = "rgb"
     num_workers: int = 0
+
+
+@dataclass
+class DistillationConfig:
+    # Frozen teachers (local save_pretrained directories or "hf:<repo id>"); empty turns it off.
+    # Registered models (models:/name/version) are resolved to directories by the MLflow entry point.
+    teachers: list[str] = field(default_factory=list)
+    loss_weight: float = 1.0
+    # Magnification-Aware Distillation: a folder laid out like the training data that holds, at
+    # the same relative paths, the aligned low-magnification tiles the teachers see.
+    paired_root: str | None = None
 
 
 @dataclass
@@ -150,6 +163,7 @@ class DinoMXConfig:
     dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
     lora_config: LoraSection = field(default_factory=LoraSection)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -317,6 +331,10 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected >= 0, got {value}")
+    if cfg.distillation.paired_root and not cfg.distillation.teachers:
+        raise ConfigError("distillation.paired_root: set distillation.teachers too; paired tiles are what teachers see")
+    if not 0 < cfg.optim.layerwise_decay <= 1:
+        raise ConfigError(f"optim.layerwise_decay: expected a value in (0, 1], got {cfg.optim.layerwise_decay}")
     lo, hi = cfg.ibot.mask_ratio_min_max
     if not 0 <= lo <= hi < 1:
         raise ConfigError(f"ibot.mask_ratio_min_max: expected 0 <= min <= max < 1, got {[lo, hi]}")

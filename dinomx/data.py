@@ -42,6 +42,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, num_channels: int = 3, transform: Callable | None = None):
+        self.root = Path(root)
         self.paths, self.labels, self.classes = list_images(root)
         self.num_channels = num_channels
         self.transform = transform

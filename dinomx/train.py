@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinomx.augmentations import DataAugmentationDINO, collate_crops
-from dinomx.backbone import Backbone
+from dinomx.backbone import Backbone, layer_depth
 from dinomx.config import DinoMXConfig
-from dinomx.data import ImageFolderDataset
+from dinomx.data import ImageFolderDataset, load_image, to_tensor
+from dinomx.distillation import FrozenTeacher, projection_heads
 from dinomx.dino_head import DINOHead
-from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinomx.loss import CosineDistillationLoss, DINOLoss, IBOTPatchLoss, KoLeoLoss
 from dinomx.masking import sample_mask
 from dinomx.schedules import CosineScheduler
 
@@ -44,11 +46,13 @@ class DINOModel(nn.Module):
     """Backbone + DINO head (+ iBOT head, possibly the same module). One forward per training
     step so that DDP sees every pass."""
 
-    def __init__(self, backbone: Backbone, dino_head: DINOHead, ibot_head: DINOHead | None = None):
+    def __init__(self, backbone: Backbone, dino_head: DINOHead, ibot_head: DINOHead | None = None,
+                 distill_heads: nn.ModuleList | None = None):
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
         self.ibot_head = ibot_head
+        self.distill_heads = distill_heads
 
     def forward(
         self,
@@ -61,6 +65,8 @@ class DINOModel(nn.Module):
         ``mask_input`` they are also hidden from the backbone (student), otherwise seen (teacher)."""
         cls, patches = self.backbone(global_crops, masks if mask_input and masks is not None else None)
         out = {"global_cls": cls, "global_logits": self.dino_head(cls)}
+        if self.distill_heads is not None:
+            out["distill"] = [head(cls) for head in self.distill_heads]
         if masks is not None and self.ibot_head is not None:
             out["masked_patch_logits"] = self.ibot_head(patches[masks])
         if local_crops is not None:
@@ -133,6 +139,12 @@ class CropDataset(Dataset):
         self.seed = cfg.train.seed
         self.ibot = cfg.ibot if cfg.ibot.loss_weight > 0 else None
         self.grid = cfg.crops.global_crops_size // cfg.student.patch_size
+        self.pairs = None
+        if cfg.distillation.paired_root:
+            self.pairs = _paired_paths(images, Path(cfg.distillation.paired_root))
+            self.paired_size = cfg.crops.global_crops_size
+            self.mean = torch.tensor(cfg.dataset.mean).view(-1, 1, 1)
+            self.std = torch.tensor(cfg.dataset.std).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -147,7 +159,23 @@ class CropDataset(Dataset):
                 sample_mask(self.grid, self.ibot.mask_ratio_min_max, self.ibot.mask_sample_probability, generator)
                 for _ in views["global_crops"]
             ]
+        if self.pairs is not None:
+            low = to_tensor(load_image(self.pairs[index], self.images.num_channels)).unsqueeze(0)
+            low = F.interpolate(low, size=(self.paired_size, self.paired_size), mode="bilinear", antialias=True)[0]
+            views["paired"] = [(low - self.mean) / self.std]
         return views
+
+
+def _paired_paths(images: ImageFolderDataset, paired_root: Path) -> list[Path]:
+    root = images.root
+    pairs = [paired_root / path.relative_to(root) for path in images.paths]
+    missing = [str(p) for p in pairs if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"distillation.paired_root: {len(missing)} of {len(pairs)} tiles have no low-magnification pair, "
+            f"e.g. {missing[0]}"
+        )
+    return pairs
 
 
 def _mix(seed: int, value: int) -> int:
@@ -157,17 +185,20 @@ def _mix(seed: int, value: int) -> int:
 _NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
 
 
-def _param_groups(model: nn.Module) -> list[dict]:
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def param_groups(model: "DINOModel", layerwise_decay: float) -> list[dict]:
+    groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
+    num_layers = model.backbone.model.config.num_hidden_layers
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         # Biases, norms and tokens are not decayed; the prototype layer has its own lr schedule.
         decay = param.ndim > 1 and not name.endswith(_NO_DECAY_SUFFIXES)
-        groups.setdefault((decay, "last_layer" in name), []).append(param)
+        depth = layer_depth(name, num_layers) if name.startswith("backbone.") else num_layers + 1
+        lr_scale = layerwise_decay ** (num_layers + 1 - depth)
+        groups.setdefault((decay, "last_layer" in name, lr_scale), []).append(param)
     return [
-        {"params": params, "apply_wd": decay, "is_last_layer": last, "weight_decay": 0.0}
-        for (decay, last), params in groups.items()
+        {"params": params, "apply_wd": decay, "is_last_layer": last, "lr_scale": scale, "weight_decay": 0.0}
+        for (decay, last, scale), params in groups.items()
     ]
 
 
@@ -175,7 +206,7 @@ def _head(in_dim: int, section, norm_last_layer: bool = True) -> DINOHead:
     return DINOHead(in_dim, section.out_dim, section.hidden_dim, section.bottleneck_dim, section.nlayers, norm_last_layer)
 
 
-def build_models(cfg: DinoMXConfig) -> tuple[DINOModel, DINOModel]:
+def build_models(cfg: DinoMXConfig, teachers: list[FrozenTeacher] = ()) -> tuple[DINOModel, DINOModel]:
     backbone = Backbone.from_config(cfg.student)
     # Adapters and freezing go in before the teacher is copied, so teacher and student have the
     # same parameters and the EMA pairs them one to one (frozen ones stay equal).
@@ -190,7 +221,8 @@ def build_models(cfg: DinoMXConfig) -> tuple[DINOModel, DINOModel]:
     ibot_head = None
     if cfg.ibot.loss_weight > 0:
         ibot_head = _head(backbone.embed_dim, cfg.ibot, cfg.dino_head.norm_last_layer) if cfg.ibot.separate_head else dino_head
-    student = DINOModel(backbone, dino_head, ibot_head)
+    distill_heads = projection_heads(backbone.embed_dim, list(teachers)) if teachers else None
+    student = DINOModel(backbone, dino_head, ibot_head, distill_heads)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     teacher.eval()
@@ -207,6 +239,7 @@ class Losses(nn.Module):
         self.koleo = KoLeoLoss()
         ibot_dim = cfg.ibot.out_dim if cfg.ibot.separate_head else h.out_dim
         self.ibot = IBOTPatchLoss(ibot_dim, h.student_temp, h.center_momentum, h.centering)
+        self.distillation = CosineDistillationLoss()
 
 
 def make_accelerator(cfg: DinoMXConfig) -> Accelerator:
@@ -236,15 +269,19 @@ def train(
     if len(images) < batch_size:
         raise ValueError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
 
-    student, teacher = build_models(cfg)
+    d = cfg.distillation
+    frozen = [FrozenTeacher.load(t, cfg.dataset.mean, cfg.dataset.std, cfg.crops.global_crops_size) for t in d.teachers]
+    student, teacher = build_models(cfg, frozen)
     losses = Losses(cfg)
-    optimizer = torch.optim.AdamW(_param_groups(student), betas=cfg.optim.betas)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.layerwise_decay), betas=cfg.optim.betas)
     start = 0
     if resume_from is not None:
         start = _load_checkpoint(resume_from, cfg, student, teacher, losses, optimizer)
         logger.info("resumed from %s at iteration %d/%d", resume_from, start, total)
     teacher.to(accelerator.device)
     losses.to(accelerator.device)
+    for t in frozen:
+        t.to(accelerator.device)
 
     loader = DataLoader(
         CropDataset(images, cfg),
@@ -272,7 +309,7 @@ def train(
         lr, wd = schedules.lr[it], schedules.weight_decay[it]
         momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
         for group in optimizer.param_groups:
-            group["lr"] = schedules.last_layer_lr[it] if group["is_last_layer"] else lr
+            group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
             group["weight_decay"] = wd if group["apply_wd"] else 0.0
 
         global_crops, masks = batch["global_crops"], batch.get("masks")
@@ -290,6 +327,13 @@ def train(
             if use_koleo:
                 parts["koleo_loss"] = sum(losses.koleo(c) for c in out["global_cls"].chunk(2))
                 loss = loss + cfg.dino_head.koleo_loss_weight * parts["koleo_loss"]
+            if frozen:
+                with torch.no_grad():
+                    # MAD: both student crops of the high-magnification tile face its low-magnification pair.
+                    seen = batch["paired"].repeat(2, 1, 1, 1) if "paired" in batch else global_crops
+                    targets = [t(seen) for t in frozen]
+                parts["distill_loss"] = losses.distillation(out["distill"], targets)
+                loss = loss + d.loss_weight * parts["distill_loss"]
             if use_ibot and masks.any():
                 patch_probs = losses.ibot.teacher_probs(teacher_out["masked_patch_logits"], teacher_temp)
                 parts["ibot_loss"] = losses.ibot(out["masked_patch_logits"].float(), patch_probs, masks)
@@ -387,8 +431,13 @@ def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, student, teacher, lo
 
 
 def _resume_key(cfg: DinoMXConfig) -> str:
-    """The config hash without where outputs go, which may differ between the two runs."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir="")).sha256()
+    """The config hash without the paths that may differ between the two runs: where outputs go,
+    and where (registered) teachers were downloaded to."""
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, output_dir=""),
+        distillation=dataclasses.replace(cfg.distillation, teachers=[str(len(cfg.distillation.teachers))]),
+    ).sha256()
 
 
 def _memory_note(accelerator: Accelerator) -> str:

@@ -13,6 +13,8 @@ from tempfile import TemporaryDirectory
 
 import mlflow
 import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
@@ -27,7 +29,7 @@ from projects.tracking import (
     log_training_data,
     training_data,
 )
-from registry.lineage import Lineage, code_version
+from registry.lineage import Lineage, code_version, resolve_version, version_uri
 from registry.models import log_and_register
 from registry.pyfunc import BACKBONE_ARTIFACT, BackboneModel
 
@@ -51,6 +53,18 @@ def example_images(root: Path, num_channels: int) -> np.ndarray:
     return np.stack([a if a.ndim == 3 else a[..., None] for a in arrays])
 
 
+def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:
+    """Registered teachers (models:/...) become the local backbone directories of their artifacts."""
+    local = []
+    for teacher in cfg.distillation.teachers:
+        if teacher.startswith("models:/"):
+            version = resolve_version(MlflowClient(), teacher)
+            root = Path(mlflow.artifacts.download_artifacts(version_uri(version)))
+            teacher = str(root / "artifacts" / BACKBONE_ARTIFACT)
+        local.append(teacher)
+    return dataclasses.replace(cfg, distillation=dataclasses.replace(cfg.distillation, teachers=local))
+
+
 def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = ""):
     cfg = DinoMXConfig.from_yaml(config, overrides)
     dataset = training_data(data, validation_report)
@@ -64,7 +78,8 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         report_uri = log_training_data(dataset, context="training")
 
         run_cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / active.info.run_id))
+            resolve_teachers(cfg),
+            train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / active.info.run_id)),
         )
         if resume_from:
             mlflow.set_tag("vf.resumed_from", resume_from)
@@ -93,6 +108,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             git_commit=commit,
             git_dirty=dirty,
             config_sha256=cfg.sha256(),
+            teachers=",".join(cfg.distillation.teachers),
         )
         version = log_and_register(
             f"{name}-backbone",
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         run(args.config, args.data, args.validation_report, args.name, shlex.split(args.overrides), args.resume_from)
-    except (ConfigError, DataNotValidatedError, ResumeError, LookupError, FileNotFoundError) as exc:
+    except (ConfigError, DataNotValidatedError, ResumeError, LookupError, FileNotFoundError, MlflowException) as exc:
         print(f"pretrain: {exc}", file=sys.stderr)
         return 2
     return 0

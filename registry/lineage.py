@@ -11,7 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -35,16 +35,18 @@ class Lineage:
     git_commit: str
     git_dirty: bool
     config_sha256: str
+    # Frozen distillation teachers, comma-separated (models:/..., hf:..., or local paths).
+    teachers: str = ""
 
     def tags(self) -> dict[str, str]:
         return {PREFIX + k: _tag_value(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> "Lineage":
-        missing = [f.name for f in fields(cls) if PREFIX + f.name not in tags]
+        missing = [f.name for f in fields(cls) if PREFIX + f.name not in tags and f.default is MISSING]
         if missing:
             raise LookupError(f"lineage incomplete: missing tag(s) {', '.join(PREFIX + m for m in missing)}")
-        values = {f.name: tags[PREFIX + f.name] for f in fields(cls)}
+        values = {f.name: tags[PREFIX + f.name] for f in fields(cls) if PREFIX + f.name in tags}
         for flag in ("validation_success", "git_dirty"):
             values[flag] = values[flag] == "true"
         return cls(**values)
@@ -125,6 +127,8 @@ def format_chain(chain: list[dict]) -> str:
             lines.append(f"{pad}   built on it: {', '.join(entry['children'])}")
         if not entry["parent"].startswith("models:/"):
             lines.append(f"{pad}   parent {entry['parent']}")
+        if entry["teachers"]:
+            lines.append(f"{pad}   distilled from {entry['teachers']}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dinomx.augmentations import (
     DataAugmentationDINO,
@@ -12,8 +13,6 @@ from dinomx.augmentations import (
     random_resized_crop,
     window_hu,
 )
-from PIL import Image
-
 from dinomx.attention import attention_mask, cls_attention, pca_channels, write_attention_pngs
 from dinomx.backbone import Backbone
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier

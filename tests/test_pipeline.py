@@ -20,7 +20,7 @@ from dinomx.classifiers import KNNClassifier
 from dinomx.config import DinoMXConfig
 from dinomx.embed import Embedder
 from dinomx.train import build_models
-from registry.lineage import Lineage, lineage_chain
+from registry.lineage import Lineage, format_chain, lineage_chain
 from registry.promote import PromotionRefused, promote
 from scripts.demo import free_port, wait_ready
 from tests.conftest import REPO
@@ -127,6 +127,21 @@ def test_demo_served_real_requests(demo):
     assert "POST /embed" in output and "96-d vector" in output
     assert "POST /classify" in output and "by models:/demo-head/1" in output
     assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+
+def test_student_distilled_from_the_registered_backbone_names_its_teacher(demo):
+    checkout, client, _ = demo
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
+    overrides = "train.epochs=1 distillation.teachers=[models:/demo-backbone/1] student.hidden_size=48"
+    run = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "distill", "-e", "pretrain",
+                          "-P", "name=student", "-P", f"overrides={overrides}"], cwd=checkout, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    mv = client.get_model_version("student-backbone", "1")
+    lineage = Lineage.from_tags(mv.tags)
+    assert lineage.teachers == "models:/demo-backbone/1" and lineage.parent == "scratch"
+    pretrain = client.get_run(lineage.source_run_id)
+    assert "distill_loss" in pretrain.data.metrics
+    assert "distilled from models:/demo-backbone/1" in format_chain(lineage_chain(client, "models:/student-backbone/1"))
 
 
 def test_head_cannot_be_promoted_before_its_backbone(demo):

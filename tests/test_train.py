@@ -7,10 +7,15 @@ import sys
 import pytest
 from accelerate.utils import set_seed
 import torch
+from PIL import Image
 from transformers import AutoModel
 
+from dinomx.backbone import Backbone
+from dinomx.config import DatasetConfig, StudentConfig
+from dinomx.distillation import FrozenTeacher
+
 from dinomx.embed import Embedder
-from dinomx.train import build_models, train
+from dinomx.train import build_models, param_groups, train
 from scripts.demo import free_port
 from tests.conftest import tiny_config
 
@@ -191,3 +196,61 @@ def test_medical_tables_train_and_embed(tiles, tmp_path, channels, table):
     assert AutoModel.from_pretrained(result.backbone_dir).config.num_channels == channels
     embeddings, _, _ = Embedder.from_pretrained(result.backbone_dir).embed_folder(tiles / "val")
     assert embeddings.shape == (32, 32)
+
+
+def test_layerwise_lr_decay_scales_by_depth():
+    cfg = tiny_config(optim={"layerwise_decay": 0.5})
+    student, _ = build_models(cfg)
+    scale_of = {id(p): g["lr_scale"] for g in param_groups(student, 0.5) for p in g["params"]}
+    named = dict(student.named_parameters())
+    assert scale_of[id(named["backbone.model.embeddings.patch_embeddings.projection.weight"])] == 0.125
+    assert scale_of[id(named["backbone.model.encoder.layer.0.mlp.fc1.weight"])] == 0.25
+    assert scale_of[id(named["backbone.model.encoder.layer.1.mlp.fc1.weight"])] == 0.5
+    assert scale_of[id(named["backbone.model.layernorm.weight"])] == 1.0
+    assert scale_of[id(named["dino_head.mlp.0.weight"])] == 1.0
+
+
+def _saved_teacher(path, arch="vit", hidden=48, patch=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+    backbone = Backbone.from_config(StudentConfig(arch=arch, image_size=32, patch_size=patch, hidden_size=hidden,
+                                                  num_hidden_layers=1, num_attention_heads=2))
+    backbone.save_pretrained(path, DatasetConfig(mean=mean, std=std), 32)
+    return str(path)
+
+
+def test_teacher_renormalises_student_crops_to_its_own_statistics(tmp_path):
+    path = _saved_teacher(tmp_path / "t", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    teacher = FrozenTeacher.load(path, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_size=32)
+    raw = torch.rand(1, 3, 32, 32)
+    as_student = (raw - 0.5) / 0.25
+    expected = (raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(as_student * teacher.scale + teacher.shift, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="patch size 8, which does not divide crops.global_crops_size=20"):
+        FrozenTeacher.load(path, (0.5,) * 3, (0.25,) * 3, crop_size=20)
+
+
+def test_multi_teacher_distillation_learns_to_match_the_teachers(tiles, tmp_path):
+    teachers = [_saved_teacher(tmp_path / "vit"), _saved_teacher(tmp_path / "dinov2", arch="dinov2", hidden=24, patch=4)]
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "epochs": 4, "log_every": 1},
+                      distillation={"teachers": teachers, "loss_weight": 1.0}, optim={"lr": 0.003})
+    student, _ = build_models(cfg, [FrozenTeacher.load(t, cfg.dataset.mean, cfg.dataset.std, 32) for t in teachers])
+    assert [h.out_features for h in student.distill_heads] == [48, 24]
+    logged = []
+    train(cfg, tiles / "train", on_log=lambda step, m: logged.append(m["distill_loss"]))
+    assert len(logged) == 12 and sum(logged[-3:]) < sum(logged[:3])
+
+
+def test_magnification_aware_distillation_feeds_teachers_the_paired_tiles(tiles, tmp_path):
+    low = tmp_path / "low"
+    for path in (tiles / "train").rglob("*.png"):
+        target = low / path.relative_to(tiles / "train")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).resize((64, 64)).save(target)  # stands in for the 4x wider field of view
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out")},
+                      distillation={"teachers": [_saved_teacher(tmp_path / "t")], "paired_root": str(low)})
+    logged = []
+    train(cfg, tiles / "train", on_log=lambda step, m: logged.append(m))
+    assert all(math.isfinite(m["distill_loss"]) for m in logged)
+
+    next(low.rglob("*.png")).unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 96 tiles have no low-magnification pair"):
+        train(cfg, tiles / "train")
