@@ -32,14 +32,16 @@ def _chance(p: float, generator: torch.Generator | None) -> bool:
     return p > 0 and torch.rand((), generator=generator).item() < p
 
 
-def random_resized_crop(
-    img: torch.Tensor,
-    size: int,
+def crop_box(
+    height: int,
+    width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    _, height, width = img.shape
+    center: tuple[int, int] | None = None,
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop covering ``scale`` of the area; with ``center`` the box
+    is placed around that pixel (as far as the borders allow) instead of anywhere."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -48,12 +50,27 @@ def random_resized_crop(
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (), generator=generator))
             break
-    else:  # fall back to a central crop of the full image
-        h, w = height, width
-        top = left = 0
+    else:  # fall back to the full image
+        return 0, 0, height, width
+    if center is None:
+        top = int(torch.randint(0, height - h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - w + 1, (), generator=generator))
+    else:
+        top = min(max(center[0] - h // 2, 0), height - h)
+        left = min(max(center[1] - w // 2, 0), width - w)
+    return top, left, h, w
+
+
+def random_resized_crop(
+    img: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+    center: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    top, left, h, w = crop_box(img.shape[1], img.shape[2], scale, ratio, generator, center)
     crop = img[:, top : top + h, left : left + w].unsqueeze(0)
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
@@ -178,17 +195,26 @@ class DataAugmentationDINO:
             img = solarize(img)
         return (img - self.mean) / self.std
 
-    def __call__(self, img: torch.Tensor, g: torch.Generator | None = None) -> dict[str, list[torch.Tensor]]:
-        """``g`` makes the views a function of the generator's seed alone (see ``dinomx.train``)."""
+    def __call__(
+        self, img: torch.Tensor, g: torch.Generator | None = None, label_mask: torch.Tensor | None = None
+    ) -> dict[str, list[torch.Tensor]]:
+        """``g`` makes the views a function of the generator's seed alone (see ``dinomx.train``).
+
+        With a ``label_mask`` (H, W; non-zero = annotated), each local crop is centred on a random
+        annotated pixel with probability ``crops.label_guided_probability`` (DINO-LG)."""
         c = self.crops
+        annotated = torch.nonzero(label_mask) if label_mask is not None else None
         global_crops = [
             self._photometric(random_resized_crop(img, c.global_crops_size, c.global_crops_scale, generator=g), blur_p, sol_p, g)
             for blur_p, sol_p in ((1.0, 0.0), (0.1, 0.2))
         ]
-        local_crops = [
-            self._photometric(random_resized_crop(img, c.local_crops_size, c.local_crops_scale, generator=g), 0.5, 0.0, g)
-            for _ in range(c.local_crops_number)
-        ]
+        local_crops = []
+        for _ in range(c.local_crops_number):
+            center = None
+            if annotated is not None and len(annotated) and _chance(c.label_guided_probability, g):
+                center = tuple(int(v) for v in annotated[int(torch.randint(0, len(annotated), (), generator=g))])
+            crop = random_resized_crop(img, c.local_crops_size, c.local_crops_scale, generator=g, center=center)
+            local_crops.append(self._photometric(crop, 0.5, 0.0, g))
         return {"global_crops": global_crops, "local_crops": local_crops}
 
 

@@ -111,6 +111,10 @@ class CropsConfig:
     local_crops_number: int = 8
     local_crops_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    # DINO-LG: masks laid out like the training data (non-zero = annotated); each local crop is
+    # centred on an annotated pixel with this probability.
+    label_masks_root: str | None = None
+    label_guided_probability: float = 0.5
 
 
 @dataclass
@@ -151,6 +155,9 @@ class TrainConfig:
     steps_per_epoch: int = 1250
     seed: int = 0
     log_every: int = 10
+    # Multi-expert training: N students, each on its own shard of the data, aggregated by the
+    # EMA teacher (memory grows with N).
+    num_experts: int = 1
     # A resumable checkpoint every N iterations (and at the end); 0 keeps only the final one.
     checkpoint_every: int = 0
     output_dir: str = "outputs/pretrain"
@@ -309,6 +316,7 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
         "train.epochs": cfg.train.epochs,
         "train.steps_per_epoch": cfg.train.steps_per_epoch,
         "train.log_every": cfg.train.log_every,
+        "train.num_experts": cfg.train.num_experts,
         "student.image_size": cfg.student.image_size,
         "student.patch_size": cfg.student.patch_size,
         "student.hidden_size": cfg.student.hidden_size,
@@ -331,6 +339,8 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected >= 0, got {value}")
+    if not 0 <= cfg.crops.label_guided_probability <= 1:
+        raise ConfigError(f"crops.label_guided_probability: expected a probability, got {cfg.crops.label_guided_probability}")
     if cfg.distillation.paired_root and not cfg.distillation.teachers:
         raise ConfigError("distillation.paired_root: set distillation.teachers too; paired tiles are what teachers see")
     if not 0 < cfg.optim.layerwise_decay <= 1:

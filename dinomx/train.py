@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from dinomx.augmentations import DataAugmentationDINO, collate_crops
 from dinomx.backbone import Backbone, layer_depth
@@ -113,21 +115,30 @@ class TrainResult:
 class StreamSampler(Sampler):
     """Positions ``start..end`` of an endless stream of seeded epoch permutations, as
     ``(position, index)`` pairs. The position seeds the sample's augmentation, so a run resumed
-    from a checkpoint (or read by more workers) sees exactly the same views."""
+    from a checkpoint (or read by more workers) sees exactly the same views.
 
-    def __init__(self, num_items: int, start: int, end: int, seed: int):
+    With ``shards`` > 1 (multi-expert training) the images are dealt round-robin into shards and
+    training step ``s`` (``step_size`` positions) draws only from shard ``s % shards``."""
+
+    def __init__(self, num_items: int, start: int, end: int, seed: int, shards: int = 1, step_size: int = 1):
         self.num_items, self.start, self.end, self.seed = num_items, start, end, seed
+        self.shards, self.step_size = shards, step_size
 
     def __len__(self) -> int:
         return self.end - self.start
 
     def __iter__(self):
-        epoch, order = -1, None
+        current: dict[int, tuple[int, torch.Tensor]] = {}  # shard -> (epoch, its permutation)
         for position in range(self.start, self.end):
-            if position // self.num_items != epoch:
-                epoch = position // self.num_items
-                order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
-            yield position, int(order[position % self.num_items])
+            step, offset = divmod(position, self.step_size)
+            shard = step % self.shards
+            items = range(shard, self.num_items, self.shards)
+            local = (step // self.shards) * self.step_size + offset
+            epoch = local // len(items)
+            if current.get(shard, (None,))[0] != epoch:
+                seed = _mix(self.seed + 7919 * shard, epoch)
+                current[shard] = (epoch, torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)))
+            yield position, items[int(current[shard][1][local % len(items)])]
 
 
 class CropDataset(Dataset):
@@ -139,9 +150,13 @@ class CropDataset(Dataset):
         self.seed = cfg.train.seed
         self.ibot = cfg.ibot if cfg.ibot.loss_weight > 0 else None
         self.grid = cfg.crops.global_crops_size // cfg.student.patch_size
+        self.masks = None
+        if cfg.crops.label_masks_root:
+            self.masks = _parallel_paths(images, Path(cfg.crops.label_masks_root), "crops.label_masks_root", "label mask")
         self.pairs = None
         if cfg.distillation.paired_root:
-            self.pairs = _paired_paths(images, Path(cfg.distillation.paired_root))
+            self.pairs = _parallel_paths(images, Path(cfg.distillation.paired_root), "distillation.paired_root",
+                                         "low-magnification pair")
             self.paired_size = cfg.crops.global_crops_size
             self.mean = torch.tensor(cfg.dataset.mean).view(-1, 1, 1)
             self.std = torch.tensor(cfg.dataset.std).view(-1, 1, 1)
@@ -153,7 +168,12 @@ class CropDataset(Dataset):
         position, index = key
         generator = torch.Generator().manual_seed(_mix(self.seed, position))
         img, _ = self.images[index]
-        views = self.augment(img, generator)
+        label_mask = None
+        if self.masks is not None:
+            label_mask = to_tensor(load_image(self.masks[index], num_channels=1))[0]
+            if label_mask.shape != img.shape[1:]:
+                raise ValueError(f"{self.masks[index]}: mask {tuple(label_mask.shape)} does not match its image {tuple(img.shape[1:])}")
+        views = self.augment(img, generator, label_mask)
         if self.ibot is not None:
             views["masks"] = [
                 sample_mask(self.grid, self.ibot.mask_ratio_min_max, self.ibot.mask_sample_probability, generator)
@@ -166,16 +186,13 @@ class CropDataset(Dataset):
         return views
 
 
-def _paired_paths(images: ImageFolderDataset, paired_root: Path) -> list[Path]:
-    root = images.root
-    pairs = [paired_root / path.relative_to(root) for path in images.paths]
-    missing = [str(p) for p in pairs if not p.is_file()]
+def _parallel_paths(images: ImageFolderDataset, root: Path, key: str, what: str) -> list[Path]:
+    """The file at each image's relative path under another root; all must exist."""
+    paths = [root / path.relative_to(images.root) for path in images.paths]
+    missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"distillation.paired_root: {len(missing)} of {len(pairs)} tiles have no low-magnification pair, "
-            f"e.g. {missing[0]}"
-        )
-    return pairs
+        raise FileNotFoundError(f"{key}: {len(missing)} of {len(paths)} tiles have no {what}, e.g. {missing[0]}")
+    return paths
 
 
 def _mix(seed: int, value: int) -> int:
@@ -273,10 +290,14 @@ def train(
     frozen = [FrozenTeacher.load(t, cfg.dataset.mean, cfg.dataset.std, cfg.crops.global_crops_size) for t in d.teachers]
     student, teacher = build_models(cfg, frozen)
     losses = Losses(cfg)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.layerwise_decay), betas=cfg.optim.betas)
+    # Multi-expert: experts start equal, each learns from its own data shard, and the EMA teacher
+    # aggregates them all into the one model that is saved.
+    experts = cfg.train.num_experts
+    students = [student] + [copy.deepcopy(student) for _ in range(experts - 1)]
+    optimizers = [torch.optim.AdamW(param_groups(s, cfg.optim.layerwise_decay), betas=cfg.optim.betas) for s in students]
     start = 0
     if resume_from is not None:
-        start = _load_checkpoint(resume_from, cfg, student, teacher, losses, optimizer)
+        start = _load_checkpoint(resume_from, cfg, students, teacher, losses, optimizers)
         logger.info("resumed from %s at iteration %d/%d", resume_from, start, total)
     teacher.to(accelerator.device)
     losses.to(accelerator.device)
@@ -286,14 +307,16 @@ def train(
     loader = DataLoader(
         CropDataset(images, cfg),
         batch_size=batch_size,
-        sampler=StreamSampler(len(images), start * per_step, total * per_step, cfg.train.seed),
+        sampler=StreamSampler(len(images), start * per_step, total * per_step, cfg.train.seed, experts, per_step),
         collate_fn=collate_crops,
         num_workers=cfg.dataset.num_workers,
         drop_last=True,
     )
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    loader = accelerator.prepare(loader)
+    prepared = [accelerator.prepare(model, opt) for model, opt in zip(students, optimizers)]
+    students, optimizers = [m for m, _ in prepared], [o for _, o in prepared]
+    expert_params = [list(accelerator.unwrap_model(model).parameters()) for model in students]
     schedules = Schedules.from_config(cfg)
-    student_params = list(accelerator.unwrap_model(student).parameters())
     teacher_params = list(teacher.parameters())
 
     n_local = cfg.crops.local_crops_number
@@ -302,10 +325,14 @@ def train(
     use_ibot, use_koleo = cfg.ibot.loss_weight > 0, cfg.dino_head.koleo_loss_weight > 0
     checkpoint = output_dir / CHECKPOINT_NAME
     metrics: dict[str, float] = {}
-    it = start
     window_start, window_steps = time.perf_counter(), 0
-    student.train()
+    # A live bar for people at a terminal; logs and MLflow get the periodic log line instead.
+    progress = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and sys.stderr.isatty()))
+    for model in students:
+        model.train()
     for it, batch in enumerate(loader, start=start):
+        student, optimizer, student_params = students[it % experts], optimizers[it % experts], expert_params[it % experts]
         lr, wd = schedules.lr[it], schedules.weight_decay[it]
         momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
         for group in optimizer.param_groups:
@@ -359,8 +386,9 @@ def train(
             torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
 
         step = it + 1
+        progress.update()
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
-            _save_checkpoint(accelerator, checkpoint, step, cfg, student, teacher, losses, optimizer)
+            _save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, losses, optimizers)
         window_steps += 1
         if step % cfg.train.log_every == 0 or step == total:
             elapsed = time.perf_counter() - window_start
@@ -383,8 +411,10 @@ def train(
                 if on_log is not None:
                     on_log(step, metrics)
             window_start, window_steps = time.perf_counter(), 0
+            progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
 
-    _save_checkpoint(accelerator, checkpoint, total, cfg, student, teacher, losses, optimizer)
+    progress.close()
+    _save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, losses, optimizers)
     backbone_dir = output_dir / "backbone"
     if accelerator.is_main_process:
         # The EMA teacher is the better encoder (DINO evaluates the teacher).
@@ -394,7 +424,7 @@ def train(
     return TrainResult(backbone_dir=backbone_dir, checkpoint=checkpoint, steps=total, metrics=metrics)
 
 
-def _save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, student, teacher, losses, optimizer) -> None:
+def _save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, students, teacher, losses, optimizers) -> None:
     """Unwrapped states only, so a checkpoint loads under any number of processes."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -402,17 +432,17 @@ def _save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, stud
         state = {
             "step": step,
             "config_sha256": _resume_key(cfg),
-            "student": accelerator.unwrap_model(student).state_dict(),
+            "students": [accelerator.unwrap_model(s).state_dict() for s in students],
             "teacher": teacher.state_dict(),
             "losses": losses.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
         }
         partial = path.with_suffix(".partial")
         torch.save(state, partial)
         os.replace(partial, path)  # a kill mid-write never leaves a truncated checkpoint
 
 
-def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, student, teacher, losses, optimizer) -> int:
+def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, students, teacher, losses, optimizers) -> int:
     path = Path(source)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -421,10 +451,11 @@ def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, student, teacher, lo
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config_sha256"] != _resume_key(cfg):
         raise ResumeError(f"resume_from: {path} was written with a different config; resume with the same one")
-    student.load_state_dict(state["student"])
+    for student, optimizer, student_state, optimizer_state in zip(students, optimizers, state["students"], state["optimizers"]):
+        student.load_state_dict(student_state)
+        optimizer.load_state_dict(optimizer_state)
     teacher.load_state_dict(state["teacher"])
     losses.load_state_dict(state["losses"])
-    optimizer.load_state_dict(state["optimizer"])
     if state["step"] >= cfg.total_steps:
         raise ResumeError(f"resume_from: {path} is already at iteration {state['step']} of {cfg.total_steps}")
     return state["step"]

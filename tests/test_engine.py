@@ -8,6 +8,7 @@ from PIL import Image
 from dinomx.augmentations import (
     DataAugmentationDINO,
     collate_crops,
+    crop_box,
     gaussian_blur,
     hed_jitter,
     random_resized_crop,
@@ -236,3 +237,24 @@ def test_cls_attention_per_head_and_pngs(tmp_path, tiles, arch):
     written = write_attention_pngs(tmp_path / "model", [next((tiles / "val/glands").iterdir())], tmp_path / "png", scale=2)
     assert [p.name for p in written] == ["glands_0000_heads.png", "glands_0000_pca.png"]
     assert Image.open(written[0]).size == (64 * 3, 64)  # input + one panel per head
+
+
+def test_label_guided_crop_boxes_contain_the_annotated_pixel():
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = crop_box(40, 30, (0.05, 0.3), generator=g, center=(38, 2))
+        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 30
+        assert top <= 38 < top + h and left <= 2 < left + w
+
+
+def test_local_crops_follow_the_label_mask():
+    cfg = tiny_config(crops={"label_guided_probability": 1.0, "local_crops_number": 6, "local_crops_scale": [0.05, 0.1]})
+    aug = DataAugmentationDINO(cfg.crops, (0.0,) * 3, (1.0,) * 3, "ct")
+    img = torch.zeros(3, 32, 32)
+    img[:, 24:, 24:] = 1.0  # only the annotated corner is bright
+    mask = torch.zeros(32, 32)
+    mask[26:30, 26:30] = 1
+    views = aug(img, torch.Generator().manual_seed(0), label_mask=mask)
+    assert all(crop.mean() > 0.3 for crop in views["local_crops"])
+    unguided = aug(img, torch.Generator().manual_seed(0))
+    assert any(crop.mean() < 0.3 for crop in unguided["local_crops"])

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from accelerate.utils import set_seed
 import torch
@@ -15,7 +16,7 @@ from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 
 from dinomx.embed import Embedder
-from dinomx.train import build_models, param_groups, train
+from dinomx.train import StreamSampler, build_models, param_groups, train
 from scripts.demo import free_port
 from tests.conftest import tiny_config
 
@@ -254,3 +255,47 @@ def test_magnification_aware_distillation_feeds_teachers_the_paired_tiles(tiles,
     next(low.rglob("*.png")).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 96 tiles have no low-magnification pair"):
         train(cfg, tiles / "train")
+
+
+def test_label_guided_training_reads_masks_and_names_missing_ones(tiles, tmp_path):
+    masks = tmp_path / "masks"
+    for path in (tiles / "train").rglob("*.png"):
+        target = masks / path.relative_to(tiles / "train")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:16, 8:16] = 255
+        Image.fromarray(mask).save(target)
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "epochs": 1},
+                      crops={"label_masks_root": str(masks), "label_guided_probability": 1.0})
+    assert train(cfg, tiles / "train").steps == 3
+    next(masks.rglob("*.png")).unlink()
+    with pytest.raises(FileNotFoundError, match="crops.label_masks_root: 1 of 96 tiles have no label mask"):
+        train(cfg, tiles / "train")
+
+
+def test_stream_sampler_deals_each_step_from_one_shard():
+    sampler = StreamSampler(num_items=10, start=0, end=4 * 6, seed=0, shards=2, step_size=4)
+    pairs = list(sampler)
+    for step in range(6):
+        indices = [index for _, index in pairs[step * 4 : (step + 1) * 4]]
+        assert all(index % 2 == step % 2 for index in indices)
+    single = [index for _, index in StreamSampler(num_items=10, start=0, end=20, seed=0)]
+    assert sorted(single[:10]) == list(range(10)) and sorted(single[10:]) == list(range(10))
+    # Resuming mid-stream yields the same continuation.
+    assert list(StreamSampler(10, 12, 24, 0, 2, 4)) == pairs[12:]
+
+
+def test_multi_expert_training_aggregates_experts_into_one_teacher(tiles, tmp_path):
+    cfg = tiny_config(train={"output_dir": str(tmp_path), "num_experts": 2, "log_every": 1, "checkpoint_every": 2})
+    losses = []
+    result = train(cfg, tiles / "train", on_log=lambda step, m: losses.append(m["total_loss"]))
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert len(state["students"]) == 2 and len(state["optimizers"]) == 2
+    # The experts saw different data, so they differ; the teacher is their running average.
+    a, b = (s["backbone.model.encoder.layer.0.mlp.fc1.weight"] for s in state["students"])
+    assert not torch.equal(a, b)
+    again = []
+    cfg_b = tiny_config(train={"output_dir": str(tmp_path / "b"), "num_experts": 2, "log_every": 1})
+    train(cfg_b, tiles / "train", on_log=lambda step, m: again.append(m["total_loss"]))
+    assert again == losses  # deterministic per seed, experts included
