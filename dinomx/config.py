@@ -142,7 +142,9 @@ class DistillationConfig:
 class DistributionConfig:
     # Processes come from `accelerate launch` (one per GPU, or --cpu with gloo); this section
     # says how they cooperate.
-    type: Literal["ddp"] = "ddp"
+    # ddp replicates the model on every process; fsdp shards parameters, gradients and optimizer
+    # state of student and teacher over them (FSDP2), for backbones too large to replicate.
+    type: Literal["ddp", "fsdp"] = "ddp"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -21,12 +22,21 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from dinomx.augmentations import DataAugmentationDINO, collate_crops
 from dinomx.backbone import Backbone, layer_depth
-from dinomx.config import DinoMXConfig
+from dinomx.config import DinoMXConfig, DistributionConfig
 from dinomx.data import ImageFolderDataset, load_image, to_tensor
 from dinomx.distillation import FrozenTeacher, projection_heads
 from dinomx.dino_head import DINOHead
@@ -199,6 +209,8 @@ def _mix(seed: int, value: int) -> int:
     return (seed * 1_000_003 + value) % (2**63)
 
 
+# A transformer block module: Dinov2 `encoder.layer.3`, ViT `layers.3`.
+_BLOCK_MODULE = re.compile(r"(?:^|\.)layers?\.\d+$")
 _NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
 
 
@@ -294,15 +306,27 @@ def train(
     # aggregates them all into the one model that is saved.
     experts = cfg.train.num_experts
     students = [student] + [copy.deepcopy(student) for _ in range(experts - 1)]
+    state = _read_checkpoint(resume_from, cfg) if resume_from is not None else None
+    if state is not None:
+        for model, model_state in zip(students, state["students"]):
+            model.load_state_dict(model_state)
+        teacher.load_state_dict(state["teacher"])
+        losses.load_state_dict(state["losses"])
+    start = state["step"] if state is not None else 0
+    for module in (*students, teacher, losses, *frozen):
+        module.to(accelerator.device)
+    fsdp = cfg.distribution.type == "fsdp"
+    if fsdp:
+        if accelerator.num_processes < 2:
+            raise ValueError("distribution.type: fsdp shards over several processes; launch with torchrun or accelerate launch")
+        mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        for model in (*students, teacher):
+            _shard(model, mesh)
     optimizers = [torch.optim.AdamW(param_groups(s, cfg.optim.layerwise_decay), betas=cfg.optim.betas) for s in students]
-    start = 0
-    if resume_from is not None:
-        start = _load_checkpoint(resume_from, cfg, students, teacher, losses, optimizers)
+    if state is not None:
+        for model, optimizer, optimizer_state in zip(students, optimizers, state["optimizers"]):
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
         logger.info("resumed from %s at iteration %d/%d", resume_from, start, total)
-    teacher.to(accelerator.device)
-    losses.to(accelerator.device)
-    for t in frozen:
-        t.to(accelerator.device)
 
     loader = DataLoader(
         CropDataset(images, cfg),
@@ -313,8 +337,9 @@ def train(
         drop_last=True,
     )
     loader = accelerator.prepare(loader)
-    prepared = [accelerator.prepare(model, opt) for model, opt in zip(students, optimizers)]
-    students, optimizers = [m for m, _ in prepared], [o for _, o in prepared]
+    if not fsdp:  # FSDP modules are already distributed; DDP wraps the rest
+        prepared = [accelerator.prepare(model, opt) for model, opt in zip(students, optimizers)]
+        students, optimizers = [m for m, _ in prepared], [o for _, o in prepared]
     expert_params = [list(accelerator.unwrap_model(model).parameters()) for model in students]
     schedules = Schedules.from_config(cfg)
     teacher_params = list(teacher.parameters())
@@ -382,8 +407,10 @@ def train(
             losses.dino.update_center(teacher_out["global_logits"])
             if "masked_patch_logits" in teacher_out:
                 losses.ibot.update_center(teacher_out["masked_patch_logits"])
-            torch._foreach_mul_(teacher_params, momentum)
-            torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
+            # Under FSDP each process averages its own shards: student and teacher shard alike.
+            local_teacher = _local(teacher_params)
+            torch._foreach_mul_(local_teacher, momentum)
+            torch._foreach_add_(local_teacher, [p.detach() for p in _local(student_params)], alpha=1 - momentum)
 
         step = it + 1
         progress.update()
@@ -414,35 +441,59 @@ def train(
             progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
 
     progress.close()
-    _save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, losses, optimizers)
+    final = _save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, losses, optimizers)
     backbone_dir = output_dir / "backbone"
     if accelerator.is_main_process:
+        export = teacher
+        if fsdp:  # rebuild an unsharded teacher from the gathered weights
+            export = build_models(cfg, frozen)[1]
+            export.load_state_dict(final["teacher"])
         # The EMA teacher is the better encoder (DINO evaluates the teacher).
-        teacher.backbone.save_pretrained(backbone_dir, cfg.dataset, cfg.crops.global_crops_size)
+        export.backbone.save_pretrained(backbone_dir, cfg.dataset, cfg.crops.global_crops_size)
         cfg.to_yaml(output_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return TrainResult(backbone_dir=backbone_dir, checkpoint=checkpoint, steps=total, metrics=metrics)
 
 
-def _save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, students, teacher, losses, optimizers) -> None:
-    """Unwrapped states only, so a checkpoint loads under any number of processes."""
+def _shard(model: DINOModel, mesh) -> None:
+    """FSDP2: each transformer block is its own unit, the rest belongs to the root."""
+    for name, module in model.named_modules():
+        if _BLOCK_MODULE.search(name):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
+
+
+_FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, students, teacher, losses, optimizers) -> dict | None:
+    """Full (gathered, unwrapped) states, so a checkpoint loads under any number of processes and
+    either distribution type. Every process must call it; the main one writes and gets the state."""
+    models = [accelerator.unwrap_model(s) for s in students]
+    inner = [getattr(o, "optimizer", o) for o in optimizers]  # accelerate wraps optimizers
+    state = {
+        "step": step,
+        "config_sha256": _resume_key(cfg),
+        "students": [get_model_state_dict(m, options=_FULL_STATE) for m in models],
+        "teacher": get_model_state_dict(teacher, options=_FULL_STATE),
+        "losses": losses.state_dict(),
+        "optimizers": [get_optimizer_state_dict(m, o, options=_FULL_STATE) for m, o in zip(models, inner)],
+    }
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": step,
-            "config_sha256": _resume_key(cfg),
-            "students": [accelerator.unwrap_model(s).state_dict() for s in students],
-            "teacher": teacher.state_dict(),
-            "losses": losses.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers],
-        }
-        partial = path.with_suffix(".partial")
-        torch.save(state, partial)
-        os.replace(partial, path)  # a kill mid-write never leaves a truncated checkpoint
+    if not accelerator.is_main_process:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill mid-write never leaves a truncated checkpoint
+    return state
 
 
-def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, students, teacher, losses, optimizers) -> int:
+def _read_checkpoint(source: str | Path, cfg: DinoMXConfig) -> dict:
     path = Path(source)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -451,23 +502,19 @@ def _load_checkpoint(source: str | Path, cfg: DinoMXConfig, students, teacher, l
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config_sha256"] != _resume_key(cfg):
         raise ResumeError(f"resume_from: {path} was written with a different config; resume with the same one")
-    for student, optimizer, student_state, optimizer_state in zip(students, optimizers, state["students"], state["optimizers"]):
-        student.load_state_dict(student_state)
-        optimizer.load_state_dict(optimizer_state)
-    teacher.load_state_dict(state["teacher"])
-    losses.load_state_dict(state["losses"])
     if state["step"] >= cfg.total_steps:
         raise ResumeError(f"resume_from: {path} is already at iteration {state['step']} of {cfg.total_steps}")
-    return state["step"]
+    return state
 
 
 def _resume_key(cfg: DinoMXConfig) -> str:
-    """The config hash without the paths that may differ between the two runs: where outputs go,
-    and where (registered) teachers were downloaded to."""
+    """The config hash without what may differ between the interrupted and the resumed run: where
+    outputs go, where (registered) teachers were downloaded to, and how processes cooperate."""
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, output_dir=""),
         distillation=dataclasses.replace(cfg.distillation, teachers=[str(len(cfg.distillation.teachers))]),
+        distribution=DistributionConfig(),
     ).sha256()
 
 

@@ -1,4 +1,5 @@
 import logging
+import dataclasses
 import math
 import os
 import subprocess
@@ -156,20 +157,18 @@ def test_unknown_lora_target_names_the_key(tmp_path):
         build_models(cfg)
 
 
-def test_two_process_cpu_ddp_run_saves_one_backbone(tiles, tmp_path):
-    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4})
-    cfg.to_yaml(tmp_path / "c.yaml")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dinomx.cli",
-         "--config", str(tmp_path / "c.yaml"), "--data", str(tiles / "train")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_process_cpu_run_saves_one_backbone(tiles, tmp_path, kind):
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4}, distribution={"type": kind},
+                      lora_config={"enabled": kind == "fsdp"})
+    run = subprocess.run(_torchrun(tmp_path, cfg, "--data", str(tiles / "train")), capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     log = run.stdout + run.stderr
     assert "2 process(es), DistributedType.MULTI_CPU" in log
     assert "it 6/6" in log and "batch 8" in log  # the global batch spans both processes
-    assert AutoModel.from_pretrained(tmp_path / "out" / "backbone").config.hidden_size == 32
+    model = AutoModel.from_pretrained(tmp_path / "out" / "backbone")
+    assert model.config.hidden_size == 32 and not any("lora" in k for k in model.state_dict())
 
 
 @pytest.fixture()
@@ -180,6 +179,42 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _torchrun(tmp_path, cfg, *extra):
+    cfg.to_yaml(tmp_path / "c.yaml")
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "dinomx.cli", "--config", str(tmp_path / "c.yaml"), *extra]
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_in_one(tiles, tmp_path):
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4, "log_every": 1, "checkpoint_every": 2},
+                      distribution={"type": "fsdp"}, ibot={"loss_weight": 1.0})
+    # Killed by hand once step 4 is logged (its checkpoint is written before the log line).
+    run = subprocess.Popen(_torchrun(tmp_path, cfg, "--data", str(tiles / "train")), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           start_new_session=True)
+    seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if "it 4/6" in line:
+            os.killpg(run.pid, 9)
+            break
+    run.wait(timeout=60)
+    log = "".join(seen)
+    assert "2 process(es), DistributedType.MULTI_CPU" in log and "it 4/6" in log, log[-3000:]
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == 4
+
+    single = dataclasses.replace(cfg, distribution=dataclasses.replace(cfg.distribution, type="ddp"))
+    steps = []
+    result = train(single, tiles / "train", on_log=lambda step, m: steps.append(step), resume_from=tmp_path / "out")
+    assert steps == [5, 6]
+    assert AutoModel.from_pretrained(result.backbone_dir).config.hidden_size == 32
+
+
+def test_fsdp_needs_several_processes(tiles, tmp_path):
+    with pytest.raises(ValueError, match="distribution.type: fsdp shards over several processes"):
+        train(tiny_config(train={"output_dir": str(tmp_path)}, distribution={"type": "fsdp"}), tiles / "train")
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tiles, tmp_path, fresh_accelerate_state):
