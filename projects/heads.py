@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import sys
-from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import mlflow
@@ -22,8 +21,15 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, Tens
 from sklearn.metrics import accuracy_score, f1_score
 
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
-from projects.tracking import DataNotValidatedError, configure_logging, log_training_data, training_data
-from registry.lineage import Lineage, code_version, resolve_version, version_uri
+from projects.tracking import (
+    DataNotValidatedError,
+    build_lineage,
+    configure_logging,
+    log_training_data,
+    project_code_version,
+    training_data,
+)
+from registry.lineage import resolve_version, version_uri
 from registry.models import log_and_register
 from registry.pyfunc import HEADS_ARTIFACT, HeadModel
 
@@ -55,7 +61,7 @@ def run(backbone_uri: str, data: str, validation_report: str, name: str, knn_k: 
     backbone_version = resolve_version(client, backbone_uri)
     parent = version_uri(backbone_version)
     dataset = training_data(data, validation_report)
-    commit, dirty = code_version(Path(__file__).resolve().parent)
+    commit, _ = project_code_version()
     # Resolved values under their own keys: `mlflow run` already logged the raw parameters.
     settings = {"parent_model": parent, "data.path": dataset.version.path, "head.knn_k": knn_k, "model_name": name}
     with mlflow.start_run() as active:
@@ -72,21 +78,8 @@ def run(backbone_uri: str, data: str, validation_report: str, name: str, knn_k: 
         mlflow.log_metrics(metrics)
         mlflow.set_tag("vf.default_head", heads.default)
 
-        lineage = Lineage(
-            kind="head",
-            source_run_id=active.info.run_id,
-            parent=parent,
-            data_path=dataset.version.path,
-            data_md5=dataset.version.md5,
-            data_source=dataset.version.source,
-            data_remote=dataset.version.remote_url or "",
-            validation_suite=dataset.report.suite,
-            validation_success=dataset.report.success,
-            validation_report=report_uri,
-            git_commit=commit,
-            git_dirty=dirty,
-            config_sha256=hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
-        )
+        config_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        lineage = build_lineage("head", parent, dataset, report_uri, config_sha256)
         with TemporaryDirectory() as tmp:
             heads.save_pretrained(tmp)
             version = log_and_register(

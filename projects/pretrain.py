@@ -24,12 +24,14 @@ from dinomx.data import list_images, load_image
 from dinomx.train import ResumeError, train
 from projects.tracking import (
     DataNotValidatedError,
+    build_lineage,
     configure_logging,
     log_flat_params,
     log_training_data,
+    project_code_version,
     training_data,
 )
-from registry.lineage import Lineage, code_version, resolve_version, version_uri
+from registry.lineage import resolve_version, version_uri
 from registry.models import log_and_register
 from registry.pyfunc import BACKBONE_ARTIFACT, BackboneModel
 
@@ -68,7 +70,7 @@ def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:
 def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = ""):
     cfg = DinoMXConfig.from_yaml(config, overrides)
     dataset = training_data(data, validation_report)
-    commit, dirty = code_version(Path(config).resolve().parent)
+    commit, dirty = project_code_version()
     with mlflow.start_run() as active:
         log_flat_params(cfg.flat())
         mlflow.log_params({"data.path": dataset.version.path, "model_name": name})
@@ -94,22 +96,8 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             write_attention_pngs(result.backbone_dir, one_image_per_class(dataset.path), tmp)
             mlflow.log_artifacts(tmp, "attention")
 
-        lineage = Lineage(
-            kind="backbone",
-            source_run_id=active.info.run_id,
-            parent=cfg.student.pretrained,
-            data_path=dataset.version.path,
-            data_md5=dataset.version.md5,
-            data_source=dataset.version.source,
-            data_remote=dataset.version.remote_url or "",
-            validation_suite=dataset.report.suite,
-            validation_success=dataset.report.success,
-            validation_report=report_uri,
-            git_commit=commit,
-            git_dirty=dirty,
-            config_sha256=cfg.sha256(),
-            teachers=",".join(cfg.distillation.teachers),
-        )
+        lineage = build_lineage("backbone", cfg.student.pretrained, dataset, report_uri, cfg.sha256(),
+                                teachers=",".join(cfg.distillation.teachers))
         version = log_and_register(
             f"{name}-backbone",
             BackboneModel(),

@@ -12,6 +12,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from data.validate import ValidationReport
 from data.versioning import DatasetVersion, dataset_version
+from registry.lineage import Lineage, code_version
 
 VALIDATION_ARTIFACT_DIR = "data_validation"
 
@@ -67,6 +68,33 @@ def log_training_data(data: TrainingData, context: str) -> str:
         "data.validation.success": str(data.report.success).lower(),
     })
     return f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{data.report_path.name}"
+
+
+def project_code_version() -> tuple[str, bool]:
+    """(git commit, dirty) of the checkout these entry points run from."""
+    return code_version(Path(__file__).resolve().parents[1])
+
+
+def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, config_sha256: str,
+                  teachers: str = "") -> Lineage:
+    """The lineage of a model made in the active run from ``data``."""
+    commit, dirty = project_code_version()
+    return Lineage(
+        kind=kind,
+        source_run_id=mlflow.active_run().info.run_id,
+        parent=parent,
+        data_path=data.version.path,
+        data_md5=data.version.md5,
+        data_source=data.version.source,
+        data_remote=data.version.remote_url or "",
+        validation_suite=data.report.suite,
+        validation_success=data.report.success,
+        validation_report=report_uri,
+        git_commit=commit,
+        git_dirty=dirty,
+        config_sha256=config_sha256,
+        teachers=teachers,
+    )
 
 
 def log_flat_params(params: dict) -> None:
