@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     with mlflow.start_run() as active:
         log_flat_params(cfg.flat())
         mlflow.log_params({"data.path": dataset.version.path, "model_name": name})
-        mlflow.set_tags({"vf.entry_point": "pretrain", "vf.config_sha256": cfg.sha256(),
+        entry_point = "distill" if cfg.distillation.teachers else "pretrain"
+        mlflow.set_tags({"vf.entry_point": entry_point, "vf.config_sha256": cfg.sha256(),
                          "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
         mlflow.log_dict(cfg.to_dict(), "config.yaml")
         report_uri = log_training_data(dataset, context="training")
@@ -117,11 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-report", required=True, help="report.json of the data's validation")
     parser.add_argument("--name", required=True, help="model family; registers <name>-backbone")
     parser.add_argument("--overrides", default="", help='space-separated section.key=value, e.g. "train.epochs=2"')
+    parser.add_argument("--teachers", default="", help="comma-separated frozen teachers to distil from "
+                        "(models:/name/version, hf:<repo>, or directories); sets distillation.teachers")
     parser.add_argument("--resume-from", default="", help="checkpoint (or its directory) of an interrupted run with the same config")
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        run(args.config, args.data, args.validation_report, args.name, shlex.split(args.overrides), args.resume_from)
+        overrides = shlex.split(args.overrides)
+        if args.teachers:
+            teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
+            overrides.append(f"distillation.teachers={json.dumps(teachers)}")
+        run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from)
     except (ConfigError, DataNotValidatedError, ResumeError, LookupError, FileNotFoundError, MlflowException) as exc:
         print(f"pretrain: {exc}", file=sys.stderr)
         return 2

@@ -132,9 +132,9 @@ def test_demo_served_real_requests(demo):
 def test_student_distilled_from_the_registered_backbone_names_its_teacher(demo):
     checkout, client, _ = demo
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
-    overrides = "train.epochs=1 distillation.teachers=[models:/demo-backbone/1] student.hidden_size=48"
-    run = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "distill", "-e", "pretrain",
-                          "-P", "name=student", "-P", f"overrides={overrides}"], cwd=checkout, env=env, capture_output=True, text=True)
+    run = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "distill", "-e", "distill",
+                          "-P", "name=student", "-P", "teachers=models:/demo-backbone/1",
+                          "-P", "overrides=train.epochs=1 student.hidden_size=48"], cwd=checkout, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     mv = client.get_model_version("student-backbone", "1")
     lineage = Lineage.from_tags(mv.tags)

@@ -65,6 +65,7 @@ def test_batch_larger_than_dataset_is_refused(tiles, tmp_path):
 def test_ibot_koleo_and_sinkhorn_train_together(tiles, tmp_path):
     cfg = tiny_config(
         train={"output_dir": str(tmp_path)},
+        student={"gradient_checkpointing": True},
         dino_head={"koleo_loss_weight": 0.1, "centering": "sinkhorn_knopp"},
         ibot={"loss_weight": 1.0, "mask_sample_probability": 1.0, "separate_head": True,
               "out_dim": 48, "hidden_dim": 32, "bottleneck_dim": 16},
@@ -72,6 +73,7 @@ def test_ibot_koleo_and_sinkhorn_train_together(tiles, tmp_path):
     logged = []
     train(cfg, tiles / "train", on_log=lambda step, m: logged.append(m))
     assert {"ibot_loss", "koleo_loss", "dino_global_loss"} <= set(logged[-1])
+    assert build_models(cfg)[0].backbone.model.is_gradient_checkpointing
     assert all(math.isfinite(m["ibot_loss"]) and m["ibot_loss"] > 0 for m in logged)
 
 
