@@ -57,3 +57,19 @@ class TeacherCentering(nn.Module):
             q /= rows * k  # every prototype gets an equal share
             q /= q.sum(dim=0, keepdim=True) * n  # every sample is a distribution
         return (q * n).T
+
+
+class CenteredTeacherLoss(nn.Module):
+    """Base of the losses that compare student logits with normalised teacher distributions."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: Literal["centering", "sinkhorn_knopp"] = "centering"):
+        super().__init__()
+        self.student_temp = student_temp
+        self.centering = TeacherCentering(out_dim, centering, center_momentum)
+
+    def teacher_probs(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        return self.centering(teacher_output, teacher_temp)
+
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        self.centering.update(teacher_output)

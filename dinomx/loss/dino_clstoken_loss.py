@@ -1,28 +1,13 @@
 """DINO self-distillation loss on the CLS token."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dinomx.loss.centering import TeacherCentering
+from dinomx.loss.centering import CenteredTeacherLoss
 
 
-class DINOLoss(nn.Module):
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: Literal["centering", "sinkhorn_knopp"] = "centering"):
-        super().__init__()
-        self.student_temp = student_temp
-        self.centering = TeacherCentering(out_dim, centering, center_momentum)
-
-    def teacher_probs(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return self.centering(teacher_output, teacher_temp)
-
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        self.centering.update(teacher_output)
-
+class DINOLoss(CenteredTeacherLoss):
     def forward(
         self, student_outputs: list[torch.Tensor], teacher_probs: list[torch.Tensor], skip_same_view: bool
     ) -> torch.Tensor:

@@ -2,28 +2,13 @@
 distribution on the same (unmasked) patches."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dinomx.loss.centering import TeacherCentering
+from dinomx.loss.centering import CenteredTeacherLoss
 
 
-class IBOTPatchLoss(nn.Module):
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: Literal["centering", "sinkhorn_knopp"] = "centering"):
-        super().__init__()
-        self.student_temp = student_temp
-        self.centering = TeacherCentering(out_dim, centering, center_momentum)
-
-    def teacher_probs(self, teacher_patch_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return self.centering(teacher_patch_output, teacher_temp)
-
-    def update_center(self, teacher_patch_output: torch.Tensor) -> None:
-        self.centering.update(teacher_patch_output)
-
+class IBOTPatchLoss(CenteredTeacherLoss):
     def forward(self, student_masked: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``student_masked``: (M, K) logits and ``teacher_probs``: (M, K) probabilities of the M
         masked patches, in ``masks.nonzero()`` order; ``masks``: (N, P) bool.
