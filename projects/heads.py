@@ -61,12 +61,12 @@ def run(backbone_uri: str, data: str, validation_report: str, name: str, knn_k: 
     backbone_version = resolve_version(client, backbone_uri)
     parent = version_uri(backbone_version)
     dataset = training_data(data, validation_report)
-    commit, _ = project_code_version()
+    code = project_code_version()
     # Resolved values under their own keys: `mlflow run` already logged the raw parameters.
     settings = {"parent_model": parent, "data.path": dataset.version.path, "head.knn_k": knn_k, "model_name": name}
     with mlflow.start_run() as active:
         mlflow.log_params(settings)
-        mlflow.set_tags({"vf.entry_point": "heads", "vf.parent": parent, "vf.git_commit": commit})
+        mlflow.set_tags({"vf.entry_point": "heads", "vf.parent": parent, "vf.git_commit": code[0]})
         report_uri = log_training_data(dataset, context="training")
 
         embedder = mlflow.pyfunc.load_model(parent).unwrap_python_model().embedder
@@ -79,7 +79,7 @@ def run(backbone_uri: str, data: str, validation_report: str, name: str, knn_k: 
         mlflow.set_tag("vf.default_head", heads.default)
 
         config_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        lineage = build_lineage("head", parent, dataset, report_uri, config_sha256)
+        lineage = build_lineage("head", parent, dataset, report_uri, config_sha256, code)
         with TemporaryDirectory() as tmp:
             heads.save_pretrained(tmp)
             version = log_and_register(

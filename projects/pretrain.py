@@ -44,15 +44,13 @@ def backbone_signature(num_channels: int, embed_dim: int) -> ModelSignature:
     )
 
 
-def one_image_per_class(root: Path) -> list[Path]:
-    paths, labels, _ = list_images(root)
+def one_image_per_class(paths: list[Path], labels: list[int]) -> list[Path]:
     return [paths[labels.index(label)] for label in sorted(set(labels))]
 
 
-def example_images(root: Path, num_channels: int) -> np.ndarray:
+def example_images(paths: list[Path], num_channels: int) -> np.ndarray:
     """Two real training images as the model's input example, (2, H, W, C) uint8."""
-    paths = list_images(root)[0][:2]
-    arrays = [np.asarray(load_image(p, num_channels)) for p in paths]
+    arrays = [np.asarray(load_image(p, num_channels)) for p in paths[:2]]
     return np.stack([a if a.ndim == 3 else a[..., None] for a in arrays])
 
 
@@ -72,6 +70,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     cfg = DinoMXConfig.from_yaml(config, overrides)
     dataset = training_data(data, validation_report)
     commit, dirty = project_code_version()
+    paths, labels, _ = list_images(dataset.path)
     with mlflow.start_run() as active:
         log_flat_params(cfg.flat())
         mlflow.log_params({"data.path": dataset.version.path, "model_name": name})
@@ -95,18 +94,18 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         )
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:
-            write_attention_pngs(result.backbone_dir, one_image_per_class(dataset.path), tmp)
+            write_attention_pngs(result.backbone_dir, one_image_per_class(paths, labels), tmp)
             mlflow.log_artifacts(tmp, "attention")
 
         lineage = build_lineage("backbone", cfg.student.pretrained, dataset, report_uri, cfg.sha256(),
-                                teachers=",".join(cfg.distillation.teachers))
+                                (commit, dirty), teachers=",".join(cfg.distillation.teachers))
         version = log_and_register(
             f"{name}-backbone",
             BackboneModel(),
             {BACKBONE_ARTIFACT: str(result.backbone_dir)},
             lineage,
             backbone_signature(cfg.student.num_channels, cfg.student.hidden_size),
-            example_images(dataset.path, cfg.student.num_channels),
+            example_images(paths, cfg.student.num_channels),
         )
     print(f"registered models:/{version.name}/{version.version} from run {active.info.run_id}")
     return version

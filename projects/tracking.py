@@ -76,9 +76,9 @@ def project_code_version() -> tuple[str, bool]:
 
 
 def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, config_sha256: str,
-                  teachers: str = "") -> Lineage:
-    """The lineage of a model made in the active run from ``data``."""
-    commit, dirty = project_code_version()
+                  code: tuple[str, bool], teachers: str = "") -> Lineage:
+    """The lineage of a model made in the active run from ``data`` with ``code`` (commit, dirty)."""
+    commit, dirty = code
     return Lineage(
         kind=kind,
         source_run_id=mlflow.active_run().info.run_id,
