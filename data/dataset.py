@@ -1,0 +1,121 @@
+"""Add a dataset that lives under an S3 prefix (or any URL DVC reads) to the repository.
+
+``python -m data.dataset add <name> --modality he|ct --source s3://bucket/prefix/`` imports the raw
+files with ``dvc import-url`` (``data/<name>/raw.dvc`` pins their version; ``dvc update`` moves it)
+and writes ``data/<name>/dvc.yaml`` with two stages: ``ingest`` (raw -> tiles or slices) and
+``validate`` (Great Expectations; a failure stops ``dvc repro``). ``dvc repro data/<name>/dvc.yaml``
+then builds the dataset, and ``data/<name>/dvc.lock`` holds the md5 every training run names.
+
+An S3-compatible store (MinIO, PowerScale, moto) is reached with ``--endpoint-url`` (recorded in
+the ``.dvc`` file so ``dvc update`` finds it again) or ``AWS_ENDPOINT_URL``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from dvc.repo import Repo
+
+from data.versioning import find_repo_root
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    modality: str  # he | ct
+    val_fraction: float = 0.2
+    seed: int = 0
+    magnifications: tuple[float, ...] = (20.0, 10.0, 5.0)
+    tile_size: int = 224
+    min_tissue: float = 0.5
+    window: tuple[float, float] = (40.0, 400.0)
+
+    def __post_init__(self):
+        if self.modality not in ("he", "ct"):
+            raise ValueError(f"modality: expected 'he' or 'ct', got {self.modality!r}")
+
+    @property
+    def images(self) -> str:
+        """The folder of the dataset that trains: grid tiles at the highest magnification, or slices."""
+        return f"tiles/{max(self.magnifications):g}x" if self.modality == "he" else "tiles/slices"
+
+
+def _join(args: list) -> str:
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def pipeline(params: IngestParams) -> dict:
+    """The dvc.yaml of one dataset (paths relative to ``data/<name>/``)."""
+    common = ["--val-fraction", params.val_fraction, "--seed", params.seed]
+    if params.modality == "he":
+        mags = [f"{m:g}" for m in params.magnifications]
+        ingest = ["--magnifications", *mags, "--tile-size", params.tile_size, "--min-tissue", params.min_tissue]
+        validate = ["--suite", "he_tiles", "--tile-size", params.tile_size, "--magnifications", *mags,
+                    "--min-tissue", params.min_tissue]
+    else:
+        ingest = ["--window", *params.window]
+        validate = ["--suite", "ct_slices"]
+    return {"stages": {
+        "ingest": {
+            "cmd": _join(["python", "-m", "data.ingest", params.modality, "--raw", "raw", "--out", "tiles", *ingest, *common]),
+            "deps": ["raw"],
+            "outs": ["tiles"],
+        },
+        "validate": {
+            # Exits non-zero when the suite fails, which stops `dvc repro`; the report stays.
+            "cmd": _join(["python", "-m", "data.validate", "--dataset", "tiles", "--report-dir", "validation", *validate]),
+            "deps": ["tiles"],
+            "outs": ["validation"],
+        },
+    }}
+
+
+def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestParams,
+                endpoint_url: str | None = None) -> Path:
+    """Import ``source`` as ``data/<name>/raw`` and write the dataset's pipeline; returns its folder."""
+    if not _NAME.match(name):
+        raise ValueError(f"name: expected lowercase letters, digits, _ or - (a folder name), got {name!r}")
+    root = find_repo_root(Path(repo_root).resolve())
+    folder = root / "data" / name
+    if (folder / "dvc.yaml").exists() or (folder / "raw.dvc").exists():
+        raise FileExistsError(f"{folder}: dataset {name!r} exists; `dvc update {folder / 'raw.dvc'}` takes a new version")
+    folder.mkdir(parents=True, exist_ok=True)
+    fs_config = {"endpointurl": endpoint_url} if endpoint_url else None
+    with Repo(str(root)) as repo:
+        repo.imp_url(source, out=str(folder / "raw"), fs_config=fs_config)
+    (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline(params), sort_keys=False))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Add an S3-hosted dataset with its DVC pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="dvc import-url the raw data and write data/<name>/dvc.yaml")
+    add.add_argument("name")
+    add.add_argument("--source", required=True, help="s3://bucket/prefix/ (or any URL DVC can import)")
+    add.add_argument("--modality", required=True, choices=["he", "ct"])
+    add.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, PowerScale, ...)")
+    add.add_argument("--repo", default=".", help="repository root")
+    add.add_argument("--val-fraction", type=float, default=0.2)
+    add.add_argument("--magnifications", type=float, nargs="+", default=[20, 10, 5])
+    add.add_argument("--tile-size", type=int, default=224)
+    add.add_argument("--min-tissue", type=float, default=0.5)
+    add.add_argument("--window", type=float, nargs=2, default=[40, 400], metavar=("CENTER", "WIDTH"))
+    args = parser.parse_args(argv)
+    params = IngestParams(modality=args.modality, val_fraction=args.val_fraction,
+                          magnifications=tuple(args.magnifications), tile_size=args.tile_size,
+                          min_tissue=args.min_tissue, window=tuple(args.window))
+    folder = add_dataset(args.repo, args.name, args.source, params, args.endpoint_url)
+    print(f"{folder}: raw data imported; build it with `dvc repro {folder / 'dvc.yaml'}`, "
+          f"train on {folder / params.images}/train")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Datasets on S3: a real S3-compatible HTTP server on loopback (moto), reached by boto3 and DVC
+through an endpoint URL, as MinIO or PowerScale would be."""
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+import yaml
+from moto.server import ThreadedMotoServer
+from pydicom.data import get_testdata_file
+
+from data.dataset import IngestParams, add_dataset, pipeline
+from data.validate import ValidationReport
+from data.versioning import dataset_version
+from projects.tracking import log_training_data, training_data
+
+BUCKET = "hospital"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_endpoint, monkeypatch):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=BUCKET)
+
+
+@pytest.fixture()
+def repo(tmp_path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True)
+    return root
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
+
+
+def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s3_endpoint, repo, tmp_path):
+    prefix = "datasets/chest-ct/raw"
+    s3.upload_file(get_testdata_file("CT_small.dcm"), BUCKET, f"{prefix}/chest/ct_small.dcm")
+    s3.upload_file(get_testdata_file("eCT_Supplemental.dcm"), BUCKET, f"{prefix}/chest/enhanced.dcm")
+
+    folder = add_dataset(repo, "chest-ct", f"s3://{BUCKET}/{prefix}", IngestParams("ct", val_fraction=0.0),
+                         endpoint_url=s3_endpoint)
+    raw_dvc = yaml.safe_load((folder / "raw.dvc").read_text())
+    assert raw_dvc["deps"][0]["path"] == f"s3://{BUCKET}/{prefix}" and raw_dvc["deps"][0]["fs_config"] == {
+        "endpointurl": s3_endpoint}
+    assert sorted(p.name for p in (folder / "raw/chest").iterdir()) == ["ct_small.dcm", "enhanced.dcm"]
+
+    run = _dvc(repo, "repro", "data/chest-ct/dvc.yaml")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(list((folder / "tiles/slices/train/chest").glob("*.png"))) == 3
+    report = ValidationReport.read(folder / "validation/report.json")
+    assert report.success and report.suite == "ct_slices"
+    assert Path(report.data_docs.removeprefix("file://")).is_relative_to(repo / "data/gx/uncommitted/data_docs")
+
+    # The exact version a run names: the md5 of the ingest stage's output in dvc.lock.
+    version = dataset_version(folder / "tiles/slices/train")
+    lock = yaml.safe_load((folder / "dvc.lock").read_text())
+    assert version.md5 == lock["stages"]["ingest"]["outs"][0]["md5"]
+    assert version.source == "data/chest-ct/dvc.lock:ingest"
+
+    # A data remote on the same S3 service: `dvc push` stores the dataset there by content hash.
+    for args in (["remote", "add", "-d", "store", f"s3://{BUCKET}/dvc-store"],
+                 ["remote", "modify", "store", "endpointurl", s3_endpoint]):
+        assert _dvc(repo, *args).returncode == 0
+    pushed = _dvc(repo, "push")
+    assert pushed.returncode == 0, pushed.stderr
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="dvc-store/")["Contents"]}
+    assert f"dvc-store/files/md5/{version.digest[:2]}/{version.digest[2:]}.dir" in keys
+    shutil.rmtree(folder / "tiles")
+    assert _dvc(repo, "pull", "data/chest-ct/dvc.yaml").returncode == 0
+    assert len(list((folder / "tiles/slices/train/chest").glob("*.png"))) == 3
+
+    # Training refers to that version and its validation; the report is logged to MLflow.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = training_data(folder / "tiles/slices/train", folder / "validation/report.json")
+    with mlflow.start_run() as active:
+        report_uri = log_training_data(data, context="training")
+    logged = mlflow.get_run(active.info.run_id)
+    [dataset_input] = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == version.digest and "s3://" in dataset_input.dataset.source
+    assert report_uri.endswith("data_validation/report.json")
+    assert logged.data.tags["data.validation.suite"] == "ct_slices"
+
+    # New data under the prefix: `dvc update` moves the pinned version and the pipeline rebuilds.
+    s3.upload_file(get_testdata_file("CT_small.dcm"), BUCKET, f"{prefix}/chest/ct_small_again.dcm")
+    assert _dvc(repo, "update", "data/chest-ct/raw.dvc").returncode == 0
+    assert _dvc(repo, "repro", "data/chest-ct/dvc.yaml").returncode == 0
+    assert dataset_version(folder / "tiles/slices/train").md5 != version.md5
+
+
+def test_mr_under_a_ct_prefix_stops_the_pipeline_and_writes_nothing(s3, s3_endpoint, repo):
+    prefix = "datasets/wrong/raw"
+    s3.upload_file(get_testdata_file("CT_small.dcm"), BUCKET, f"{prefix}/ct.dcm")
+    s3.upload_file(get_testdata_file("MR_small.dcm"), BUCKET, f"{prefix}/mr.dcm")
+    folder = add_dataset(repo, "wrong", f"s3://{BUCKET}/{prefix}", IngestParams("ct"), endpoint_url=s3_endpoint)
+    run = _dvc(repo, "repro", "data/wrong/dvc.yaml")
+    assert run.returncode != 0
+    assert "mr.dcm: modality is MR, expected CT" in run.stdout + run.stderr
+    assert not (folder / "tiles").exists() and not (folder / "validation").exists()
+    assert not (folder / "dvc.lock").exists()
+
+
+def test_dataset_names_and_pipelines_are_checked(repo):
+    with pytest.raises(ValueError, match="name: expected lowercase letters"):
+        add_dataset(repo, "../escape", "s3://b/p", IngestParams("ct"))
+    with pytest.raises(ValueError, match="modality: expected 'he' or 'ct', got 'xr'"):
+        IngestParams("xr")
+    stages = pipeline(IngestParams("he", magnifications=(20.0, 5.0), tile_size=112))["stages"]
+    assert stages["ingest"]["cmd"].startswith("python -m data.ingest he --raw raw --out tiles --magnifications 20 5 ")
+    assert "--suite he_tiles --tile-size 112 --magnifications 20 5 --min-tissue 0.5" in stages["validate"]["cmd"]
+    assert IngestParams("he", magnifications=(20.0, 5.0)).images == "tiles/20x"
