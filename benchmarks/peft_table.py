@@ -75,7 +75,7 @@ def main() -> None:
         data = generate(Path(tmp) / "tiles", seed=0, image_size=64 if args.size == "small" else 32,
                         train_per_class=16, val_per_class=1) / "train"
         layers = int(next(o for o in SIZES[args.size] if o.startswith("student.num_hidden_layers")).split("=")[1])
-        common = SIZES[args.size] + [f"train.epochs=1", f"train.steps_per_epoch={args.steps}", "train.log_every=1",
+        common = SIZES[args.size] + ["train.epochs=1", f"train.steps_per_epoch={args.steps}", "train.log_every=1",
                                      "dino_head.out_dim=4096", f"train.output_dir={tmp}/out"]
         print(f"{'variant':<24} {'backbone trainable':>20} {'s/step':>8} {'peak MiB':>9}")
         for name, extra in VARIANTS.items():

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"train.epochs=1", f"train.steps_per_epoch={args.steps + WARMUP}", "train.log_every=1",
+        overrides = ["train.epochs=1", f"train.steps_per_epoch={args.steps + WARMUP}", "train.log_every=1",
                      f"train.output_dir={tmp}/out"]
         if args.batch_size:
             overrides.append(f"train.batch_size={args.batch_size}")

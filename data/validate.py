@@ -43,7 +43,9 @@ class ValidationReport:
     rows: int
     evaluated_expectations: int
     failures: list[Failure] = field(default_factory=list)
-    data_docs: str | None = None  # Data Docs page of this validation run
+    # Index of the Data Docs site holding this run's page (relative to the repository root when
+    # the dataset is in one, so that the report, a DVC output, stays the same on every machine).
+    data_docs: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +109,8 @@ def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, datas
         raise ValueError(f"suite {suite_name} needs parameter(s) {missing} (--{missing[0].replace('_', '-')})")
     context = file_context(context_dir)
     run = _checkpoint(context, suite_name).run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
-    identifier, result = next(iter(run.run_results.items()))
-    docs = context.get_docs_sites_urls(resource_identifier=identifier)
+    result = next(iter(run.run_results.values()))
+    docs = context.get_docs_sites_urls()
     failures = []
     for r in result.results:
         if r.success:
@@ -131,7 +133,7 @@ def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, datas
         rows=len(frame),
         evaluated_expectations=len(result.results),
         failures=failures,
-        data_docs=docs[0]["site_url"] if docs else None,
+        data_docs=docs[0]["site_url"].removeprefix("file://") if docs else None,
     )
 
 
@@ -140,16 +142,19 @@ def validate_dataset(root: str | Path, suite: str, parameters: dict,
     root = Path(root)
     frame = dataset_metadata(root)
     context_dir = Path(context_dir) if context_dir else context_root(root.resolve())
-    return validate_frame(frame, suite, parameters, dataset_name(root), context_dir), frame
+    report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
+    if report.data_docs:
+        report.data_docs = repo_relative(Path(report.data_docs), root)
+    return report, frame
 
 
-def dataset_name(root: Path) -> str:
-    """How a report names its dataset: relative to the DVC repository root, so the report stays
-    true wherever the repository is checked out (absolute outside a repository)."""
+def repo_relative(path: Path, dataset: Path) -> str:
+    """``path`` relative to the DVC repository holding ``dataset``, so reports stay true wherever
+    the repository is checked out (absolute outside a repository)."""
     try:
-        return root.resolve().relative_to(find_repo_root(root.resolve())).as_posix()
-    except UntrackedDataError:
-        return str(root.resolve())
+        return path.resolve().relative_to(find_repo_root(dataset.resolve())).as_posix()
+    except (UntrackedDataError, ValueError):
+        return str(path.resolve())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     frame.to_csv(out / "metadata.csv", index=False)
     print(report.summary())
     if report.data_docs:
-        print(f"Data Docs: {report.data_docs}")
+        print(f"Data Docs (this run is the newest of suite {report.suite}): {report.data_docs}")
     return 0 if report.success else 1
 
 

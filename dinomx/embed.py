@@ -38,12 +38,24 @@ class Embedder:
         return pixels.to(self.device)
 
     @torch.no_grad()
+    def embed_pixels(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+        """CLS embeddings of already preprocessed pixel values (N, C, H, W)."""
+        return self.backbone(torch.as_tensor(pixels, device=self.device))[0].float().cpu().numpy()
+
     def embed(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
-        chunks = [
-            self.backbone(self.preprocess(images[start : start + batch_size]))[0].float().cpu().numpy()
-            for start in range(0, len(images), batch_size)
-        ]
+        chunks = [self.embed_pixels(self.preprocess(images[start : start + batch_size]))
+                  for start in range(0, len(images), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+    @torch.no_grad()
+    def patch_features(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """(N, h, w, D) final-layer patch tokens on the processor's patch grid."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            patches = self.backbone(self.preprocess(images[start : start + batch_size]))[1].float().cpu()
+            side = int(round(patches.shape[1] ** 0.5))
+            chunks.append(patches.reshape(patches.shape[0], side, side, -1).numpy())
+        return np.concatenate(chunks)
 
     def embed_folder(self, root: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Embeddings, integer labels and class names of an image folder."""

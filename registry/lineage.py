@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 PREFIX = "vf."
+# Evaluation metrics written on a model version by the `evaluate` entry point.
+EVAL_PREFIX = "vf.eval."
 
 
 @dataclass(frozen=True)

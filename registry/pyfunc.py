@@ -1,8 +1,8 @@
 """MLflow pyfunc flavours of DINO-MX artefacts.
 
 The backbone is stored as its ``save_pretrained`` directory (loadable with
-``transformers.AutoModel.from_pretrained``) inside the model's artifacts; the head as a
-``ClassifierHeads`` directory. ``unwrap_python_model()`` gives the engine objects back.
+``transformers.AutoModel.from_pretrained``) inside the model's artifacts; the heads as a
+``TaskHeads`` directory (classifiers, optional segmentation and regression probes). ``unwrap_python_model()`` gives the engine objects back.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 from PIL import Image
 
-from dinomx.classifiers import ClassifierHeads
+from dinomx.probes import TaskHeads
 from dinomx.embed import Embedder
 
 BACKBONE_ARTIFACT = "backbone"
@@ -38,10 +38,11 @@ class HeadModel(PythonModel):
     """Embeddings (N, D) -> predicted label and confidence per row (the default head)."""
 
     def load_context(self, context) -> None:
-        self.heads = ClassifierHeads.from_pretrained(context.artifacts[HEADS_ARTIFACT])
+        self.heads = TaskHeads.from_pretrained(context.artifacts[HEADS_ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         head = (params or {}).get("head") or None
-        probs = self.heads.predict_proba(np.asarray(model_input, dtype=np.float32), head)
+        classifier = self.heads.classifier
+        probs = classifier.predict_proba(np.asarray(model_input, dtype=np.float32), head)
         best = probs.argmax(1)
-        return pd.DataFrame({"label": [self.heads.classes[i] for i in best], "confidence": probs.max(1)})
+        return pd.DataFrame({"label": [classifier.classes[i] for i in best], "confidence": probs.max(1)})

@@ -2,9 +2,10 @@
 
 data (DVC: generate + Great Expectations validate, push to the local remote)
   -> mlflow run -e pretrain  (DINO-MX, registers <name>-backbone)
-  -> mlflow run -e heads     (linear + kNN, registers <name>-head on that backbone)
+  -> mlflow run -e evaluate  (probes, clustering, plots; the promotion gate's evidence)
+  -> mlflow run -e heads     (classifier, segmentation and regression heads on that backbone)
   -> promote both to @production through the gates, print the lineage
-  -> bentoml serve, one real /embed and /classify request each.
+  -> bentoml serve, one real request to each endpoint.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def serve_and_query(name: str, port: int, sample: Path) -> dict:
     try:
         wait_ready(f"{base}/readyz", server, timeout=180)
         answers = {}
-        for route in ("embed", "classify"):
+        for route in ("embed", "classify", "segment", "regress", "attention"):
             with sample.open("rb") as f:
                 response = httpx.post(f"{base}/{route}", files={"images": (sample.name, f, "image/png")}, timeout=60)
             response.raise_for_status()
@@ -81,31 +82,39 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", args.experiment]
 
-    step("1/5 data: generate and validate with DVC + Great Expectations, push to the DVC remote")
+    step("1/6 data: generate and validate with DVC + Great Expectations, push to the DVC remote")
     sh("dvc", "repro")
     sh("dvc", "push")
 
-    step("2/5 pretrain: DINO-MX self-distillation, registers the backbone")
+    step("2/6 pretrain: DINO-MX self-distillation, registers the backbone")
     sh(*mlflow_run, "-e", "pretrain", "-P", f"name={args.name}", "-P", f"overrides={args.overrides}")
 
-    step("3/5 heads: linear + kNN on frozen embeddings, registers the head")
+    step("3/6 evaluate: linear/kNN, clustering, segmentation and regression probes on the backbone")
+    sh(*mlflow_run, "-e", "evaluate", "-P", f"model=models:/{args.name}-backbone/latest")
+
+    step("4/6 heads: classifier, segmentation and regression heads on frozen features, registers the head")
     sh(*mlflow_run, "-e", "heads", "-P", f"name={args.name}")
 
-    step("4/5 promote both to @production and show the lineage")
+    step("5/6 promote both to @production and show the lineage")
     for kind in ("backbone", "head"):
         sh(sys.executable, "-m", "registry.promote", f"models:/{args.name}-{kind}/latest",
            "--alias", "production", "--reason", "demo run")
     sh(sys.executable, "-m", "registry.lineage", f"models:/{args.name}-head@production")
 
-    step("5/5 serve with BentoML and send real requests")
+    step("6/6 serve with BentoML and send real requests")
     sample = sorted(Path("data/demo/images/val/glands").glob("*.png"))[0]
     answers = serve_and_query(args.name, args.port or free_port(), sample)
     embedding = answers["embed"]
-    print(f"POST /embed    {sample} -> {embedding['model']}: {embedding['dim']}-d vector "
+    print(f"POST /embed     {sample} -> {embedding['model']}: {embedding['dim']}-d vector "
           f"[{', '.join(f'{v:.3f}' for v in embedding['embeddings'][0][:4])}, ...]")
     prediction = answers["classify"]["predictions"][0]
-    print(f"POST /classify {sample} -> {prediction['label']} ({prediction['confidence']:.2f}) "
+    print(f"POST /classify  {sample} -> {prediction['label']} ({prediction['confidence']:.2f}) "
           f"by {answers['classify']['model']} ({answers['classify']['head']} head)")
+    fractions = answers["segment"]["predictions"][0]["fractions"]
+    print(f"POST /segment   {sample} -> " + ", ".join(f"{c} {f:.0%}" for c, f in fractions.items()))
+    regression = answers["regress"]
+    print(f"POST /regress   {sample} -> {regression['target']} = {regression['predictions'][0]:.3f}")
+    print(f"POST /attention {sample} -> {answers['attention']['grid']} patch grid per head")
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"\nDone. Compare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"

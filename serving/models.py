@@ -7,8 +7,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from dinomx.classifiers import ClassifierHeads
 from dinomx.embed import Embedder
+from dinomx.probes import TaskHeads
 from registry.lineage import Lineage, version_uri
 
 
@@ -21,7 +21,25 @@ class PromotedModels:
     backbone_uri: str
     embedder: Embedder
     head_uri: str | None
-    heads: ClassifierHeads | None
+    heads: TaskHeads | None
+
+    @property
+    def uris(self) -> tuple[str, str | None]:
+        return self.backbone_uri, self.head_uri
+
+
+def _holder(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str | None, str | None]:
+    """``models:/`` URIs of the backbone and head holding ``alias`` now (None where none does)."""
+    client = client or MlflowClient()
+    holders = (_holder(client, f"{name}-backbone", alias), _holder(client, f"{name}-head", alias))
+    return tuple(version_uri(mv) if mv else None for mv in holders)
 
 
 def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:
@@ -31,15 +49,13 @@ def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> 
     the promoted backbone version is refused rather than served with wrong answers.
     """
     client = client or MlflowClient()
-    try:
-        backbone = client.get_model_version_by_alias(f"{name}-backbone", alias)
-    except MlflowException as exc:
-        raise ServingError(f"no version of {name}-backbone holds @{alias}: {exc.message}") from None
+    backbone = _holder(client, f"{name}-backbone", alias)
+    if backbone is None:
+        raise ServingError(f"no version of {name}-backbone holds @{alias}")
     backbone_uri = version_uri(backbone)
     embedder = mlflow.pyfunc.load_model(backbone_uri).unwrap_python_model().embedder
-    try:
-        head = client.get_model_version_by_alias(f"{name}-head", alias)
-    except MlflowException:
+    head = _holder(client, f"{name}-head", alias)
+    if head is None:
         return PromotedModels(backbone_uri, embedder, None, None)
     parent = Lineage.from_tags(head.tags).parent
     if parent != backbone_uri:

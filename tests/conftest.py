@@ -16,12 +16,17 @@ for key, value in {
 # The tools the tests drive (dvc, mlflow, bentoml) are those of the interpreter running them.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
+import socket  # noqa: E402
+
+import boto3  # noqa: E402
 import pytest  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
 
 from data.synthetic import generate  # noqa: E402
 from dinomx.config import DinoMXConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+BUCKET = "hospital"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +45,29 @@ def tiny_config(**sections) -> DinoMXConfig:
     for section, values in sections.items():
         cfg[section].update(values)
     return DinoMXConfig.from_dict(cfg)
+
+
+# A real S3-compatible HTTP server on loopback (moto), reached by endpoint URL like MinIO would be.
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_endpoint, monkeypatch):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=BUCKET)

@@ -53,8 +53,9 @@ def test_bad_files_fail_the_suite_and_are_named(tiles, tmp_path, capsys):
     assert (tmp_path / "report/metadata.csv").is_file()
     assert "FAILED" in capsys.readouterr().out
     # The GX file context keeps the run and its Data Docs page, which names the failing file.
-    page = Path(report.data_docs.removeprefix("file://"))
-    assert page.is_file() and page.is_relative_to(tmp_path / "gx/uncommitted/data_docs")
+    site = Path(report.data_docs)
+    assert site == tmp_path / "gx/uncommitted/data_docs/local_site/index.html" and site.is_file()
+    [page] = site.parent.glob("validations/image_tiles_rgb/*/*/*.html")
     assert "val/stroma/gray.png" in page.read_text()
     assert (tmp_path / "gx/expectations/image_tiles_rgb.json").is_file()
 
@@ -117,7 +118,8 @@ def test_failing_validation_stops_dvc_repro_and_keeps_the_report(dvc_repo):
     assert params["generate"]["image_size"] == 32
     report = ValidationReport.read(dvc_repo / "data/demo/validation/report.json")
     assert not report.success and {f.column for f in report.failures} >= {"width", "height"}
-    assert Path(report.data_docs.removeprefix("file://")).is_relative_to(dvc_repo / "data/gx")
+    assert report.data_docs == "data/gx/uncommitted/data_docs/local_site/index.html"
+    assert (dvc_repo / report.data_docs).is_file()
 
 
 def test_untracked_data_is_refused(tmp_path, dvc_repo):

@@ -1,0 +1,163 @@
+"""Promotion gates on metrics, rollback, audit and concurrent promotions, on a real SQLite registry
+with lightweight model versions (lineage tags and a run with metrics; no model files needed)."""
+import threading
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from registry.lineage import EVAL_PREFIX, Lineage
+from registry.promote import (
+    LOCK_PREFIX,
+    MetricGate,
+    PromotionRefused,
+    alias_lock,
+    audit_trail,
+    load_gates,
+    promote,
+    rollback,
+)
+
+GATES = {"backbone": [MetricGate("knn.accuracy", 0.01)],
+         "head": [MetricGate("linear.accuracy", 0.0), MetricGate("regression.mae", 0.005)]}
+
+
+@pytest.fixture()
+def client(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: dict | None = None,
+             parent: str = "scratch", eval_tags: dict | None = None) -> str:
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(metrics or {})
+    lineage = Lineage(kind=kind, source_run_id=run.info.run_id, parent=parent, data_path="data/x", data_md5="m.dir",
+                      data_source="dvc.lock:ingest", data_remote="", validation_suite="he_tiles",
+                      validation_success=True, validation_report="r", git_commit="c" * 40, git_dirty=False,
+                      config_sha256="s")
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    tags = {**lineage.tags(), **{EVAL_PREFIX + k: repr(v) for k, v in (eval_tags or {}).items()}}
+    return str(client.create_model_version(name, source="file:///unused", run_id=run.info.run_id, tags=tags).version)
+
+
+def holder(client, name, alias="production"):
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def test_a_regressing_candidate_is_refused_and_a_close_one_passes(client):
+    v1 = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.80})
+    promote(client, f"models:/m-backbone/{v1}", "production", "first", gates=GATES)
+    worse = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.78})
+    with pytest.raises(PromotionRefused, match=r"regresses against @production \(version 1\): knn.accuracy 0.7800 < "
+                                               r"holder's 0.8000 - 0.01") as refused:
+        promote(client, f"models:/m-backbone/{worse}", "production", "try", gates=GATES)
+    assert refused.value.gate == "metrics" and holder(client, "m-backbone") == v1
+    close = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.795})
+    record = promote(client, f"models:/m-backbone/{close}", "production", "within tolerance", gates=GATES)
+    assert holder(client, "m-backbone") == close
+    assert record["metrics"] == {"knn.accuracy": {"candidate": 0.795, "holder": 0.80}} and record["previous"] == v1
+
+
+def test_lower_is_better_metrics_and_run_metrics_of_heads(client):
+    backbone = register(client, "h-backbone", eval_tags={"knn.accuracy": 0.9})
+    promote(client, f"models:/h-backbone/{backbone}", "staging", "base", gates=GATES)
+    parent = f"models:/h-backbone/{backbone}"
+    first = register(client, "h-head", "head", {"linear.accuracy": 0.9, "regression.mae": 0.10}, parent=parent)
+    promote(client, f"models:/h-head/{first}", "staging", "first head", gates=GATES)
+    worse_mae = register(client, "h-head", "head", {"linear.accuracy": 0.95, "regression.mae": 0.12}, parent=parent)
+    with pytest.raises(PromotionRefused, match=r"regression.mae 0.1200 > holder's 0.1000 \+ 0.005 \(lower is better\)"):
+        promote(client, f"models:/h-head/{worse_mae}", "staging", "try", gates=GATES)
+
+
+def test_a_backbone_without_evaluation_is_told_to_run_evaluate(client):
+    v1 = register(client, "e-backbone", eval_tags={"knn.accuracy": 0.8})
+    promote(client, f"models:/e-backbone/{v1}", "staging", "first", gates=GATES)
+    unevaluated = register(client, "e-backbone")
+    with pytest.raises(PromotionRefused, match=r"has no knn.accuracy .* run `mlflow run . -e evaluate -P "
+                                               r"model=models:/e-backbone/2`"):
+        promote(client, f"models:/e-backbone/{unevaluated}", "staging", "try", gates=GATES)
+
+
+def test_rollback_restores_the_previous_holder_and_is_audited(client):
+    v1 = register(client, "r-backbone", eval_tags={"knn.accuracy": 0.8})
+    v2 = register(client, "r-backbone", eval_tags={"knn.accuracy": 0.9})
+    promote(client, f"models:/r-backbone/{v1}", "production", "first", user="ana", gates=GATES)
+    promote(client, f"models:/r-backbone/{v2}", "production", "better", user="ana", gates=GATES)
+    record = rollback(client, "r-backbone", "production", "v2 misreads scanner B", user="ben")
+    assert holder(client, "r-backbone") == v1
+    assert (record["action"], record["version"], record["previous"], record["user"]) == ("rollback", v1, v2, "ben")
+    trail = audit_trail(client, "r-backbone", "production")
+    assert [(r["action"], r["version"], r["previous"]) for r in trail] == [
+        ("promote", v1, None), ("promote", v2, v1), ("rollback", v1, v2)]
+    assert all(r["user"] and r["time"] and r["reason"] for r in trail)
+    with pytest.raises(PromotionRefused, match="has no previous holder"):
+        rollback(client, "r-backbone", "production", "again")
+    with pytest.raises(PromotionRefused, match="@staging of r-backbone is not set"):
+        rollback(client, "r-backbone", "staging", "nothing there")
+
+
+class _SignallingClient(MlflowClient):
+    """Signals when a thread first asks for the promotion lock, i.e. has finished its gates."""
+
+    def __init__(self, uri: str, asked: threading.Event):
+        super().__init__(uri)
+        self.asked = asked
+
+    def create_registered_model(self, name, *args, **kwargs):
+        if name.startswith(LOCK_PREFIX):
+            self.asked.set()
+        return super().create_registered_model(name, *args, **kwargs)
+
+
+def test_concurrent_promotions_of_one_alias_cannot_both_win(client):
+    uri = mlflow.get_tracking_uri()
+    v1 = register(client, "c-backbone", eval_tags={"knn.accuracy": 0.80})
+    promote(client, f"models:/c-backbone/{v1}", "production", "first", gates=GATES)
+    candidates = [register(client, "c-backbone", eval_tags={"knn.accuracy": a}) for a in (0.85, 0.86)]
+    outcomes, asked = {}, [threading.Event(), threading.Event()]
+
+    def attempt(index: int, version: str) -> None:
+        try:
+            outcomes[version] = promote(_SignallingClient(uri, asked[index]), f"models:/c-backbone/{version}",
+                                        "production", "race", gates=GATES)
+        except PromotionRefused as exc:
+            outcomes[version] = exc
+
+    # Both compare against v1, then meet at the lock this test holds; it lets them through together.
+    with alias_lock(client, "c-backbone", "production"):
+        threads = [threading.Thread(target=attempt, args=(i, v)) for i, v in enumerate(candidates)]
+        for thread in threads:
+            thread.start()
+        assert all(event.wait(30) for event in asked)
+    for thread in threads:
+        thread.join(60)
+    winners = [v for v, o in outcomes.items() if isinstance(o, dict)]
+    losers = [o for o in outcomes.values() if isinstance(o, PromotionRefused)]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    assert losers[0].gate == "exclusive" and "while this promotion was checked" in str(losers[0])
+    assert holder(client, "c-backbone") == winners[0]
+    assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}%'")  # released
+
+
+def test_a_held_lock_refuses_after_waiting_and_a_stale_one_is_broken(client):
+    with alias_lock(client, "s-backbone", "staging"):
+        with pytest.raises(PromotionRefused, match="another promotion of s-backbone@staging holds"):
+            with alias_lock(client, "s-backbone", "staging", wait_s=0.3):
+                pass
+        with alias_lock(client, "s-backbone", "staging", stale_s=0):
+            assert client.get_registered_model(f"{LOCK_PREFIX}s-backbone.staging")
+
+
+def test_gate_file_errors_name_the_key(tmp_path):
+    assert load_gates()["backbone"]  # the shipped configs/promotion.yaml is valid
+    bad = tmp_path / "gates.yaml"
+    bad.write_text("head:\n  linear.accuracy: {max_drop: lots}\n")
+    with pytest.raises(ValueError, match=r"gates.yaml: head.linear.accuracy.max_drop: expected a number >= 0, got 'lots'"):
+        load_gates(bad)
+    bad.write_text("heads:\n  x: {max_drop: 0}\n")
+    with pytest.raises(ValueError, match="heads: expected 'backbone' or 'head'"):
+        load_gates(bad)
