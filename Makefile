@@ -33,8 +33,15 @@ demo: $(STAMP)
 $(TEST_SLIDE): $(STAMP)
 	$(BIN)/python scripts/fetch_test_slide.py $@
 
-test: $(STAMP) $(TEST_SLIDE)
+# The portal's page tests drive Debian's Chromium headless (Playwright cannot download a browser here).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@test "$$(id -u)" = 0 || { echo "install Debian's chromium (apt-get install chromium) for the browser tests"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db .dvc-storage data/demo
+	rm -rf $(VENV) mlruns mlflow.db portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx

@@ -1,10 +1,14 @@
 """The platform end to end, as `make demo` runs it: DVC data -> mlflow run pretrain -> heads ->
 promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow store."""
+import base64
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from transformers import AutoModel
 
 from dinomx.backbone import build_image_processor
@@ -82,7 +87,7 @@ def test_backbone_is_registered_with_complete_lineage_and_loads_with_automodel(d
     assert lineage.kind == "backbone" and lineage.parent == "scratch"
     assert lineage.source_run_id == _run_of(client, "pretrain").info.run_id
     assert lineage.data_md5 in (checkout / "dvc.lock").read_text()
-    assert lineage.validation_success and lineage.validation_suite == "image_tiles"
+    assert lineage.validation_success and lineage.validation_suite == "image_tiles_rgb"
     assert json.loads(mlflow.artifacts.load_text(lineage.validation_report))["success"] is True
     assert len(lineage.git_commit) == 40 and lineage.git_dirty is False
     assert lineage.data_remote == str(checkout / ".dvc-storage")
@@ -94,7 +99,7 @@ def test_backbone_is_registered_with_complete_lineage_and_loads_with_automodel(d
 
 def test_pretraining_beats_random_init_on_knn(demo):
     checkout, client, _ = demo
-    trained = _run_of(client, "heads").data.metrics["knn.val_accuracy"]
+    trained = _run_of(client, "heads").data.metrics["knn.accuracy"]
     cfg = DinoMXConfig.from_yaml(checkout / "configs/demo.yaml")
     torch.manual_seed(cfg.train.seed)
     student, _ = build_models(cfg)
@@ -112,7 +117,7 @@ def test_head_names_its_backbone_and_both_hold_production(demo):
     head = client.get_model_version_by_alias("demo-head", "production")
     assert Lineage.from_tags(head.tags).parent == f"models:/demo-backbone/{backbone.version}"
     metrics = _run_of(client, "heads").data.metrics
-    assert {"linear.val_accuracy", "linear.val_f1_macro", "knn.val_accuracy", "knn.val_f1_macro"} <= set(metrics)
+    assert {"linear.accuracy", "linear.f1_macro", "knn.precision_macro", "segmentation.dice", "regression.r2"} <= set(metrics)
     audit = [json.loads(v) for k, v in head.tags.items() if k.startswith("vf.audit.production.")]
     assert audit and audit[0]["reason"] == "demo run" and audit[0]["previous"] is None
 
@@ -122,10 +127,28 @@ def test_head_names_its_backbone_and_both_hold_production(demo):
     assert "└─ models:/demo-backbone/1 @production (backbone)" in output
 
 
+def test_evaluate_logs_comparable_metrics_plots_and_tags_the_version(demo):
+    _, client, _ = demo
+    run = _run_of(client, "evaluate")
+    metrics = run.data.metrics
+    expected = {f"{h}.{m}" for h in ("linear", "knn") for m in ("accuracy", "precision_macro", "f1_macro")} | {
+        "cluster.ami", "cluster.dbi", "segmentation.dice", "regression.pearson", "regression.r2", "regression.mae"}
+    assert expected <= set(metrics)
+    # The probes learn from the pretrained features: well above chance on 4 classes, real fits.
+    assert metrics["linear.accuracy"] > 0.5 and metrics["segmentation.dice"] > 0.5 and metrics["regression.r2"] > 0.3
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/confusion_matrix.png", "plots/embeddings_pca.png"}
+    backbone = client.get_model_version("demo-backbone", "1")
+    assert float(backbone.tags["vf.eval.knn.accuracy"]) == metrics["knn.accuracy"]
+    assert backbone.tags["vf.eval.run_id"] == run.info.run_id
+
+
 def test_demo_served_real_requests(demo):
     _, _, output = demo
     assert "POST /embed" in output and "96-d vector" in output
     assert "POST /classify" in output and "by models:/demo-head/1" in output
+    assert "POST /segment" in output and "structure" in output
+    assert "POST /regress" in output and "structure_fraction =" in output
     assert "mlflow ui --backend-store-uri sqlite:///" in output
 
 
@@ -156,7 +179,8 @@ def test_head_cannot_be_promoted_before_its_backbone(demo):
 def service(demo):
     checkout, _, _ = demo
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo", "VF_MAX_IMAGES": "4"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo",
+           "VF_MAX_IMAGES": "4", "VF_RELOAD_INTERVAL_S": "0"}
     server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry",
                               "--host", "127.0.0.1", "--port", str(port)], cwd=checkout, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -195,3 +219,96 @@ def test_service_answers_bad_input_with_4xx(service):
     assert too_many.status_code == 400 and "at most 4 per request" in too_many.text
     unknown = httpx.post(f"{base}/classify", files=[_png(sample)], data={"head": "svm"}, timeout=30)
     assert unknown.status_code == 400 and "unknown 'svm'" in unknown.text
+    for route in ("segment", "regress", "attention"):
+        assert httpx.post(f"{base}/{route}", files=[("images", ("x.png", b"GIF89a", "image/png"))], timeout=30).status_code == 400
+
+
+def test_service_segments_regresses_and_shows_attention(service):
+    base, checkout = service
+    sample = sorted((checkout / "data/demo/images/val/nuclei").glob("*.png"))[0]
+    truth = np.asarray(Image.open(checkout / "data/demo/annotations/masks/val/nuclei" / sample.name))
+    segment = httpx.post(f"{base}/segment", files=[_png(sample)], timeout=60).json()
+    assert segment["classes"] == ["background", "structure"]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(segment["predictions"][0]["mask_png"]))))
+    assert mask.shape == truth.shape and set(np.unique(mask)) <= {0, 1}
+    assert (mask == truth).mean() > 0.6
+    regress = httpx.post(f"{base}/regress", files=[_png(sample)] * 2, timeout=60).json()
+    assert regress["target"] == "structure_fraction" and len(regress["predictions"]) == 2
+    attention = httpx.post(f"{base}/attention", files=[_png(sample)], timeout=60).json()
+    maps = np.asarray(attention["predictions"][0]["maps"])
+    assert attention["grid"] == [8, 8] and maps.shape[1:] == (8, 8) and np.allclose(maps.sum(axis=(1, 2)), 1, atol=1e-4)
+
+
+def test_concurrent_embeds_are_batched_and_answer_each_caller(service):
+    base, checkout = service
+    samples = sorted((checkout / "data/demo/images/val/stroma").glob("*.png"))[:6]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda p: httpx.post(f"{base}/embed", files=[_png(p)], timeout=60).json(), samples))
+    alone = httpx.post(f"{base}/embed", files=[_png(p) for p in samples[:2]], timeout=60).json()
+    assert [np.asarray(a["embeddings"]).shape for a in answers] == [(1, 96)] * 6
+    np.testing.assert_allclose(answers[0]["embeddings"][0], alone["embeddings"][0], atol=1e-4)
+
+
+def _copy_version(client, name, source_version, **tag_changes):
+    """A new version of ``name`` from an existing one's files and tags (a retrained twin)."""
+    mv = client.get_model_version(name, source_version)
+    tags = {k: v for k, v in mv.tags.items() if not k.startswith("vf.audit.")} | tag_changes
+    return str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version)
+
+
+def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, demo):
+    base, checkout = service
+    _, client, _ = demo
+    backbone = _copy_version(client, "demo-backbone", "1")
+    head = _copy_version(client, "demo-head", "1", **{"vf.parent": f"models:/demo-backbone/{backbone}"})
+    cli = [sys.executable, "-m", "registry.promote"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
+    for uri in (f"models:/demo-backbone/{backbone}", f"models:/demo-head/{head}"):
+        subprocess.run([*cli, uri, "--alias", "production", "--reason", "retrained"], check=True, env=env, cwd=checkout)
+    reloaded = httpx.post(f"{base}/reload", timeout=120).json()
+    assert reloaded == {"changed": True, "backbone": f"models:/demo-backbone/{backbone}", "head": f"models:/demo-head/{head}"}
+    sample = sorted((checkout / "data/demo/images/val/glands").glob("*.png"))[0]
+    assert httpx.post(f"{base}/classify", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-head/{head}"
+
+    # Rolling back only the backbone leaves a head trained on another one: the service keeps serving.
+    subprocess.run([*cli, "demo-backbone", "--rollback", "--alias", "production", "--reason", "test"], check=True, env=env)
+    refused = httpx.post(f"{base}/reload", timeout=120)
+    assert refused.status_code == 400 and "promote a head trained on that backbone" in refused.text
+    assert httpx.post(f"{base}/embed", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-backbone/{backbone}"
+    subprocess.run([*cli, "demo-head", "--rollback", "--alias", "production", "--reason", "test"], check=True, env=env)
+    assert httpx.post(f"{base}/reload", timeout=120).json()["backbone"] == "models:/demo-backbone/1"
+
+
+def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path):
+    """A researcher's form becomes a real `mlflow run` of the project, linked to its MLflow run."""
+    from portal.app import Settings, create_app
+    from portal.db import User, db
+
+    checkout, client, _ = demo
+    tracking = f"sqlite:///{checkout / 'mlflow.db'}"
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=tracking,
+                              project_dir=checkout, run_jobs=True, mlflow_ui_url="http://mlflow.test"))
+    with app.app_context():
+        user = User(username="ana", is_admin=True)
+        user.set_password("pw")
+        db.session.add(user)
+        db.session.commit()
+    web = app.test_client()
+    web.post("/api/login", json={"username": "ana", "password": "pw"})
+    dataset = web.post("/api/datasets", json={"name": "demo", "prefix": "datasets/demo", "train_path": "data/demo/images/train",
+                                              "validation_report": "data/demo/validation/report.json"}).json["id"]
+    job = web.post("/api/jobs", json={"dataset_id": dataset, "name": "portal", "config": "configs/demo.yaml",
+                                      "strategy": "freeze", "freeze_blocks": "2", "batch_size": "16", "epochs": "1"}).json
+    deadline = time.monotonic() + 400
+    while (state := web.get(f"/api/jobs/{job['id']}").json)["status"] in ("queued", "starting", "running"):
+        assert time.monotonic() < deadline, state
+        time.sleep(2)
+    assert state["status"] == "finished", state["log_tail"]
+    experiment = client.get_run(state["mlflow_run_id"]).info.experiment_id
+    assert state["mlflow_url"] == f"http://mlflow.test/#/experiments/{experiment}/runs/{state['mlflow_run_id']}"
+    assert [step for step, _ in state["metrics"]["total_loss"]] == [10, 20, 30]  # 30 steps, logged every 10
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.data.params["student.freeze_blocks"] == "2" and run.data.params["train.batch_size"] == "16"
+    assert run.data.tags["vf.portal.owner"] == "ana"
+    assert Lineage.from_tags(client.get_model_version("portal-backbone", "1").tags).source_run_id == state["mlflow_run_id"]
+    app.extensions["vf.jobs"].stop()

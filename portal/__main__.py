@@ -1,0 +1,63 @@
+"""Portal administration and a development server.
+
+    python -m portal create-user ana --admin --can-promote      # password from VF_PASSWORD or a prompt
+    python -m portal create-group pathology --member ana --member ben
+    python -m portal serve --port 8080
+
+In production run it under a WSGI server, e.g. ``gunicorn -w 4 'portal.app:create_app()'``; the job
+runner claims each job atomically, so several processes may share one database.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+
+from portal.app import Settings, create_app
+from portal.db import Group, User, db
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    user = sub.add_parser("create-user")
+    user.add_argument("username")
+    user.add_argument("--admin", action="store_true")
+    user.add_argument("--can-promote", action="store_true")
+    group = sub.add_parser("create-group")
+    group.add_argument("name")
+    group.add_argument("--member", action="append", default=[])
+    serve = sub.add_parser("serve")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+
+    app = create_app(Settings(run_jobs=args.command == "serve"))
+    if args.command == "serve":
+        app.run(host=args.host, port=args.port, threaded=True)
+        return 0
+    with app.app_context():
+        if args.command == "create-user":
+            if db.session.scalar(db.select(User).where(User.username == args.username)):
+                print(f"user {args.username} exists", file=sys.stderr)
+                return 1
+            record = User(username=args.username, is_admin=args.admin, can_promote=args.can_promote)
+            record.set_password(os.environ.get("VF_PASSWORD") or getpass.getpass(f"password for {args.username}: "))
+            db.session.add(record)
+        else:
+            members = [db.session.scalar(db.select(User).where(User.username == m)) for m in args.member]
+            if None in members:
+                print(f"unknown member(s): {[m for m, u in zip(args.member, members) if u is None]}", file=sys.stderr)
+                return 1
+            created = Group(name=args.name)
+            db.session.add(created)
+            for member in members:
+                member.groups.append(created)
+        db.session.commit()
+    print(f"created {args.command.removeprefix('create-')} {getattr(args, 'username', None) or args.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

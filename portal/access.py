@@ -1,0 +1,73 @@
+"""Who may do what to which dataset, and which S3 keys a request may touch.
+
+Least privilege: no grant, no access (admins manage everything). Levels nest: manage > write >
+read. A key is always the dataset's prefix plus a cleaned relative path, so ``..``, absolute
+paths, backslashes or encoded tricks never leave the prefix, and prefixes never nest, so one
+dataset's prefix cannot reach into another's.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from urllib.parse import unquote
+
+from portal.db import LEVELS, Dataset, Grant, User, db
+
+
+class AccessDenied(PermissionError):
+    pass
+
+
+class BadPath(ValueError):
+    pass
+
+
+_SEGMENT = re.compile(r"^[\w][\w .+=@-]*$")
+
+
+def level_of(user: User, dataset: Dataset) -> str | None:
+    """The highest level the user holds on the dataset, directly or through a group."""
+    if user.is_admin:
+        return "manage"
+    group_ids = [g.id for g in user.groups]
+    grants = db.session.scalars(db.select(Grant).where(
+        Grant.dataset_id == dataset.id,
+        (Grant.user_id == user.id) | (Grant.group_id.in_(group_ids) if group_ids else db.false()),
+    )).all()
+    return max((g.level for g in grants), key=LEVELS.index, default=None)
+
+
+def require(user: User, dataset: Dataset, level: str) -> None:
+    held = level_of(user, dataset)
+    if held is None or LEVELS.index(held) < LEVELS.index(level):
+        raise AccessDenied(f"{user.username} needs {level} on dataset {dataset.name} (holds {held or 'nothing'})")
+
+
+def visible_datasets(user: User) -> list[tuple[Dataset, str]]:
+    datasets = db.session.scalars(db.select(Dataset).order_by(Dataset.name)).all()
+    return [(d, level) for d in datasets if (level := level_of(user, d))]
+
+
+def clean_relative(path: str) -> str:
+    """A relative object path made of plain segments; anything else is refused, never repaired."""
+    decoded = unicodedata.normalize("NFC", unquote(path or ""))
+    if not decoded or decoded.startswith("/") or "\\" in decoded or "\x00" in decoded:
+        raise BadPath(f"path: expected a relative path like 'slides/a.svs', got {path!r}")
+    segments = decoded.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+            raise BadPath(f"path: segment {segment!r} of {path!r} is not allowed (letters, digits, space, . _ - + = @)")
+    return "/".join(segments)
+
+
+def object_key(dataset: Dataset, path: str) -> str:
+    return dataset.prefix + clean_relative(path)
+
+
+def clean_prefix(prefix: str) -> str:
+    """A dataset prefix: plain segments, ending with '/', nested in no other dataset's."""
+    cleaned = clean_relative(prefix.strip().rstrip("/")) + "/"
+    for other in db.session.scalars(db.select(Dataset.prefix)).all():
+        if cleaned.startswith(other) or other.startswith(cleaned):
+            raise BadPath(f"prefix: {cleaned} overlaps the prefix of an existing dataset ({other})")
+    return cleaned

@@ -1,0 +1,467 @@
+"""The Vision Foundry portal: server-rendered pages and a JSON API over the same actions.
+
+    python -m portal create-user ana --admin       # first user
+    python -m portal serve --port 8080             # or: flask --app portal.app run
+
+Settings come from the environment (see ``Settings``): the database (any SQLAlchemy URL, SQLite by
+default), the S3 bucket and endpoint of the datasets, the MLflow tracking URI and UI address,
+and, optionally, an OpenID Connect provider for institutional sign-in.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from functools import wraps
+from pathlib import Path
+
+from flask import Flask, abort, flash, jsonify, redirect, render_template, request, session, url_for
+from flask_login import LoginManager, current_user, login_required, login_user, logout_user
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from portal.access import AccessDenied, BadPath, clean_prefix, level_of, object_key, require, visible_datasets
+from portal.db import LEVELS, AuditEvent, Dataset, Grant, Group, Job, User, db
+from portal.jobs import FormErrors, JobRunner, TrainingRequest, submit, training_configs
+from portal.storage import Storage
+from registry.lineage import format_chain, lineage_chain
+from registry.promote import LOCK_PREFIX, PromotionRefused, audit_trail, promote, rollback
+
+PROJECT = Path(__file__).resolve().parents[1]
+LIVE_METRICS = ("total_loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "distill_loss", "lr")
+
+
+@dataclass
+class Settings:
+    database_url: str = field(default_factory=lambda: os.environ.get("PORTAL_DATABASE_URL", f"sqlite:///{PROJECT / 'portal.db'}"))
+    secret_key: str = field(default_factory=lambda: os.environ.get("PORTAL_SECRET_KEY", ""))
+    bucket: str = field(default_factory=lambda: os.environ.get("PORTAL_S3_BUCKET", "vision-foundry"))
+    s3_endpoint_url: str | None = field(default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL"))
+    presign_expires_s: int = field(default_factory=lambda: int(os.environ.get("PORTAL_PRESIGN_EXPIRES_S", "900")))
+    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT / 'mlflow.db'}"))
+    mlflow_ui_url: str = field(default_factory=lambda: os.environ.get("PORTAL_MLFLOW_UI_URL", "http://localhost:5000"))
+    project_dir: Path = field(default_factory=lambda: Path(os.environ.get("PORTAL_PROJECT_DIR", PROJECT)))
+    run_jobs: bool = field(default_factory=lambda: os.environ.get("PORTAL_RUN_JOBS", "1") == "1")
+    job_slots: int = field(default_factory=lambda: int(os.environ.get("PORTAL_JOB_SLOTS", "1")))
+    # Institutional sign-in (OpenID Connect); local users only when no issuer is set.
+    oidc_metadata_url: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_METADATA_URL"))
+    oidc_client_id: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_CLIENT_ID"))
+    oidc_client_secret: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_CLIENT_SECRET"))
+
+
+def audit(action: str, target: str = "", outcome: str = "ok", user: str | None = None, **detail) -> None:
+    who = user or (current_user.username if current_user and current_user.is_authenticated else "anonymous")
+    db.session.add(AuditEvent(user=who, action=action, target=target, outcome=outcome, detail=detail))
+    db.session.commit()
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings()
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=settings.database_url,
+        SECRET_KEY=settings.secret_key or secrets.token_hex(32),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
+    app.extensions["vf.settings"] = settings
+    storage = Storage(settings.bucket, settings.s3_endpoint_url, expires_s=settings.presign_expires_s)
+    db.init_app(app)
+    with app.app_context():
+        db.create_all()
+    login = LoginManager(app)
+    login.login_view = "login"
+    login.user_loader(lambda user_id: db.session.get(User, int(user_id)))
+    oauth = _oidc(app, settings)
+
+    @login.unauthorized_handler
+    def unauthorized():
+        if wants_json():
+            return jsonify(error="sign in first"), 401
+        return redirect(url_for("login", next=request.path))
+
+    @app.before_request
+    def csrf():
+        """Forms carry the session's token; the API takes JSON only, which a cross-site form cannot send."""
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        if wants_json():
+            # Browsers send cross-site DELETE only after a CORS preflight this app never answers.
+            if request.method != "DELETE" and not request.is_json:
+                return jsonify(error="send application/json"), 415
+        elif request.form.get("csrf_token") != session.get("csrf_token"):
+            abort(400, "form expired; reload the page")
+
+    @app.context_processor
+    def template_globals():
+        session.setdefault("csrf_token", secrets.token_hex(16))
+        return {"csrf_token": session["csrf_token"], "sso": oauth is not None, "levels": LEVELS}
+
+    @app.errorhandler(AccessDenied)
+    def denied(exc):
+        audit("access", request.path, outcome="denied", reason=str(exc))
+        return (jsonify(error=str(exc)), 403) if wants_json() else (render_template("error.html", message=str(exc)), 403)
+
+    @app.errorhandler(BadPath)
+    @app.errorhandler(PromotionRefused)
+    @app.errorhandler(FormErrors)
+    def bad_request(exc):
+        body = {"error": str(exc)} | ({"errors": exc.errors} if isinstance(exc, FormErrors) else {})
+        if isinstance(exc, PromotionRefused):
+            body["gate"] = exc.gate
+        return (jsonify(body), 400) if wants_json() else (render_template("error.html", message=str(exc)), 400)
+
+    def dataset_for(dataset_id: int, level: str) -> Dataset:
+        dataset = db.session.get(Dataset, dataset_id)
+        # Datasets a user holds nothing on do not exist for them.
+        if dataset is None or level_of(current_user, dataset) is None:
+            abort(404)
+        require(current_user, dataset, level)
+        return dataset
+
+    def admin_only(view):
+        @wraps(view)
+        def wrapped(*args, **kwargs):
+            if not current_user.is_admin:
+                raise AccessDenied(f"{current_user.username} is not an administrator")
+            return view(*args, **kwargs)
+        return login_required(wrapped)
+
+    def payload() -> dict:
+        if wants_json():
+            return request.get_json(silent=True) or {}
+        return request.form.to_dict()
+
+    # -- sign-in ---------------------------------------------------------------------------
+    def sign_in(user: User, method: str):
+        login_user(user)
+        session["csrf_token"] = secrets.token_hex(16)
+        audit("login", user.username, user=user.username, method=method)
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login():
+        if request.method == "GET":
+            return render_template("login.html")
+        data = payload()
+        user = db.session.scalar(db.select(User).where(User.username == data.get("username", "")))
+        if user is None or not user.check_password(data.get("password", "")):
+            audit("login", data.get("username", ""), outcome="denied", user=data.get("username", "") or "anonymous")
+            if wants_json():
+                return jsonify(error="unknown user or wrong password"), 401
+            flash("Unknown user or wrong password.")
+            return render_template("login.html"), 401
+        sign_in(user, "password")
+        if wants_json():
+            return jsonify(user=user.username, admin=user.is_admin)
+        target = request.args.get("next", "")
+        return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("datasets"))
+
+    app.add_url_rule("/api/login", "api_login", login, methods=["POST"])
+
+    @app.route("/login/sso")
+    def login_sso():
+        if oauth is None:
+            abort(404)
+        return oauth.sso.authorize_redirect(url_for("sso_callback", _external=True))
+
+    @app.route("/auth/callback")
+    def sso_callback():
+        if oauth is None:
+            abort(404)
+        info = oauth.sso.authorize_access_token().get("userinfo") or {}
+        username = info.get("preferred_username") or info.get("email")
+        if not username:
+            abort(400, "the identity provider sent no preferred_username or email")
+        user = db.session.scalar(db.select(User).where(User.username == username))
+        if user is None:  # first SSO sign-in: an account with no grants (least privilege)
+            user = User(username=username)
+            db.session.add(user)
+            db.session.commit()
+        sign_in(user, "oidc")
+        return redirect(url_for("datasets"))
+
+    @app.post("/logout")
+    @login_required
+    def logout():
+        audit("logout", current_user.username)
+        logout_user()
+        return redirect(url_for("login"))
+
+    @app.get("/")
+    def index():
+        return redirect(url_for("datasets"))
+
+    # -- datasets ---------------------------------------------------------------------------
+    @app.route("/datasets", methods=["GET", "POST"])
+    @app.route("/api/datasets", methods=["GET", "POST"], endpoint="api_datasets")
+    @login_required
+    def datasets():
+        if request.method == "POST":
+            if not current_user.is_admin:
+                raise AccessDenied(f"{current_user.username} may not create datasets")
+            data = payload()
+            name = str(data.get("name", "")).strip()
+            if not name or db.session.scalar(db.select(Dataset).where(Dataset.name == name)):
+                raise BadPath(f"name: {name!r} is empty or taken")
+            dataset = Dataset(name=name, prefix=clean_prefix(str(data.get("prefix", ""))), created_by=current_user.username,
+                              train_path=data.get("train_path") or None, validation_report=data.get("validation_report") or None)
+            db.session.add(dataset)
+            db.session.commit()
+            audit("dataset.create", dataset.name, prefix=dataset.prefix)
+            if wants_json():
+                return jsonify(id=dataset.id, name=dataset.name, prefix=dataset.prefix), 201
+            return redirect(url_for("dataset_page", dataset_id=dataset.id))
+        rows = visible_datasets(current_user)
+        if wants_json():
+            return jsonify([{"id": d.id, "name": d.name, "prefix": d.prefix, "level": level} for d, level in rows])
+        return render_template("datasets.html", rows=rows)
+
+    @app.get("/datasets/<int:dataset_id>")
+    @login_required
+    def dataset_page(dataset_id: int):
+        dataset = dataset_for(dataset_id, "read")
+        grants = db.session.scalars(db.select(Grant).where(Grant.dataset_id == dataset.id)).all()
+        return render_template("dataset.html", dataset=dataset, level=level_of(current_user, dataset),
+                               objects=storage.list(dataset.prefix), grants=grants)
+
+    @app.get("/api/datasets/<int:dataset_id>/objects")
+    @login_required
+    def api_objects(dataset_id: int):
+        dataset = dataset_for(dataset_id, "read")
+        return jsonify(storage.list(dataset.prefix))
+
+    def presign(dataset_id: int, path: str, direction: str) -> dict:
+        dataset = dataset_for(dataset_id, "write" if direction == "upload" else "read")
+        key = object_key(dataset, path)
+        url = storage.upload_url(key) if direction == "upload" else storage.download_url(key)
+        audit(f"object.{direction}", f"s3://{storage.bucket}/{key}", dataset=dataset.name)
+        return {"url": url, "method": "PUT" if direction == "upload" else "GET", "key": key,
+                "expires_in": storage.expires_s}
+
+    @app.post("/api/datasets/<int:dataset_id>/upload-url")
+    @login_required
+    def api_upload_url(dataset_id: int):
+        return jsonify(presign(dataset_id, str(payload().get("path", "")), "upload"))
+
+    @app.post("/api/datasets/<int:dataset_id>/download-url")
+    @login_required
+    def api_download_url(dataset_id: int):
+        return jsonify(presign(dataset_id, str(payload().get("path", "")), "download"))
+
+    @app.get("/datasets/<int:dataset_id>/download")
+    @login_required
+    def download(dataset_id: int):
+        # A redirect to S3: the browser fetches the bytes, the portal never streams them.
+        return redirect(presign(dataset_id, request.args.get("path", ""), "download")["url"])
+
+    @app.route("/datasets/<int:dataset_id>/grants", methods=["POST"])
+    @app.route("/api/datasets/<int:dataset_id>/grants", methods=["GET", "POST"], endpoint="api_grants")
+    @login_required
+    def grants(dataset_id: int):
+        dataset = dataset_for(dataset_id, "manage")
+        if request.method == "GET":
+            rows = db.session.scalars(db.select(Grant).where(Grant.dataset_id == dataset.id)).all()
+            return jsonify([{"id": g.id, "user": g.user.username if g.user else None,
+                             "group": g.group.name if g.group else None, "level": g.level} for g in rows])
+        data = payload()
+        level = data.get("level")
+        if level not in LEVELS:
+            raise BadPath(f"level: expected one of {list(LEVELS)}, got {level!r}")
+        user = db.session.scalar(db.select(User).where(User.username == data.get("user"))) if data.get("user") else None
+        group = db.session.scalar(db.select(Group).where(Group.name == data.get("group"))) if data.get("group") else None
+        if (user is None) == (group is None):
+            raise BadPath("grant: name exactly one existing user or group")
+        grant = db.session.scalar(db.select(Grant).where(
+            Grant.dataset_id == dataset.id, Grant.user_id == (user.id if user else None),
+            Grant.group_id == (group.id if group else None))) or Grant(dataset_id=dataset.id, user=user, group=group)
+        grant.level = level
+        db.session.add(grant)
+        db.session.commit()
+        audit("grant", dataset.name, principal=user.username if user else group.name, level=level)
+        return (jsonify(id=grant.id, level=level), 201) if wants_json() else redirect(url_for("dataset_page", dataset_id=dataset.id))
+
+    @app.route("/datasets/<int:dataset_id>/grants/<int:grant_id>/revoke", methods=["POST"])
+    @app.route("/api/datasets/<int:dataset_id>/grants/<int:grant_id>", methods=["DELETE"], endpoint="api_revoke")
+    @login_required
+    def revoke(dataset_id: int, grant_id: int):
+        dataset = dataset_for(dataset_id, "manage")
+        grant = db.session.get(Grant, grant_id)
+        if grant is None or grant.dataset_id != dataset.id:
+            abort(404)
+        principal = grant.user.username if grant.user else grant.group.name
+        db.session.delete(grant)
+        db.session.commit()
+        audit("revoke", dataset.name, principal=principal, level=grant.level)
+        return ("", 204) if wants_json() else redirect(url_for("dataset_page", dataset_id=dataset.id))
+
+    # -- training jobs ------------------------------------------------------------------------
+    def job_view(job: Job) -> dict:
+        return {"id": job.id, "owner": job.owner, "dataset": job.dataset.name, "entry_point": job.entry_point,
+                "status": job.status, "parameters": job.parameters, "command": job.command,
+                "mlflow_run_id": job.mlflow_run_id, "exit_code": job.exit_code,
+                "mlflow_url": (f"{settings.mlflow_ui_url}/#/experiments/{job.experiment_id}/runs/{job.mlflow_run_id}"
+                               if job.mlflow_run_id else None),
+                "created_at": job.created_at.isoformat(), "log_tail": job.log_tail}
+
+    def own_job(job_id: int) -> Job:
+        job = db.session.get(Job, job_id)
+        if job is None or (job.owner != current_user.username and not current_user.is_admin):
+            abort(404)
+        return job
+
+    @app.route("/jobs/new", methods=["GET", "POST"])
+    @app.post("/api/jobs", endpoint="api_submit")
+    @login_required
+    def new_job():
+        choices = [(d, lvl) for d, lvl in visible_datasets(current_user) if d.train_path]
+        configs = training_configs(settings.project_dir)
+        if request.method == "GET":
+            return render_template("new_job.html", datasets=choices, configs=configs, errors={}, form={})
+        data = payload()
+        try:
+            training = TrainingRequest.from_form(data, settings.project_dir)
+        except FormErrors as exc:
+            audit("job.submit", "", outcome="refused", errors=exc.errors)
+            if wants_json():
+                raise
+            return render_template("new_job.html", datasets=choices, configs=configs, errors=exc.errors, form=data), 400
+        dataset = dataset_for(training.dataset_id, "read")
+        if not dataset.train_path:
+            raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
+        job = submit(training, dataset, current_user.username)
+        audit("job.submit", f"job {job.id}", dataset=dataset.name, parameters=training.to_dict())
+        return (jsonify(job_view(job)), 201) if wants_json() else redirect(url_for("job_page", job_id=job.id))
+
+    @app.get("/jobs")
+    @app.get("/api/jobs", endpoint="api_jobs")
+    @login_required
+    def jobs():
+        query = db.select(Job).order_by(Job.id.desc())
+        if not current_user.is_admin:
+            query = query.where(Job.owner == current_user.username)
+        rows = db.session.scalars(query).all()
+        return jsonify([job_view(j) for j in rows]) if wants_json() else render_template("jobs.html", jobs=rows)
+
+    @app.get("/jobs/<int:job_id>")
+    @login_required
+    def job_page(job_id: int):
+        job = own_job(job_id)
+        return render_template("job.html", job=job, view=job_view(job))
+
+    @app.get("/api/jobs/<int:job_id>")
+    @login_required
+    def api_job(job_id: int):
+        """The job and the live metrics of its MLflow run (full history per metric)."""
+        job = own_job(job_id)
+        metrics = {}
+        if job.mlflow_run_id:
+            client = MlflowClient(settings.tracking_uri)
+            for key in LIVE_METRICS:
+                history = client.get_metric_history(job.mlflow_run_id, key)
+                if history:
+                    metrics[key] = [[m.step, m.value] for m in sorted(history, key=lambda m: m.step)]
+        return jsonify(job_view(job) | {"metrics": metrics})
+
+    # -- registry -------------------------------------------------------------------------------
+    def client() -> MlflowClient:
+        return MlflowClient(settings.tracking_uri)
+
+    def model_rows(name: str) -> list[dict]:
+        # Search results leave version aliases empty; the registered model has them all.
+        aliases = client().get_registered_model(name).aliases
+        versions = client().search_model_versions(f"name = '{name}'")
+        return [{"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)), "parent": v.tags.get("vf.parent", ""),
+                 "data": v.tags.get("vf.data_path", ""), "validation": v.tags.get("vf.validation_success", ""),
+                 "created": v.creation_timestamp} for v in sorted(versions, key=lambda v: int(v.version), reverse=True)]
+
+    @app.get("/registry")
+    @app.get("/api/models", endpoint="api_models")
+    @login_required
+    def registry():
+        models = [m for m in client().search_registered_models() if not m.name.startswith(LOCK_PREFIX)]
+        rows = [{"name": m.name, "kind": m.tags.get("vf.kind", ""), "aliases": dict(m.aliases)} for m in models]
+        return jsonify(rows) if wants_json() else render_template("registry.html", models=rows)
+
+    @app.get("/registry/<name>")
+    @app.get("/api/models/<name>", endpoint="api_model")
+    @login_required
+    def model_page(name: str):
+        try:
+            versions = model_rows(name)
+        except MlflowException:
+            abort(404)
+        if not versions:
+            abort(404)
+        chains = {}
+        for row in versions[:5]:
+            try:
+                chains[row["version"]] = format_chain(lineage_chain(client(), f"models:/{name}/{row['version']}"))
+            except LookupError as exc:
+                chains[row["version"]] = f"lineage incomplete: {exc}"
+        trail = audit_trail(client(), name)
+        if wants_json():
+            return jsonify(name=name, versions=versions, lineage=chains, audit=trail)
+        return render_template("model.html", name=name, versions=versions, chains=chains, trail=trail,
+                               may_promote=current_user.is_admin or current_user.can_promote)
+
+    def promoter() -> str:
+        if not (current_user.is_admin or current_user.can_promote):
+            raise AccessDenied(f"{current_user.username} may not promote models")
+        return current_user.username
+
+    @app.post("/registry/<name>/promote")
+    @app.post("/api/models/<name>/promote", endpoint="api_promote")
+    @login_required
+    def promote_model(name: str):
+        user, data = promoter(), payload()
+        uri = f"models:/{name}/{data.get('version', '')}"
+        try:
+            record = promote(client(), uri, str(data.get("alias", "")), str(data.get("reason", "")) or "(none)", user=user)
+        except (PromotionRefused, LookupError, ValueError) as exc:
+            audit("model.promote", uri, outcome="refused", reason=str(exc))
+            raise exc if isinstance(exc, PromotionRefused) else PromotionRefused("input", str(exc)) from None
+        audit("model.promote", uri, alias=record["alias"], previous=record["previous"])
+        return jsonify(record) if wants_json() else redirect(url_for("model_page", name=name))
+
+    @app.post("/registry/<name>/rollback")
+    @app.post("/api/models/<name>/rollback", endpoint="api_rollback")
+    @login_required
+    def rollback_model(name: str):
+        user, data = promoter(), payload()
+        try:
+            record = rollback(client(), name, str(data.get("alias", "")), str(data.get("reason", "")) or "(none)", user=user)
+        except PromotionRefused as exc:
+            audit("model.rollback", name, outcome="refused", reason=str(exc))
+            raise
+        audit("model.rollback", f"models:/{name}/{record['version']}", alias=record["alias"], previous=record["previous"])
+        return jsonify(record) if wants_json() else redirect(url_for("model_page", name=name))
+
+    # -- audit ----------------------------------------------------------------------------------
+    @app.get("/audit")
+    @app.get("/api/audit", endpoint="api_audit")
+    @admin_only
+    def audit_log():
+        events = db.session.scalars(db.select(AuditEvent).order_by(AuditEvent.id.desc()).limit(500)).all()
+        if wants_json():
+            return jsonify([{"time": e.time.isoformat(), "user": e.user, "action": e.action, "target": e.target,
+                             "outcome": e.outcome, "detail": e.detail} for e in events])
+        return render_template("audit.html", events=events)
+
+    if settings.run_jobs:
+        app.extensions["vf.jobs"] = JobRunner(app, settings.project_dir, settings.tracking_uri, settings.job_slots).start()
+    return app
+
+
+def _oidc(app: Flask, settings: Settings):
+    if not settings.oidc_metadata_url:
+        return None
+    from authlib.integrations.flask_client import OAuth
+
+    oauth = OAuth(app)
+    oauth.register("sso", server_metadata_url=settings.oidc_metadata_url, client_id=settings.oidc_client_id,
+                   client_secret=settings.oidc_client_secret, client_kwargs={"scope": "openid profile email"})
+    return oauth

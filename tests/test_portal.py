@@ -1,0 +1,312 @@
+"""The portal's JSON API with Flask's test client, against a real S3-compatible server (moto) and a
+real SQLite registry; the pages in headless Chromium (Playwright) with checked screenshots."""
+import threading
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from werkzeug.serving import make_server
+
+from portal.app import Settings, create_app
+from portal.db import Group, User, db
+from tests.conftest import BUCKET, REPO
+from tests.test_registry import register
+
+PASSWORD = "correct horse"
+
+
+@pytest.fixture()
+def app(tmp_path, s3, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="test", bucket=BUCKET,
+                        s3_endpoint_url=s3_endpoint, presign_expires_s=120, tracking_uri=tracking,
+                        mlflow_ui_url="http://mlflow.test", project_dir=REPO, run_jobs=False)
+    app = create_app(settings)
+    with app.app_context():
+        users = {name: User(username=name, is_admin=name == "ana", can_promote=name == "dan")
+                 for name in ("ana", "bob", "cara", "dan")}
+        for user in users.values():
+            user.set_password(PASSWORD)
+        users["cara"].groups.append(Group(name="pathology"))
+        db.session.add_all(users.values())
+        db.session.commit()
+    mlflow.set_tracking_uri(tracking)
+    yield app
+    mlflow.set_tracking_uri(None)
+
+
+def signed_in(app, username):
+    client = app.test_client()
+    response = client.post("/api/login", json={"username": username, "password": PASSWORD})
+    assert response.status_code == 200, response.json
+    return client
+
+
+def make_dataset(admin, name="colon", prefix="datasets/colon", **extra):
+    response = admin.post("/api/datasets", json={"name": name, "prefix": prefix, **extra})
+    assert response.status_code == 201, response.json
+    return response.json["id"]
+
+
+def test_sign_in_is_required_and_failures_are_audited(app):
+    anonymous = app.test_client()
+    assert anonymous.get("/api/datasets").status_code == 401
+    assert anonymous.get("/datasets").status_code == 302
+    assert anonymous.post("/api/login", json={"username": "bob", "password": "guess"}).status_code == 401
+    assert anonymous.post("/api/datasets", data={"name": "x"}).status_code == 415  # no cross-site form posts
+    events = signed_in(app, "ana").get("/api/audit").json
+    assert {(e["action"], e["user"], e["outcome"]) for e in events} >= {("login", "bob", "denied"), ("login", "ana", "ok")}
+
+
+def test_least_privilege_three_tiers_and_groups(app):
+    admin, bob, cara = signed_in(app, "ana"), signed_in(app, "bob"), signed_in(app, "cara")
+    colon = make_dataset(admin)
+    assert bob.get("/api/datasets").json == []
+    assert bob.get(f"/api/datasets/{colon}/objects").status_code == 404  # no grant: it does not exist for bob
+    assert bob.post(f"/api/datasets/{colon}/download-url", json={"path": "a.svs"}).status_code == 404
+
+    admin.post(f"/api/datasets/{colon}/grants", json={"user": "bob", "level": "read"})
+    assert [d["level"] for d in bob.get("/api/datasets").json] == ["read"]
+    assert bob.post(f"/api/datasets/{colon}/download-url", json={"path": "a.svs"}).status_code == 200
+    refused = bob.post(f"/api/datasets/{colon}/upload-url", json={"path": "a.svs"})
+    assert refused.status_code == 403 and "bob needs write on dataset colon (holds read)" in refused.json["error"]
+    assert bob.get(f"/api/datasets/{colon}/grants").status_code == 403
+
+    admin.post(f"/api/datasets/{colon}/grants", json={"user": "bob", "level": "manage"})
+    assert bob.post(f"/api/datasets/{colon}/upload-url", json={"path": "a.svs"}).status_code == 200
+    granted = bob.post(f"/api/datasets/{colon}/grants", json={"group": "pathology", "level": "read"})
+    assert granted.status_code == 201
+    assert [d["level"] for d in cara.get("/api/datasets").json] == ["read"]  # through her group
+    bob.delete(f"/api/datasets/{colon}/grants/{granted.json['id']}")
+    assert cara.get("/api/datasets").json == []
+    bad = admin.post(f"/api/datasets/{colon}/grants", json={"user": "bob", "level": "owner"})
+    assert bad.status_code == 400 and "level: expected one of ['read', 'write', 'manage']" in bad.json["error"]
+    assert bob.post("/api/datasets", json={"name": "mine", "prefix": "datasets/mine"}).status_code == 403
+
+
+def test_presigned_urls_move_bytes_directly_scoped_to_one_object(app, s3):
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin)
+    make_dataset(admin, "colon-secret", "datasets/colon-secret")
+    admin.post(f"/api/datasets/{colon}/grants", json={"user": "bob", "level": "write"})
+    bob = signed_in(app, "bob")
+
+    signed = bob.post(f"/api/datasets/{colon}/upload-url", json={"path": "slides/case 1.svs"}).json
+    assert signed["key"] == "datasets/colon/slides/case 1.svs" and signed["method"] == "PUT"
+    assert signed["expires_in"] == 120 and "X-Amz-Expires=120" in signed["url"]
+    assert httpx.put(signed["url"], content=b"slide bytes").status_code == 200
+    assert s3.get_object(Bucket=BUCKET, Key="datasets/colon/slides/case 1.svs")["Body"].read() == b"slide bytes"
+    download = bob.post(f"/api/datasets/{colon}/download-url", json={"path": "slides/case 1.svs"}).json["url"]
+    assert httpx.get(download).content == b"slide bytes"
+    # One object, one method: SigV4 signs the path and the method, only the host header is signed.
+    # (moto does not check presigned signatures; S3, MinIO and PowerScale refuse any other key.)
+    url = httpx.URL(download)
+    assert url.path == f"/{BUCKET}/datasets/colon/slides/case 1.svs" and url.params["X-Amz-SignedHeaders"] == "host"
+    assert [o["path"] for o in bob.get(f"/api/datasets/{colon}/objects").json] == ["slides/case 1.svs"]
+    page = bob.get(f"/datasets/{colon}/download?path=slides/case%201.svs")
+    assert page.status_code == 302 and page.location.startswith(app.extensions["vf.settings"].s3_endpoint_url)
+
+
+@pytest.mark.parametrize("path", ["../colon-secret/report.pdf", "/etc/passwd", "slides/../../colon-secret/x",
+                                  "%2e%2e/colon-secret/x", "slides\\..\\x", "", "slides//x", "./x", "a/\x00"])
+def test_path_tricks_never_leave_the_prefix(app, path):
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin)
+    response = admin.post(f"/api/datasets/{colon}/upload-url", json={"path": path})
+    assert response.status_code == 400 and response.json["error"].startswith("path:")
+
+
+def test_dataset_prefixes_cannot_nest(app):
+    admin = signed_in(app, "ana")
+    make_dataset(admin)
+    for prefix in ("datasets/colon/private", "datasets", "datasets/colon/"):
+        response = admin.post("/api/datasets", json={"name": f"n{len(prefix)}", "prefix": prefix})
+        assert response.status_code == 400 and "overlaps the prefix of an existing dataset" in response.json["error"]
+
+
+def test_training_form_is_validated_field_by_field_and_queued(app):
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    bad = admin.post("/api/jobs", json={"dataset_id": colon, "name": "Colon ViT", "config": "configs/nope.yaml",
+                                        "strategy": "distill", "lora_rank": "0", "lr": "fast", "distribution": "mpi"})
+    assert bad.status_code == 400
+    assert set(bad.json["errors"]) == {"name", "config", "teachers", "lora_rank", "lr", "distribution"}
+    assert bad.json["errors"]["lr"] == "expected a number, got 'fast'"
+    too_deep = admin.post("/api/jobs", json={"dataset_id": colon, "name": "colon", "config": "configs/demo.yaml",
+                                             "strategy": "freeze", "freeze_blocks": "9"})
+    assert too_deep.status_code == 400 and "student.freeze_blocks" in too_deep.json["errors"]["config"]
+
+    job = admin.post("/api/jobs", json={"dataset_id": colon, "name": "colon", "config": "configs/demo.yaml",
+                                        "strategy": "lora", "lora_rank": "4", "lora_alpha": "8", "distribution": "fsdp",
+                                        "batch_size": "16", "lr": "0.001"})
+    assert job.status_code == 201 and job.json["status"] == "queued"
+    assert job.json["parameters"] | {"strategy": "lora", "lora_rank": 4, "distribution": "fsdp"} == job.json["parameters"]
+    assert [j["id"] for j in admin.get("/api/jobs").json] == [job.json["id"]]
+    assert signed_in(app, "bob").get(f"/api/jobs/{job.json['id']}").status_code == 404  # not bob's job
+
+
+def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(app):
+    client = MlflowClient()
+    v1 = register(client, "p-backbone", eval_tags={"knn.accuracy": 0.8, "linear.accuracy": 0.8})
+    v2 = register(client, "p-backbone", eval_tags={"knn.accuracy": 0.9, "linear.accuracy": 0.9})
+    head = register(client, "p-head", "head", {"linear.accuracy": 0.9, "knn.accuracy": 0.9}, parent=f"models:/p-backbone/{v2}")
+    bob, dan = signed_in(app, "bob"), signed_in(app, "dan")
+    assert bob.post("/api/models/p-backbone/promote", json={"version": v1, "alias": "production"}).status_code == 403
+    early = dan.post("/api/models/p-head/promote", json={"version": head, "alias": "production", "reason": "r"})
+    assert early.status_code == 400 and early.json["gate"] == "parent promoted"
+    for version in (v1, v2):
+        assert dan.post("/api/models/p-backbone/promote", json={"version": version, "alias": "production",
+                                                                  "reason": "better"}).status_code == 200
+    model = bob.get("/api/models/p-backbone").json
+    assert [v["aliases"] for v in model["versions"]] == [["production"], []]
+    assert "models:/p-backbone/2 @production (backbone)" in model["lineage"]["2"]
+    back = dan.post("/api/models/p-backbone/rollback", json={"alias": "production", "reason": "scanner B"})
+    assert back.status_code == 200 and back.json["version"] == v1 and back.json["user"] == "dan"
+    assert [m["name"] for m in bob.get("/api/models").json] == ["p-backbone", "p-head"]
+    events = signed_in(app, "ana").get("/api/audit").json
+    assert {(e["action"], e["user"], e["outcome"]) for e in events} >= {
+        ("model.promote", "dan", "refused"), ("model.promote", "dan", "ok"), ("model.rollback", "dan", "ok"),
+        ("access", "bob", "denied")}
+
+
+@pytest.fixture()
+def live_portal(app, s3):
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    # The browser PUTs straight to S3, a different origin: the bucket must allow the portal's origin.
+    s3.put_bucket_cors(Bucket=BUCKET, CORSConfiguration={"CORSRules": [
+        {"AllowedOrigins": [base], "AllowedMethods": ["PUT", "GET"], "AllowedHeaders": ["*"]}]})
+    yield base
+    server.shutdown()
+
+
+def _check_screenshot(path: Path) -> None:
+    """A real render: the page's size, the portal's header colour across the top, content below it."""
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert image.shape[:2] == (800, 1200)
+    header = image[5, 5:300]
+    assert np.abs(header - [0x1F, 0x4E, 0x79]).max() <= 8, header[:3]
+    body = image[80:]
+    assert body.std() > 10  # text and tables, not a blank or error page
+
+
+def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    admin = signed_in(app, "ana")
+    make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    register(MlflowClient(), "ui-backbone", eval_tags={"knn.accuracy": 0.8})
+    upload = tmp_path / "tile.png"
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(upload)
+    shots = tmp_path / "screenshots"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.goto(f"{live_portal}/datasets")
+        page.fill("input[name=username]", "ana")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("#sign-in")
+        page.wait_for_selector("table#datasets")
+        assert "colon" in page.inner_text("table#datasets")
+        page.screenshot(path=shots / "datasets.png")
+
+        page.click("text=colon")
+        page.fill("#folder", "tiles")
+        page.set_input_files("#file", str(upload))
+        page.click("#upload")
+        page.wait_for_selector("text=tiles/tile.png")  # the page reloads with the object S3 now holds
+        assert s3.get_object(Bucket=BUCKET, Key="datasets/colon/tiles/tile.png")["Body"].read() == upload.read_bytes()
+        page.screenshot(path=shots / "dataset.png")
+
+        page.goto(f"{live_portal}/jobs/new")
+        page.fill("input[name=name]", "Not Valid!")
+        page.fill("input[name=lr]", "fast")
+        page.click("#submit")
+        assert "expected a number, got 'fast'" in page.inner_text("[data-field=lr]")
+        assert "lowercase letters" in page.inner_text("[data-field=name]")
+        page.screenshot(path=shots / "new_job_errors.png")
+
+        page.goto(f"{live_portal}/registry")
+        page.click("text=ui-backbone")
+        page.select_option("select[name=alias] >> nth=0", "staging")
+        page.fill("input[name=reason] >> nth=0", "first candidate")
+        page.click("#promote")
+        page.wait_for_selector("table#history >> text=first candidate")
+        page.screenshot(path=shots / "model.png")
+
+        page.goto(f"{live_portal}/audit")
+        assert "object.upload" in page.inner_text("table#audit") and "model.promote" in page.inner_text("table#audit")
+        page.screenshot(path=shots / "audit.png")
+        browser.close()
+    for name in ("datasets", "dataset", "new_job_errors", "model", "audit"):
+        _check_screenshot(shots / f"{name}.png")
+    assert str(MlflowClient().get_model_version_by_alias("ui-backbone", "staging").version) == "1"
+
+
+@pytest.fixture()
+def identity_provider():
+    """A minimal OpenID Connect provider on loopback: discovery, authorize, token (signed id_token), JWKS."""
+    import time as clock
+
+    from authlib.jose import JsonWebKey, jwt
+    from flask import Flask, request
+
+    key = JsonWebKey.generate_key("RSA", 2048, is_private=True)
+    public = key.as_dict(is_private=False) | {"kid": "test", "use": "sig", "alg": "RS256"}
+    codes = {}
+    idp = Flask("idp")
+    server = make_server("127.0.0.1", 0, idp, threaded=True)
+    issuer = f"http://127.0.0.1:{server.server_port}"
+
+    @idp.get("/.well-known/openid-configuration")
+    def discovery():
+        return {"issuer": issuer, "authorization_endpoint": f"{issuer}/authorize", "token_endpoint": f"{issuer}/token",
+                "jwks_uri": f"{issuer}/jwks", "response_types_supported": ["code"],
+                "id_token_signing_alg_values_supported": ["RS256"], "subject_types_supported": ["public"]}
+
+    @idp.get("/jwks")
+    def jwks():
+        return {"keys": [public]}
+
+    @idp.post("/token")
+    def token():
+        nonce = codes.pop(request.form["code"])
+        now = int(clock.time())
+        claims = {"iss": issuer, "aud": "portal", "sub": "u-42", "iat": now, "exp": now + 300, "nonce": nonce,
+                  "preferred_username": "erin.hospital"}
+        id_token = jwt.encode({"alg": "RS256", "kid": "test"}, claims, key).decode()
+        return {"access_token": "a", "token_type": "Bearer", "expires_in": 300, "id_token": id_token}
+
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield issuer, codes
+    server.shutdown()
+
+
+def test_institutional_sign_in_with_openid_connect(tmp_path, identity_provider):
+    from urllib.parse import parse_qs, urlparse
+
+    issuer, codes = identity_provider
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", run_jobs=False,
+                              oidc_metadata_url=f"{issuer}/.well-known/openid-configuration",
+                              oidc_client_id="portal", oidc_client_secret="s3cret"))
+    web = app.test_client()
+    assert "Sign in with your institution" in web.get("/login").text
+    redirect = web.get("/login/sso")
+    assert redirect.status_code == 302 and redirect.location.startswith(f"{issuer}/authorize?")
+    query = parse_qs(urlparse(redirect.location).query)
+    assert query["client_id"] == ["portal"] and query["scope"] == ["openid profile email"]
+    codes["code-1"] = query["nonce"][0]  # the user signs in at the provider, which sends them back with a code
+    back = web.get(f"/auth/callback?code=code-1&state={query['state'][0]}")
+    assert back.status_code == 302 and back.location.endswith("/datasets")
+    assert web.get("/api/datasets").json == []  # a new SSO account holds no grants
+    with app.app_context():
+        user = db.session.scalar(db.select(User).where(User.username == "erin.hospital"))
+        assert user is not None and user.password_hash is None and not user.is_admin
