@@ -30,6 +30,7 @@ class CTFrame:
     pixel_spacing: tuple[float, float] | None  # mm, (row, column)
     slice_thickness: float | None  # mm
     padding_fraction: float
+    patient_id: str
     series_uid: str
     instance: int
 
@@ -127,6 +128,7 @@ def read_ct(path: str | Path) -> list[CTFrame]:
             pixel_spacing=spacing,
             slice_thickness=thickness,
             padding_fraction=float(padded.mean()),
+            patient_id=str(ds.get("PatientID", "")),
             series_uid=str(ds.get("SeriesInstanceUID", "")),
             instance=int(ds.get("InstanceNumber", 0) or 0),
         ))

@@ -126,7 +126,7 @@ def _ct_rows(path: Path, raw: Path, staging: Path, center: float, width: float, 
     label = relative.parts[0] if len(relative.parts) > 1 else UNLABELLED
     rows = []
     for frame in read_ct(path):
-        split = split_of(frame.series_uid or relative.as_posix(), val_fraction, seed)
+        split = split_of(frame.patient_id or frame.series_uid or relative.as_posix(), val_fraction, seed)
         out = f"slices/{split}/{label}/{relative.with_suffix('').as_posix().replace('/', '_')}_f{frame.frame}.png"
         _save(Image.fromarray(window(frame.hu, center, width)), staging, out)
         rows.append({

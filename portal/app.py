@@ -62,6 +62,9 @@ def wants_json() -> bool:
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings()
     app = Flask(__name__)
+    if not settings.secret_key:
+        app.logger.warning("PORTAL_SECRET_KEY is not set: a random key is used, so sign-ins end with this "
+                           "process and do not carry across workers")
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url,
         SECRET_KEY=settings.secret_key or secrets.token_hex(32),

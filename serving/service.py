@@ -3,8 +3,9 @@
     VF_MODEL_NAME=demo VF_MODEL_ALIAS=production bentoml serve serving.service:VisionFoundry
 
 Endpoints take images as multipart files (field ``images``): ``/embed``, ``/classify``,
-``/segment``, ``/regress``, ``/attention``. Embeddings go through ``/embed_batch``, a batchable API
-that BentoML's adaptive batching fills from concurrent requests. ``/reload`` (and a poll every
+``/segment``, ``/regress``, ``/attention``. Embeddings of concurrent requests are computed in
+shared forward passes (adaptive batching, ``serving.batching``: ``VF_BATCH_MAX_SIZE`` images,
+waiting at most ``VF_BATCH_MAX_WAIT_MS``). ``/reload`` (and a poll every
 ``VF_RELOAD_INTERVAL_S`` seconds, 0 to disable) picks up a newly promoted version without a restart;
 a set that cannot be served (e.g. a head on another backbone) is refused and the old one kept.
 BentoML adds ``/readyz``, ``/livez`` and ``/metrics``.
@@ -25,11 +26,14 @@ from bentoml.exceptions import BadInput
 from PIL import Image, UnidentifiedImageError
 
 from dinomx.attention import cls_attention
+from serving.batching import MicroBatcher
 from serving.models import PromotedModels, ServingError, load_promoted, promoted_uris
 
 MAX_IMAGES = int(os.environ.get("VF_MAX_IMAGES", "64"))
 MAX_SIDE = int(os.environ.get("VF_MAX_IMAGE_SIDE", "4096"))
 RELOAD_INTERVAL_S = float(os.environ.get("VF_RELOAD_INTERVAL_S", "60"))
+BATCH_MAX_SIZE = int(os.environ.get("VF_BATCH_MAX_SIZE", "64"))
+BATCH_MAX_WAIT_MS = float(os.environ.get("VF_BATCH_MAX_WAIT_MS", "0"))
 log = logging.getLogger("bentoml.vision_foundry")
 
 
@@ -65,6 +69,7 @@ class VisionFoundry:
         self.name = os.environ.get("VF_MODEL_NAME", "demo")
         self.alias = os.environ.get("VF_MODEL_ALIAS", "production")
         self.models: PromotedModels = load_promoted(self.name, self.alias)
+        self.batcher = MicroBatcher(BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS)
         self._reloading = threading.Lock()
         self._attention = threading.Lock()  # attention switches the model to eager attention
         if RELOAD_INTERVAL_S > 0:
@@ -97,8 +102,7 @@ class VisionFoundry:
         return models.heads
 
     async def _embeddings(self, models: PromotedModels, images: list[Image.Image]) -> np.ndarray:
-        pixels = models.embedder.preprocess(images).cpu().numpy()
-        return np.asarray(await self.to_async.embed_batch(pixels))
+        return await self.batcher(models.embedder.preprocess(images).cpu().numpy(), models.embedder.embed_pixels)
 
     @bentoml.api
     def reload(self) -> dict:
@@ -106,11 +110,6 @@ class VisionFoundry:
             return self._reload()
         except ServingError as exc:
             raise BadInput(f"kept {self.models.uris}: {exc}") from None
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=64, max_latency_ms=20)
-    def embed_batch(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixel values (N, C, H, W) -> embeddings (N, D); adaptive batching."""
-        return self.models.embedder.embed_pixels(pixels.astype(np.float32))
 
     @bentoml.api
     async def embed(self, images: list[Path]) -> dict:

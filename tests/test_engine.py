@@ -258,3 +258,54 @@ def test_local_crops_follow_the_label_mask():
     assert all(crop.mean() > 0.3 for crop in views["local_crops"])
     unguided = aug(img, torch.Generator().manual_seed(0))
     assert any(crop.mean() < 0.3 for crop in unguided["local_crops"])
+
+
+def test_micro_batcher_coalesces_concurrent_calls_and_routes_results():
+    import asyncio
+
+    from serving.batching import MicroBatcher
+
+    calls = []
+
+    class Model:
+        def double(self, batch):
+            calls.append(len(batch))
+            return batch * 2
+
+    model = Model()
+
+    async def main():
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50)
+        requests = [np.full((n, 3), i, np.float32) for i, n in enumerate([1, 2, 1, 3, 1])]
+        # Each request names the model's method anew, as the service does: a new bound method object.
+        return await asyncio.gather(*(batcher(r, model.double) for r in requests)), requests
+
+    results, requests = asyncio.run(main())
+    assert calls == [8]  # five requests, one forward pass
+    for got, sent in zip(results, requests):
+        np.testing.assert_array_equal(got, sent * 2)
+
+
+def test_micro_batcher_caps_batches_separates_models_and_fails_only_the_failed_batch():
+    import asyncio
+
+    from serving.batching import MicroBatcher
+
+    def fn(batch):
+        if (batch < 0).any():
+            raise ValueError("bad pixels")
+        return batch
+
+    def other(batch):  # a newly loaded model: never batched with the old one
+        return batch + 100
+
+    async def main():
+        batcher = MicroBatcher(max_batch=2, max_wait_ms=20)
+        results = await asyncio.gather(batcher(np.ones((2, 1)), fn), batcher(-np.ones((1, 1)), fn),
+                                       batcher(np.ones((1, 1)), fn), batcher(np.ones((1, 1)), other),
+                                       return_exceptions=True)
+        return results, batcher.batch_sizes
+
+    (first, bad, shared, swapped), sizes = asyncio.run(main())
+    assert first.shape == (2, 1) and isinstance(bad, ValueError) and isinstance(shared, ValueError)
+    assert swapped.tolist() == [[101.0]] and sizes == [2, 2, 1]

@@ -19,8 +19,7 @@ def test_bentoml_build_packages_the_service(tmp_path):
                                      capture_output=True, text=True, check=True).stdout)
     assert info["service"] == "serving.service:VisionFoundry"
     routes = {r["name"]: r for r in info["schema"]["routes"]}
-    assert {"embed", "embed_batch", "classify", "segment", "regress", "attention", "reload"} <= set(routes)
-    assert routes["embed_batch"]["batchable"] and not routes["embed"]["batchable"]
+    assert {"embed", "classify", "segment", "regress", "attention", "reload"} <= set(routes)
     bento = tmp_path / "bentoml/bentos/vision-foundry" / tag.split(":")[1]
     assert (bento / "src/serving/service.py").is_file() and (bento / "src/dinomx/probes.py").is_file()
     assert "torch==2.13.0" in (bento / "env/python/requirements.in").read_text()
