@@ -3,7 +3,8 @@
 The GX file context lives in ``data/gx`` of the repository holding the dataset; each run stores
 its suite, checkpoint and result there and rebuilds the Data Docs site. A failing suite exits
 non-zero (so ``dvc repro`` stops) and leaves a JSON report naming each failing expectation and
-the files that broke it, next to a link to the Data Docs page of that run.
+the files that broke it, and the path of the Data Docs site, whose newest page of the suite is
+that run.
 """
 from __future__ import annotations
 

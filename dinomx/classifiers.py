@@ -41,11 +41,11 @@ class KNNClassifier:
 
     def save(self, directory: Path) -> None:
         save_file({"bank": self.bank.contiguous(), "labels": self.bank_labels}, directory / "knn.safetensors")
-        _write_json(directory / "knn.json", {"num_classes": self.num_classes, "k": self.k, "temperature": self.temperature})
+        write_json(directory / "knn.json", {"num_classes": self.num_classes, "k": self.k, "temperature": self.temperature})
 
     @classmethod
     def load(cls, directory: Path) -> "KNNClassifier":
-        head = cls(**_read_json(directory / "knn.json"))
+        head = cls(**read_json(directory / "knn.json"))
         tensors = load_file(directory / "knn.safetensors")
         head.bank, head.bank_labels = tensors["bank"], tensors["labels"]
         return head
@@ -91,12 +91,12 @@ class LinearClassifier:
             {"weight": self.linear.weight.detach().contiguous(), "bias": self.linear.bias.detach(), "mean": self.mean, "std": self.std},
             directory / "linear.safetensors",
         )
-        _write_json(directory / "linear.json", {"num_classes": self.num_classes, "epochs": self.epochs, "lr": self.lr,
+        write_json(directory / "linear.json", {"num_classes": self.num_classes, "epochs": self.epochs, "lr": self.lr,
                                                 "weight_decay": self.weight_decay, "seed": self.seed})
 
     @classmethod
     def load(cls, directory: Path) -> "LinearClassifier":
-        head = cls(**_read_json(directory / "linear.json"))
+        head = cls(**read_json(directory / "linear.json"))
         tensors = load_file(directory / "linear.safetensors")
         head.linear = torch.nn.Linear(tensors["weight"].shape[1], head.num_classes)
         head.linear.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
@@ -128,20 +128,20 @@ class ClassifierHeads:
         directory.mkdir(parents=True, exist_ok=True)
         for head in self.heads.values():
             head.save(directory)
-        _write_json(directory / "heads.json", {"classes": self.classes, "heads": sorted(self.heads),
+        write_json(directory / "heads.json", {"classes": self.classes, "heads": sorted(self.heads),
                                                "default": self.default, "embed_dim": self.embed_dim})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ClassifierHeads":
         directory = Path(directory)
-        meta = _read_json(directory / "heads.json")
+        meta = read_json(directory / "heads.json")
         heads = {name: _KINDS[name].load(directory) for name in meta["heads"]}
         return cls(meta["classes"], heads, meta["default"], meta["embed_dim"])
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     return json.loads(path.read_text())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dinomx.classifiers import ClassifierHeads, LinearClassifier, _read_json, _write_json
+from dinomx.classifiers import ClassifierHeads, LinearClassifier, read_json, write_json
 
 
 def patch_labels(masks: np.ndarray, grid: tuple[int, int], num_classes: int) -> np.ndarray:
@@ -58,11 +58,11 @@ class SegmentationProbe:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.linear.save(directory)
-        _write_json(directory / "segmentation.json", {"classes": self.classes})
+        write_json(directory / "segmentation.json", {"classes": self.classes})
 
     @classmethod
     def load(cls, directory: Path) -> "SegmentationProbe":
-        return cls(_read_json(directory / "segmentation.json")["classes"], LinearClassifier.load(directory))
+        return cls(read_json(directory / "segmentation.json")["classes"], LinearClassifier.load(directory))
 
 
 class RegressionProbe:
@@ -89,11 +89,11 @@ class RegressionProbe:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std},
                   directory / "regression.safetensors")
-        _write_json(directory / "regression.json", {"target": self.target, "alpha": self.alpha})
+        write_json(directory / "regression.json", {"target": self.target, "alpha": self.alpha})
 
     @classmethod
     def load(cls, directory: Path) -> "RegressionProbe":
-        probe = cls(**_read_json(directory / "regression.json"))
+        probe = cls(**read_json(directory / "regression.json"))
         tensors = load_file(directory / "regression.safetensors")
         probe.weight, probe.mean, probe.std = tensors["weight"], tensors["mean"], tensors["std"]
         probe.bias = tensors["bias"][0]

@@ -2,7 +2,8 @@
 
 The backbone is stored as its ``save_pretrained`` directory (loadable with
 ``transformers.AutoModel.from_pretrained``) inside the model's artifacts; the heads as a
-``TaskHeads`` directory (classifiers, optional segmentation and regression probes). ``unwrap_python_model()`` gives the engine objects back.
+``TaskHeads`` directory (classifiers, optional segmentation and regression probes).
+``unwrap_python_model()`` gives the engine objects back.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 from PIL import Image
 
-from dinomx.probes import TaskHeads
 from dinomx.embed import Embedder
+from dinomx.probes import TaskHeads
 
 BACKBONE_ARTIFACT = "backbone"
 HEADS_ARTIFACT = "heads"
