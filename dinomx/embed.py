@@ -48,14 +48,19 @@ class Embedder:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
+    def features(self, images: Sequence[Image.Image], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """CLS embeddings (N, D) and final-layer patch tokens (N, h, w, D) from one forward pass."""
+        cls_chunks, patch_chunks = [], []
+        for start in range(0, len(images), batch_size):
+            cls, patches = self.backbone(self.preprocess(images[start : start + batch_size]))
+            side = int(round(patches.shape[1] ** 0.5))
+            cls_chunks.append(cls.float().cpu().numpy())
+            patch_chunks.append(patches.float().cpu().reshape(patches.shape[0], side, side, -1).numpy())
+        return np.concatenate(cls_chunks), np.concatenate(patch_chunks)
+
     def patch_features(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         """(N, h, w, D) final-layer patch tokens on the processor's patch grid."""
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            patches = self.backbone(self.preprocess(images[start : start + batch_size]))[1].float().cpu()
-            side = int(round(patches.shape[1] ** 0.5))
-            chunks.append(patches.reshape(patches.shape[0], side, side, -1).numpy())
-        return np.concatenate(chunks)
+        return self.features(images, batch_size)[1]
 
     def embed_folder(self, root: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Embeddings, integer labels and class names of an image folder."""

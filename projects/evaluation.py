@@ -37,6 +37,7 @@ class Split:
     paths: list[Path]
     labels: np.ndarray
     embeddings: np.ndarray
+    patches: np.ndarray | None = None  # (N, h, w, D), kept only for segmentation
 
 
 @dataclass
@@ -48,20 +49,22 @@ class Evaluation:
     val: Split
 
 
-def _embed(embedder: Embedder, root: Path) -> tuple[Split, list[str]]:
+def _embed(embedder: Embedder, root: Path, with_patches: bool) -> tuple[Split, list[str]]:
+    """The split's CLS embeddings and, for segmentation, its patch tokens, from one forward pass."""
     paths, labels, classes = list_images(root)
     images = [load_image(p, embedder.num_channels) for p in paths]
+    if with_patches:
+        embeddings, patches = embedder.features(images)
+        return Split(paths, np.asarray(labels), embeddings, patches), classes
     return Split(paths, np.asarray(labels), embedder.embed(images)), classes
 
 
-def _masks(embedder: Embedder, split: Split, data: Path, masks_root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Patch tokens of the split's images and their masks (``masks_root`` mirrors ``data``)."""
+def _masks(split: Split, data: Path, masks_root: Path) -> np.ndarray:
+    """The masks of the split's images (``masks_root`` mirrors ``data``)."""
     missing = [p for p in split.paths if not (masks_root / p.relative_to(data)).is_file()]
     if missing:
         raise FileNotFoundError(f"masks: {len(missing)} images have no mask under {masks_root}, e.g. {missing[0]}")
-    masks = np.stack([np.asarray(load_image(masks_root / p.relative_to(data), 1)) for p in split.paths])
-    patches = embedder.patch_features([load_image(p, embedder.num_channels) for p in split.paths])
-    return patches, masks
+    return np.stack([np.asarray(load_image(masks_root / p.relative_to(data), 1)) for p in split.paths])
 
 
 def _targets(csv: Path, column: str, split: Split, data: Path) -> np.ndarray:
@@ -89,8 +92,8 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
     """Fit on ``<data>/train``, score on ``<data>/val``; optional masks (segmentation) and a targets
     CSV (regression) add their probes and metrics."""
     data = Path(data)
-    train, classes = _embed(embedder, data / "train")
-    val, val_classes = _embed(embedder, data / "val")
+    train, classes = _embed(embedder, data / "train", with_patches=bool(masks))
+    val, val_classes = _embed(embedder, data / "val", with_patches=bool(masks))
     if val_classes != classes:
         raise ValueError(f"{data}: val classes {val_classes} differ from train classes {classes}")
     candidates = {
@@ -110,10 +113,10 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
     if masks:
         masks = Path(masks)
         mask_classes = json.loads((masks.parent / "classes.json").read_text())
-        train_patches, train_masks = _masks(embedder, train, data / "train", masks / "train")
-        val_patches, val_masks = _masks(embedder, val, data / "val", masks / "val")
-        heads.segmentation = SegmentationProbe(mask_classes).fit(train_patches, train_masks)
-        predicted = heads.segmentation.predict(val_patches, val_masks.shape[1:])
+        train_masks = _masks(train, data / "train", masks / "train")
+        val_masks = _masks(val, data / "val", masks / "val")
+        heads.segmentation = SegmentationProbe(mask_classes).fit(train.patches, train_masks)
+        predicted = heads.segmentation.predict(val.patches, val_masks.shape[1:])
         metrics["segmentation.dice"] = dice(predicted, val_masks, len(mask_classes))
 
     if targets:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 PREFIX = "vf."
 # Evaluation metrics written on a model version by the `evaluate` entry point.
@@ -93,6 +94,14 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
             raise LookupError(f"registered model {name!r} has no versions")
         return versions[0]
     return client.get_model_version(name, version)
+
+
+def alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version of ``name`` holding ``alias``, or None when the alias is not set."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 
 def version_uri(mv: ModelVersion) -> str:

@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from registry.lineage import EVAL_PREFIX, Lineage, parse_model_uri, resolve_version, version_uri
+from registry.lineage import EVAL_PREFIX, Lineage, alias_holder, parse_model_uri, resolve_version, version_uri
 
 AUDIT_PREFIX = "vf.audit."
 ALIASES = ("staging", "production")
@@ -77,13 +77,6 @@ def load_gates(path: str | Path = DEFAULT_GATES) -> dict[str, list[MetricGate]]:
     return gates
 
 
-def current_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
 def version_metrics(client: MlflowClient, mv: ModelVersion) -> dict[str, float]:
     """Evaluation metrics of a version: its source run's, overridden by ``evaluate``'s tags."""
     metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
@@ -104,7 +97,7 @@ def check_gates(client: MlflowClient, mv: ModelVersion, alias: str, holder: Mode
         raise PromotionRefused("data validation", f"{uri} was trained on data that failed {lineage.validation_suite}")
     if lineage.parent.startswith("models:/"):
         parent_name, parent_version, _ = parse_model_uri(lineage.parent)
-        parent_holder = current_holder(client, parent_name, alias)
+        parent_holder = alias_holder(client, parent_name, alias)
         if parent_holder is None or str(parent_holder.version) != parent_version:
             held = f"version {parent_holder.version}" if parent_holder else "not set"
             raise PromotionRefused("parent promoted", f"{uri} is built on {lineage.parent}, but @{alias} of "
@@ -189,10 +182,10 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
         raise ValueError(f"alias: expected one of {ALIASES}, got {alias!r}")
     mv = resolve_version(client, model_uri)
     gates = load_gates() if gates is None else gates
-    seen = current_holder(client, mv.name, alias)
+    seen = alias_holder(client, mv.name, alias)
     comparison = check_gates(client, mv, alias, seen, gates)
     with alias_lock(client, mv.name, alias):
-        holder = current_holder(client, mv.name, alias)
+        holder = alias_holder(client, mv.name, alias)
         if (holder and holder.version) != (seen and seen.version):
             raise PromotionRefused("exclusive", f"@{alias} of {mv.name} moved to version "
                                                 f"{holder.version if holder else None} while this promotion "
@@ -208,7 +201,7 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
 def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str | None = None) -> dict:
     """Give ``alias`` back to the version that held it before the current holder was promoted."""
     with alias_lock(client, name, alias):
-        holder = current_holder(client, name, alias)
+        holder = alias_holder(client, name, alias)
         if holder is None:
             raise PromotionRefused("rollback", f"@{alias} of {name} is not set; nothing to roll back")
         promotions = [r for r in audit_trail(client, name, alias)

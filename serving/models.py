@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from dinomx.embed import Embedder
 from dinomx.probes import TaskHeads
-from registry.lineage import Lineage, version_uri
+from registry.lineage import Lineage, alias_holder, version_uri
 
 
 class ServingError(RuntimeError):
@@ -28,17 +27,10 @@ class PromotedModels:
         return self.backbone_uri, self.head_uri
 
 
-def _holder(client: MlflowClient, name: str, alias: str):
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
 def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str | None, str | None]:
     """``models:/`` URIs of the backbone and head holding ``alias`` now (None where none does)."""
     client = client or MlflowClient()
-    holders = (_holder(client, f"{name}-backbone", alias), _holder(client, f"{name}-head", alias))
+    holders = (alias_holder(client, f"{name}-backbone", alias), alias_holder(client, f"{name}-head", alias))
     return tuple(version_uri(mv) if mv else None for mv in holders)
 
 
@@ -49,12 +41,12 @@ def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> 
     the promoted backbone version is refused rather than served with wrong answers.
     """
     client = client or MlflowClient()
-    backbone = _holder(client, f"{name}-backbone", alias)
+    backbone = alias_holder(client, f"{name}-backbone", alias)
     if backbone is None:
         raise ServingError(f"no version of {name}-backbone holds @{alias}")
     backbone_uri = version_uri(backbone)
     embedder = mlflow.pyfunc.load_model(backbone_uri).unwrap_python_model().embedder
-    head = _holder(client, f"{name}-head", alias)
+    head = alias_holder(client, f"{name}-head", alias)
     if head is None:
         return PromotedModels(backbone_uri, embedder, None, None)
     parent = Lineage.from_tags(head.tags).parent

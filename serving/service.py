@@ -147,10 +147,10 @@ class VisionFoundry:
         """Per image: a PNG of class indices at the image's own size, and each class's area fraction."""
         models = self.models
         probe = self._heads(models, "segment", "segmentation").segmentation
+        decoded = _read_images(images)
         predictions = []
-        for img in _read_images(images):
-            patches = models.embedder.patch_features([img])
-            mask = probe.predict(patches, (img.height, img.width))[0].astype(np.uint8)
+        for img, patches in zip(decoded, models.embedder.patch_features(decoded)):
+            mask = probe.predict(patches[None], (img.height, img.width))[0].astype(np.uint8)
             counts = np.bincount(mask.ravel(), minlength=len(probe.classes)) / mask.size
             predictions.append({"width": img.width, "height": img.height, "mask_png": _png(mask),
                                 "fractions": {c: float(f) for c, f in zip(probe.classes, counts)}})

@@ -16,14 +16,13 @@ for key, value in {
 # The tools the tests drive (dvc, mlflow, bentoml) are those of the interpreter running them.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
-import socket  # noqa: E402
-
 import boto3  # noqa: E402
 import pytest  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 from data.synthetic import generate  # noqa: E402
 from dinomx.config import DinoMXConfig  # noqa: E402
+from scripts.demo import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "hospital"
@@ -50,9 +49,7 @@ def tiny_config(**sections) -> DinoMXConfig:
 # A real S3-compatible HTTP server on loopback (moto), reached by endpoint URL like MinIO would be.
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"
