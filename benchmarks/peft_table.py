@@ -37,7 +37,8 @@ def child(args) -> None:
     import torch
 
     from dinomx.config import DinoMXConfig
-    from dinomx.train import build_models, train
+    from dinomx.model import build_models
+    from dinomx.train import train
 
     cfg = DinoMXConfig.from_yaml(args.config, json.loads(args.overrides))
     student, _ = build_models(cfg)

@@ -26,7 +26,8 @@ from dinomx.augmentations import collate_crops
 from dinomx.backbone import Backbone
 from dinomx.config import DinoMXConfig
 from dinomx.data import ImageFolderDataset
-from dinomx.train import CropDataset, StreamSampler, train
+from dinomx.sampling import CropDataset, StreamSampler
+from dinomx.train import train
 
 WARMUP = 5
 

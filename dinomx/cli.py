@@ -1,6 +1,6 @@
 """Train DINO-MX without any tracking server, on one process or many:
 
-    python -m dinomx.cli --config configs/demo.yaml --data data/demo/images/train
+    python -m dinomx.cli --config configs/demo.yaml --data data/demo/images/train --eval-data data/demo/images/val
     accelerate launch --multi_gpu --num_processes 8 -m dinomx.cli --config c.yaml --data tiles/
     torchrun --nproc_per_node 2 -m dinomx.cli ...     # CPU-only machines: DDP over gloo
 """
@@ -12,13 +12,17 @@ import shlex
 import sys
 
 from dinomx.config import ConfigError, DinoMXConfig
-from dinomx.train import ResumeError, make_accelerator, train
+from dinomx.checkpoint import ResumeError
+from dinomx.diagnostics import CollapseError
+from dinomx.train import make_accelerator, train
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--data", required=True, help="image folder: <root>/<class>/<image>")
+    parser.add_argument("--eval-data", default=None, help="labelled split (<root>/<class>/<image>, the classes of "
+                        "--data) for the online kNN accuracy every train.eval_every iterations")
     parser.add_argument("--overrides", default="", help='space-separated section.key=value, e.g. "train.epochs=2"')
     parser.add_argument("--resume-from", default=None, help="checkpoint file or the output_dir holding it")
     args = parser.parse_args(argv)
@@ -29,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             logging.getLogger(__name__).info("%d process(es), %s, mixed precision %s",
                                              accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision)
-        result = train(cfg, args.data, accelerator=accelerator, resume_from=args.resume_from)
-    except (ConfigError, ResumeError, FileNotFoundError) as exc:
+        result = train(cfg, args.data, accelerator=accelerator, resume_from=args.resume_from, eval_root=args.eval_data)
+    except (ConfigError, ResumeError, CollapseError, FileNotFoundError) as exc:
         print(f"dinomx: {exc}", file=sys.stderr)
         return 2
     if accelerator.is_main_process:

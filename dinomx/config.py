@@ -162,6 +162,12 @@ class TrainConfig:
     num_experts: int = 1
     # A resumable checkpoint every N iterations (and at the end); 0 keeps only the final one.
     checkpoint_every: int = 0
+    # Online kNN accuracy of the teacher every N iterations, given a labelled evaluation split
+    # (dinomx.online_eval); 0 turns it off. eval_images caps the bank and the queries each.
+    eval_every: int = 0
+    eval_images: int = 1000
+    # Stop (instead of only warning) when the diagnostics say the representation collapsed.
+    stop_on_collapse: bool = False
     output_dir: str = "outputs/pretrain"
 
 
@@ -326,6 +332,7 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
         "crops.local_crops_size": cfg.crops.local_crops_size,
         "dino_head.out_dim": cfg.dino_head.out_dim,
         "optim.lr": cfg.optim.lr,
+        "train.eval_images": cfg.train.eval_images,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -337,7 +344,8 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
             f"student.freeze_blocks: expected 0..{cfg.student.num_hidden_layers} (student.num_hidden_layers), "
             f"got {cfg.student.freeze_blocks}"
         )
-    for key, value in {"student.freeze_blocks": cfg.student.freeze_blocks, "train.checkpoint_every": cfg.train.checkpoint_every, "ibot.loss_weight": cfg.ibot.loss_weight,
+    for key, value in {"student.freeze_blocks": cfg.student.freeze_blocks, "train.checkpoint_every": cfg.train.checkpoint_every,
+                       "train.eval_every": cfg.train.eval_every, "ibot.loss_weight": cfg.ibot.loss_weight,
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected >= 0, got {value}")

@@ -22,7 +22,9 @@ from mlflow.types import Schema, TensorSpec
 from dinomx.attention import write_attention_pngs
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import list_images, load_image
-from dinomx.train import ResumeError, train
+from dinomx.diagnostics import CollapseError
+from dinomx.checkpoint import ResumeError
+from dinomx.train import train
 from projects.tracking import (
     DataNotValidatedError,
     build_lineage,
@@ -66,14 +68,26 @@ def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:
     return dataclasses.replace(cfg, distillation=dataclasses.replace(cfg.distillation, teachers=local))
 
 
-def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = ""):
+def eval_split(data: str, eval_data: str) -> Path | None:
+    """The labelled split for online kNN: as given, else the ``val`` beside a ``train`` folder."""
+    if eval_data:
+        if not Path(eval_data).is_dir():
+            raise FileNotFoundError(f"eval_data: {eval_data} is not a directory (expected <root>/<class>/<image>)")
+        return Path(eval_data)
+    sibling = Path(data).parent / "val"
+    return sibling if Path(data).name == "train" and sibling.is_dir() else None
+
+
+def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = "",
+        eval_data: str = ""):
     cfg = DinoMXConfig.from_yaml(config, overrides)
     dataset = training_data(data, validation_report)
+    eval_root = eval_split(data, eval_data) if cfg.train.eval_every else None
     commit, dirty = project_code_version()
     paths, labels, _ = list_images(dataset.path)
     with mlflow.start_run() as active:
         log_flat_params(cfg.flat())
-        mlflow.log_params({"data.path": dataset.version.path, "model_name": name})
+        mlflow.log_params({"data.path": dataset.version.path, "data.eval_path": str(eval_root or ""), "model_name": name})
         entry_point = "distill" if cfg.distillation.teachers else "pretrain"
         mlflow.set_tags({"vf.entry_point": entry_point, "vf.config_sha256": cfg.sha256(),
                          "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
@@ -91,6 +105,9 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             dataset.path,
             on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
             resume_from=resume_from or None,
+            eval_root=eval_root,
+            # The tag is what promotion gates and the UI's run list can filter on.
+            on_collapse=lambda step, reason: mlflow.set_tags({"vf.collapse": reason, "vf.collapse_step": str(step)}),
         )
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teachers", default="", help="comma-separated frozen teachers to distil from "
                         "(models:/name/version, hf:<repo>, or directories); sets distillation.teachers")
     parser.add_argument("--resume-from", default="", help="checkpoint (or its directory) of an interrupted run with the same config")
+    parser.add_argument("--eval-data", default="", help="labelled split for the online kNN of train.eval_every "
+                        "(default: the val folder beside a train folder)")
     args = parser.parse_args(argv)
     configure_logging()
     try:
@@ -128,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.teachers:
             teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
             overrides.append(f"distillation.teachers={json.dumps(teachers)}")
-        run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from)
-    except (ConfigError, DataNotValidatedError, ResumeError, LookupError, FileNotFoundError, MlflowException) as exc:
+        run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from, args.eval_data)
+    except (ConfigError, DataNotValidatedError, ResumeError, CollapseError, LookupError, FileNotFoundError,
+            MlflowException) as exc:
         print(f"pretrain: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,7 +24,7 @@ from dinomx.backbone import build_image_processor
 from dinomx.classifiers import KNNClassifier
 from dinomx.config import DinoMXConfig
 from dinomx.embed import Embedder
-from dinomx.train import build_models
+from dinomx.model import build_models
 from registry.lineage import Lineage, format_chain, lineage_chain
 from registry.promote import PromotionRefused, promote
 from scripts.demo import free_port, wait_ready

@@ -17,7 +17,9 @@ from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 
 from dinomx.embed import Embedder
-from dinomx.train import StreamSampler, build_models, param_groups, train
+from dinomx.model import build_models, param_groups
+from dinomx.sampling import StreamSampler
+from dinomx.train import train
 from scripts.demo import free_port
 from tests.conftest import tiny_config
 

@@ -1,0 +1,142 @@
+"""kNN accuracy against training steps for the ways DINO-MX trains, on real images (the
+handwritten digits scikit-learn ships, see data/samples.py), as a table. It asserts nothing.
+
+    .venv/bin/python benchmarks/learning.py --steps 300
+
+1. ``base``: configs/small-cpu.yaml pretrained on digits 0-4 only: the foundation model.
+2. Adapting ``base`` to all ten digits: full fine-tuning, LoRA (r=8 on q/v), the first two
+   blocks frozen. The DINO-MX paper's ordering: LoRA and freezing come close to full fine-tuning
+   with a fraction of the trainable parameters.
+3. A half-size student (hidden 48, 2 blocks): trained alone, and distilled from the full-size
+   model trained on all ten digits. The paper's ordering: distillation helps the small student.
+
+Rows also give the same architecture at random init and raw pixels. Online kNN is the weighted
+kNN of the teacher during training (dinomx.online_eval); the last column is scikit-learn's kNN
+(k=20, cosine) on the exported backbone, loaded with AutoModel + AutoImageProcessor.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from accelerate.utils import set_seed
+from sklearn.neighbors import KNeighborsClassifier
+
+from data.samples import digits
+from dinomx.config import DinoMXConfig
+from dinomx.data import list_images, load_image
+from dinomx.embed import Embedder
+from dinomx.model import build_models
+from dinomx.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+HALF = ["student.hidden_size=48", "student.num_hidden_layers=2", "student.num_attention_heads=2"]
+
+
+def knn(train_x, train_y, val_x, val_y, k: int = 20) -> float:
+    return float(KNeighborsClassifier(k, metric="cosine").fit(train_x, train_y).score(val_x, val_y))
+
+
+def export_knn(model_dir: Path, data: Path) -> float:
+    embedder = Embedder.from_pretrained(model_dir)
+    train_x, train_y, _ = embedder.embed_folder(data / "train")
+    val_x, val_y, _ = embedder.embed_folder(data / "val")
+    return knn(train_x, train_y, val_x, val_y)
+
+
+def pixels_knn(data: Path) -> float:
+    def read(split):
+        paths, labels, _ = list_images(data / split)
+        return np.stack([np.asarray(load_image(p), np.float32).ravel() for p in paths]), np.asarray(labels)
+    return knn(*read("train"), *read("val"))
+
+
+def random_init_knn(cfg: DinoMXConfig, data: Path, out: Path) -> float:
+    set_seed(cfg.train.seed)  # the weights train() would start from
+    _, teacher = build_models(cfg)
+    teacher.backbone.save_pretrained(out, cfg.dataset, cfg.crops.global_crops_size)
+    return export_knn(out, data)
+
+
+def subset(data: Path, classes: list[str], out: Path) -> Path:
+    for split in ("train", "val"):
+        for name in classes:
+            shutil.copytree(data / split / name, out / split / name)
+    return out
+
+
+class Runner:
+    def __init__(self, work: Path, steps: int, eval_every: int):
+        self.work, self.steps, self.eval_every = work, steps, eval_every
+        self.rows: list[dict] = []
+
+    def config(self, name: str, overrides: list[str]) -> DinoMXConfig:
+        cfg = DinoMXConfig.from_yaml(REPO / "configs" / "small-cpu.yaml", [
+            f"train.steps_per_epoch={self.steps}", "train.epochs=1", f"train.eval_every={self.eval_every}",
+            f"train.log_every={self.eval_every}", f"train.output_dir={self.work / name}", *overrides])
+        return cfg
+
+    def run(self, name: str, data: Path, overrides: list[str] = (), evaluate_on: Path | None = None) -> Path:
+        cfg = self.config(name, list(overrides))
+        curve: dict[int, float] = {}
+        start = time.perf_counter()
+        result = train(cfg, data / "train", eval_root=data / "val",
+                       on_log=lambda step, m: curve.__setitem__(step, m["knn_top1"]) if "knn_top1" in m else None)
+        student, _ = build_models(cfg)
+        trainable = sum(p.numel() for p in student.backbone.parameters() if p.requires_grad)
+        self.rows.append({"name": name, "trainable": trainable, "curve": curve, "seconds": time.perf_counter() - start,
+                          "export": export_knn(result.backbone_dir, evaluate_on or data),
+                          "loss": result.metrics["total_loss"], "collapse": result.collapse})
+        return result.backbone_dir
+
+    def table(self, baselines: dict[str, float]) -> str:
+        steps = sorted({s for row in self.rows for s in row["curve"]})
+        header = ["method", "trainable", *[f"knn@{s}" for s in steps], "export kNN", "loss", "time"]
+        lines = [" | ".join(header), " | ".join("---" for _ in header)]
+        for row in self.rows:
+            cells = [row["name"] + (" (collapsed)" if row["collapse"] else ""), f"{row['trainable']:,}",
+                     *[f"{row['curve'][s]:.3f}" if s in row["curve"] else "" for s in steps],
+                     f"{row['export']:.3f}", f"{row['loss']:.3f}", f"{row['seconds']:.0f}s"]
+            lines.append(" | ".join(cells))
+        for name, value in baselines.items():
+            lines.append(" | ".join([name, "", *["" for _ in steps], f"{value:.3f}", "", ""]))
+        return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="iterations of each run")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="dinomx-learning-"))
+    data = digits(work / "digits", size=32)
+    first_half = subset(data, [str(d) for d in range(5)], work / "digits0-4")
+    runner = Runner(work / "runs", args.steps, args.eval_every)
+
+    base = runner.run("base: pretrain on 0-4", first_half, evaluate_on=data)
+    adapt = [f"student.pretrained={base}"]
+    full = runner.run("adapt: full fine-tuning", data, adapt)
+    runner.run("adapt: LoRA r=8", data, [*adapt, "lora_config.enabled=true", "lora_config.r=8", "lora_config.alpha=16"])
+    runner.run("adapt: freeze 2 blocks", data, [*adapt, "student.freeze_blocks=2"])
+    runner.run("scratch: all ten digits", data)
+    runner.run("half-size student, alone", data, HALF)
+    runner.run("half-size student, distilled", data, [*HALF, f'distillation.teachers=["{full}"]'])
+
+    cfg = runner.config("random", [])
+    baselines = {
+        "random init (full size)": random_init_knn(cfg, data, work / "random"),
+        "random init (half size)": random_init_knn(runner.config("random-half", HALF), data, work / "random-half"),
+        "raw pixels": pixels_knn(data),
+    }
+    print(f"\nkNN accuracy on scikit-learn's digits (32 px, {len(list_images(data / 'train')[0])} train / "
+          f"{len(list_images(data / 'val')[0])} val), {args.steps} iterations each, configs/small-cpu.yaml\n")
+    print(runner.table(baselines))
+
+
+if __name__ == "__main__":
+    main()

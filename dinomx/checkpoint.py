@@ -1,0 +1,86 @@
+"""Resumable training checkpoints: full (gathered, unwrapped) states, so one written by N
+processes loads under any number of processes and either distribution type."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dinomx.config import DinoMXConfig, DistributionConfig
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class ResumeError(ValueError):
+    """The checkpoint cannot continue this run."""
+
+
+def save_checkpoint(accelerator, path: Path, step: int, cfg: DinoMXConfig, students, teacher, objective,
+                    optimizers) -> dict | None:
+    """Every process must call it; the main one writes and gets the state back."""
+    models = [accelerator.unwrap_model(s) for s in students]
+    inner = [getattr(o, "optimizer", o) for o in optimizers]  # accelerate wraps optimizers
+    state = {
+        "step": step,
+        "config_sha256": resume_key(cfg),
+        "students": [get_model_state_dict(m, options=_FULL_STATE) for m in models],
+        "teacher": get_model_state_dict(teacher, options=_FULL_STATE),
+        "losses": objective.state_dict(),
+        "optimizers": [get_optimizer_state_dict(m, o, options=_FULL_STATE) for m, o in zip(models, inner)],
+    }
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill mid-write never leaves a truncated checkpoint
+    return state
+
+
+def read_checkpoint(source: str | Path, cfg: DinoMXConfig) -> dict:
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config_sha256"] != resume_key(cfg):
+        raise ResumeError(f"resume_from: {path} was written with a different config; resume with the same one")
+    if state["step"] >= cfg.total_steps:
+        raise ResumeError(f"resume_from: {path} is already at iteration {state['step']} of {cfg.total_steps}")
+    return state
+
+
+def restore(state: dict, students, teacher, objective) -> None:
+    """Model and loss states; optimisers follow once they exist (``restore_optimizers``)."""
+    for model, model_state in zip(students, state["students"]):
+        model.load_state_dict(model_state)
+    teacher.load_state_dict(state["teacher"])
+    objective.load_state_dict(state["losses"])
+
+
+def restore_optimizers(state: dict, students, optimizers) -> None:
+    for model, optimizer, optimizer_state in zip(students, optimizers, state["optimizers"]):
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def resume_key(cfg: DinoMXConfig) -> str:
+    """The config hash without what may differ between the interrupted and the resumed run: where
+    outputs go, where (registered) teachers were downloaded to, how processes cooperate, and how
+    often progress is reported or evaluated."""
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, output_dir="", log_every=1, eval_every=0, stop_on_collapse=False),
+        distillation=dataclasses.replace(cfg.distillation, teachers=[str(len(cfg.distillation.teachers))]),
+        distribution=DistributionConfig(),
+    ).sha256()

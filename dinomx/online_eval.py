@@ -1,0 +1,88 @@
+"""Online kNN evaluation while pretraining (as solo-learn and lightly report it): the teacher's
+CLS embeddings of a fixed labelled subset of the training images form the memory bank, a fixed
+subset of a labelled validation split is classified against it by weighted k nearest neighbours
+(cosine similarity, votes weighted exp(sim / T) as in DINO's eval_knn).
+
+The subsets are read, resized and stored as uint8 once, so each evaluation costs one forward
+pass over a few hundred images and a matrix product.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinomx.data import list_images, load_image
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Predicted class of each query: weighted vote of its ``k`` most cosine-similar bank entries."""
+    similarity = F.normalize(queries, dim=-1) @ F.normalize(bank, dim=-1).T
+    weights, index = similarity.topk(min(k, bank.shape[0]), dim=-1)
+    votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+    votes.scatter_add_(1, bank_labels[index], (weights / temperature).exp())
+    return votes.argmax(-1)
+
+
+def _subset(root: Path, limit: int, seed: int) -> tuple[list[Path], list[str]]:
+    paths, labels, classes = list_images(root)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [paths[i] for i in order], [classes[labels[i]] for i in order]
+
+
+class KNNMonitor:
+    def __init__(self, train_root: str | Path, eval_root: str | Path, num_channels: int, size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], max_images: int = 1000, k: int = 20,
+                 seed: int = 0, batch_size: int = 256):
+        bank_paths, bank_names = _subset(Path(train_root), max_images, seed)
+        query_paths, query_names = _subset(Path(eval_root), max_images, seed + 1)
+        classes = sorted(set(bank_names))
+        unknown = sorted(set(query_names) - set(classes))
+        if len(classes) < 2:
+            raise ValueError(f"train.eval_every: online kNN needs labelled training images (<root>/<class>/<image>, "
+                             f"two classes or more); {train_root} has {len(classes)}")
+        if unknown:
+            raise ValueError(f"train.eval_every: {eval_root} has classes the training data lacks: {', '.join(unknown)}")
+        self.num_classes, self.k, self.batch_size = len(classes), k, batch_size
+        self.size, self.num_channels = size, num_channels
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.bank_images = self._read(bank_paths)
+        self.query_images = self._read(query_paths)
+        self.bank_labels = torch.tensor([classes.index(n) for n in bank_names])
+        self.query_labels = torch.tensor([classes.index(n) for n in query_names])
+
+    def _read(self, paths: list[Path]) -> torch.Tensor:
+        mode = "RGB" if self.num_channels == 3 else "L"
+        images = []
+        for path in paths:
+            img = load_image(path, self.num_channels)
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), resample=2)  # bilinear, as the exported processor does
+            array = np.array(img.convert(mode), dtype=np.uint8)
+            images.append(torch.from_numpy(array.reshape(self.size, self.size, -1)).permute(2, 0, 1))
+        return torch.stack(images)
+
+    @torch.no_grad()
+    def _embed(self, encode: Encoder, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = images[start : start + self.batch_size].float() / 255.0
+            pixels = ((pixels - self.mean) / self.std).to(device)
+            chunks.append(encode(pixels).float())
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def accuracy(self, encode: Encoder, device: torch.device | str = "cpu") -> float:
+        """``encode``: normalised pixels (N, C, H, W) -> CLS embeddings (N, D)."""
+        device = torch.device(device)
+        bank = self._embed(encode, self.bank_images, device)
+        queries = self._embed(encode, self.query_images, device)
+        predicted = knn_predict(bank, self.bank_labels.to(device), queries, self.num_classes, self.k)
+        return float((predicted.cpu() == self.query_labels).float().mean())
