@@ -17,6 +17,7 @@ kNN of the teacher during training (dinomx.online_eval); the last column is scik
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -81,7 +82,7 @@ class Runner:
         return cfg
 
     def run(self, name: str, data: Path, overrides: list[str] = (), evaluate_on: Path | None = None) -> Path:
-        cfg = self.config(name, list(overrides))
+        cfg = self.config(re.sub(r"[^\w-]+", "-", name), list(overrides))
         curve: dict[int, float] = {}
         start = time.perf_counter()
         result = train(cfg, data / "train", eval_root=data / "val",
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     first_half = subset(data, [str(d) for d in range(5)], work / "digits0-4")
     runner = Runner(work / "runs", args.steps, args.eval_every)
 
-    base = runner.run("base: pretrain on 0-4", first_half, evaluate_on=data)
+    base = runner.run("base: pretrain on 0-4 (online kNN on 0-4)", first_half, evaluate_on=data)
     adapt = [f"student.pretrained={base}"]
     full = runner.run("adapt: full fine-tuning", data, adapt)
     runner.run("adapt: LoRA r=8", data, [*adapt, "lora_config.enabled=true", "lora_config.r=8", "lora_config.alpha=16"])

@@ -67,6 +67,9 @@ class DinoHeadConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    # Batch-normalised hidden layers (dinomx.dino_head); the teacher's head then uses batch
+    # statistics too, as in DINO.
+    use_bn: bool = False
     norm_last_layer: bool = True
     student_temp: float = 0.1
     center_momentum: float = 0.9
@@ -88,6 +91,7 @@ class IBOTConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    use_bn: bool = False
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""DINO projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes."""
+"""DINO projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+With ``use_bn`` each hidden layer is batch-normalised (DINO's ``use_bn_in_head``): a hidden unit
+then cannot answer the same for every image of a batch, which closes the head's shortcut to a
+uniform collapse — answering flat teacher targets with a constant output whatever the backbone
+sees. Small models trained briefly fall into it (see README, "A recipe that learns on CPU")."""
 from __future__ import annotations
 
 import torch
@@ -16,15 +21,19 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ):
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
         else:
-            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-            for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers = []
+            for layer_in in [in_dim] + [hidden_dim] * (nlayers - 2):
+                layers.append(nn.Linear(layer_in, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.apply(_init_weights)

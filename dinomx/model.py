@@ -38,10 +38,14 @@ class DINOModel(nn.Module):
         local_crops: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         mask_input: bool = True,
+        heads: bool = True,
     ) -> dict[str, torch.Tensor]:
         """``masks`` (N, P) selects the patches whose iBOT logits are returned; with
-        ``mask_input`` they are also hidden from the backbone (student), otherwise seen (teacher)."""
+        ``mask_input`` they are also hidden from the backbone (student), otherwise seen (teacher).
+        Without ``heads`` only the CLS embeddings (what is exported) are computed."""
         cls, patches = self.backbone(global_crops, masks if mask_input and masks is not None else None)
+        if not heads:
+            return {"global_cls": cls}
         out = {"global_cls": cls, "global_logits": self.dino_head(cls)}
         if self.distill_heads is not None:
             out["distill"] = [head(cls) for head in self.distill_heads]
@@ -53,7 +57,8 @@ class DINOModel(nn.Module):
 
 
 def _head(in_dim: int, section, norm_last_layer: bool = True) -> DINOHead:
-    return DINOHead(in_dim, section.out_dim, section.hidden_dim, section.bottleneck_dim, section.nlayers, norm_last_layer)
+    return DINOHead(in_dim, section.out_dim, section.hidden_dim, section.bottleneck_dim, section.nlayers,
+                    norm_last_layer, section.use_bn)
 
 
 def build_models(cfg: DinoMXConfig, teachers: list[FrozenTeacher] = ()) -> tuple[DINOModel, DINOModel]:
@@ -76,6 +81,11 @@ def build_models(cfg: DinoMXConfig, teachers: list[FrozenTeacher] = ()) -> tuple
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     teacher.eval()
+    # A batch-normalised head normalises with the batch's statistics in the teacher too (DINO
+    # never puts its teacher in eval mode); running averages were never EMA'd, so unusable.
+    for head in (teacher.dino_head, teacher.ibot_head):
+        if head is not None and any(isinstance(m, nn.BatchNorm1d) for m in head.modules()):
+            head.train()
     return student, teacher
 
 

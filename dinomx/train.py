@@ -175,7 +175,8 @@ def train(
             }
             if evaluate:
                 # Through the root module: under FSDP only its forward gathers the sharded weights.
-                metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels)["global_cls"], accelerator.device)
+                metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
+                                                       accelerator.device)
             collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
             if accelerator.is_main_process:
                 _log_line(step, total, metrics, out.parts, per_step, accelerator)

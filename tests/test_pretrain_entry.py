@@ -1,0 +1,11 @@
+import pytest
+
+from projects.pretrain import eval_split
+
+
+def test_online_knn_split_is_the_one_given_or_the_val_beside_train(tiles, tmp_path):
+    assert eval_split(str(tiles / "train"), "") == tiles / "val"
+    assert eval_split(str(tiles / "train"), str(tiles / "train")) == tiles / "train"
+    assert eval_split(str(tiles / "val"), "") is None  # not a train folder: no guess
+    with pytest.raises(FileNotFoundError, match="eval_data: .* is not a directory"):
+        eval_split(str(tiles / "train"), str(tmp_path / "missing"))
