@@ -92,6 +92,7 @@ class Runner:
         self.rows.append({"name": name, "trainable": trainable, "curve": curve, "seconds": time.perf_counter() - start,
                           "export": export_knn(result.backbone_dir, evaluate_on or data),
                           "loss": result.metrics["total_loss"], "collapse": result.collapse})
+        print(f"{name}: online kNN {curve}, export kNN {self.rows[-1]['export']:.3f}", flush=True)
         return result.backbone_dir
 
     def table(self, baselines: dict[str, float]) -> str:

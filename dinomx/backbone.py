@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -20,21 +21,18 @@ from transformers import (
 )
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
-from dinomx.config import DatasetConfig, LoraSection, StudentConfig
+from dinomx.config import ConfigError, DatasetConfig, DinoMXConfig, LoraSection, StudentConfig, check_model_fit
 
 # Transformer block index in a parameter name: Dinov2 `encoder.layer.3.`, ViT `layers.3.`.
 _BLOCK_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
+# Fields that StudentConfig and every supported HF config name alike.
+_SHARED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "num_channels")
+
+
 def _hf_config(cfg: StudentConfig):
-    common = dict(
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        num_channels=cfg.num_channels,
-    )
+    common = {name: getattr(cfg, name) for name in _SHARED_FIELDS}
     if cfg.arch == "vit":
         return ViTConfig(intermediate_size=cfg.hidden_size * cfg.mlp_ratio, **common)
     if cfg.arch == "dinov2_with_registers":
@@ -58,6 +56,36 @@ def resolve_pretrained(pretrained: str) -> str:
             "nor a directory containing config.json"
         )
     return pretrained
+
+
+def pretrained_student(cfg: DinoMXConfig) -> DinoMXConfig:
+    """``cfg`` with the student's architecture fields read from a pretrained backbone's
+    config.json (the YAML's values for them are ignored), checked against the crops and data
+    statistics. A scratch student is returned as it is."""
+    source = cfg.student.pretrained
+    if source == "scratch":
+        return cfg
+    try:
+        hf = AutoConfig.from_pretrained(resolve_pretrained(source))
+    except OSError as exc:
+        raise ConfigError(f"student.pretrained: cannot read the config of {source!r}: {exc}") from None
+    if hf.model_type not in ("dinov2", "vit", "dinov2_with_registers"):
+        raise ConfigError(f"student.pretrained: {source!r} is a {hf.model_type!r} model; expected dinov2, vit or "
+                          "dinov2_with_registers")
+    student = dataclasses.replace(
+        cfg.student,
+        arch=hf.model_type,
+        **{name: getattr(hf, name) for name in _SHARED_FIELDS},
+        mlp_ratio=int(getattr(hf, "mlp_ratio", 0) or hf.intermediate_size // hf.hidden_size),
+        num_register_tokens=getattr(hf, "num_register_tokens", 0),
+        drop_path_rate=float(getattr(hf, "drop_path_rate", 0.0)),
+    )
+    resolved = dataclasses.replace(cfg, student=student)
+    try:
+        check_model_fit(resolved)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (student.* read from the config.json of {source!r})") from None
+    return resolved
 
 
 def layer_depth(name: str, num_layers: int) -> int:

@@ -24,7 +24,10 @@ class ConfigError(ValueError):
 @dataclass
 class StudentConfig:
     # "scratch" builds a randomly initialised backbone from the fields below; a local HF
-    # directory (or "hf:<repo id>" resolved from the local HF cache) loads pretrained weights.
+    # directory (or "hf:<repo id>" resolved from the local HF cache) loads pretrained weights,
+    # and then arch, image_size, patch_size, num_channels, hidden_size, num_hidden_layers,
+    # num_attention_heads, mlp_ratio, num_register_tokens and drop_path_rate are read from its
+    # config.json (dinomx.backbone.pretrained_student): what is written here for them is ignored.
     pretrained: str = "scratch"
     arch: Literal["dinov2", "vit", "dinov2_with_registers"] = "dinov2"
     image_size: int = 224
@@ -191,6 +194,8 @@ class DinoMXConfig:
 
     def __post_init__(self) -> None:
         _check_semantics(self)
+        if self.student.pretrained == "scratch":  # else checked once the backbone's sizes are known
+            check_model_fit(self)
 
     @property
     def total_steps(self) -> int:
@@ -343,11 +348,6 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
             raise ConfigError(f"{key}: expected a positive value, got {value}")
     if cfg.lora_config.enabled and (cfg.lora_config.r <= 0 or not cfg.lora_config.target_modules):
         raise ConfigError("lora_config: expected r > 0 and at least one target module")
-    if not 0 <= cfg.student.freeze_blocks <= cfg.student.num_hidden_layers and cfg.student.pretrained == "scratch":
-        raise ConfigError(
-            f"student.freeze_blocks: expected 0..{cfg.student.num_hidden_layers} (student.num_hidden_layers), "
-            f"got {cfg.student.freeze_blocks}"
-        )
     for key, value in {"student.freeze_blocks": cfg.student.freeze_blocks, "train.checkpoint_every": cfg.train.checkpoint_every,
                        "train.eval_every": cfg.train.eval_every, "ibot.loss_weight": cfg.ibot.loss_weight,
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
@@ -366,6 +366,22 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
         raise ConfigError(f"ibot.mask_sample_probability: expected a probability, got {cfg.ibot.mask_sample_probability}")
     if cfg.crops.local_crops_number < 0:
         raise ConfigError(f"crops.local_crops_number: expected >= 0, got {cfg.crops.local_crops_number}")
+    for key in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = getattr(cfg.crops, key)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crops.{key}: expected 0 < min <= max <= 1, got {[lo, hi]}")
+    if not 0 <= cfg.teacher.momentum_teacher <= cfg.teacher.final_momentum_teacher <= 1:
+        raise ConfigError("teacher.momentum_teacher: expected 0 <= momentum_teacher <= final_momentum_teacher <= 1")
+
+
+def check_model_fit(cfg: DinoMXConfig) -> None:
+    """The rules that depend on the backbone's sizes: from the YAML for a scratch backbone, from
+    its config.json for a pretrained one."""
+    if not 0 <= cfg.student.freeze_blocks <= cfg.student.num_hidden_layers:
+        raise ConfigError(
+            f"student.freeze_blocks: expected 0..{cfg.student.num_hidden_layers} (student.num_hidden_layers), "
+            f"got {cfg.student.freeze_blocks}"
+        )
     if cfg.student.hidden_size % cfg.student.num_attention_heads:
         raise ConfigError(
             f"student.hidden_size: {cfg.student.hidden_size} is not divisible by "
@@ -377,10 +393,6 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
             raise ConfigError(
                 f"crops.{key}: {size} is not a multiple of student.patch_size={cfg.student.patch_size}"
             )
-    for key in ("global_crops_scale", "local_crops_scale"):
-        lo, hi = getattr(cfg.crops, key)
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"crops.{key}: expected 0 < min <= max <= 1, got {[lo, hi]}")
     if len(cfg.dataset.mean) != cfg.student.num_channels or len(cfg.dataset.std) != cfg.student.num_channels:
         raise ConfigError(
             f"dataset.mean/std: expected {cfg.student.num_channels} values "
@@ -391,8 +403,6 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
             f"dataset.augmentation: {cfg.dataset.augmentation!r} needs student.num_channels=3; "
             f"use 'ct' for {cfg.student.num_channels}-channel images"
         )
-    if not 0 <= cfg.teacher.momentum_teacher <= cfg.teacher.final_momentum_teacher <= 1:
-        raise ConfigError("teacher.momentum_teacher: expected 0 <= momentum_teacher <= final_momentum_teacher <= 1")
 
 
 def _plain(value: Any) -> Any:

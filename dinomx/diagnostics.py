@@ -9,7 +9,7 @@ how many directions the embeddings really use (RankMe, Garrido et al., 2023).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class CollapseDetector:
     uniform_fraction: float = 0.95
     # One prototype: the whole batch's mean answer carries under one nat.
     batch_entropy_floor: float = 1.0
-    _streak: int = 0
+    _streak: int = field(default=0, init=False, repr=False)
 
     def reason(self, metrics: dict[str, float]) -> str | None:
         max_entropy = math.log(self.out_dim)

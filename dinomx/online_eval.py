@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dinomx.data import list_images, load_image
 
@@ -64,7 +65,7 @@ class KNNMonitor:
         for path in paths:
             img = load_image(path, self.num_channels)
             if img.size != (self.size, self.size):
-                img = img.resize((self.size, self.size), resample=2)  # bilinear, as the exported processor does
+                img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)  # as the exported processor
             array = np.array(img.convert(mode), dtype=np.uint8)
             images.append(torch.from_numpy(array.reshape(self.size, self.size, -1)).permute(2, 0, 1))
         return torch.stack(images)

@@ -72,5 +72,6 @@ class Schedules:
 
     @property
     def warmup_steps(self) -> int:
-        """Iterations until every warm-up (lr, teacher temperature, frozen prototypes) is over."""
-        return max(self.lr.warmup_iters, self.teacher_temp.warmup_iters, self.last_layer_lr.warmup_iters)
+        """Iterations until the lr and teacher-temperature warm-ups are over. Frozen prototypes
+        do not count: a recipe may keep them frozen for the whole run."""
+        return max(self.lr.warmup_iters, self.teacher_temp.warmup_iters)

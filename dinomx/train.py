@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dinomx.augmentations import collate_crops
+from dinomx.backbone import pretrained_student
 from dinomx.checkpoint import CHECKPOINT_NAME, read_checkpoint, restore, restore_optimizers, save_checkpoint
 from dinomx.config import DinoMXConfig
 from dinomx.data import ImageFolderDataset
@@ -70,6 +71,7 @@ def train(
 ) -> TrainResult:
     """Train, or continue from ``resume_from`` (a checkpoint file or a directory holding one).
     ``eval_root``: a labelled split for the online kNN of ``train.eval_every``."""
+    cfg = pretrained_student(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)
     total, batch_size = cfg.total_steps, cfg.train.batch_size

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from dinomx.attention import write_attention_pngs
+from dinomx.backbone import pretrained_student
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import list_images, load_image
 from dinomx.diagnostics import CollapseError
@@ -75,12 +77,19 @@ def eval_split(data: str, eval_data: str) -> Path | None:
             raise FileNotFoundError(f"eval_data: {eval_data} is not a directory (expected <root>/<class>/<image>)")
         return Path(eval_data)
     sibling = Path(data).parent / "val"
-    return sibling if Path(data).name == "train" and sibling.is_dir() else None
+    if Path(data).name != "train" or not sibling.is_dir():
+        return None
+    train_classes, val_classes = set(list_images(data)[2]), set(list_images(sibling)[2])
+    if len(train_classes) < 2 or not val_classes <= train_classes:
+        logging.getLogger(__name__).warning("no online kNN: %s is not labelled like %s (class folders)", sibling, data)
+        return None
+    return sibling
 
 
 def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = "",
         eval_data: str = ""):
-    cfg = DinoMXConfig.from_yaml(config, overrides)
+    # The sizes of a pretrained backbone are logged and registered as it has them.
+    cfg = pretrained_student(DinoMXConfig.from_yaml(config, overrides))
     dataset = training_data(data, validation_report)
     eval_root = eval_split(data, eval_data) if cfg.train.eval_every else None
     commit, dirty = project_code_version()

@@ -1,6 +1,6 @@
 import pytest
 
-from dinomx.config import ConfigError, DinoMXConfig
+from dinomx.config import ConfigError, DinoMXConfig, StudentConfig
 from tests.conftest import REPO
 
 
@@ -55,3 +55,23 @@ def test_overrides_are_validated():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         DinoMXConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_a_pretrained_student_takes_its_sizes_from_its_config_json(tmp_path):
+    from dinomx.backbone import Backbone, pretrained_student
+
+    Backbone.from_config(StudentConfig(arch="vit", image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2,
+                                       num_attention_heads=3, mlp_ratio=2)).model.save_pretrained(tmp_path / "vit")
+    # The YAML's defaults (patch 14, hidden 384) would refuse 32 px crops; they are ignored.
+    cfg = DinoMXConfig.from_dict({"student": {"pretrained": str(tmp_path / "vit")},
+                                  "crops": {"global_crops_size": 32, "local_crops_size": 16}})
+    resolved = pretrained_student(cfg)
+    assert (resolved.student.arch, resolved.student.patch_size, resolved.student.hidden_size,
+            resolved.student.num_hidden_layers, resolved.student.mlp_ratio) == ("vit", 4, 48, 2, 2)
+    assert resolved.flat()["student.hidden_size"] == 48  # what MLflow logs and the signature uses
+
+    misfit = DinoMXConfig.from_dict({"student": {"pretrained": str(tmp_path / "vit")},
+                                     "crops": {"global_crops_size": 30, "local_crops_size": 16}})
+    with pytest.raises(ConfigError, match=r"crops.global_crops_size: 30 is not a multiple of student.patch_size=4 "
+                                          r"\(student.\* read from the config.json of"):
+        pretrained_student(misfit)

@@ -309,3 +309,11 @@ def test_micro_batcher_caps_batches_separates_models_and_fails_only_the_failed_b
     (first, bad, shared, swapped), sizes = asyncio.run(main())
     assert first.shape == (2, 1) and isinstance(bad, ValueError) and isinstance(shared, ValueError)
     assert swapped.tolist() == [[101.0]] and sizes == [2, 2, 1]
+
+
+def test_collapse_watch_starts_after_the_warmups_even_with_prototypes_frozen_throughout():
+    from dinomx.schedules import Schedules
+
+    cfg = tiny_config(optim={"warmup_epochs": 1, "freeze_last_layer_epochs": 2},
+                      teacher={"warmup_teacher_temp_epochs": 0}, train={"epochs": 2, "steps_per_epoch": 3})
+    assert Schedules.from_config(cfg).warmup_steps == 3  # the lr warm-up, not the 6 frozen steps

@@ -75,7 +75,8 @@ class Fixed(torch.nn.Module):
 
 def test_objective_weighs_all_crop_pairs_as_dino_does():
     b, k, n_local = 4, 12, 3
-    cfg = tiny_config(dino_head={"out_dim": k}, crops={"local_crops_number": n_local})
+    cfg = tiny_config(dino_head={"out_dim": k, "centering": "centering", "koleo_loss_weight": 0.0},
+                      crops={"local_crops_number": n_local})
     student_global, student_local = RNG.normal(size=(2 * b, k)), RNG.normal(size=(n_local * b, k))
     teacher_global = RNG.normal(size=(2 * b, k))
     student = Fixed({"global_logits": t64(student_global), "local_logits": t64(student_local),

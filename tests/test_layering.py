@@ -1,0 +1,26 @@
+"""The engine stays usable without the platform: importing every dinomx module loads no MLflow,
+S3, DVC, Great Expectations, BentoML or Flask beyond what the engine's allowed dependencies load
+themselves (accelerate imports boto3 for SageMaker) (DESIGN.md, "Parts and what each may know")."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+ALLOWED = ("torch", "transformers", "peft", "accelerate", "numpy", "PIL", "yaml", "tqdm", "safetensors", "sklearn")
+PLATFORM = ("mlflow", "boto3", "botocore", "dvc", "bentoml", "great_expectations", "flask")
+
+
+def _loaded_platform_packages(modules: list[str]) -> set[str]:
+    code = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & set({list(PLATFORM)!r}))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_the_engine_imports_no_platform_package():
+    modules = sorted(f"dinomx.{p.stem}" for p in (REPO / "dinomx").glob("*.py") if p.stem != "__init__")
+    modules += sorted(f"dinomx.loss.{p.stem}" for p in (REPO / "dinomx" / "loss").glob("*.py") if p.stem != "__init__")
+    engine = _loaded_platform_packages(modules)
+    assert len(modules) > 20 and "mlflow" not in engine
+    assert engine <= _loaded_platform_packages(list(ALLOWED))
