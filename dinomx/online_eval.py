@@ -1,7 +1,7 @@
 """Online kNN evaluation while pretraining (as solo-learn and lightly report it): the teacher's
 CLS embeddings of a fixed labelled subset of the training images form the memory bank, a fixed
 subset of a labelled validation split is classified against it by weighted k nearest neighbours
-(cosine similarity, votes weighted exp(sim / T) as in DINO's eval_knn).
+(cosine similarity, votes weighted exp(sim / T) as in DINO's eval_knn: dinomx.classifiers.KNNClassifier).
 
 The subsets are read, resized and stored as uint8 once, so each evaluation costs one forward
 pass over a few hundred images and a matrix product.
@@ -13,22 +13,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from dinomx.classifiers import KNNClassifier
 from dinomx.data import list_images, load_image
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
-    """Predicted class of each query: weighted vote of its ``k`` most cosine-similar bank entries."""
-    similarity = F.normalize(queries, dim=-1) @ F.normalize(bank, dim=-1).T
-    weights, index = similarity.topk(min(k, bank.shape[0]), dim=-1)
-    votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
-    votes.scatter_add_(1, bank_labels[index], (weights / temperature).exp())
-    return votes.argmax(-1)
 
 
 def _subset(root: Path, limit: int, seed: int) -> tuple[list[Path], list[str]]:
@@ -85,5 +75,6 @@ class KNNMonitor:
         device = torch.device(device)
         bank = self._embed(encode, self.bank_images, device)
         queries = self._embed(encode, self.query_images, device)
-        predicted = knn_predict(bank, self.bank_labels.to(device), queries, self.num_classes, self.k)
-        return float((predicted.cpu() == self.query_labels).float().mean())
+        knn = KNNClassifier(self.num_classes, self.k).fit(bank.cpu().numpy(), self.bank_labels.numpy())
+        predicted = knn.predict_proba(queries.cpu().numpy()).argmax(1)
+        return float((torch.from_numpy(predicted) == self.query_labels).float().mean())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dinomx.diagnostics import CollapseDetector, CollapseError, batch_diagnostics, effective_rank, entropy
-from dinomx.online_eval import KNNMonitor, knn_predict
+from dinomx.classifiers import KNNClassifier
+from dinomx.online_eval import KNNMonitor
 from dinomx.train import train
 from tests.conftest import tiny_config
 
@@ -50,11 +51,12 @@ def test_collapse_detector_waits_for_the_warmup_and_for_persistence():
     assert "one-prototype collapse" in detector.update(15, one)
 
 
-def test_knn_predict_votes_by_similarity():
+def test_knn_votes_by_similarity():
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
     queries = torch.tensor([[1.0, 0.05], [0.02, 1.0]])
-    assert knn_predict(bank, labels, queries, num_classes=2, k=3).tolist() == [0, 1]
+    knn = KNNClassifier(num_classes=2, k=3).fit(bank.numpy(), labels.numpy())
+    assert knn.predict_proba(queries.numpy()).argmax(1).tolist() == [0, 1]
 
 
 def test_training_reports_diagnostics_and_online_knn_every_eval_step(tiles, tmp_path):
