@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.checkpoint import ResumeError
 from dinomx.diagnostics import CollapseError
+from dinomx.interrupt import Interrupted
 from dinomx.train import make_accelerator, train
 
 
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResumeError, CollapseError, FileNotFoundError) as exc:
         print(f"dinomx: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"dinomx: interrupted by {exc}", file=sys.stderr)
+        return os.EX_TEMPFAIL  # try again later: what a requeueing job script looks for
     if accelerator.is_main_process:
         print(f"saved {result.backbone_dir} (checkpoint {result.checkpoint})")
     return 0

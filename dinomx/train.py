@@ -30,6 +30,7 @@ from dinomx.config import DinoMXConfig
 from dinomx.data import ImageFolderDataset
 from dinomx.diagnostics import CollapseDetector, CollapseError
 from dinomx.distillation import FrozenTeacher
+from dinomx.interrupt import Interrupted, StopRequest, ignore_stop_signals
 from dinomx.model import build_models, ema_update, param_groups, shard
 from dinomx.objective import SSLObjective
 from dinomx.online_eval import KNNMonitor
@@ -70,7 +71,10 @@ def train(
     on_collapse: CollapseCallback | None = None,
 ) -> TrainResult:
     """Train, or continue from ``resume_from`` (a checkpoint file or a directory holding one).
-    ``eval_root``: a labelled split for the online kNN of ``train.eval_every``."""
+    ``eval_root``: a labelled split for the online kNN of ``train.eval_every``.
+
+    SIGTERM or SIGUSR1 (a scheduler's notice) ends the run at the next iteration with a checkpoint
+    and ``Interrupted``; resuming from it continues exactly there."""
     cfg = pretrained_student(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)
@@ -116,6 +120,7 @@ def train(
         sampler=StreamSampler(len(images), start * per_step, total * per_step, cfg.train.seed, experts, per_step),
         collate_fn=collate_crops,
         num_workers=cfg.dataset.num_workers,
+        worker_init_fn=ignore_stop_signals,
         persistent_workers=cfg.dataset.num_workers > 0,
         drop_last=True,
     ))
@@ -135,60 +140,65 @@ def train(
                     disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for model in students:
         model.train()
+    with StopRequest() as stop:
+        for it, batch in enumerate(loader, start=start):
+            expert = it % experts
+            student, optimizer = students[expert], optimizers[expert]
+            lr, wd = schedules.lr[it], schedules.weight_decay[it]
+            momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
+            for group in optimizer.param_groups:
+                group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
+                group["weight_decay"] = wd if group["apply_wd"] else 0.0
 
-    for it, batch in enumerate(loader, start=start):
-        expert = it % experts
-        student, optimizer = students[expert], optimizers[expert]
-        lr, wd = schedules.lr[it], schedules.weight_decay[it]
-        momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
-        for group in optimizer.param_groups:
-            group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
-            group["weight_decay"] = wd if group["apply_wd"] else 0.0
+            with accelerator.autocast():
+                out = objective(student, teacher, batch, teacher_temp, frozen)
+            _check_finite(out.loss, out.parts, it, lr, teacher_temp)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out.loss)
+            # Clipping at infinity only measures: the norm is a diagnostic in its own right.
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
+            optimizer.step()
+            objective.update_centers(out)
+            ema_update(teacher_params, expert_params[expert], momentum)
 
-        with accelerator.autocast():
-            out = objective(student, teacher, batch, teacher_temp, frozen)
-        _check_finite(out.loss, out.parts, it, lr, teacher_temp)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(out.loss)
-        # Clipping at infinity only measures: the norm is a diagnostic in its own right.
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
-        optimizer.step()
-        objective.update_centers(out)
-        ema_update(teacher_params, expert_params[expert], momentum)
-
-        step = it + 1
-        progress.update()
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
-            save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-        window_steps += 1
-        evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
-        if step % cfg.train.log_every == 0 or step == total or evaluate:
-            metrics = {
-                "total_loss": out.loss.item(),
-                **{k: v.item() for k, v in out.parts.items()},
-                **objective.diagnostics(out),
-                "grad_norm": float(grad_norm),
-                "lr": lr,
-                "wd": wd,
-                "teacher_momentum": momentum,
-                "teacher_temp": teacher_temp,
-                "epoch": it / cfg.train.steps_per_epoch,
-                "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
-            }
-            if evaluate:
-                # Through the root module: under FSDP only its forward gathers the sharded weights.
-                metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
-                                                       accelerator.device)
-            collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
-            if accelerator.is_main_process:
-                _log_line(step, total, metrics, out.parts, per_step, accelerator)
-                if on_log is not None:
-                    on_log(step, metrics)
-            if _all_agree_to_stop(accelerator, collapse is not None and cfg.train.stop_on_collapse):
+            step = it + 1
+            progress.update()
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
                 save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-                raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
-            window_start, window_steps = time.perf_counter(), 0
-            progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
+            window_steps += 1
+            evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
+            if step % cfg.train.log_every == 0 or step == total or evaluate:
+                metrics = {
+                    "total_loss": out.loss.item(),
+                    **{k: v.item() for k, v in out.parts.items()},
+                    **objective.diagnostics(out),
+                    "grad_norm": float(grad_norm),
+                    "lr": lr,
+                    "wd": wd,
+                    "teacher_momentum": momentum,
+                    "teacher_temp": teacher_temp,
+                    "epoch": it / cfg.train.steps_per_epoch,
+                    "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
+                }
+                if evaluate:
+                    # Through the root module: under FSDP only its forward gathers the sharded weights.
+                    metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
+                                                           accelerator.device)
+                collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
+                if accelerator.is_main_process:
+                    _log_line(step, total, metrics, out.parts, per_step, accelerator)
+                    if on_log is not None:
+                        on_log(step, metrics)
+                if _agreed_max(accelerator, collapse is not None and cfg.train.stop_on_collapse):
+                    save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
+                    raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
+                window_start, window_steps = time.perf_counter(), 0
+                progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
+            # Every process stops at the same iteration; SIGTERM (being killed) outranks SIGUSR1 (a warning).
+            signum = _agreed_max(accelerator, stop.signum or 0)
+            if signum and step < total:
+                save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
+                raise Interrupted(step, checkpoint, signum)
 
     progress.close()
     final = save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, objective, optimizers)
@@ -214,12 +224,13 @@ def _check_finite(loss: torch.Tensor, parts: dict[str, torch.Tensor], it: int, l
         )
 
 
-def _all_agree_to_stop(accelerator: Accelerator, stop: bool) -> bool:
-    """Each process judges its own batch; one that stops alone would leave the others waiting."""
-    flag = torch.tensor(float(stop), device=accelerator.device)
+def _agreed_max(accelerator: Accelerator, value: int) -> int:
+    """The largest of every process's ``value``: each judges its own batch or signals, and one that
+    stops alone would leave the others waiting."""
+    flag = torch.tensor(int(value), device=accelerator.device)
     if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    return bool(flag > 0)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag)
 
 
 def _watch_collapse(detector: CollapseDetector, step: int, metrics: dict[str, float], known: str | None,

@@ -2,6 +2,7 @@ import logging
 import dataclasses
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 
 from dinomx.embed import Embedder
+from dinomx.interrupt import Interrupted
 from dinomx.model import build_models, param_groups
 from dinomx.sampling import StreamSampler
 from dinomx.train import train
@@ -214,6 +216,26 @@ def test_fsdp_checkpoint_of_two_processes_resumes_in_one(tiles, tmp_path):
     result = train(single, tiles / "train", on_log=lambda step, m: steps.append(step), resume_from=tmp_path / "out")
     assert steps == [5, 6]
     assert AutoModel.from_pretrained(result.backbone_dir).config.hidden_size == 32
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_at_that_iteration_and_resumes_there(tiles, tmp_path, signum):
+    cfg = tiny_config(train={"output_dir": str(tmp_path), "log_every": 1, "checkpoint_every": 0},
+                      dataset={"num_workers": 1})
+
+    def notice_at_step_2(step, metrics):
+        if step == 2:  # the scheduler's notice arrives mid-run (a DataLoader worker gets it too)
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(Interrupted, match=f"{signal.Signals(signum).name} at iteration 2") as stopped:
+        train(cfg, tiles / "train", on_log=notice_at_step_2)
+    assert stopped.value.step == 2
+    assert torch.load(stopped.value.checkpoint, weights_only=True)["step"] == 2
+    assert signal.getsignal(signum) is signal.SIG_DFL  # the process's own handling is back
+
+    steps = []
+    train(cfg, tiles / "train", on_log=lambda step, m: steps.append(step), resume_from=stopped.value.checkpoint)
+    assert steps == [3, 4, 5, 6]
 
 
 def test_fsdp_needs_several_processes(tiles, tmp_path):
