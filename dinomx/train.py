@@ -75,6 +75,14 @@ def train(
 
     SIGTERM or SIGUSR1 (a scheduler's notice) ends the run at the next iteration with a checkpoint
     and ``Interrupted``; resuming from it continues exactly there."""
+    # From the start: a notice during set-up stops the run at its first iteration.
+    with StopRequest() as stop:
+        return _train(cfg, data_root, on_log, accelerator, resume_from, eval_root, on_collapse, stop)
+
+
+def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | None, accelerator: Accelerator | None,
+           resume_from: str | Path | None, eval_root: str | Path | None, on_collapse: CollapseCallback | None,
+           stop: StopRequest) -> TrainResult:
     cfg = pretrained_student(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)
@@ -140,65 +148,64 @@ def train(
                     disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for model in students:
         model.train()
-    with StopRequest() as stop:
-        for it, batch in enumerate(loader, start=start):
-            expert = it % experts
-            student, optimizer = students[expert], optimizers[expert]
-            lr, wd = schedules.lr[it], schedules.weight_decay[it]
-            momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
-            for group in optimizer.param_groups:
-                group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
-                group["weight_decay"] = wd if group["apply_wd"] else 0.0
+    for it, batch in enumerate(loader, start=start):
+        expert = it % experts
+        student, optimizer = students[expert], optimizers[expert]
+        lr, wd = schedules.lr[it], schedules.weight_decay[it]
+        momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
+        for group in optimizer.param_groups:
+            group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
+            group["weight_decay"] = wd if group["apply_wd"] else 0.0
 
-            with accelerator.autocast():
-                out = objective(student, teacher, batch, teacher_temp, frozen)
-            _check_finite(out.loss, out.parts, it, lr, teacher_temp)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(out.loss)
-            # Clipping at infinity only measures: the norm is a diagnostic in its own right.
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
-            optimizer.step()
-            objective.update_centers(out)
-            ema_update(teacher_params, expert_params[expert], momentum)
+        with accelerator.autocast():
+            out = objective(student, teacher, batch, teacher_temp, frozen)
+        _check_finite(out.loss, out.parts, it, lr, teacher_temp)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(out.loss)
+        # Clipping at infinity only measures: the norm is a diagnostic in its own right.
+        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
+        optimizer.step()
+        objective.update_centers(out)
+        ema_update(teacher_params, expert_params[expert], momentum)
 
-            step = it + 1
-            progress.update()
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+        step = it + 1
+        progress.update()
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+            save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
+        window_steps += 1
+        evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
+        if step % cfg.train.log_every == 0 or step == total or evaluate:
+            metrics = {
+                "total_loss": out.loss.item(),
+                **{k: v.item() for k, v in out.parts.items()},
+                **objective.diagnostics(out),
+                "grad_norm": float(grad_norm),
+                "lr": lr,
+                "wd": wd,
+                "teacher_momentum": momentum,
+                "teacher_temp": teacher_temp,
+                "epoch": it / cfg.train.steps_per_epoch,
+                "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
+            }
+            if evaluate:
+                # Through the root module: under FSDP only its forward gathers the sharded weights.
+                metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
+                                                       accelerator.device)
+            collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
+            if accelerator.is_main_process:
+                _log_line(step, total, metrics, out.parts, per_step, accelerator)
+                if on_log is not None:
+                    on_log(step, metrics)
+            if _agreed_max(accelerator, collapse is not None and cfg.train.stop_on_collapse):
                 save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-            window_steps += 1
-            evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
-            if step % cfg.train.log_every == 0 or step == total or evaluate:
-                metrics = {
-                    "total_loss": out.loss.item(),
-                    **{k: v.item() for k, v in out.parts.items()},
-                    **objective.diagnostics(out),
-                    "grad_norm": float(grad_norm),
-                    "lr": lr,
-                    "wd": wd,
-                    "teacher_momentum": momentum,
-                    "teacher_temp": teacher_temp,
-                    "epoch": it / cfg.train.steps_per_epoch,
-                    "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
-                }
-                if evaluate:
-                    # Through the root module: under FSDP only its forward gathers the sharded weights.
-                    metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
-                                                           accelerator.device)
-                collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
-                if accelerator.is_main_process:
-                    _log_line(step, total, metrics, out.parts, per_step, accelerator)
-                    if on_log is not None:
-                        on_log(step, metrics)
-                if _agreed_max(accelerator, collapse is not None and cfg.train.stop_on_collapse):
-                    save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-                    raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
-                window_start, window_steps = time.perf_counter(), 0
-                progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
-            # Every process stops at the same iteration; SIGTERM (being killed) outranks SIGUSR1 (a warning).
-            signum = _agreed_max(accelerator, stop.signum or 0)
-            if signum and step < total:
-                save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-                raise Interrupted(step, checkpoint, signum)
+                raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
+            window_start, window_steps = time.perf_counter(), 0
+            progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
+        # Every process stops at the same iteration; SIGTERM (being killed) outranks SIGUSR1 (a warning).
+        signum = _agreed_max(accelerator, stop.signum or 0)
+        if signum and step < total:
+            save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
+            raise Interrupted(step, checkpoint, signum)
 
     progress.close()
     final = save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, objective, optimizers)

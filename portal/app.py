@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from portal.access import AccessDenied, BadPath, clean_prefix, level_of, object_key, require, visible_datasets
-from portal.db import LEVELS, AuditEvent, Dataset, Grant, Group, Job, User, db
-from portal.jobs import FormErrors, JobRunner, TrainingRequest, submit, training_configs
+from portal.db import LEVELS, AuditEvent, Dataset, Grant, Group, Job, User, add_missing_columns, db
+from portal.jobs import ACTIVE, FormErrors, JobRunner, TrainingRequest, make_launcher, submit, training_configs
 from portal.storage import Storage
 from registry.lineage import format_chain, lineage_chain
 from registry.promote import LOCK_PREFIX, PromotionRefused, audit_trail, promote, rollback
@@ -43,6 +43,11 @@ class Settings:
     project_dir: Path = field(default_factory=lambda: Path(os.environ.get("PORTAL_PROJECT_DIR", PROJECT)))
     run_jobs: bool = field(default_factory=lambda: os.environ.get("PORTAL_RUN_JOBS", "1") == "1")
     job_slots: int = field(default_factory=lambda: int(os.environ.get("PORTAL_JOB_SLOTS", "1")))
+    # Where jobs run: "local" (this machine) or "slurm" (sbatch, with the site's backend config JSON:
+    # partition, account, set-up lines; the job form adds nodes, GPUs and the time limit).
+    job_backend: str = field(default_factory=lambda: os.environ.get("PORTAL_JOB_BACKEND", "local"))
+    slurm_config: str | None = field(default_factory=lambda: os.environ.get("PORTAL_SLURM_CONFIG"))
+    job_log_dir: Path = field(default_factory=lambda: Path(os.environ.get("PORTAL_JOB_LOG_DIR", PROJECT / "portal-jobs")))
     # Institutional sign-in (OpenID Connect); local users only when no issuer is set.
     oidc_metadata_url: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_METADATA_URL"))
     oidc_client_id: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_CLIENT_ID"))
@@ -76,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         db.create_all()
+        add_missing_columns()
     login = LoginManager(app)
     login.login_view = "login"
     login.user_loader(lambda user_id: db.session.get(User, int(user_id)))
@@ -305,7 +311,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     def job_view(job: Job) -> dict:
         return {"id": job.id, "owner": job.owner, "dataset": job.dataset.name, "entry_point": job.entry_point,
                 "status": job.status, "parameters": job.parameters, "command": job.command,
-                "mlflow_run_id": job.mlflow_run_id, "exit_code": job.exit_code,
+                "mlflow_run_id": job.mlflow_run_id, "exit_code": job.exit_code, "backend": job.backend,
+                "scheduler_id": job.scheduler_id, "scheduler_state": job.scheduler_state,
                 "mlflow_url": (f"{settings.mlflow_ui_url}/#/experiments/{job.experiment_id}/runs/{job.mlflow_run_id}"
                                if job.mlflow_run_id else None),
                 "created_at": job.created_at.isoformat(), "log_tail": job.log_tail}
@@ -323,15 +330,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         choices = [(d, lvl) for d, lvl in visible_datasets(current_user) if d.train_path]
         configs = training_configs(settings.project_dir)
         if request.method == "GET":
-            return render_template("new_job.html", datasets=choices, configs=configs, errors={}, form={})
+            return render_template("new_job.html", datasets=choices, configs=configs, errors={}, form={},
+                                   backend=settings.job_backend)
         data = payload()
         try:
-            training = TrainingRequest.from_form(data, settings.project_dir)
+            training = TrainingRequest.from_form(data, settings.project_dir, settings.job_backend)
         except FormErrors as exc:
             audit("job.submit", "", outcome="refused", errors=exc.errors)
             if wants_json():
                 raise
-            return render_template("new_job.html", datasets=choices, configs=configs, errors=exc.errors, form=data), 400
+            return render_template("new_job.html", datasets=choices, configs=configs, errors=exc.errors, form=data,
+                                   backend=settings.job_backend), 400
         dataset = dataset_for(training.dataset_id, "read")
         if not dataset.train_path:
             raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
@@ -354,6 +363,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     def job_page(job_id: int):
         job = own_job(job_id)
         return render_template("job.html", job=job, view=job_view(job))
+
+    @app.post("/jobs/<int:job_id>/cancel")
+    @app.post("/api/jobs/<int:job_id>/cancel", endpoint="api_cancel")
+    @login_required
+    def cancel_job(job_id: int):
+        job = own_job(job_id)
+        runner = app.extensions.get("vf.jobs")
+        if job.status not in ("queued", *ACTIVE) or runner is None:
+            audit("job.cancel", f"job {job.id}", outcome="refused", status=job.status)
+            reason = f"job {job.id} is {job.status}" if runner else "this portal process runs no jobs (PORTAL_RUN_JOBS=0)"
+            return (jsonify({"error": reason}), 409) if wants_json() else (render_template("error.html", message=reason), 409)
+        runner.cancel(job)
+        audit("job.cancel", f"job {job.id}", backend=job.backend, scheduler_id=job.scheduler_id)
+        return jsonify(job_view(job)) if wants_json() else redirect(url_for("job_page", job_id=job.id))
 
     @app.get("/api/jobs/<int:job_id>")
     @login_required
@@ -455,7 +478,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         return render_template("audit.html", events=events)
 
     if settings.run_jobs:
-        app.extensions["vf.jobs"] = JobRunner(app, settings.project_dir, settings.tracking_uri, settings.job_slots).start()
+        launcher = make_launcher(settings.job_backend, settings.project_dir, settings.tracking_uri, settings.slurm_config,
+                                 settings.job_log_dir)
+        app.extensions["vf.jobs"] = JobRunner(app, launcher, settings.tracking_uri, settings.job_slots).start()
     return app
 
 

@@ -74,7 +74,13 @@ class Job(db.Model):
     entry_point: Mapped[str] = mapped_column(String(32))
     parameters: Mapped[dict] = mapped_column(JSON)  # the validated form
     command: Mapped[list] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued starting running finished failed
+    # queued starting running finished failed cancelled
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    backend: Mapped[str | None] = mapped_column(String(16))  # the MLflow project backend: local or slurm
+    # The scheduler's handle (Slurm job id; process id under the local backend) and its last word.
+    scheduler_id: Mapped[str | None] = mapped_column(String(64))
+    scheduler_state: Mapped[str | None] = mapped_column(String(32))
+    log_path: Mapped[str | None] = mapped_column(String(1024))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     experiment_id: Mapped[str | None] = mapped_column(String(64))
     exit_code: Mapped[int | None] = mapped_column()
@@ -93,3 +99,18 @@ class AuditEvent(db.Model):
     target: Mapped[str] = mapped_column(String(512), default="")
     outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok denied refused failed
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+def add_missing_columns() -> None:
+    """Columns added since a database was created (``create_all`` makes only missing tables):
+    nullable ones, so an ALTER TABLE is all they need."""
+    inspector = db.inspect(db.engine)
+    for table in db.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=db.engine.dialect)
+                with db.engine.begin() as connection:
+                    connection.execute(db.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))

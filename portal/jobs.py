@@ -1,16 +1,19 @@
-"""Training jobs from the portal: a validated form becomes an ``mlflow run`` of the project, queued
-in the database and run by a worker; the MLflow run is created first so the job links to it (and
-its live metrics) from the moment it starts.
+"""Training jobs from the portal: a validated form becomes a run of the project's MLflow entry point
+through an MLflow project backend, ``local`` (an ``mlflow run`` process on this machine) or
+``slurm`` (an sbatch job, ``projects.slurm``), as the portal is configured. The MLflow run is
+created first, so the job links to it and its live metrics from the start. A job's state is read
+back from the scheduler and MLflow, never kept only in this process: a restarted portal finds its
+jobs where they are.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import shlex
+import signal
 import subprocess
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +22,16 @@ from mlflow import MlflowClient
 
 from dinomx.config import ConfigError, DinoMXConfig
 from portal.db import Dataset, Job, db, now
+from projects.slurm import SlurmBackend, SlurmConfig, SlurmSubmittedRun
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("standard", "lora", "freeze", "distill")
 EXPERIMENT = "vision-foundry-portal"
+BACKENDS = ("local", "slurm")
+ACTIVE = ("starting", "running")
+# An ended MLflow run's status as the job's.
+JOB_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "cancelled"}
+LOG_TAIL = 6000
 
 
 class FormErrors(ValueError):
@@ -58,9 +67,13 @@ class TrainingRequest:
     batch_size: int = 32
     lr: float = 5e-4
     epochs: int = 0  # 0: the config's own
+    nodes: int = 1
+    gpus_per_node: int = 0
+    processes_per_node: int = 1  # on nodes without GPUs; with GPUs it is one process per GPU
+    time_limit: str = ""  # Slurm's D-HH:MM:SS; "" is the partition's limit
 
     @classmethod
-    def from_form(cls, form: Mapping[str, str], project: Path) -> "TrainingRequest":
+    def from_form(cls, form: Mapping[str, str], project: Path, backend: str = "local") -> "TrainingRequest":
         """Every field checked, every problem reported at once under its field name."""
         errors, values = {}, {}
 
@@ -107,6 +120,19 @@ class TrainingRequest:
         values["batch_size"] = number("batch_size", int, 1, 4096, 32)
         values["lr"] = number("lr", float, 1e-7, 1.0, 5e-4)
         values["epochs"] = number("epochs", int, 0, 10000, 0)
+        values["nodes"] = number("nodes", int, 1, 64, 1)
+        values["gpus_per_node"] = number("gpus_per_node", int, 0, 16, 0)
+        values["processes_per_node"] = number("processes_per_node", int, 1, 64, 1)
+        time_limit = str(form.get("time_limit", "") or "").strip()
+        if time_limit and not re.fullmatch(r"(\d{1,3}-)?\d{1,2}:\d{2}:\d{2}", time_limit):
+            errors["time_limit"] = f"expected HH:MM:SS or D-HH:MM:SS, got {time_limit!r}"
+        values["time_limit"] = time_limit
+        if backend == "local" and values["nodes"] > 1:
+            errors["nodes"] = "this portal runs jobs on its own machine (local backend): one node"
+        if not errors:
+            processes = values["nodes"] * (values["gpus_per_node"] or values["processes_per_node"])
+            if distribution == "fsdp" and processes < 2:
+                errors["distribution"] = "fsdp shards over several processes: ask for 2 or more GPUs or processes"
         if not errors:
             request = cls(**values)
             try:  # the engine's own validation, with the overrides the job will pass
@@ -132,15 +158,22 @@ class TrainingRequest:
             items.append(f"student.freeze_blocks={self.freeze_blocks}")
         return items
 
-    def command(self, dataset: Dataset, run_id: str) -> list[str]:
+    @property
+    def processes(self) -> int:
+        """Processes per node: one per GPU, else as asked."""
+        return self.gpus_per_node or self.processes_per_node
+
+    def parameters(self, dataset: Dataset) -> dict[str, str]:
+        """The entry point's MLflow parameters."""
         params = {"name": self.name, "config": self.config, "data": dataset.train_path,
                   "validation_report": dataset.validation_report, "overrides": " ".join(self.overrides())}
         if self.entry_point == "distill":
             params["teachers"] = self.teachers
-        cmd = ["mlflow", "run", ".", "--env-manager", "local", "-e", self.entry_point, "--run-id", run_id]
-        for key, value in params.items():
-            cmd += ["-P", f"{key}={value}"]
-        return cmd
+        return params
+
+    def slurm_resources(self) -> dict:
+        resources = {"nodes": self.nodes, "gpus_per_node": self.gpus_per_node, "tasks_per_node": self.processes}
+        return resources | ({"time": self.time_limit} if self.time_limit else {})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,20 +187,128 @@ def submit(request: TrainingRequest, dataset: Dataset, owner: str) -> Job:
     return job
 
 
-class JobRunner:
-    """Runs queued jobs one at a time (``slots`` at once) as ``mlflow run`` subprocesses."""
+def read_tail(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL))
+        return f.read().decode("utf-8", "replace")
 
-    def __init__(self, app, project: Path, tracking_uri: str, slots: int = 1, poll_s: float = 1.0):
-        self.app, self.project, self.tracking_uri = app, project, tracking_uri
+
+class LocalLauncher:
+    """The ``local`` backend: ``mlflow run`` as a process of its own session on this machine, its
+    output in a file. After a restart the process is found again by its id (and its run id on its
+    command line, so a reused process id is not mistaken for it)."""
+
+    name = "local"
+
+    def __init__(self, project: Path, tracking_uri: str, log_dir: Path):
+        self.project, self.tracking_uri, self.log_dir = project, tracking_uri, log_dir
+        self._children: dict[str, subprocess.Popen] = {}
+
+    def submit(self, request: TrainingRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
+        """(command, scheduler id, log path)."""
+        command = ["mlflow", "run", str(self.project), "--env-manager", "local", "-e", request.entry_point,
+                   "--run-id", run_id]
+        for key, value in (request.parameters(dataset) | {"processes": str(request.processes)}).items():
+            command += ["-P", f"{key}={value}"]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{run_id}.log"
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(command, cwd=self.project, stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri},
+                                       start_new_session=True)
+        self._children[str(process.pid)] = process
+        return command, str(process.pid), str(log_path)
+
+    def poll(self, job: Job) -> tuple[str, str | None, int | None]:
+        """(scheduler state, the job's final status or None while it runs, exit code)."""
+        child = self._children.get(job.scheduler_id)
+        exit_code = child.poll() if child is not None else None
+        if (child is not None and exit_code is None) or (child is None and self._alive(job)):
+            return "RUNNING", None, None
+        self._children.pop(job.scheduler_id, None)
+        client = MlflowClient(self.tracking_uri)
+        status = client.get_run(job.mlflow_run_id).info.status
+        if status in ("RUNNING", "SCHEDULED"):  # the process ended without ending its run
+            client.set_tag(job.mlflow_run_id, "vf.error", f"the job's process ended without reporting (exit code {exit_code})")
+            client.set_terminated(job.mlflow_run_id, "FAILED")
+            status = "FAILED"
+        return "EXITED", JOB_STATUS[status], exit_code
+
+    def cancel(self, job: Job) -> None:
+        if self._alive(job):
+            # The whole session: `mlflow run` and the training processes under it, which checkpoint
+            # on SIGTERM and end their run KILLED.
+            os.killpg(int(job.scheduler_id), signal.SIGTERM)
+
+    @staticmethod
+    def _alive(job: Job) -> bool:
+        try:
+            return job.mlflow_run_id.encode() in Path(f"/proc/{job.scheduler_id}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+
+class SlurmLauncher:
+    """The ``slurm`` backend (``projects.slurm``): the site's backend config (partition, account,
+    set-up lines) with the job's resources on top."""
+
+    name = "slurm"
+
+    def __init__(self, project: Path, tracking_uri: str, site_config: dict):
+        SlurmConfig.from_dict(site_config)  # a bad site config fails at start, not at the first job
+        self.project, self.tracking_uri, self.site_config = project, tracking_uri, site_config
+        self._submitted: dict[str, SlurmSubmittedRun] = {}
+
+    def submit(self, request: TrainingRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
+        config = self.site_config | request.slurm_resources() | {"run_id": run_id}
+        client = MlflowClient(self.tracking_uri)
+        submitted = SlurmBackend().run(str(self.project), request.entry_point, request.parameters(dataset), None,
+                                       config, self.tracking_uri, client.get_run(run_id).info.experiment_id)
+        self._submitted[submitted.job_id] = submitted
+        return ["sbatch", submitted.script_path], submitted.job_id, submitted.log_path
+
+    def poll(self, job: Job) -> tuple[str, str | None, int | None]:
+        status = self._job(job).get_status()
+        final = JOB_STATUS.get(status)
+        if final:
+            self._submitted.pop(job.scheduler_id, None)
+        return self._job(job).state or "UNKNOWN", final, None
+
+    def cancel(self, job: Job) -> None:
+        self._job(job).cancel(wait=False)
+
+    def _job(self, job: Job) -> SlurmSubmittedRun:
+        if job.scheduler_id not in self._submitted:
+            self._submitted[job.scheduler_id] = SlurmSubmittedRun(job.mlflow_run_id, job.scheduler_id, log_path=job.log_path,
+                                                                  tracking_uri=self.tracking_uri)
+        return self._submitted[job.scheduler_id]
+
+
+def make_launcher(backend: str, project: Path, tracking_uri: str, slurm_config: str | None, log_dir: Path):
+    if backend not in BACKENDS:
+        raise ValueError(f"PORTAL_JOB_BACKEND: expected one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "local":
+        return LocalLauncher(project, tracking_uri, log_dir)
+    site = json.loads(Path(slurm_config).read_text()) if slurm_config else {}
+    return SlurmLauncher(project, tracking_uri, site)
+
+
+class JobRunner:
+    """Submits queued jobs (``slots`` active at once) through the launcher, and follows every active
+    job's scheduler state until its MLflow run ends."""
+
+    def __init__(self, app, launcher, tracking_uri: str, slots: int = 1, poll_s: float = 1.0):
+        self.app, self.launcher, self.tracking_uri = app, launcher, tracking_uri
         self.slots, self.poll_s = slots, poll_s
-        self._running: dict[int, threading.Thread] = {}
         self._stop = threading.Event()
 
     def start(self) -> "JobRunner":
         with self.app.app_context():
-            # Jobs left running by a previous portal process have no process any more.
-            for job in db.session.scalars(db.select(Job).where(Job.status.in_(["starting", "running"]))):
-                job.status, job.log_tail, job.finished_at = "failed", "the portal restarted while this job ran", now()
+            # Claimed by a portal that stopped before handing it to the scheduler: nothing runs it.
+            for job in db.session.scalars(db.select(Job).where(Job.status == "starting", Job.scheduler_id.is_(None))):
+                self._fail(job, "the portal stopped before submitting this job")
             db.session.commit()
         threading.Thread(target=self._loop, daemon=True, name="portal-jobs").start()
         return self
@@ -175,53 +316,69 @@ class JobRunner:
     def stop(self) -> None:
         self._stop.set()
 
+    def cancel(self, job: Job) -> None:
+        if job.status == "queued":
+            job.status, job.finished_at = "cancelled", now()
+        elif job.status in ACTIVE and job.scheduler_id:
+            self.launcher.cancel(job)
+            job.scheduler_state = "CANCELLING"
+        db.session.commit()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._start_queued()
+                with self.app.app_context():
+                    self._refresh()
+                    self._start_queued()
             except Exception:
                 log.exception("job runner")
             self._stop.wait(self.poll_s)
 
+    def _refresh(self) -> None:
+        for job in db.session.scalars(db.select(Job).where(Job.status == "running")).all():
+            state, final, exit_code = self.launcher.poll(job)
+            job.scheduler_state, job.log_tail = state, read_tail(job.log_path) or job.log_tail
+            if final:
+                job.status, job.exit_code, job.finished_at = final, exit_code, now()
+                log.info("job %d %s (%s)", job.id, final, state)
+            db.session.commit()
+
     def _start_queued(self) -> None:
-        self._running = {k: t for k, t in self._running.items() if t.is_alive()}
-        free = self.slots - len(self._running)
+        active = db.session.scalar(db.select(db.func.count()).select_from(Job).where(Job.status.in_(ACTIVE)))
+        free = self.slots - active
         if free <= 0:
             return
-        with self.app.app_context():
-            queued = db.session.scalars(db.select(Job).where(Job.status == "queued").order_by(Job.id).limit(free)).all()
-            for job in queued:
-                # Claimed with one conditional UPDATE, so portal processes sharing the database never
-                # start the same job twice.
-                claimed = db.session.execute(db.update(Job).where(Job.id == job.id, Job.status == "queued")
-                                             .values(status="starting")).rowcount
-                db.session.commit()
-                if not claimed:
-                    continue
-                request = TrainingRequest(**job.parameters)
-                client = MlflowClient(self.tracking_uri)
-                experiment = client.get_experiment_by_name(EXPERIMENT)
-                experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
-                run = client.create_run(experiment_id, run_name=f"{request.name}-job{job.id}",
-                                        tags={"vf.portal.job": str(job.id), "vf.portal.owner": job.owner})
-                job.command = request.command(job.dataset, run.info.run_id)
-                job.mlflow_run_id, job.experiment_id = run.info.run_id, experiment_id
-                job.status, job.started_at = "running", now()
-                db.session.commit()
-                thread = threading.Thread(target=self._run, args=(job.id, list(job.command)), daemon=True)
-                self._running[job.id] = thread
-                thread.start()
-
-    def _run(self, job_id: int, command: list[str]) -> None:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
-        log.info("job %d: %s", job_id, shlex.join(command))
-        start = time.monotonic()
-        result = subprocess.run(command, cwd=self.project, env=env, capture_output=True, text=True)
-        with self.app.app_context():
-            job = db.session.get(Job, job_id)
-            job.exit_code = result.returncode
-            job.status = "finished" if result.returncode == 0 else "failed"
-            job.log_tail = (result.stdout + result.stderr)[-6000:]
-            job.finished_at = now()
+        queued = db.session.scalars(db.select(Job).where(Job.status == "queued").order_by(Job.id).limit(free)).all()
+        for job in queued:
+            # Claimed with one conditional UPDATE, so portal processes sharing the database never
+            # start the same job twice.
+            claimed = db.session.execute(db.update(Job).where(Job.id == job.id, Job.status == "queued")
+                                         .values(status="starting")).rowcount
             db.session.commit()
-        log.info("job %d %s after %.0fs", job_id, "finished" if result.returncode == 0 else "failed", time.monotonic() - start)
+            if not claimed:
+                continue
+            db.session.refresh(job)
+            request = TrainingRequest(**job.parameters)
+            client = MlflowClient(self.tracking_uri)
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+            run = client.create_run(experiment_id, run_name=f"{request.name}-job{job.id}",
+                                    tags={"vf.portal.job": str(job.id), "vf.portal.owner": job.owner,
+                                          "vf.portal.backend": self.launcher.name})
+            job.mlflow_run_id, job.experiment_id, job.backend = run.info.run_id, experiment_id, self.launcher.name
+            try:
+                job.command, job.scheduler_id, job.log_path = self.launcher.submit(request, job.dataset, run.info.run_id)
+            except Exception as exc:
+                log.warning("job %d could not start: %s", job.id, exc)
+                self._fail(job, f"could not start: {exc}")
+            else:
+                job.status, job.started_at, job.scheduler_state = "running", now(), "SUBMITTED"
+            db.session.commit()
+
+    def _fail(self, job: Job, reason: str) -> None:
+        job.status, job.log_tail, job.finished_at = "failed", reason, now()
+        if job.mlflow_run_id:
+            client = MlflowClient(self.tracking_uri)
+            if client.get_run(job.mlflow_run_id).info.status in ("RUNNING", "SCHEDULED"):
+                client.set_tag(job.mlflow_run_id, "vf.error", reason[:5000])
+                client.set_terminated(job.mlflow_run_id, "FAILED")

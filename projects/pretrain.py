@@ -8,13 +8,17 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import mlflow
 import numpy as np
+from accelerate.utils import broadcast_object_list
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -25,9 +29,12 @@ from dinomx.backbone import pretrained_student
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import list_images, load_image
 from dinomx.diagnostics import CollapseError
-from dinomx.checkpoint import ResumeError
-from dinomx.train import train
+from dinomx.checkpoint import CHECKPOINT_NAME, ResumeError
+from dinomx.interrupt import Interrupted
+from dinomx.train import make_accelerator, train
+from projects.slurm import REQUEUE_EXIT_CODE
 from projects.tracking import (
+    VALIDATION_ARTIFACT_DIR,
     DataNotValidatedError,
     build_lineage,
     configure_logging,
@@ -86,38 +93,94 @@ def eval_split(data: str, eval_data: str) -> Path | None:
     return sibling
 
 
+RUN_RECORD = "mlflow_run.json"
+
+
+def checkpoint_run(resume_from: str) -> str | None:
+    """The MLflow run that wrote the checkpoint at ``resume_from`` (a file or its directory)."""
+    source = Path(resume_from)
+    record = (source if source.is_dir() else source.parent) / RUN_RECORD
+    return json.loads(record.read_text())["run_id"] if record.is_file() else None
+
+
 def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = "",
         eval_data: str = ""):
+    """Train and register, on this process or as rank 0 of several (``torchrun``, or ``srun`` under
+    the slurm backend). Only rank 0 talks to MLflow.
+
+    A run continues where it was stopped: given ``resume_from``, in the MLflow run that wrote the
+    checkpoint; given a run that already trained (``MLFLOW_RUN_ID`` of a requeued Slurm job, or
+    ``mlflow run --run-id``), from that run's own latest checkpoint. Either way its metric history
+    goes on in the same run and its lineage is unchanged.
+    """
     # The sizes of a pretrained backbone are logged and registered as it has them.
     cfg = pretrained_student(DinoMXConfig.from_yaml(config, overrides))
     dataset = training_data(data, validation_report)
     eval_root = eval_split(data, eval_data) if cfg.train.eval_every else None
+    accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:
+        run_id, resume = broadcast_object_list([None, None])
+        try:
+            train(_run_config(cfg, run_id), dataset.path, accelerator=accelerator, resume_from=resume, eval_root=eval_root)
+        except Interrupted:
+            accelerator.wait_for_everyone()
+            raise
+        # A process that ends first makes srun end the others: wait for rank 0's registration.
+        accelerator.wait_for_everyone()
+        return None
+
     commit, dirty = project_code_version()
     paths, labels, _ = list_images(dataset.path)
-    with mlflow.start_run() as active:
-        log_flat_params(cfg.flat())
-        mlflow.log_params({"data.path": dataset.version.path, "data.eval_path": str(eval_root or ""), "model_name": name})
-        entry_point = "distill" if cfg.distillation.teachers else "pretrain"
-        mlflow.set_tags({"vf.entry_point": entry_point, "vf.config_sha256": cfg.sha256(),
-                         "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
-        mlflow.log_dict(cfg.to_dict(), "config.yaml")
-        report_uri = log_training_data(dataset, context="training")
-
-        run_cfg = dataclasses.replace(
-            resolve_teachers(cfg),
-            train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / active.info.run_id)),
-        )
+    launcher_run = os.environ.get("MLFLOW_RUN_ID")
+    owner = checkpoint_run(resume_from) if resume_from else None
+    with mlflow.start_run(run_id=owner) as active:
+        run_id = active.info.run_id
+        if launcher_run and launcher_run != run_id:
+            # `mlflow run` made a fresh run for this launch; the training goes on in its own.
+            MlflowClient().set_tags(launcher_run, {"vf.continued_in": run_id,
+                                                   "mlflow.note.content": f"Resumed training: continued in run {run_id}."})
+        run_cfg = _run_config(cfg, run_id)
+        output_dir = Path(run_cfg.train.output_dir)
+        continuing = "vf.entry_point" in active.data.tags
+        if not resume_from and continuing and (output_dir / CHECKPOINT_NAME).is_file():
+            resume_from = str(output_dir)
+        broadcast_object_list([run_id, resume_from or None])
+        if continuing:
+            report_uri = f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{dataset.report_path.name}"
+        else:
+            log_flat_params(cfg.flat())
+            mlflow.log_params({"data.path": dataset.version.path, "data.eval_path": str(eval_root or ""),
+                               "model_name": name})
+            entry_point = "distill" if cfg.distillation.teachers else "pretrain"
+            mlflow.set_tags({"vf.entry_point": entry_point, "vf.config_sha256": cfg.sha256(),
+                             "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
+            mlflow.log_dict(cfg.to_dict(), "config.yaml")
+            report_uri = log_training_data(dataset, context="training")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_RECORD).write_text(json.dumps({"run_id": run_id, "experiment_id": active.info.experiment_id}))
         if resume_from:
             mlflow.set_tag("vf.resumed_from", resume_from)
-        result = train(
-            run_cfg,
-            dataset.path,
-            on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
-            resume_from=resume_from or None,
-            eval_root=eval_root,
-            # The tag is what promotion gates and the UI's run list can filter on.
-            on_collapse=lambda step, reason: mlflow.set_tags({"vf.collapse": reason, "vf.collapse_step": str(step)}),
-        )
+        try:
+            result = train(
+                run_cfg,
+                dataset.path,
+                on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
+                accelerator=accelerator,
+                resume_from=resume_from or None,
+                eval_root=eval_root,
+                # The tag is what promotion gates and the UI's run list can filter on.
+                on_collapse=lambda step, reason: mlflow.set_tags({"vf.collapse": reason, "vf.collapse_step": str(step)}),
+            )
+        except Interrupted as exc:
+            mlflow.set_tags({"vf.interrupted": str(exc), "vf.checkpoint": str(exc.checkpoint)})
+            # SIGUSR1 is the time-limit warning: the job requeues itself. SIGTERM may be a
+            # preemption (requeued by Slurm: the next start reopens the run) or a cancellation.
+            mlflow.end_run("SCHEDULED" if exc.signum == signal.SIGUSR1 else "KILLED")
+            accelerator.wait_for_everyone()
+            raise
+        except Exception as exc:
+            mlflow.set_tag("vf.error", str(exc)[:5000])
+            raise
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:
             write_attention_pngs(result.backbone_dir, one_image_per_class(paths, labels), tmp)
@@ -133,8 +196,28 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             backbone_signature(cfg.student.num_channels, cfg.student.hidden_size),
             example_images(paths, cfg.student.num_channels),
         )
-    print(f"registered models:/{version.name}/{version.version} from run {active.info.run_id}")
+    print(f"registered models:/{version.name}/{version.version} from run {run_id}")
+    accelerator.wait_for_everyone()
     return version
+
+
+def _run_config(cfg: DinoMXConfig, run_id: str) -> DinoMXConfig:
+    """Registered teachers resolved locally, outputs in the run's own folder (where its resumable
+    checkpoint is found again)."""
+    return dataclasses.replace(
+        resolve_teachers(cfg),
+        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / run_id)),
+    )
+
+
+def launch_workers(processes: int, argv: list[str]) -> int | None:
+    """``processes`` > 1 on this machine: this command again under ``torchrun``, one per process.
+    None when it is one process, or already one of several (a scheduler launched it)."""
+    if processes <= 1 or "RANK" in os.environ:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "projects.pretrain", *argv]
+    return subprocess.run(command).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default="", help="checkpoint (or its directory) of an interrupted run with the same config")
     parser.add_argument("--eval-data", default="", help="labelled split for the online kNN of train.eval_every "
                         "(default: the val folder beside a train folder)")
+    parser.add_argument("--processes", type=whole_number, default=1, help="training processes on this machine (DDP/FSDP "
+                        "through torchrun); under the slurm backend its config's tasks decide")
     args = parser.parse_args(argv)
     configure_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if (code := launch_workers(args.processes, _without_processes(argv))) is not None:
+        return code
     try:
         overrides = shlex.split(args.overrides)
         if args.teachers:
@@ -161,7 +249,32 @@ def main(argv: list[str] | None = None) -> int:
             MlflowException) as exc:
         print(f"pretrain: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"pretrain: interrupted by {exc}", file=sys.stderr)
+        # Only the time-limit warning asks the job script to requeue; a SIGTERM came from Slurm,
+        # which requeues a preempted job itself and must not resurrect a cancelled one.
+        return REQUEUE_EXIT_CODE if exc.signum == signal.SIGUSR1 else 128 + exc.signum
     return 0
+
+
+def whole_number(text: str) -> int:
+    """MLflow passes numeric parameters as floats ("2.0")."""
+    value = float(text)
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(value)
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +28,27 @@ from scripts.demo import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "hospital"
+
+
+def copy_checkout(checkout: Path) -> Path:
+    """The working tree's files (tracked and untracked, not ignored) as a fresh git repository."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    for git in (["init", "-q"], ["add", "-A"], ["-c", "user.name=ci", "-c", "user.email=ci@x", "commit", "-qm", "test"]):
+        subprocess.run(["git", *git], cwd=checkout, check=True, capture_output=True)
+    return checkout
+
+
+@pytest.fixture(scope="session")
+def validated_checkout(tmp_path_factory) -> Path:
+    """A checkout with the demo data built and validated (`dvc repro`), ready for `mlflow run`."""
+    checkout = copy_checkout(tmp_path_factory.mktemp("validated") / "vision-foundry")
+    subprocess.run(["dvc", "repro"], cwd=checkout, check=True, capture_output=True)
+    return checkout
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from dinomx.model import build_models
 from registry.lineage import Lineage, format_chain, lineage_chain
 from registry.promote import PromotionRefused, promote
 from scripts.demo import free_port, wait_ready
-from tests.conftest import REPO
+from tests.conftest import copy_checkout
 
 # The demo's last losses stay below this fraction of ln(out_dim), the loss of a uniform collapse
 # (measured: 0.92 at step 400 of 600, falling).
@@ -39,15 +38,7 @@ LOSS_FRACTION = 0.95
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Run the demo script in a copy of the working tree; yields (checkout, client, output)."""
-    checkout = tmp_path_factory.mktemp("checkout") / "vision-foundry"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, checkout / name)
-    for git in (["init", "-q"], ["add", "-A"], ["-c", "user.name=ci", "-c", "user.email=ci@x", "commit", "-qm", "demo"]):
-        subprocess.run(["git", *git], cwd=checkout, check=True, capture_output=True)
+    checkout = copy_checkout(tmp_path_factory.mktemp("checkout") / "vision-foundry")
     uri = f"sqlite:///{checkout / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     run = subprocess.run([sys.executable, "scripts/demo.py"], cwd=checkout, env=env, capture_output=True, text=True)
