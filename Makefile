@@ -40,7 +40,14 @@ $(CHROMIUM):
 	@test "$$(id -u)" = 0 || { echo "install Debian's chromium (apt-get install chromium) for the browser tests"; exit 1; }
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM)
+# The cluster tests start a one-node Slurm (munged, slurmctld, slurmd) from Debian's packages.
+SLURMCTLD := /usr/sbin/slurmctld
+
+$(SLURMCTLD):
+	@test "$$(id -u)" = 0 || { echo "install Debian's slurm-wlm and munge (apt-get install slurm-wlm munge) for the cluster tests"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+
+test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 clean:

@@ -270,11 +270,11 @@ class SlurmLauncher:
         return ["sbatch", submitted.script_path], submitted.job_id, submitted.log_path
 
     def poll(self, job: Job) -> tuple[str, str | None, int | None]:
-        status = self._job(job).get_status()
-        final = JOB_STATUS.get(status)
+        submitted = self._job(job)
+        final = JOB_STATUS.get(submitted.get_status())
         if final:
             self._submitted.pop(job.scheduler_id, None)
-        return self._job(job).state or "UNKNOWN", final, None
+        return submitted.state or "UNKNOWN", final, None
 
     def cancel(self, job: Job) -> None:
         self._job(job).cancel(wait=False)

@@ -137,8 +137,9 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         run_id = active.info.run_id
         if launcher_run and launcher_run != run_id:
             # `mlflow run` made a fresh run for this launch; the training goes on in its own.
-            MlflowClient().set_tags(launcher_run, {"vf.continued_in": run_id,
-                                                   "mlflow.note.content": f"Resumed training: continued in run {run_id}."})
+            for key, value in {"vf.continued_in": run_id,
+                               "mlflow.note.content": f"Resumed training: continued in run {run_id}."}.items():
+                MlflowClient().set_tag(launcher_run, key, value)
         run_cfg = _run_config(cfg, run_id)
         output_dir = Path(run_cfg.train.output_dir)
         continuing = "vf.entry_point" in active.data.tags

@@ -2,6 +2,7 @@
 slurm-wlm and munge packages, on their own ports, socket and key, so nothing of the host's is used."""
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -85,6 +86,11 @@ class SlurmCluster:
         return "\n".join(p.read_text()[-3000:] for p in (self.root / "slurmctld.log", self.root / "slurmd.log") if p.is_file())
 
     def stop(self) -> None:
+        """Jobs first: their processes would outlive the daemons and take the cores of later tests."""
+        self.run("scancel", "--user", getpass.getuser(), check=False)
+        deadline = time.monotonic() + 60
+        while self.run("squeue", "--noheader", check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
         for pid_file in (self.root / "slurmd.pid", self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"):
             try:
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)

@@ -1,4 +1,9 @@
+import os
+import signal
+import subprocess
+
 import pytest
+from mlflow import MlflowClient
 
 from projects.pretrain import eval_split
 
@@ -18,3 +23,37 @@ def test_a_val_split_unlike_the_training_classes_is_not_guessed(tiles, tmp_path)
         png = next((tiles / split).rglob("*.png"))
         (tmp_path / split / "only" / png.name).write_bytes(png.read_bytes())
     assert eval_split(str(tmp_path / "train"), "") is None  # one class: nothing to classify
+
+
+def test_a_stopped_local_run_resumes_in_the_same_mlflow_run(validated_checkout, tmp_path):
+    """Two processes (torchrun) stopped by SIGTERM mid-run; `resume_from` continues that MLflow run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    overrides = "train.epochs=1 train.steps_per_epoch=10 train.batch_size=8 train.log_every=1 train.eval_every=0"
+    launch = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "resume", "-e", "pretrain",
+              "-P", "name=resumed", "-P", f"overrides={overrides}"]
+    first = subprocess.Popen([*launch, "-P", "processes=2"], cwd=validated_checkout, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if "it 3/10" in line:
+            os.killpg(first.pid, signal.SIGTERM)
+            break
+    first.wait(timeout=120)
+    log = "".join(seen) + first.stdout.read()
+    assert "batch 16" in log, log[-3000:]  # two processes
+    client = MlflowClient(uri)
+    (stopped,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert stopped.info.status == "KILLED" and "SIGTERM at iteration" in stopped.data.tags["vf.interrupted"]
+
+    resumed = subprocess.run([*launch, "-P", f"resume_from=outputs/pretrain/{stopped.info.run_id}"],
+                             cwd=validated_checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    run = client.get_run(stopped.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "total_loss")]
+    assert sorted(steps) == list(range(1, 11))  # one history, every iteration once
+    launcher = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert [r.data.tags["vf.continued_in"] for r in launcher] == [run.info.run_id]
+    assert client.get_model_version("resumed-backbone", "1").run_id == run.info.run_id
