@@ -228,7 +228,7 @@ def job_state(job_id: str) -> str | None:
     past = _slurm("sacct", "--jobs", job_id, "--allocations", "--noheader", "--parsable2", "--format=State",
                   check=False)
     if past.returncode == 0 and past.stdout.strip():
-        return past.stdout.split()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
+        return past.stdout.strip().splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
     return None
 
 

@@ -10,7 +10,7 @@ import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
-from data.validate import ValidationReport
+from data.report import ValidationReport
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from registry.lineage import Lineage, code_version
 

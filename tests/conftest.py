@@ -57,16 +57,25 @@ def tiles(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("tiles") / "images", seed=0, image_size=32, train_per_class=24, val_per_class=8)
 
 
+# The demo config shrunk for fast tests.
+TINY = {"student": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
+        "dino_head": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 16},
+        "crops": {"local_crops_number": 2},
+        "train": {"batch_size": 8, "epochs": 2, "steps_per_epoch": 3, "log_every": 2}}
+
+
 def tiny_config(**sections) -> DinoMXConfig:
-    """The demo config shrunk for fast tests; keyword arguments override whole keys per section."""
+    """``TINY``; keyword arguments override whole keys per section."""
     cfg = DinoMXConfig.from_yaml(REPO / "configs" / "demo.yaml").to_dict()
-    cfg["student"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-    cfg["dino_head"].update(out_dim=64, hidden_dim=64, bottleneck_dim=16)
-    cfg["crops"].update(local_crops_number=2)
-    cfg["train"].update(batch_size=8, epochs=2, steps_per_epoch=3, log_every=2)
-    for section, values in sections.items():
+    for section, values in [*TINY.items(), *sections.items()]:
         cfg[section].update(values)
     return DinoMXConfig.from_dict(cfg)
+
+
+def tiny_overrides(**train) -> str:
+    """``TINY`` as the ``overrides`` parameter of the pretrain entry point, with ``train`` keys on top."""
+    sections = {**TINY, "train": {**TINY["train"], "eval_every": 0, **train}}
+    return " ".join(f"{section}.{key}={value}" for section, values in sections.items() for key, value in values.items())
 
 
 # A real S3-compatible HTTP server on loopback (moto), reached by endpoint URL like MinIO would be.
@@ -91,3 +100,22 @@ def s3(s3_endpoint, monkeypatch):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=BUCKET, Key=obj["Key"])
     client.delete_bucket(Bucket=BUCKET)
+
+
+def portal_with_demo_dataset(settings):
+    """A portal app with an admin, ana (password pw), signed in, and the demo dataset registered:
+    (app, signed-in test client, dataset id)."""
+    from portal.app import create_app
+    from portal.db import User, db
+
+    app = create_app(settings)
+    with app.app_context():
+        user = User(username="ana", is_admin=True)
+        user.set_password("pw")
+        db.session.add(user)
+        db.session.commit()
+    web = app.test_client()
+    web.post("/api/login", json={"username": "ana", "password": "pw"})
+    dataset = web.post("/api/datasets", json={"name": "demo", "prefix": "datasets/demo", "train_path": "data/demo/images/train",
+                                              "validation_report": "data/demo/validation/report.json"}).json["id"]
+    return app, web, dataset

@@ -28,7 +28,7 @@ from dinomx.model import build_models
 from registry.lineage import Lineage, format_chain, lineage_chain
 from registry.promote import PromotionRefused, promote
 from scripts.demo import free_port, wait_ready
-from tests.conftest import copy_checkout
+from tests.conftest import copy_checkout, portal_with_demo_dataset
 
 # The demo's last losses stay below this fraction of ln(out_dim), the loss of a uniform collapse
 # (measured: 0.92 at step 400 of 600, falling).
@@ -298,22 +298,13 @@ def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, dem
 
 def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path):
     """A researcher's form becomes a real `mlflow run` of the project, linked to its MLflow run."""
-    from portal.app import Settings, create_app
-    from portal.db import User, db
+    from portal.app import Settings
 
     checkout, client, _ = demo
     tracking = f"sqlite:///{checkout / 'mlflow.db'}"
-    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=tracking,
-                              project_dir=checkout, run_jobs=True, mlflow_ui_url="http://mlflow.test"))
-    with app.app_context():
-        user = User(username="ana", is_admin=True)
-        user.set_password("pw")
-        db.session.add(user)
-        db.session.commit()
-    web = app.test_client()
-    web.post("/api/login", json={"username": "ana", "password": "pw"})
-    dataset = web.post("/api/datasets", json={"name": "demo", "prefix": "datasets/demo", "train_path": "data/demo/images/train",
-                                              "validation_report": "data/demo/validation/report.json"}).json["id"]
+    app, web, dataset = portal_with_demo_dataset(Settings(
+        database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=tracking, project_dir=checkout,
+        run_jobs=True, mlflow_ui_url="http://mlflow.test", job_log_dir=tmp_path / "jobs"))
     job = web.post("/api/jobs", json={"dataset_id": dataset, "name": "portal", "config": "configs/demo.yaml",
                                       "strategy": "freeze", "freeze_blocks": "2", "batch_size": "16", "epochs": "1"}).json
     deadline = time.monotonic() + 400

@@ -141,11 +141,17 @@ def test_training_form_is_validated_field_by_field_and_queued(app):
                                              "strategy": "freeze", "freeze_blocks": "9"})
     assert too_deep.status_code == 400 and "student.freeze_blocks" in too_deep.json["errors"]["config"]
 
-    job = admin.post("/api/jobs", json={"dataset_id": colon, "name": "colon", "config": "configs/demo.yaml",
-                                        "strategy": "lora", "lora_rank": "4", "lora_alpha": "8", "distribution": "fsdp",
-                                        "batch_size": "16", "lr": "0.001"})
+    form = {"dataset_id": colon, "name": "colon", "config": "configs/demo.yaml", "strategy": "lora", "lora_rank": "4",
+            "lora_alpha": "8", "distribution": "fsdp", "batch_size": "16", "lr": "0.001"}
+    # FSDP in one process would only fail once it ran; this portal's local backend has one node.
+    alone = admin.post("/api/jobs", json=form)
+    assert alone.status_code == 400 and "fsdp shards over several processes" in alone.json["errors"]["distribution"]
+    nodes = admin.post("/api/jobs", json=form | {"nodes": "2", "processes_per_node": "2", "time_limit": "soon"})
+    assert nodes.status_code == 400 and set(nodes.json["errors"]) == {"nodes", "time_limit"}
+    job = admin.post("/api/jobs", json=form | {"processes_per_node": "2"})
     assert job.status_code == 201 and job.json["status"] == "queued"
-    assert job.json["parameters"] | {"strategy": "lora", "lora_rank": 4, "distribution": "fsdp"} == job.json["parameters"]
+    expected = {"strategy": "lora", "lora_rank": 4, "distribution": "fsdp", "processes_per_node": 2}
+    assert job.json["parameters"] | expected == job.json["parameters"]
     assert [j["id"] for j in admin.get("/api/jobs").json] == [job.json["id"]]
     assert signed_in(app, "bob").get(f"/api/jobs/{job.json['id']}").status_code == 404  # not bob's job
 

@@ -6,6 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from projects.pretrain import eval_split
+from tests.conftest import tiny_overrides
 
 
 def test_online_knn_split_is_the_one_given_or_the_val_beside_train(tiles, tmp_path):
@@ -29,7 +30,7 @@ def test_a_stopped_local_run_resumes_in_the_same_mlflow_run(validated_checkout, 
     """Two processes (torchrun) stopped by SIGTERM mid-run; `resume_from` continues that MLflow run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
-    overrides = "train.epochs=1 train.steps_per_epoch=10 train.batch_size=8 train.log_every=1 train.eval_every=0"
+    overrides = tiny_overrides(epochs=1, steps_per_epoch=10, log_every=1)
     launch = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "resume", "-e", "pretrain",
               "-P", "name=resumed", "-P", f"overrides={overrides}"]
     first = subprocess.Popen([*launch, "-P", "processes=2"], cwd=validated_checkout, env=env, stdout=subprocess.PIPE,

@@ -11,10 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from projects.slurm import MLFLOW_STATUS, SlurmBackend, SlurmConfig, SlurmError, batch_script
+from tests.conftest import portal_with_demo_dataset, tiny_overrides
 from tests.slurm_cluster import SlurmCluster
 
-# A few iterations of the demo config, in processes of one core each (the node has two).
-SHORT = "train.epochs=1 train.steps_per_epoch=6 train.batch_size=8 train.log_every=2 train.eval_every=0"
+# Processes of one core each (the node has two).
 ONE_CORE = {"cpus_per_task": 1, "poll_s": 0.5}
 
 
@@ -38,25 +38,6 @@ def project(validated_checkout, cluster, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     yield validated_checkout, uri, MlflowClient(uri)
     mlflow.set_tracking_uri(None)
-
-
-def _params(name: str, overrides: str) -> dict:
-    return {"name": name, "overrides": overrides}
-
-
-def _submit(project, name, overrides, **config):
-    checkout, uri, client = project
-    experiment = mlflow.set_experiment("slurm").experiment_id
-    return SlurmBackend().run(str(checkout), "pretrain", _params(name, overrides), None, ONE_CORE | config, uri, experiment)
-
-
-def _wait_for_line(path, text, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path) and text in open(path).read():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n" + (open(path).read()[-3000:] if os.path.exists(path) else ""))
 
 
 def test_config_errors_name_their_keys():
@@ -92,63 +73,38 @@ def test_every_slurm_state_the_issue_names_maps_to_an_mlflow_status():
     assert {state: MLFLOW_STATUS[state] for state in expected} == expected
 
 
-def test_mlflow_run_backend_slurm_trains_two_ddp_processes_and_registers(project, cluster, tmp_path):
+def test_fsdp_run_warned_of_its_time_limit_requeues_and_finishes_in_the_same_mlflow_run(project, cluster, tmp_path):
+    """`mlflow run --backend slurm`: two FSDP processes under srun; the time-limit warning makes them
+    checkpoint, the job requeues itself and continues the same run, which registers the backbone."""
     checkout, uri, client = project
     config = tmp_path / "slurm.json"
     config.write_text(json.dumps(ONE_CORE | {"tasks_per_node": 2, "wait": True}))
-    run = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--backend", "slurm", "--backend-config",
-                          str(config), "--experiment-name", "slurm", "-e", "pretrain", "-P", "name=slurm-ddp",
-                          "-P", f"overrides={SHORT}"], cwd=checkout, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                         capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + cluster.logs()
-    version = client.get_model_version("slurm-ddp-backbone", "1")
-    trained = client.get_run(version.run_id)
-    assert trained.info.status == "FINISHED"
-    assert trained.data.tags["mlflow.project.backend"] == "slurm"
-    assert trained.data.tags["vf.slurm.state"] == "COMPLETED"
-    job = trained.data.tags["vf.slurm.job_id"]
-    log = (checkout / "slurm-logs" / f"{job}.out").read_text()
-    assert "it 6/6" in log and "batch 16" in log  # two processes of 8: one global batch
-    logged = {f.path for f in client.list_artifacts(version.run_id, "slurm")}
-    assert logged == {f"slurm/{version.run_id}.sbatch", f"slurm/{job}.out"}
-
-
-def test_fsdp_job_warned_of_its_time_limit_requeues_and_finishes_in_the_same_run(project, cluster):
-    checkout, uri, client = project
-    submitted = _submit(project, "slurm-fsdp", "train.epochs=1 train.steps_per_epoch=12 train.batch_size=8 "
-                        "train.log_every=1 train.eval_every=0 distribution.type=fsdp", tasks_per_node=2)
-    _wait_for_line(submitted.log_path, "it 3/12")
-    # What Slurm sends signal_before_limit_s before the time limit.
-    cluster.run("scancel", "--signal=USR1", submitted.job_id)
-    _wait_for_line(submitted.log_path, "requeueing job")
-    deadline = time.monotonic() + 60
-    while (status := submitted.get_status()) != "SCHEDULED":
-        assert time.monotonic() < deadline, (status, open(submitted.log_path).read()[-3000:])
+    overrides = tiny_overrides(epochs=1, steps_per_epoch=12, log_every=1) + " distribution.type=fsdp"
+    launch = subprocess.Popen(["mlflow", "run", ".", "--env-manager", "local", "--backend", "slurm", "--backend-config",
+                               str(config), "--experiment-name", "slurm", "-e", "pretrain", "-P", "name=slurm-fsdp",
+                               "-P", f"overrides={overrides}"], cwd=checkout, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (logs := list((checkout / "slurm-logs").glob("*.out"))) or "it 3/12" not in logs[-1].read_text():
+        assert launch.poll() is None and time.monotonic() < deadline, launch.stdout.read()[-3000:] + cluster.logs()
         time.sleep(0.5)
-    assert client.get_run(submitted.run_id).info.status == "SCHEDULED"
-    assert submitted.wait(), open(submitted.log_path).read()[-3000:]
+    job = logs[-1].stem
+    cluster.run("scancel", "--signal=USR1", job)  # what Slurm sends signal_before_limit_s before the limit
+    output, _ = launch.communicate(timeout=400)
+    assert launch.returncode == 0, output[-3000:] + logs[-1].read_text()[-3000:]
 
-    run = client.get_run(submitted.run_id)
+    run = client.get_run(client.get_model_version("slurm-fsdp-backbone", "1").run_id)
+    log = logs[-1].read_text()
+    assert "requeueing job" in log and "(restart 1)" in log and "batch 16" in log  # two processes of 8
     assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.backend"] == "slurm" and run.data.tags["vf.slurm.job_id"] == job
+    assert run.data.tags["vf.slurm.state"] == "COMPLETED"
     assert "SIGUSR1 at iteration" in run.data.tags["vf.interrupted"]
-    assert run.data.tags["vf.resumed_from"].endswith(submitted.run_id)
-    steps = [m.step for m in client.get_metric_history(submitted.run_id, "total_loss")]
+    assert run.data.tags["vf.resumed_from"].endswith(run.info.run_id)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "total_loss")]
     assert sorted(steps) == list(range(1, 13))  # one unbroken history: every iteration once
-    assert "(restart 1)" in open(submitted.log_path).read()
-    versions = client.search_model_versions("name = 'slurm-fsdp-backbone'")
-    assert [v.run_id for v in versions] == [submitted.run_id]
-
-
-def test_scancel_ends_the_mlflow_run_killed(project, cluster):
-    checkout, uri, client = project
-    submitted = _submit(project, "slurm-cancel", "train.epochs=1 train.steps_per_epoch=2000 train.batch_size=8 "
-                        "train.log_every=1 train.eval_every=0")
-    _wait_for_line(submitted.log_path, "it 2/2000")
-    cluster.run("scancel", submitted.job_id)
-    assert not submitted.wait()
-    run = client.get_run(submitted.run_id)
-    assert run.info.status == "KILLED" and run.data.tags["vf.slurm.state"] == "CANCELLED"
-    assert "SIGTERM at iteration" in run.data.tags["vf.interrupted"]  # it checkpointed on its way out
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "slurm")}
+    assert logged == {f"slurm/{run.info.run_id}.sbatch", f"slurm/{job}.out"}
 
 
 def test_a_job_slurm_refuses_fails_its_run_with_slurms_reason(project, cluster):
@@ -156,7 +112,7 @@ def test_a_job_slurm_refuses_fails_its_run_with_slurms_reason(project, cluster):
     experiment = mlflow.set_experiment("slurm").experiment_id
     run_id = client.create_run(experiment).info.run_id
     with pytest.raises(SlurmError, match="sbatch --parsable: .*[Ii]nvalid partition"):
-        SlurmBackend().run(str(checkout), "pretrain", _params("nope", SHORT), None,
+        SlurmBackend().run(str(checkout), "pretrain", {"name": "nope"}, None,
                            ONE_CORE | {"partition": "nope", "run_id": run_id}, uri, experiment)
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "nope" in run.data.tags["vf.error"]
@@ -164,33 +120,31 @@ def test_a_job_slurm_refuses_fails_its_run_with_slurms_reason(project, cluster):
 
 def test_portal_job_through_slurm_survives_a_portal_restart_and_cancels(project, cluster, tmp_path):
     from portal.app import Settings, create_app
-    from portal.db import User, db
 
     checkout, uri, client = project
     site = tmp_path / "site.json"
     site.write_text(json.dumps(ONE_CORE))
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=uri,
                         project_dir=checkout, run_jobs=True, job_backend="slurm", slurm_config=str(site))
-    app = create_app(settings)
-    with app.app_context():
-        user = User(username="ana", is_admin=True)
-        user.set_password("pw")
-        db.session.add(user)
-        db.session.commit()
-    web = app.test_client()
-    web.post("/api/login", json={"username": "ana", "password": "pw"})
-    dataset = web.post("/api/datasets", json={"name": "demo", "prefix": "datasets/demo", "train_path": "data/demo/images/train",
-                                              "validation_report": "data/demo/validation/report.json"}).json["id"]
+    app, web, dataset = portal_with_demo_dataset(settings)
     form = {"dataset_id": dataset, "name": "portal-slurm", "config": "configs/demo.yaml", "batch_size": "8",
             "epochs": "100", "distribution": "fsdp"}
     refused = web.post("/api/jobs", json=form)  # FSDP in one process cannot work: refused, not failed later
     assert refused.status_code == 400 and "fsdp shards over several processes" in refused.json["errors"]["distribution"]
-    job = web.post("/api/jobs", json=form | {"processes_per_node": "2"}).json
+    unplaceable = web.post("/api/jobs", json=form | {"gpus_per_node": "1", "distribution": "ddp"}).json  # sbatch refuses: no GPU here
+    deadline = time.monotonic() + 60
+    while (failed := web.get(f"/api/jobs/{unplaceable['id']}").json)["status"] in ("queued", "starting"):
+        assert time.monotonic() < deadline, failed
+        time.sleep(0.5)
+    assert failed["status"] == "failed" and "Invalid generic resource" in failed["log_tail"], failed
+    assert client.get_run(failed["mlflow_run_id"]).info.status == "FAILED"
+    job = web.post("/api/jobs", json=form | {"processes_per_node": "2", "distribution": "ddp"}).json
     deadline = time.monotonic() + 240
     while "it 10/3000" not in ((state := web.get(f"/api/jobs/{job['id']}").json)["log_tail"] or ""):
         assert state["status"] in ("queued", "starting", "running") and time.monotonic() < deadline, state
         time.sleep(1)
     assert state["backend"] == "slurm" and state["scheduler_state"] == "RUNNING"
+    assert "batch 16" in state["log_tail"]  # DDP: two srun tasks of 8
     assert client.get_run(state["mlflow_run_id"]).data.tags["vf.slurm.job_id"] == state["scheduler_id"]
     page = web.get(f"/jobs/{job['id']}").text
     assert state["scheduler_id"] in page and 'id="cancel"' in page
@@ -208,6 +162,8 @@ def test_portal_job_through_slurm_survives_a_portal_restart_and_cancels(project,
         assert time.monotonic() < deadline, final
         time.sleep(1)
     assert final["status"] == "cancelled" and final["scheduler_state"] == "CANCELLED"
-    assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    # The portal's cancel is scancel: SIGTERM, a checkpoint at that iteration, the run KILLED.
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "SIGTERM at iteration" in run.data.tags["vf.interrupted"]
     assert cluster.state(state["scheduler_id"]) == "CANCELLED"
     restarted.extensions["vf.jobs"].stop()
