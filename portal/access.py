@@ -22,7 +22,11 @@ class BadPath(ValueError):
     pass
 
 
-_SEGMENT = re.compile(r"^[\w][\w .+=@-]*$")
+_SEGMENT = re.compile(r"[\w][\w .+=@-]*")  # matched whole (fullmatch): "$" would let a trailing newline in
+# S3 keys are at most 1024 bytes (the dataset prefix included); the prefix column holds 512.
+MAX_PATH_BYTES = 1024
+MAX_PREFIX_CHARS = 512
+MAX_SEGMENT_BYTES = 255
 
 
 def level_of(user: User, dataset: Dataset) -> str | None:
@@ -53,20 +57,29 @@ def clean_relative(path: str) -> str:
     decoded = unicodedata.normalize("NFC", unquote(path or ""))
     if not decoded or decoded.startswith("/") or "\\" in decoded or "\x00" in decoded:
         raise BadPath(f"path: expected a relative path like 'slides/a.svs', got {path!r}")
+    if len(decoded.encode()) > MAX_PATH_BYTES:
+        raise BadPath(f"path: {len(decoded.encode())} bytes; at most {MAX_PATH_BYTES}")
     segments = decoded.split("/")
     for segment in segments:
-        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+        if len(segment.encode()) > MAX_SEGMENT_BYTES:
+            raise BadPath(f"path: segment {segment[:40]!r}... is longer than {MAX_SEGMENT_BYTES} bytes")
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
             raise BadPath(f"path: segment {segment!r} of {path!r} is not allowed (letters, digits, space, . _ - + = @)")
     return "/".join(segments)
 
 
 def object_key(dataset: Dataset, path: str) -> str:
-    return dataset.prefix + clean_relative(path)
+    key = dataset.prefix + clean_relative(path)
+    if len(key.encode()) > MAX_PATH_BYTES:
+        raise BadPath(f"path: the object key {key[:60]!r}... would be longer than {MAX_PATH_BYTES} bytes")
+    return key
 
 
 def clean_prefix(prefix: str) -> str:
     """A dataset prefix: plain segments, ending with '/', nested in no other dataset's."""
     cleaned = clean_relative(prefix.strip().rstrip("/")) + "/"
+    if len(cleaned) > MAX_PREFIX_CHARS:
+        raise BadPath(f"prefix: {len(cleaned)} characters; at most {MAX_PREFIX_CHARS}")
     for other in db.session.scalars(db.select(Dataset.prefix)).all():
         if cleaned.startswith(other) or other.startswith(cleaned):
             raise BadPath(f"prefix: {cleaned} overlaps the prefix of an existing dataset ({other})")

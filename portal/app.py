@@ -13,6 +13,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from functools import wraps
+from urllib.parse import urlsplit
 from pathlib import Path
 
 from flask import Flask, abort, flash, jsonify, redirect, render_template, request, session, url_for
@@ -24,7 +25,7 @@ from portal.access import AccessDenied, BadPath, clean_prefix, level_of, object_
 from portal.db import LEVELS, AuditEvent, Dataset, Grant, Group, Job, User, add_missing_columns, db
 from portal.jobs import ACTIVE, FormErrors, JobRunner, TrainingRequest, make_launcher, submit, training_configs
 from portal.storage import Storage
-from registry.lineage import format_chain, lineage_chain
+from registry.lineage import equals, format_chain, lineage_chain
 from registry.promote import LOCK_PREFIX, PromotionRefused, audit_trail, promote, rollback
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,16 @@ def audit(action: str, target: str = "", outcome: str = "ok", user: str | None =
     who = user or (current_user.username if current_user and current_user.is_authenticated else "anonymous")
     db.session.add(AuditEvent(user=who, action=action, target=target, outcome=outcome, detail=detail))
     db.session.commit()
+
+
+def same_origin_path(target: str) -> str | None:
+    """``target`` when it is a plain path on this site, else None. Browsers drop tabs and newlines
+    and read a backslash as a slash, so "/<tab>/evil.example" and "/<backslash>evil.example" lead
+    off-site."""
+    if not target.startswith("/") or any(c.isspace() or c == "\\" or ord(c) < 32 for c in target):
+        return None
+    parts = urlsplit(target)
+    return target if not (parts.scheme or parts.netloc or target.startswith("//")) else None
 
 
 def wants_json() -> bool:
@@ -102,8 +113,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             # Browsers send cross-site DELETE only after a CORS preflight this app never answers.
             if request.method != "DELETE" and not request.is_json:
                 return jsonify(error="send application/json"), 415
-        elif request.form.get("csrf_token") != session.get("csrf_token"):
-            abort(400, "form expired; reload the page")
+        else:
+            # No session token (a cross-site post, the login form included) is a refusal too.
+            token = session.get("csrf_token")
+            if not token or not secrets.compare_digest(request.form.get("csrf_token", ""), token):
+                abort(400, "form expired; reload the page")
 
     @app.context_processor
     def template_globals():
@@ -166,8 +180,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         sign_in(user, "password")
         if wants_json():
             return jsonify(user=user.username, admin=user.is_admin)
-        target = request.args.get("next", "")
-        return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("datasets"))
+        return redirect(same_origin_path(request.args.get("next", "")) or url_for("datasets"))
 
     app.add_url_rule("/api/login", "api_login", login, methods=["POST"])
 
@@ -214,8 +227,10 @@ def create_app(settings: Settings | None = None) -> Flask:
                 raise AccessDenied(f"{current_user.username} may not create datasets")
             data = payload()
             name = str(data.get("name", "")).strip()
-            if not name or db.session.scalar(db.select(Dataset).where(Dataset.name == name)):
-                raise BadPath(f"name: {name!r} is empty or taken")
+            if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
+                raise BadPath(f"name: expected 1 to 64 printable characters, got {name[:80]!r}")
+            if db.session.scalar(db.select(Dataset).where(Dataset.name == name)):
+                raise BadPath(f"name: {name!r} is taken")
             dataset = Dataset(name=name, prefix=clean_prefix(str(data.get("prefix", ""))), created_by=current_user.username,
                               train_path=data.get("train_path") or None, validation_report=data.get("validation_report") or None)
             db.session.add(dataset)
@@ -399,7 +414,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def model_rows(name: str) -> list[dict]:
         # Search results leave version aliases empty; the registered model has them all.
         aliases = client().get_registered_model(name).aliases
-        versions = client().search_model_versions(f"name = '{name}'")
+        versions = client().search_model_versions(equals("name", name))
         return [{"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)), "parent": v.tags.get("vf.parent", ""),
                  "data": v.tags.get("vf.data_path", ""), "validation": v.tags.get("vf.validation_success", ""),
                  "created": v.creation_timestamp} for v in sorted(versions, key=lambda v: int(v.version), reverse=True)]

@@ -21,6 +21,20 @@ from mlflow.exceptions import MlflowException
 PREFIX = "vf."
 # Evaluation metrics written on a model version by the `evaluate` entry point.
 EVAL_PREFIX = "vf.eval."
+# No real chain (data -> backbone -> distilled students -> heads) comes near this.
+MAX_DEPTH = 64
+
+
+class LineageError(LookupError):
+    """A lineage that cannot be walked: a cycle, or deeper than ``MAX_DEPTH``."""
+
+
+def equals(field: str, value: str) -> str:
+    """An MLflow search filter ``field = 'value'`` that ``value`` cannot change the meaning of.
+    MLflow's filter grammar has no escape for quotes, so a value holding one is refused."""
+    if any(c in "'\"\\" or ord(c) < 32 for c in value):
+        raise ValueError(f"{value!r}: a model name or URI may not hold quotes, backslashes or control characters")
+    return f"{field} = '{value}'"
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,7 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
     if alias:
         return client.get_model_version_by_alias(name, alias)
     if version == "latest":
-        versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"], max_results=1)
+        versions = client.search_model_versions(equals("name", name), order_by=["version_number DESC"], max_results=1)
         if not versions:
             raise LookupError(f"registered model {name!r} has no versions")
         return versions[0]
@@ -110,13 +124,19 @@ def version_uri(mv: ModelVersion) -> str:
 
 def lineage_chain(client: MlflowClient, uri: str) -> list[dict]:
     """From a model version back to its data: one entry per model, child first."""
-    chain = []
+    chain, seen = [], []
     current: str | None = uri
     while current and current.startswith("models:/"):
         mv = resolve_version(client, current)
+        here = version_uri(mv)
+        if here in seen:  # parent tags are written by people and tools: never trust them to end
+            raise LineageError("lineage cycle: " + " -> ".join([*seen[seen.index(here):], here]))
+        if len(seen) == MAX_DEPTH:
+            raise LineageError(f"lineage of {uri} is deeper than {MAX_DEPTH} models; stopped at {here}")
+        seen.append(here)
         lineage = Lineage.from_tags(mv.tags)
-        children = [version_uri(c) for c in client.search_model_versions(f"tags.`vf.parent` = '{version_uri(mv)}'")]
-        chain.append({"model": version_uri(mv), "aliases": list(mv.aliases), "children": sorted(children), **asdict(lineage)})
+        children = [version_uri(c) for c in client.search_model_versions(equals("tags.`vf.parent`", here))]
+        chain.append({"model": here, "aliases": list(mv.aliases), "children": sorted(children), **asdict(lineage)})
         current = lineage.parent
     return chain
 
@@ -148,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="models:/<name>/<version> or models:/<name>@<alias>")
     parser.add_argument("--json", action="store_true", help="print the chain as JSON")
     args = parser.parse_args(argv)
-    chain = lineage_chain(MlflowClient(), args.model)
+    try:
+        chain = lineage_chain(MlflowClient(), args.model)
+    except (LookupError, ValueError, MlflowException) as exc:
+        print(f"lineage: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(chain, indent=2) if args.json else format_chain(chain))
     return 0
 

@@ -31,7 +31,15 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from registry.lineage import EVAL_PREFIX, Lineage, alias_holder, parse_model_uri, resolve_version, version_uri
+from registry.lineage import (
+    EVAL_PREFIX,
+    Lineage,
+    alias_holder,
+    equals,
+    parse_model_uri,
+    resolve_version,
+    version_uri,
+)
 
 AUDIT_PREFIX = "vf.audit."
 ALIASES = ("staging", "production")
@@ -167,7 +175,7 @@ def _audit(client: MlflowClient, mv: ModelVersion, record: dict) -> dict:
 def audit_trail(client: MlflowClient, name: str, alias: str | None = None) -> list[dict]:
     """Every audit record of ``name`` (optionally one alias), oldest first."""
     records = []
-    for mv in client.search_model_versions(f"name = '{name}'"):
+    for mv in client.search_model_versions(equals("name", name)):
         for key, value in mv.tags.items():
             if key.startswith(AUDIT_PREFIX):
                 record = json.loads(value)

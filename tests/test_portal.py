@@ -47,6 +47,19 @@ def signed_in(app, username):
     return client
 
 
+def test_the_login_form_needs_its_token_and_sends_people_only_within_the_site(app):
+    # A cross-site form posts without the session's token: login CSRF.
+    assert app.test_client().post("/login", data={"username": "ana", "password": PASSWORD}).status_code == 400
+    for target, lands in [("/%09/evil.example", "/datasets"), ("/%5Cevil.example", "/datasets"),
+                          ("//evil.example", "/datasets"), ("https://evil.example", "/datasets"), ("/jobs", "/jobs")]:
+        browser = app.test_client()
+        browser.get("/login")
+        with browser.session_transaction() as session:
+            token = session["csrf_token"]
+        answer = browser.post(f"/login?next={target}", data={"username": "ana", "password": PASSWORD, "csrf_token": token})
+        assert answer.status_code == 302 and answer.headers["Location"] == lands, (target, answer.headers["Location"])
+
+
 def make_dataset(admin, name="colon", prefix="datasets/colon", **extra):
     response = admin.post("/api/datasets", json={"name": name, "prefix": prefix, **extra})
     assert response.status_code == 201, response.json
@@ -113,12 +126,22 @@ def test_presigned_urls_move_bytes_directly_scoped_to_one_object(app, s3):
 
 
 @pytest.mark.parametrize("path", ["../colon-secret/report.pdf", "/etc/passwd", "slides/../../colon-secret/x",
-                                  "%2e%2e/colon-secret/x", "slides\\..\\x", "", "slides//x", "./x", "a/\x00"])
+                                  "%2e%2e/colon-secret/x", "slides\\..\\x", "", "slides//x", "./x", "a/\x00",
+                                  "slides/a.svs\n", "slides/a.svs%0A", "x" * 256, "a/" * 600])
 def test_path_tricks_never_leave_the_prefix(app, path):
     admin = signed_in(app, "ana")
     colon = make_dataset(admin)
     response = admin.post(f"/api/datasets/{colon}/upload-url", json={"path": path})
     assert response.status_code == 400 and response.json["error"].startswith("path:")
+
+
+def test_dataset_names_and_prefixes_fit_their_columns(app):
+    admin = signed_in(app, "ana")
+    for body, field in [({"name": "n" * 65, "prefix": "datasets/long-name"}, "name"),
+                        ({"name": "x\ny", "prefix": "datasets/newline"}, "name"),
+                        ({"name": "deep", "prefix": "/".join(["segment"] * 70)}, "prefix")]:
+        response = admin.post("/api/datasets", json=body)
+        assert response.status_code == 400 and response.json["error"].startswith(f"{field}:"), response.json
 
 
 def test_dataset_prefixes_cannot_nest(app):

@@ -6,7 +6,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from registry.lineage import EVAL_PREFIX, Lineage
+from registry.lineage import EVAL_PREFIX, Lineage, LineageError, equals, lineage_chain
+from registry.lineage import main as lineage_main
 from registry.promote import (
     LOCK_PREFIX,
     MetricGate,
@@ -161,3 +162,19 @@ def test_gate_file_errors_name_the_key(tmp_path):
     bad.write_text("heads:\n  x: {max_drop: 0}\n")
     with pytest.raises(ValueError, match="heads: expected 'backbone' or 'head'"):
         load_gates(bad)
+
+
+def test_a_lineage_cycle_is_reported_not_walked_forever(client, capsys):
+    first = register(client, "loop-a", parent="models:/loop-b/1")
+    register(client, "loop-b", parent=f"models:/loop-a/{first}")
+    with pytest.raises(LineageError, match="lineage cycle: models:/loop-a/1 -> models:/loop-b/1 -> models:/loop-a/1"):
+        lineage_chain(client, "models:/loop-a/1")
+    assert lineage_main(["models:/loop-a/1"]) == 2
+    assert "lineage cycle" in capsys.readouterr().err
+
+
+def test_search_filters_refuse_values_that_would_rewrite_them():
+    assert equals("name", "demo-backbone") == "name = 'demo-backbone'"
+    for hostile in ("x' OR name LIKE '%", "x\\", "x\nname = 'y'"):
+        with pytest.raises(ValueError, match="may not hold quotes"):
+            equals("name", hostile)
