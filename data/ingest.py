@@ -36,13 +36,14 @@ from data.inputs import IngestError, within
 from data.metadata import MANIFEST
 from data.wsi import SLIDE_SUFFIXES, TilePlan, open_slide, tile_slide
 from dinomx.augmentations import rgb_to_hed
+from dinomx.errors import UserError
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"
 NOT_DICOM = {".json", ".txt", ".md", ".csv"}
 
 
-class IngestFailed(RuntimeError):
+class IngestFailed(UserError, RuntimeError):
     """Some inputs were refused; nothing was written. ``errors`` holds one IngestError per input."""
 
     def __init__(self, errors: list[IngestError]):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dinomx.errors import UserError
 
-class IngestError(ValueError):
+
+class IngestError(UserError, ValueError):
     """A raw input the platform will not ingest; the message names the file and what was expected."""
 
     def __init__(self, path: str | Path, problem: str):

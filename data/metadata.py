@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data.inputs import IngestError, within
 from dinomx.data import IMAGE_SUFFIXES
+from dinomx.errors import MissingInput
 
 MANIFEST = "manifest.csv"
 
@@ -85,5 +86,5 @@ def manifest_metadata(root: Path) -> pd.DataFrame:
 def dataset_metadata(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset directory not found")
+        raise MissingInput(f"{root}: dataset directory not found")
     return manifest_metadata(root) if (root / MANIFEST).is_file() else image_folder_metadata(root)

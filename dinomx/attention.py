@@ -9,6 +9,8 @@ patches outside the thresholded attention mass blacked out).
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import sys
 from pathlib import Path
 
@@ -16,21 +18,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import PreTrainedModel
 
 from dinomx.backbone import Backbone, load_image_processor
 from dinomx.data import load_image
 
 
+def eager_twin(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` with eager attention, sharing its weights. Fused kernels return no attention
+    weights, and switching a shared model's implementation back and forth would change it under
+    its other callers (a service answers /embed while /attention runs)."""
+    if model.config._attn_implementation == "eager":
+        return model
+    with torch.device("meta"):
+        twin = type(model)(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict(keep_vars=True), assign=True, strict=False)
+    if any(t.is_meta for t in itertools.chain(twin.parameters(), twin.buffers())):
+        twin = copy.deepcopy(model)  # a layer the state dict does not hold: copy rather than share
+    twin.set_attn_implementation("eager")
+    return twin.train(model.training)
+
+
 @torch.no_grad()
-def cls_attention(backbone: Backbone, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, heads, h, w): last-layer attention of the CLS token to each patch."""
-    model = backbone.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # fused kernels do not return attention weights
-    try:
-        attentions = model(pixel_values=pixel_values, output_attentions=True).attentions[-1]
-    finally:
-        model.set_attn_implementation(previous)
+def cls_attention(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(N, heads, h, w): last-layer attention of the CLS token to each patch. ``model`` uses eager
+    attention (see ``eager_twin``)."""
+    attentions = model(pixel_values=pixel_values, output_attentions=True).attentions[-1]
     patch = model.config.patch_size
     h, w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
     return attentions[:, :, 0, -h * w :].reshape(attentions.shape[0], attentions.shape[1], h, w)
@@ -88,6 +101,7 @@ def _strip(panels: list[Image.Image]) -> Image.Image:
 
 def write_attention_pngs(model_dir: str | Path, images: list[Path], out: str | Path, k: int = 3, scale: int = 4) -> list[Path]:
     backbone = Backbone.from_pretrained(model_dir).eval()
+    eager = eager_twin(backbone.model)
     processor = load_image_processor(model_dir)
     channels = backbone.model.config.num_channels
     out = Path(out)
@@ -96,7 +110,7 @@ def write_attention_pngs(model_dir: str | Path, images: list[Path], out: str | P
     for path in images:
         image = load_image(path, channels)
         pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
-        maps = cls_attention(backbone, pixels)[0]
+        maps = cls_attention(eager, pixels)[0]
         shown = image.resize((pixels.shape[-1] * scale, pixels.shape[-2] * scale), Image.BILINEAR)
         heads, pca = render(shown, maps, k)
         for suffix, picture in (("heads", heads), ("pca", pca)):

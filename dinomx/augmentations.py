@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dinomx.config import CropsConfig
+from dinomx.config import ConfigError, CropsConfig
 
 # RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q).
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -161,7 +161,7 @@ class DataAugmentationDINO:
         table: Literal["rgb", "ct", "he"] = "rgb",
     ):
         if table in ("rgb", "he") and len(mean) != 3:
-            raise ValueError(f"dataset.augmentation: {table!r} needs 3-channel images; use 'ct' for {len(mean)} channel(s)")
+            raise ConfigError(f"dataset.augmentation: {table!r} needs 3-channel images; use 'ct' for {len(mean)} channel(s)")
         self.crops = crops
         self.table = table
         self.mean = torch.tensor(mean).view(-1, 1, 1)

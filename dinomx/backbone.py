@@ -22,6 +22,7 @@ from transformers import (
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from dinomx.config import ConfigError, DatasetConfig, DinoMXConfig, LoraSection, StudentConfig, check_model_fit
+from dinomx.errors import MissingInput
 
 # Transformer block index in a parameter name: Dinov2 `encoder.layer.3.`, ViT `layers.3.`.
 _BLOCK_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
@@ -51,7 +52,7 @@ def resolve_pretrained(pretrained: str) -> str:
     if pretrained.startswith("hf:"):
         return pretrained[3:]
     if not (Path(pretrained) / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"student.pretrained: {pretrained!r} is neither 'scratch', 'hf:<repo id>' "
             "nor a directory containing config.json"
         )
@@ -117,7 +118,7 @@ class Backbone(nn.Module):
         try:
             self.model = get_peft_model(self.model, config)
         except ValueError as exc:
-            raise ValueError(f"lora_config.target_modules: {exc}") from None
+            raise ConfigError(f"lora_config.target_modules: {exc}") from None
 
     def freeze_blocks(self, count: int) -> None:
         """Freeze the embeddings and the first ``count`` blocks, adapters included."""

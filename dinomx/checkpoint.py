@@ -15,12 +15,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinomx.config import DinoMXConfig, DistributionConfig
+from dinomx.errors import MissingInput, UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The checkpoint cannot continue this run."""
 
 
@@ -52,7 +53,7 @@ def read_checkpoint(source: str | Path, cfg: DinoMXConfig) -> dict:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"resume_from: no checkpoint at {path}")
+        raise MissingInput(f"resume_from: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config_sha256"] != resume_key(cfg):
         raise ResumeError(f"resume_from: {path} was written with a different config; resume with the same one")

@@ -12,9 +12,8 @@ import os
 import shlex
 import sys
 
-from dinomx.config import ConfigError, DinoMXConfig
-from dinomx.checkpoint import ResumeError
-from dinomx.diagnostics import CollapseError
+from dinomx.config import DinoMXConfig
+from dinomx.errors import run_command
 from dinomx.interrupt import Interrupted
 from dinomx.train import make_accelerator, train
 
@@ -29,23 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default=None, help="checkpoint file or the output_dir holding it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    def run() -> None:
         cfg = DinoMXConfig.from_yaml(args.config, shlex.split(args.overrides))
         accelerator = make_accelerator(cfg)
         if accelerator.is_main_process:
             logging.getLogger(__name__).info("%d process(es), %s, mixed precision %s",
                                              accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision)
         result = train(cfg, args.data, accelerator=accelerator, resume_from=args.resume_from, eval_root=args.eval_data)
-    except (ConfigError, ResumeError, CollapseError, FileNotFoundError) as exc:
-        print(f"dinomx: {exc}", file=sys.stderr)
-        return 2
+        if accelerator.is_main_process:
+            print(f"saved {result.backbone_dir} (checkpoint {result.checkpoint})")
+
+    try:
+        return run_command("dinomx", run)
     except Interrupted as exc:
         print(f"dinomx: interrupted by {exc}", file=sys.stderr)
         return os.EX_TEMPFAIL  # try again later: what a requeueing job script looks for
-    if accelerator.is_main_process:
-        print(f"saved {result.backbone_dir} (checkpoint {result.checkpoint})")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from dinomx.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 

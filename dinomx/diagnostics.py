@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dinomx.errors import UserError
+
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of a probability matrix."""
@@ -78,5 +80,5 @@ class CollapseDetector:
         return reason if self._streak >= self.patience else None
 
 
-class CollapseError(RuntimeError):
+class CollapseError(UserError, RuntimeError):
     """Training stopped because the representation collapsed (``train.stop_on_collapse``)."""

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from dinomx.backbone import Backbone, load_image_processor, resolve_pretrained
+from dinomx.config import ConfigError
 
 
 class FrozenTeacher(nn.Module):
@@ -34,12 +35,12 @@ class FrozenTeacher(nn.Module):
         path = resolve_pretrained(source)
         config = AutoConfig.from_pretrained(path)
         if crop_size % config.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"distillation.teachers: {source} has patch size {config.patch_size}, which does not divide "
                 f"crops.global_crops_size={crop_size}"
             )
         if config.num_channels != len(student_mean):
-            raise ValueError(
+            raise ConfigError(
                 f"distillation.teachers: {source} takes {config.num_channels}-channel input, the student "
                 f"{len(student_mean)}"
             )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -9,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinomx.attention import cls_attention, eager_twin
 from dinomx.backbone import Backbone, load_image_processor
-from dinomx.data import list_images, load_image
+from dinomx.data import list_images, load_image, to_model_mode
 
 
 class Embedder:
@@ -32,8 +34,7 @@ class Embedder:
         return self.backbone.embed_dim
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        mode = "RGB" if self.num_channels == 3 else "L"
-        images = [img if img.mode == mode else img.convert(mode) for img in images]
+        images = [to_model_mode(img, self.num_channels) for img in images]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels.to(self.device)
 
@@ -42,25 +43,32 @@ class Embedder:
         """CLS embeddings of already preprocessed pixel values (N, C, H, W)."""
         return self.backbone(torch.as_tensor(pixels, device=self.device))[0].float().cpu().numpy()
 
+    @cached_property
+    def _eager(self):
+        return eager_twin(self.backbone.model)
+
+    def attention(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, heads, h, w) last-layer CLS attention, from a twin of the backbone that shares its
+        weights: the backbone itself keeps its fused attention for concurrent callers."""
+        return cls_attention(self._eager, torch.as_tensor(pixels, device=self.device))
+
     def embed(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         chunks = [self.embed_pixels(self.preprocess(images[start : start + batch_size]))
                   for start in range(0, len(images), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
+    def tokens(self, pixels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CLS embeddings (N, D) and final-layer patch tokens (N, h, w, D) of preprocessed pixels."""
+        cls, patches = self.backbone(torch.as_tensor(pixels, device=self.device))
+        side = int(round(patches.shape[1] ** 0.5))
+        return cls.float().cpu().numpy(), patches.float().cpu().reshape(patches.shape[0], side, side, -1).numpy()
+
     def features(self, images: Sequence[Image.Image], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """CLS embeddings (N, D) and final-layer patch tokens (N, h, w, D) from one forward pass."""
-        cls_chunks, patch_chunks = [], []
-        for start in range(0, len(images), batch_size):
-            cls, patches = self.backbone(self.preprocess(images[start : start + batch_size]))
-            side = int(round(patches.shape[1] ** 0.5))
-            cls_chunks.append(cls.float().cpu().numpy())
-            patch_chunks.append(patches.float().cpu().reshape(patches.shape[0], side, side, -1).numpy())
-        return np.concatenate(cls_chunks), np.concatenate(patch_chunks)
-
-    def patch_features(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """(N, h, w, D) final-layer patch tokens on the processor's patch grid."""
-        return self.features(images, batch_size)[1]
+        chunks = [self.tokens(self.preprocess(images[start : start + batch_size]))
+                  for start in range(0, len(images), batch_size)]
+        return np.concatenate([c for c, _ in chunks]), np.concatenate([p for _, p in chunks])
 
     def embed_folder(self, root: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Embeddings, integer labels and class names of an image folder."""

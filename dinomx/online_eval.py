@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dinomx.classifiers import KNNClassifier
+from dinomx.config import ConfigError
 from dinomx.data import list_images, load_image
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -36,10 +37,10 @@ class KNNMonitor:
         classes = sorted(set(bank_names))
         unknown = sorted(set(query_names) - set(classes))
         if len(classes) < 2:
-            raise ValueError(f"train.eval_every: online kNN needs labelled training images (<root>/<class>/<image>, "
+            raise ConfigError(f"train.eval_every: online kNN needs labelled training images (<root>/<class>/<image>, "
                              f"two classes or more); {train_root} has {len(classes)}")
         if unknown:
-            raise ValueError(f"train.eval_every: {eval_root} has classes the training data lacks: {', '.join(unknown)}")
+            raise ConfigError(f"train.eval_every: {eval_root} has classes the training data lacks: {', '.join(unknown)}")
         self.num_classes, self.k, self.batch_size = len(classes), k, batch_size
         self.size, self.num_channels = size, num_channels
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, Sampler
 from dinomx.augmentations import DataAugmentationDINO
 from dinomx.config import DinoMXConfig
 from dinomx.data import ImageFolderDataset, load_image, to_tensor
+from dinomx.errors import DataError, MissingInput
 from dinomx.masking import sample_mask
 
 
@@ -78,7 +79,7 @@ class CropDataset(Dataset):
         if self.masks is not None:
             label_mask = to_tensor(load_image(self.masks[index], num_channels=1))[0]
             if label_mask.shape != img.shape[1:]:
-                raise ValueError(f"{self.masks[index]}: mask {tuple(label_mask.shape)} does not match its image {tuple(img.shape[1:])}")
+                raise DataError(f"{self.masks[index]}: mask {tuple(label_mask.shape)} does not match its image {tuple(img.shape[1:])}")
         views = self.augment(img, generator, label_mask)
         if self.ibot is not None:
             views["masks"] = [
@@ -97,5 +98,5 @@ def _parallel_paths(images: ImageFolderDataset, root: Path, key: str, what: str)
     paths = [root / path.relative_to(images.root) for path in images.paths]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{key}: {len(missing)} of {len(paths)} tiles have no {what}, e.g. {missing[0]}")
+        raise MissingInput(f"{key}: {len(missing)} of {len(paths)} tiles have no {what}, e.g. {missing[0]}")
     return paths

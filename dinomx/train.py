@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dinomx.augmentations import collate_crops
 from dinomx.backbone import pretrained_student
 from dinomx.checkpoint import CHECKPOINT_NAME, read_checkpoint, restore, restore_optimizers, save_checkpoint
-from dinomx.config import DinoMXConfig
+from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import ImageFolderDataset
 from dinomx.diagnostics import CollapseDetector, CollapseError
 from dinomx.distillation import FrozenTeacher
@@ -90,7 +90,7 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     per_step = batch_size * accelerator.num_processes
     images = ImageFolderDataset(data_root, cfg.student.num_channels)
     if len(images) < batch_size:
-        raise ValueError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
     monitor = None
     if cfg.train.eval_every and eval_root is not None:
         monitor = KNNMonitor(data_root, eval_root, cfg.student.num_channels, cfg.crops.global_crops_size,
@@ -113,7 +113,7 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     fsdp = cfg.distribution.type == "fsdp"
     if fsdp:
         if accelerator.num_processes < 2:
-            raise ValueError("distribution.type: fsdp shards over several processes; launch with torchrun or accelerate launch")
+            raise ConfigError("distribution.type: fsdp shards over several processes; launch with torchrun or accelerate launch")
         mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
         for model in (*students, teacher):
             shard(model, mesh)

@@ -16,8 +16,8 @@ import mlflow
 from mlflow import MlflowClient
 
 from projects.evaluation import evaluate, plot_confusion, plot_embeddings
-from projects.heads import add_probe_arguments, parse_probe_args, report_failure
-from projects.tracking import log_training_data, training_data
+from projects.heads import add_probe_arguments, parse_probe_args
+from projects.tracking import log_training_data, run_entry_point, training_data
 from registry.lineage import EVAL_PREFIX, resolve_version, version_uri
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="backbone: models:/<name>/<version|latest> or models:/<name>@<alias>")
     add_probe_arguments(parser)
     args, knn_k = parse_probe_args(parser, argv)
-    return report_failure("evaluate", lambda: run(args.model, args, knn_k))
+    return run_entry_point("evaluate", lambda: run(args.model, args, knn_k))
 
 
 if __name__ == "__main__":

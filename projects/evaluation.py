@@ -29,6 +29,7 @@ from sklearn.metrics import (
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
 from dinomx.data import list_images, load_image
 from dinomx.embed import Embedder
+from dinomx.errors import DataError, MissingInput
 from dinomx.probes import RegressionProbe, SegmentationProbe, TaskHeads, dice
 
 
@@ -63,19 +64,19 @@ def _masks(split: Split, data: Path, masks_root: Path) -> np.ndarray:
     """The masks of the split's images (``masks_root`` mirrors ``data``)."""
     missing = [p for p in split.paths if not (masks_root / p.relative_to(data)).is_file()]
     if missing:
-        raise FileNotFoundError(f"masks: {len(missing)} images have no mask under {masks_root}, e.g. {missing[0]}")
+        raise MissingInput(f"masks: {len(missing)} images have no mask under {masks_root}, e.g. {missing[0]}")
     return np.stack([np.asarray(load_image(masks_root / p.relative_to(data), 1)) for p in split.paths])
 
 
 def _targets(csv: Path, column: str, split: Split, data: Path) -> np.ndarray:
     table = pd.read_csv(csv)
     if "path" not in table or column not in table:
-        raise ValueError(f"{csv}: expected columns 'path' and '{column}', found {list(table.columns)}")
+        raise DataError(f"{csv}: expected columns 'path' and '{column}', found {list(table.columns)}")
     values = dict(zip(table["path"], table[column]))
     keys = [p.relative_to(data).as_posix() for p in split.paths]
     missing = [k for k in keys if k not in values]
     if missing:
-        raise ValueError(f"{csv}: no '{column}' for {len(missing)} images (paths relative to {data}), e.g. {missing[0]}")
+        raise DataError(f"{csv}: no '{column}' for {len(missing)} images (paths relative to {data}), e.g. {missing[0]}")
     return np.asarray([values[k] for k in keys], dtype=np.float64)
 
 
@@ -95,7 +96,7 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
     train, classes = _embed(embedder, data / "train", with_patches=bool(masks))
     val, val_classes = _embed(embedder, data / "val", with_patches=bool(masks))
     if val_classes != classes:
-        raise ValueError(f"{data}: val classes {val_classes} differ from train classes {classes}")
+        raise DataError(f"{data}: val classes {val_classes} differ from train classes {classes}")
     candidates = {
         "linear": LinearClassifier(len(classes)).fit(train.embeddings, train.labels),
         "knn": KNNClassifier(len(classes), k=knn_k).fit(train.embeddings, train.labels),
@@ -121,7 +122,7 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
 
     if targets:
         if not target_column:
-            raise ValueError("target_column: name the column of the targets CSV to regress")
+            raise DataError("target_column: name the column of the targets CSV to regress")
         y_train = _targets(Path(targets), target_column, train, data)
         y_val = _targets(Path(targets), target_column, val, data)
         heads.regression = RegressionProbe(target_column).fit(train.embeddings, y_train)

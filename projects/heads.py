@@ -16,17 +16,16 @@ from tempfile import TemporaryDirectory
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from projects.evaluation import evaluate
 from projects.tracking import (
-    DataNotValidatedError,
     build_lineage,
     configure_logging,
     log_training_data,
     project_code_version,
+    run_entry_point,
     training_data,
 )
 from registry.lineage import resolve_version, version_uri
@@ -59,16 +58,6 @@ def parse_probe_args(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     if args.knn_k < 1 or args.knn_k != int(args.knn_k):
         parser.error(f"--knn-k: expected a positive whole number, got {args.knn_k}")
     return args, int(args.knn_k)
-
-
-def report_failure(entry_point: str, call) -> int:
-    """Run ``call``; the errors a user can fix end the process with 2 and one line, not a traceback."""
-    try:
-        call()
-    except (DataNotValidatedError, LookupError, FileNotFoundError, ValueError, MlflowException) as exc:
-        print(f"{entry_point}: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def run(backbone_uri: str, args: argparse.Namespace, knn_k: int):
@@ -108,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="model family; registers <name>-head")
     add_probe_arguments(parser)
     args, knn_k = parse_probe_args(parser, argv)
-    return report_failure("heads", lambda: run(args.backbone or f"models:/{args.name}-backbone/latest", args, knn_k))
+    return run_entry_point("heads", lambda: run(args.backbone or f"models:/{args.name}-backbone/latest", args, knn_k))
 
 
 if __name__ == "__main__":

@@ -20,27 +20,26 @@ import mlflow
 import numpy as np
 from accelerate.utils import broadcast_object_list
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from dinomx.attention import write_attention_pngs
 from dinomx.backbone import pretrained_student
-from dinomx.config import ConfigError, DinoMXConfig
+from dinomx.config import DinoMXConfig
 from dinomx.data import list_images, load_image
-from dinomx.diagnostics import CollapseError
-from dinomx.checkpoint import CHECKPOINT_NAME, ResumeError
+from dinomx.errors import MissingInput
+from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.interrupt import Interrupted
 from dinomx.train import make_accelerator, train
 from projects.slurm import REQUEUE_EXIT_CODE
 from projects.tracking import (
     VALIDATION_ARTIFACT_DIR,
-    DataNotValidatedError,
     build_lineage,
     configure_logging,
     log_flat_params,
     log_training_data,
     project_code_version,
+    run_entry_point,
     training_data,
 )
 from registry.lineage import resolve_version, version_uri
@@ -81,7 +80,7 @@ def eval_split(data: str, eval_data: str) -> Path | None:
     """The labelled split for online kNN: as given, else the ``val`` beside a ``train`` folder."""
     if eval_data:
         if not Path(eval_data).is_dir():
-            raise FileNotFoundError(f"eval_data: {eval_data} is not a directory (expected <root>/<class>/<image>)")
+            raise MissingInput(f"eval_data: {eval_data} is not a directory (expected <root>/<class>/<image>)")
         return Path(eval_data)
     sibling = Path(data).parent / "val"
     if Path(data).name != "train" or not sibling.is_dir():
@@ -179,7 +178,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             mlflow.end_run("SCHEDULED" if exc.signum == signal.SIGUSR1 else "KILLED")
             accelerator.wait_for_everyone()
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug's run says what broke too, not only its log
             mlflow.set_tag("vf.error", str(exc)[:5000])
             raise
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
@@ -240,22 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if (code := launch_workers(args.processes, _without_processes(argv))) is not None:
         return code
-    try:
+    def pretrain() -> None:
         overrides = shlex.split(args.overrides)
         if args.teachers:
             teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
             overrides.append(f"distillation.teachers={json.dumps(teachers)}")
         run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from, args.eval_data)
-    except (ConfigError, DataNotValidatedError, ResumeError, CollapseError, LookupError, FileNotFoundError,
-            MlflowException) as exc:
-        print(f"pretrain: {exc}", file=sys.stderr)
-        return 2
+
+    try:
+        return run_entry_point("pretrain", pretrain)
     except Interrupted as exc:
         print(f"pretrain: interrupted by {exc}", file=sys.stderr)
         # Only the time-limit warning asks the job script to requeue; a SIGTERM came from Slurm,
         # which requeues a preempted job itself and must not resurrect a cancelled one.
         return REQUEUE_EXIT_CODE if exc.signum == signal.SIGUSR1 else 128 + exc.signum
-    return 0
 
 
 def whole_number(text: str) -> int:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +13,16 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from data.report import ValidationReport
+from dinomx.errors import UserError, one_line, run_command
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from registry.lineage import Lineage, code_version
 
 VALIDATION_ARTIFACT_DIR = "data_validation"
 
 
-class DataNotValidatedError(RuntimeError):
+class DataNotValidatedError(UserError, RuntimeError):
     """The data has no passing validation report; nothing trains on it."""
 
 
@@ -112,3 +117,29 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "urllib3", "alembic", "mlflow.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_entry_point(prog: str, call: Callable[[], object]) -> int:
+    """``call()`` as an entry point's command: a user's error (or the registry's "no such
+    model") is one line and exit 2, and the MLflow run it happened in ends FAILED with the
+    message as its note, so the UI says why."""
+    return run_command(prog, call, also=(MlflowException,), on_error=fail_run)
+
+
+def fail_run(exc: BaseException) -> None:
+    active = mlflow.active_run()
+    last = None if active else mlflow.last_active_run()
+    run_id = (active or last).info.run_id if (active or last) else os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    message = one_line(exc)
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, "vf.error", message[:5000])
+        client.set_tag(run_id, "mlflow.note.content", f"**Failed:** {message}")
+        if active:
+            mlflow.end_run("FAILED")
+        elif client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run_id, "FAILED")
+    except MlflowException as unreachable:  # the message still reaches the terminal
+        logging.getLogger(__name__).warning("could not mark run %s FAILED: %s", run_id, unreachable)

@@ -14,10 +14,12 @@ from dinomx.augmentations import (
     random_resized_crop,
     window_hu,
 )
-from dinomx.attention import attention_mask, cls_attention, pca_channels, write_attention_pngs
+from dinomx.attention import attention_mask, cls_attention, eager_twin, pca_channels, write_attention_pngs
 from dinomx.backbone import Backbone
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
 from dinomx.config import ConfigError, StudentConfig
+from dinomx.data import to_model_mode
+from dinomx.errors import DataError
 from dinomx.dino_head import DINOHead
 from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering
 from dinomx.masking import block_mask, sample_mask
@@ -229,8 +231,20 @@ def test_attention_mass_threshold_and_pca():
 def test_cls_attention_per_head_and_pngs(tmp_path, tiles, arch):
     backbone = Backbone.from_config(StudentConfig(arch=arch, image_size=32, patch_size=4, hidden_size=32,
                                                   num_hidden_layers=1, num_attention_heads=2))
-    maps = cls_attention(backbone, torch.randn(2, 3, 32, 32))
+    backbone.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = backbone(pixels)[0]
+    twin = eager_twin(backbone.model)
+    maps = cls_attention(twin, pixels)
     assert maps.shape == (2, 2, 8, 8)
+    # The served model is never switched: it keeps its fused attention for concurrent callers.
+    assert backbone.model.config._attn_implementation == "sdpa" and not twin.training
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(pixels)[0], fused)
+        torch.testing.assert_close(twin(pixel_values=pixels).last_hidden_state[:, 0], fused, atol=1e-5, rtol=1e-4)
+    if arch == "dinov2":  # every tensor is in its state dict: the twin shares the weights, no copy
+        assert twin.embeddings.patch_embeddings.projection.weight is backbone.model.embeddings.patch_embeddings.projection.weight
     assert torch.allclose(maps.flatten(2).sum(-1), torch.ones(2, 2), atol=0.2)  # CLS row minus its self-attention
     cfg = tiny_config()
     backbone.save_pretrained(tmp_path / "model", cfg.dataset, 32)
@@ -317,3 +331,16 @@ def test_collapse_watch_starts_after_the_warmups_even_with_prototypes_frozen_thr
     cfg = tiny_config(optim={"warmup_epochs": 1, "freeze_last_layer_epochs": 2},
                       teacher={"warmup_teacher_temp_epochs": 0}, train={"epochs": 2, "steps_per_epoch": 3})
     assert Schedules.from_config(cfg).warmup_steps == 3  # the lr warm-up, not the 6 frozen steps
+
+
+def test_wide_images_are_scaled_by_their_range_never_clipped():
+    low, high = (to_model_mode(Image.fromarray(np.full((4, 4), v, np.uint16)), 3) for v in (1000, 40000))
+    assert low.mode == "RGB" and np.asarray(low).max() == 4 and np.asarray(high).max() == 156  # v / 257
+    half = to_model_mode(Image.fromarray(np.full((4, 4), 0.5, np.float32)), 1)
+    assert half.mode == "L" and np.asarray(half).max() == 128
+    with pytest.raises(DataError, match=r"float image with values in \[0, 3\]; expected 0..1"):
+        to_model_mode(Image.fromarray(np.array([[0.0, 3.0]], np.float32)), 3)
+    with pytest.raises(DataError, match=r"I integer image with values in \[-5, 70000\]"):
+        to_model_mode(Image.fromarray(np.array([[-5, 70000]], np.int32)), 3)
+    with pytest.raises(DataError, match="float image with values in \\[nan"):
+        to_model_mode(Image.fromarray(np.array([[np.nan, 0.5]], np.float32)), 3)

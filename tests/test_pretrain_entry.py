@@ -58,3 +58,19 @@ def test_a_stopped_local_run_resumes_in_the_same_mlflow_run(validated_checkout, 
     launcher = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
     assert [r.data.tags["vf.continued_in"] for r in launcher] == [run.info.run_id]
     assert client.get_model_version("resumed-backbone", "1").run_id == run.info.run_id
+
+
+def test_a_user_error_after_the_run_started_is_one_line_and_fails_the_run(validated_checkout, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    failed = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "bad", "-e", "pretrain",
+                             "-P", "name=bad", "-P", f"overrides={tiny_overrides(batch_size=100000)}"],
+                            cwd=validated_checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "pretrain: train.batch_size=100000 is larger than the dataset" in failed.stderr
+    assert "Traceback" not in failed.stderr.split("pretrain: train.batch_size")[0]  # ours is a line, not a traceback
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bad").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["vf.error"].startswith("train.batch_size=100000 is larger than the dataset")
+    assert run.data.tags["mlflow.note.content"].startswith("**Failed:** train.batch_size=100000")
