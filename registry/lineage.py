@@ -11,12 +11,15 @@ import argparse
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+from dinomx.errors import UserError, run_command
 
 PREFIX = "vf."
 # Evaluation metrics written on a model version by the `evaluate` entry point.
@@ -25,15 +28,32 @@ EVAL_PREFIX = "vf.eval."
 MAX_DEPTH = 64
 
 
-class LineageError(LookupError):
+class RegistryError(UserError, LookupError):
+    """A model, version or alias that is not in the registry, or a lineage that cannot be read."""
+
+
+class LineageError(RegistryError):
     """A lineage that cannot be walked: a cycle, or deeper than ``MAX_DEPTH``."""
+
+
+class BadModelReference(UserError, ValueError):
+    """A model name or URI that is malformed."""
+
+
+class RegistryUnavailable(UserError, RuntimeError):
+    """The registry did not answer (down, locked, timed out), which is not the same as an alias
+    that is not set: a caller must not act on a guess."""
+
+
+# The registry's answers for "there is no such model, version or alias".
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def equals(field: str, value: str) -> str:
     """An MLflow search filter ``field = 'value'`` that ``value`` cannot change the meaning of.
     MLflow's filter grammar has no escape for quotes, so a value holding one is refused."""
     if any(c in "'\"\\" or ord(c) < 32 for c in value):
-        raise ValueError(f"{value!r}: a model name or URI may not hold quotes, backslashes or control characters")
+        raise BadModelReference(f"{value!r}: a model name or URI may not hold quotes, backslashes or control characters")
     return f"{field} = '{value}'"
 
 
@@ -62,7 +82,7 @@ class Lineage:
     def from_tags(cls, tags: dict[str, str]) -> "Lineage":
         missing = [f.name for f in fields(cls) if PREFIX + f.name not in tags and f.default is MISSING]
         if missing:
-            raise LookupError(f"lineage incomplete: missing tag(s) {', '.join(PREFIX + m for m in missing)}")
+            raise RegistryError(f"lineage incomplete: missing tag(s) {', '.join(PREFIX + m for m in missing)}")
         values = {f.name: tags[PREFIX + f.name] for f in fields(cls) if PREFIX + f.name in tags}
         for flag in ("validation_success", "git_dirty"):
             values[flag] = values[flag] == "true"
@@ -87,35 +107,54 @@ def code_version(repo: str | Path = ".") -> tuple[str, bool]:
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/name/3`` -> (name, "3", None); ``models:/name@alias`` -> (name, None, "alias")."""
     if not uri.startswith("models:/"):
-        raise ValueError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        raise BadModelReference(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
     body = uri[len("models:/"):]
     if "@" in body:
         name, alias = body.split("@", 1)
         return name, None, alias
     name, _, version = body.rpartition("/")
     if not name or not version:
-        raise ValueError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        raise BadModelReference(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
     return name, version, None
 
 
 def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
     name, version, alias = parse_model_uri(uri)
     if alias:
-        return client.get_model_version_by_alias(name, alias)
-    if version == "latest":
-        versions = client.search_model_versions(equals("name", name), order_by=["version_number DESC"], max_results=1)
-        if not versions:
-            raise LookupError(f"registered model {name!r} has no versions")
-        return versions[0]
-    return client.get_model_version(name, version)
+        holder = alias_holder(client, name, alias)
+        if holder is None:
+            raise RegistryError(f"{uri}: no version of {name!r} holds @{alias}")
+        return holder
+    with _registry_errors(f"{uri}: "):
+        if version == "latest":
+            versions = client.search_model_versions(equals("name", name), order_by=["version_number DESC"], max_results=1)
+        else:
+            return client.get_model_version(name, version)
+    if not versions:
+        raise RegistryError(f"registered model {name!r} has no versions")
+    return versions[0]
 
 
 def alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version of ``name`` holding ``alias``, or None when the alias is not set."""
+    """The version of ``name`` holding ``alias``, None when the alias (or the model) is not set;
+    ``RegistryUnavailable`` when the registry did not say."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT and "not found" in exc.message.lower():
+            return None
+        raise RegistryUnavailable(f"registry: cannot read {name}@{alias}: {exc.message}") from exc
+
+
+@contextmanager
+def _registry_errors(context: str):
+    """The registry's "no such thing" as a ``RegistryError``, anything else as ``RegistryUnavailable``."""
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            raise RegistryError(f"{context}{exc.message}") from None
+        raise RegistryUnavailable(f"registry: {context}{exc.message}") from exc
 
 
 def version_uri(mv: ModelVersion) -> str:
@@ -124,6 +163,7 @@ def version_uri(mv: ModelVersion) -> str:
 
 def lineage_chain(client: MlflowClient, uri: str) -> list[dict]:
     """From a model version back to its data: one entry per model, child first."""
+    parse_model_uri(uri)
     chain, seen = [], []
     current: str | None = uri
     while current and current.startswith("models:/"):
@@ -168,13 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="models:/<name>/<version> or models:/<name>@<alias>")
     parser.add_argument("--json", action="store_true", help="print the chain as JSON")
     args = parser.parse_args(argv)
-    try:
+
+    def show() -> None:
         chain = lineage_chain(MlflowClient(), args.model)
-    except (LookupError, ValueError, MlflowException) as exc:
-        print(f"lineage: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(chain, indent=2) if args.json else format_chain(chain))
-    return 0
+        print(json.dumps(chain, indent=2) if args.json else format_chain(chain))
+
+    return run_command("lineage", show, also=(MlflowException,))
 
 
 if __name__ == "__main__":

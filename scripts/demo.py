@@ -95,10 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     step("4/6 heads: classifier, segmentation and regression heads on frozen features, registers the head")
     sh(*mlflow_run, "-e", "heads", "-P", f"name={args.name}")
 
-    step("5/6 promote both to @production and show the lineage")
-    for kind in ("backbone", "head"):
-        sh(sys.executable, "-m", "registry.promote", f"models:/{args.name}-{kind}/latest",
-           "--alias", "production", "--reason", "demo run")
+    step("5/6 promote both to @production (one consistent set) and show the lineage")
+    sh(sys.executable, "-m", "registry.promote", f"models:/{args.name}-backbone/latest",
+       "--with", f"models:/{args.name}-head/latest", "--alias", "production", "--reason", "demo run")
     sh(sys.executable, "-m", "registry.lineage", f"models:/{args.name}-head@production")
 
     step("6/6 serve with BentoML and send real requests")

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from registry.lineage import EVAL_PREFIX, Lineage, LineageError, equals, lineage_chain
+from registry.lineage import EVAL_PREFIX, Lineage, LineageError, RegistryUnavailable, alias_holder, equals, lineage_chain
 from registry.lineage import main as lineage_main
 from registry.promote import (
     LOCK_PREFIX,
@@ -18,6 +18,8 @@ from registry.promote import (
     promote,
     rollback,
 )
+from registry.promote import main as promote_main
+from scripts.demo import free_port
 
 GATES = {"backbone": [MetricGate("knn.accuracy", 0.01)],
          "head": [MetricGate("linear.accuracy", 0.0), MetricGate("regression.mae", 0.005)]}
@@ -58,7 +60,7 @@ def test_a_regressing_candidate_is_refused_and_a_close_one_passes(client):
         promote(client, f"models:/m-backbone/{worse}", "production", "try", gates=GATES)
     assert refused.value.gate == "metrics" and holder(client, "m-backbone") == v1
     close = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.795})
-    record = promote(client, f"models:/m-backbone/{close}", "production", "within tolerance", gates=GATES)
+    [record] = promote(client, f"models:/m-backbone/{close}", "production", "within tolerance", gates=GATES)
     assert holder(client, "m-backbone") == close
     assert record["metrics"] == {"knn.accuracy": {"candidate": 0.795, "holder": 0.80}} and record["previous"] == v1
 
@@ -88,7 +90,7 @@ def test_rollback_restores_the_previous_holder_and_is_audited(client):
     v2 = register(client, "r-backbone", eval_tags={"knn.accuracy": 0.9})
     promote(client, f"models:/r-backbone/{v1}", "production", "first", user="ana", gates=GATES)
     promote(client, f"models:/r-backbone/{v2}", "production", "better", user="ana", gates=GATES)
-    record = rollback(client, "r-backbone", "production", "v2 misreads scanner B", user="ben")
+    [record] = rollback(client, "r-backbone", "production", "v2 misreads scanner B", user="ben")
     assert holder(client, "r-backbone") == v1
     assert (record["action"], record["version"], record["previous"], record["user"]) == ("rollback", v1, v2, "ben")
     trail = audit_trail(client, "r-backbone", "production")
@@ -124,7 +126,7 @@ def test_concurrent_promotions_of_one_alias_cannot_both_win(client):
     def attempt(index: int, version: str) -> None:
         try:
             outcomes[version] = promote(_SignallingClient(uri, asked[index]), f"models:/c-backbone/{version}",
-                                        "production", "race", gates=GATES)
+                                        "production", "race", gates=GATES)[0]
         except PromotionRefused as exc:
             outcomes[version] = exc
 
@@ -178,3 +180,55 @@ def test_search_filters_refuse_values_that_would_rewrite_them():
     for hostile in ("x' OR name LIKE '%", "x\\", "x\nname = 'y'"):
         with pytest.raises(ValueError, match="may not hold quotes"):
             equals("name", hostile)
+
+
+BACKBONE_GATES = {"backbone": GATES["backbone"]}
+
+
+def test_a_backbone_moves_only_with_a_head_built_on_it_and_rolls_back_with_it(client, capsys):
+    b1 = register(client, "d-backbone", eval_tags={"knn.accuracy": 0.8})
+    h1 = register(client, "d-head", kind="head", parent=f"models:/d-backbone/{b1}")
+    [record] = promote(client, f"models:/d-backbone/{b1}", "production", "first", gates=BACKBONE_GATES)
+    assert record["set"] == [f"models:/d-backbone/{b1}"]
+    promote(client, f"models:/d-head/{h1}", "production", "first", gates=BACKBONE_GATES)
+    b2 = register(client, "d-backbone", eval_tags={"knn.accuracy": 0.9})
+    # Alone, the new backbone would leave the production head on the old one: every new server
+    # would refuse that set, so the promotion is refused, naming the head.
+    with pytest.raises(PromotionRefused, match=rf"models:/d-head/{h1} holds @production and is built on "
+                                               rf"models:/d-backbone/{b1}.*no version of d-head is built on") as refused:
+        promote(client, f"models:/d-backbone/{b2}", "production", "alone", gates=BACKBONE_GATES)
+    assert refused.value.gate == "dependants" and holder(client, "d-backbone") == b1
+    h2 = register(client, "d-head", kind="head", parent=f"models:/d-backbone/{b2}")
+    with pytest.raises(PromotionRefused, match=rf"promote one of models:/d-head/{h2} with it"):
+        promote(client, f"models:/d-backbone/{b2}", "production", "alone", gates=BACKBONE_GATES)
+    with pytest.raises(PromotionRefused, match=rf"@production of d-backbone is version {b1}; promote the parent first"):
+        promote(client, f"models:/d-head/{h2}", "production", "head alone", gates=BACKBONE_GATES)
+    records = promote(client, f"models:/d-backbone/{b2}", "production", "together", gates=BACKBONE_GATES,
+                      together=[f"models:/d-head/{h2}"])
+    assert [(r["model"], r["version"], r["previous"]) for r in records] == [("d-backbone", b2, b1), ("d-head", h2, h1)]
+    assert (holder(client, "d-backbone"), holder(client, "d-head")) == (b2, h2)
+
+    with pytest.raises(PromotionRefused, match=rf"models:/d-head/{h2} holds @production and is built on"):
+        rollback(client, "d-backbone", "production", "backbone alone")
+    assert holder(client, "d-backbone") == b2
+    assert promote_main(["d-backbone", "--rollback", "--with", "d-head", "--alias", "production", "--reason", "r"]) == 0
+    assert (holder(client, "d-backbone"), holder(client, "d-head")) == (b1, h1)
+    assert "d-head@production -> version 1 (previously version 2) [rollback]" in capsys.readouterr().out
+
+
+def test_command_line_errors_are_one_line_and_exit_2(client, capsys):
+    assert promote_main(["models:/nothing/999", "--alias", "staging", "--reason", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promote: models:/nothing/999: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert lineage_main(["not-a-uri"]) == 2
+    assert capsys.readouterr().err == "lineage: 'not-a-uri': expected models:/<name>/<version> or models:/<name>@<alias>\n"
+
+
+def test_an_unset_alias_is_not_an_unreachable_registry(client, monkeypatch):
+    register(client, "u-backbone")
+    assert alias_holder(client, "u-backbone", "production") is None
+    assert alias_holder(client, "no-such-model", "production") is None
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(RegistryUnavailable, match="registry: cannot read u-backbone@production"):
+        alias_holder(down, "u-backbone", "production")
