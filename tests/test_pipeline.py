@@ -3,10 +3,14 @@ promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow
 import base64
 import io
 import json
+import asyncio
 import math
 import os
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,19 +196,28 @@ def test_head_cannot_be_promoted_before_its_backbone(demo):
     assert "promote the parent first" in str(refused.value)
 
 
+RELOAD_TOKEN = "operator-token"
+RELOAD = {"Authorization": f"Bearer {RELOAD_TOKEN}"}
+# Small limits, so that refusals are exercised with small uploads.
+SERVICE_LIMITS = {"VF_MAX_IMAGES": "4", "VF_MAX_IMAGE_PIXELS": str(1024 * 1024),
+                  "VF_MAX_REQUEST_PIXELS": str(3 * 1024 * 1024), "VF_MAX_REQUEST_BYTES": str(4 * 1024 * 1024)}
+
+
 @pytest.fixture(scope="module")
-def service(demo):
+def service(demo, tmp_path_factory):
     checkout, _, _ = demo
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo",
-           "VF_MAX_IMAGES": "4", "VF_RELOAD_INTERVAL_S": "0"}
-    server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry",
-                              "--host", "127.0.0.1", "--port", str(port)], cwd=checkout, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "VF_RELOAD_INTERVAL_S": "0", "VF_RELOAD_TOKEN": RELOAD_TOKEN, "VF_REGISTRY_TIMEOUT_S": "30", **SERVICE_LIMITS}
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry",
+                                  "--host", "127.0.0.1", "--port", str(port)], cwd=checkout, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{base}/readyz", server, timeout=180)
-        yield base, checkout
+        yield base, checkout, log
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -215,7 +228,7 @@ def _png(path):
 
 
 def test_service_classifies_validation_tiles(service):
-    base, checkout = service
+    base, checkout, _ = service
     samples = [sorted((checkout / "data/demo/images/val" / c).glob("*.png"))[0] for c in ("adipose", "stroma")]
     response = httpx.post(f"{base}/classify", files=[_png(p) for p in samples], timeout=60)
     assert response.status_code == 200
@@ -227,8 +240,14 @@ def test_service_classifies_validation_tiles(service):
     assert "bentoml_service_request" in httpx.get(f"{base}/metrics").text
 
 
+def _solid_png(width: int, height: int, value=128, mode="RGB") -> tuple:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), value).save(buffer, format="PNG")
+    return ("images", (f"{width}x{height}.png", buffer.getvalue(), "image/png"))
+
+
 def test_service_answers_bad_input_with_4xx(service):
-    base, checkout = service
+    base, checkout, log = service
     sample = sorted((checkout / "data/demo/images/val/glands").glob("*.png"))[0]
     not_image = httpx.post(f"{base}/embed", files=[("images", ("x.png", b"not an image", "image/png"))], timeout=30)
     assert not_image.status_code == 400 and "images[0]: not a readable image" in not_image.text
@@ -239,9 +258,77 @@ def test_service_answers_bad_input_with_4xx(service):
     for route in ("segment", "regress", "attention"):
         assert httpx.post(f"{base}/{route}", files=[("images", ("x.png", b"GIF89a", "image/png"))], timeout=30).status_code == 400
 
+    # Malformed requests: the field is named, nothing is fetched, nothing is echoed back at length.
+    wrong_field = httpx.post(f"{base}/embed", files=[("image", (sample.name, sample.read_bytes(), "image/png"))], timeout=30)
+    assert wrong_field.status_code == 400 and "unknown field 'image'; expected files under 'images'" in wrong_field.text
+    url = httpx.post(f"{base}/embed", data={"images": "http://127.0.0.1:9/secret"}, files=[_png(sample)], timeout=30)
+    assert url.status_code == 400 and "images: expected image files, got a text value" in url.text
+    head_file = httpx.post(f"{base}/classify", files=[_png(sample), ("head", ("h.txt", b"knn", "text/plain"))], timeout=30)
+    assert head_file.status_code == 400 and "head: expected a text value" in head_file.text
+    huge_json = httpx.post(f"{base}/embed", json={"images": ["x"] * 200_000}, timeout=30)
+    assert huge_json.status_code in (413, 415) and len(huge_json.content) < 2048
+    oversized = httpx.post(f"{base}/embed", files=[("images", ("big.png", b"\0" * (5 * 1024 * 1024), "image/png"))], timeout=30)
+    assert oversized.status_code == 413 and "VF_MAX_REQUEST_BYTES" in oversized.text
+
+    # Decompression amplification: a few KB that would decode to gigapixels are refused from the headers.
+    one_big = httpx.post(f"{base}/embed", files=[_solid_png(2048, 1024)], timeout=30)
+    assert one_big.status_code == 413 and "2048x1024 = 2097152 pixels; at most 1048576 per image" in one_big.text
+    many = httpx.post(f"{base}/embed", files=[_solid_png(1024, 1024)] * 4, timeout=30)
+    assert many.status_code == 413 and "4194304 pixels in all; at most 3145728 per request" in many.text
+    at_limit = httpx.post(f"{base}/segment", files=[_solid_png(1024, 1024)] * 3, timeout=120)
+    assert at_limit.status_code == 200 and [p["width"] for p in at_limit.json()["predictions"]] == [1024] * 3
+
+    # Client errors are one WARNING line each in the service's log, not an ERROR with a traceback.
+    text = log.read_text()
+    assert "Traceback" not in text and "unknown field 'image'" in text
+
+
+def _wide_png(array: np.ndarray) -> tuple:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG" if array.dtype == np.uint16 else "TIFF")
+    return ("images", ("wide.png", buffer.getvalue(), "image/png"))
+
+
+def test_service_scales_16_bit_tiles_and_refuses_out_of_range_floats(service):
+    base, _, _ = service
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 2, (32, 32))
+    embeddings = [httpx.post(f"{base}/embed", files=[_wide_png((texture * v).astype(np.uint16))], timeout=30).json()["embeddings"][0]
+                  for v in (1000, 40000)]
+    assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)  # clipping to 255 made them identical
+    floats = httpx.post(f"{base}/embed", files=[_wide_png((texture * 3.0).astype(np.float32))], timeout=30)
+    assert floats.status_code == 400 and "images[0]: float image with values in [0, 3]; expected 0..1" in floats.text
+
+
+def test_decoding_runs_off_the_event_loop():
+    """While an upload is decoded, the event loop (which answers /livez) keeps running: the decode
+    below can only finish once the loop has ticked, so a decode on the loop would hang here."""
+    from serving.service import VisionFoundry
+
+    ticked = threading.Event()
+
+    def preprocess(images):
+        assert ticked.wait(10), "the event loop did not run while an image was decoded"
+        return torch.zeros(1, 3, 8, 8)
+
+    class Models:
+        embedder = type("Embedder", (), {"preprocess": staticmethod(preprocess)})
+
+    async def main(path):
+        decode = asyncio.ensure_future(VisionFoundry.inner._pixels(None, Models, [path]))
+        await asyncio.sleep(0.05)
+        ticked.set()
+        return await asyncio.wait_for(decode, 20)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tile.png"
+        Image.new("RGB", (16, 8)).save(path)
+        pixels, sizes = asyncio.run(main(path))
+    assert pixels.shape == (1, 3, 8, 8) and sizes == [(16, 8)]
+
 
 def test_service_segments_regresses_and_shows_attention(service):
-    base, checkout = service
+    base, checkout, _ = service
     sample = sorted((checkout / "data/demo/images/val/nuclei").glob("*.png"))[0]
     truth = np.asarray(Image.open(checkout / "data/demo/annotations/masks/val/nuclei" / sample.name))
     segment = httpx.post(f"{base}/segment", files=[_png(sample)], timeout=60).json()
@@ -257,13 +344,17 @@ def test_service_segments_regresses_and_shows_attention(service):
 
 
 def test_concurrent_embeds_are_batched_and_answer_each_caller(service):
-    base, checkout = service
+    base, checkout, _ = service
     samples = sorted((checkout / "data/demo/images/val/stroma").glob("*.png"))[:6]
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(8) as pool:
+        # /attention runs beside them on the same model: it must not change what /embed computes.
+        attention = [pool.submit(httpx.post, f"{base}/attention", files=[_png(p)], timeout=60) for p in samples[:2]]
         answers = list(pool.map(lambda p: httpx.post(f"{base}/embed", files=[_png(p)], timeout=60).json(), samples))
     alone = httpx.post(f"{base}/embed", files=[_png(p) for p in samples[:2]], timeout=60).json()
     assert [np.asarray(a["embeddings"]).shape for a in answers] == [(1, 96)] * 6
-    np.testing.assert_allclose(answers[0]["embeddings"][0], alone["embeddings"][0], atol=1e-4)
+    assert all(a.result().status_code == 200 for a in attention)
+    for answer, single in zip(answers[:2], alone["embeddings"]):
+        np.testing.assert_allclose(answer["embeddings"][0], single, atol=1e-4)
 
 
 def _copy_version(client, name, source_version, **tag_changes):
@@ -274,26 +365,51 @@ def _copy_version(client, name, source_version, **tag_changes):
 
 
 def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, demo):
-    base, checkout = service
+    base, checkout, _ = service
     _, client, _ = demo
+    assert httpx.post(f"{base}/reload", timeout=30).status_code == 401  # the operator's token only
+    assert httpx.post(f"{base}/reload", headers={"Authorization": "Bearer guess"}, timeout=30).status_code == 401
     backbone = _copy_version(client, "demo-backbone", "1")
     head = _copy_version(client, "demo-head", "1", **{"vf.parent": f"models:/demo-backbone/{backbone}"})
     cli = [sys.executable, "-m", "registry.promote"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
-    for uri in (f"models:/demo-backbone/{backbone}", f"models:/demo-head/{head}"):
-        subprocess.run([*cli, uri, "--alias", "production", "--reason", "retrained"], check=True, env=env, cwd=checkout)
-    reloaded = httpx.post(f"{base}/reload", timeout=120).json()
+    # The new backbone alone would strand the production head: refused, naming the head to move with it.
+    alone = subprocess.run([*cli, f"models:/demo-backbone/{backbone}", "--alias", "production", "--reason", "retrained"],
+                           env=env, cwd=checkout, capture_output=True, text=True)
+    assert alone.returncode == 2 and f"promote one of models:/demo-head/{head} with it" in alone.stderr
+    subprocess.run([*cli, f"models:/demo-backbone/{backbone}", "--with", f"models:/demo-head/{head}", "--alias",
+                    "production", "--reason", "retrained"], check=True, env=env, cwd=checkout)
+    reloaded = httpx.post(f"{base}/reload", headers=RELOAD, timeout=120).json()
     assert reloaded == {"changed": True, "backbone": f"models:/demo-backbone/{backbone}", "head": f"models:/demo-head/{head}"}
     sample = sorted((checkout / "data/demo/images/val/glands").glob("*.png"))[0]
     assert httpx.post(f"{base}/classify", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-head/{head}"
 
-    # Rolling back only the backbone leaves a head trained on another one: the service keeps serving.
-    subprocess.run([*cli, "demo-backbone", "--rollback", "--alias", "production", "--reason", "test"], check=True, env=env)
-    refused = httpx.post(f"{base}/reload", timeout=120)
+    # A registry that does not answer (here: locked by another writer) is not "nothing promoted":
+    # the service says so and keeps its set.
+    locker = sqlite3.connect(checkout / "mlflow.db", timeout=0)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = httpx.post(f"{base}/reload", headers=RELOAD, timeout=120)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert locked.status_code == 503 and "still serving" in locked.text
+    assert httpx.post(f"{base}/classify", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-head/{head}"
+
+    # Aliases moved behind the gates' back (by hand in the registry) leave a head on another
+    # backbone, or no head at all: the service keeps serving the set it has.
+    client.set_registered_model_alias("demo-backbone", "production", "1")
+    refused = httpx.post(f"{base}/reload", headers=RELOAD, timeout=120)
     assert refused.status_code == 400 and "promote a head trained on that backbone" in refused.text
-    assert httpx.post(f"{base}/embed", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-backbone/{backbone}"
-    subprocess.run([*cli, "demo-head", "--rollback", "--alias", "production", "--reason", "test"], check=True, env=env)
-    assert httpx.post(f"{base}/reload", timeout=120).json()["backbone"] == "models:/demo-backbone/1"
+    client.set_registered_model_alias("demo-backbone", "production", backbone)
+    client.delete_registered_model_alias("demo-head", "production")
+    headless = httpx.post(f"{base}/reload", headers=RELOAD, timeout=120)
+    assert headless.status_code == 400 and "no demo-head holds @production any more" in headless.text
+    assert httpx.post(f"{base}/classify", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-head/{head}"
+    client.set_registered_model_alias("demo-head", "production", head)
+    subprocess.run([*cli, "demo-backbone", "--rollback", "--with", "demo-head", "--alias", "production", "--reason", "test"],
+                   check=True, env=env)
+    assert httpx.post(f"{base}/reload", headers=RELOAD, timeout=120).json()["backbone"] == "models:/demo-backbone/1"
 
 
 def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path):

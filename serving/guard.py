@@ -1,0 +1,162 @@
+"""What reaches the service's endpoints, checked before BentoML parses anything.
+
+BentoML alone answers a malformed upload with a 500, fetches a URL that a client puts in a file
+field, returns every pydantic error of a huge JSON body, and logs each client error at ERROR
+with a traceback. ``RequestGuard`` sits in front: bodies are bounded, image endpoints take
+multipart uploads whose fields are known (files under ``images``, the few text options), error
+bodies are short, and ``/reload`` needs the operator's token. ``ClientErrorLog`` turns BentoML's
+log of a 4xx into one WARNING line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+# Per image endpoint, the text fields it takes beside the files under "images".
+IMAGE_ROUTES = {"/embed": (), "/classify": ("head",), "/segment": (), "/regress": (), "/attention": ()}
+RELOAD_ROUTE = "/reload"
+
+
+class RequestGuard:
+    def __init__(self, app, max_body_bytes: int, max_images: int, reload_token: str = "", max_error_bytes: int = 2048):
+        self.app, self.max_body_bytes, self.max_images = app, max_body_bytes, max_images
+        self.reload_token, self.max_error_bytes = reload_token, max_error_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = self._short_errors(send)
+        path, method = scope["path"], scope["method"]
+        if path == RELOAD_ROUTE and (problem := self._reload_refusal(Headers(scope=scope))):
+            return await _answer(send, *problem)
+        if method != "POST" or path not in IMAGE_ROUTES:
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _answer(send, 413, f"request body of {int(length)} bytes; at most {self.max_body_bytes} "
+                                            "(VF_MAX_REQUEST_BYTES)")
+        if headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            return await _answer(send, 415, "send multipart/form-data with the images as files in the field 'images'")
+        body = await self._read(receive)
+        if body is None:
+            return await _answer(send, 413, f"request body over {self.max_body_bytes} bytes (VF_MAX_REQUEST_BYTES)")
+        if problem := await self._field_problem(scope, body, IMAGE_ROUTES[path]):
+            return await _answer(send, 400, problem)
+        return await self.app(scope, _replay(body), send)
+
+    def _reload_refusal(self, headers: Headers) -> tuple[int, str] | None:
+        if not self.reload_token:
+            return 403, "/reload is off: set VF_RELOAD_TOKEN on the service to enable it (the poll still follows promotions)"
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), self.reload_token.encode()):
+            return 401, "/reload needs the header 'Authorization: Bearer <VF_RELOAD_TOKEN>'"
+        return None
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None as soon as it passes the limit (a chunked body has no length)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _field_problem(self, scope, body: bytes, options: tuple[str, ...]) -> str | None:
+        expected = "files under 'images'" + "".join(f", text '{o}'" for o in options)
+        try:
+            form = await Request(scope, _replay(body)).form(max_files=self.max_images, max_fields=len(options) + 1)
+        except (MultiPartException, HTTPException) as exc:
+            return f"malformed multipart body: {getattr(exc, 'detail', None) or getattr(exc, 'message', exc)}"
+        try:
+            images = 0
+            for key, value in form.multi_items():
+                if key == "images":
+                    if not isinstance(value, UploadFile):
+                        # BentoML would fetch a string here as a URL: the service never fetches what a client names.
+                        return "images: expected image files, got a text value (URLs are not fetched)"
+                    images += 1
+                elif key in options:
+                    if isinstance(value, UploadFile):
+                        return f"{key}: expected a text value, got a file"
+                else:
+                    return f"unknown field {key[:64]!r}; expected {expected}"
+            if images > self.max_images:
+                return f"images: at most {self.max_images} per request, got {images}"
+            return None if images else f"images: send at least one image file (expected {expected})"
+        finally:
+            await form.close()
+
+    def _short_errors(self, send):
+        """Cut an error body over ``max_error_bytes`` to its start: a client's mistake never
+        becomes a megabyte of echoed detail."""
+        held: dict = {}
+        parts: list[bytes] = []
+
+        async def guarded(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held["start"] = message
+                return
+            if "start" not in held or message["type"] != "http.response.body":
+                return await send(message)
+            parts.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(parts)
+            if len(body) > self.max_error_bytes:
+                text = body[: self.max_error_bytes // 2].decode("utf-8", "replace")
+                body = json.dumps({"error": text, "truncated": True}).encode()
+            start = held.pop("start")
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return guarded
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _answer(send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+    logging.getLogger("bentoml.vision_foundry").warning("refused with %d: %s", status, error)
+
+
+class ClientErrorLog(logging.Filter):
+    """BentoML logs every failed request at ERROR with a traceback; a client's error (4xx, or a
+    request that failed validation) becomes one WARNING line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(exc, "error_code", None), "value", None)
+        client_error = (isinstance(status, int) and status < 500) or type(exc).__name__ == "ValidationError"
+        if client_error:
+            record.msg, record.args = "%s -> %s: %.300s", (record.getMessage(), status or 400, exc)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
