@@ -2,6 +2,7 @@
 
     python -m portal create-user ana --admin --can-promote      # password from VF_PASSWORD or a prompt
     python -m portal create-group pathology --member ana --member ben
+    python -m portal create-family colon --owner ana --group pathology   # who trains and promotes colon-*
     python -m portal serve --port 8080
 
 In production run it under a WSGI server, e.g. ``gunicorn -w 4 'portal.app:create_app()'``; the job
@@ -15,7 +16,7 @@ import os
 import sys
 
 from portal.app import Settings, create_app
-from portal.db import Group, User, db
+from portal.db import Group, ModelFamily, User, db
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     group = sub.add_parser("create-group")
     group.add_argument("name")
     group.add_argument("--member", action="append", default=[])
+    family = sub.add_parser("create-family", help="assign a model family (<name>-backbone, <name>-head) to an owner")
+    family.add_argument("name")
+    family.add_argument("--owner", required=True)
+    family.add_argument("--group", help="a group whose members may use the family too")
     serve = sub.add_parser("serve")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
@@ -45,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
             record = User(username=args.username, is_admin=args.admin, can_promote=args.can_promote)
             record.set_password(os.environ.get("VF_PASSWORD") or getpass.getpass(f"password for {args.username}: "))
             db.session.add(record)
+        elif args.command == "create-family":
+            if db.session.scalar(db.select(ModelFamily).where(ModelFamily.name == args.name)):
+                print(f"model family {args.name} exists", file=sys.stderr)
+                return 1
+            owner = db.session.scalar(db.select(User).where(User.username == args.owner))
+            group = db.session.scalar(db.select(Group).where(Group.name == args.group)) if args.group else None
+            if owner is None or (args.group and group is None):
+                print(f"unknown {'owner ' + args.owner if owner is None else 'group ' + args.group}", file=sys.stderr)
+                return 1
+            db.session.add(ModelFamily(name=args.name, owner=owner.username, group=group))
         else:
             members = [db.session.scalar(db.select(User).where(User.username == m)) for m in args.member]
             if None in members:

@@ -11,14 +11,15 @@ import re
 import unicodedata
 from urllib.parse import unquote
 
-from portal.db import LEVELS, Dataset, Grant, User, db
+from dinomx.errors import UserError
+from portal.db import LEVELS, Dataset, Grant, ModelFamily, User, db
 
 
-class AccessDenied(PermissionError):
+class AccessDenied(UserError, PermissionError):
     pass
 
 
-class BadPath(ValueError):
+class BadPath(UserError, ValueError):
     pass
 
 
@@ -84,3 +85,37 @@ def clean_prefix(prefix: str) -> str:
         if cleaned.startswith(other) or other.startswith(cleaned):
             raise BadPath(f"prefix: {cleaned} overlaps the prefix of an existing dataset ({other})")
     return cleaned
+
+
+def family_of(model_name: str) -> str:
+    """``ct`` of ``ct-backbone`` / ``ct-head``: the family a registered model belongs to."""
+    for suffix in ("-backbone", "-head"):
+        if model_name.endswith(suffix):
+            return model_name[: -len(suffix)]
+    return model_name
+
+
+def may_use_family(user: User, family: ModelFamily) -> bool:
+    return user.is_admin or family.owner == user.username or (family.group is not None and family.group in user.groups)
+
+
+def claim_family(user: User, name: str, registered: bool) -> ModelFamily | None:
+    """The family ``name`` for a job of ``user``: claimed for them when it is new (and not yet in
+    the registry, which ``registered`` says), theirs, their group's, or refused. A name only the
+    registry knows (trained outside the portal) is an administrator's to assign."""
+    family = db.session.scalar(db.select(ModelFamily).where(ModelFamily.name == name))
+    if family is None:
+        if registered and not user.is_admin:
+            raise AccessDenied(f"model family {name!r} is in the registry but has no owner in the portal; "
+                               "an administrator assigns it (python -m portal create-family)")
+        if registered:
+            return None
+        family = ModelFamily(name=name, owner=user.username)
+        db.session.add(family)
+        db.session.commit()
+        return family
+    if not may_use_family(user, family):
+        raise AccessDenied(f"model family {name!r} belongs to {family.owner}"
+                           f"{f' and group {family.group.name}' if family.group else ''}; {user.username} may not "
+                           "train into it or promote it")
+    return family

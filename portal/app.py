@@ -16,19 +16,36 @@ from functools import wraps
 from urllib.parse import urlsplit
 from pathlib import Path
 
-from flask import Flask, abort, flash, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user, login_required, login_user, logout_user
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from portal.access import AccessDenied, BadPath, clean_prefix, level_of, object_key, require, visible_datasets
-from portal.db import LEVELS, AuditEvent, Dataset, Grant, Group, Job, User, add_missing_columns, db
+from portal.access import (
+    AccessDenied,
+    BadPath,
+    claim_family,
+    clean_prefix,
+    family_of,
+    level_of,
+    may_use_family,
+    object_key,
+    require,
+    visible_datasets,
+)
+from portal.db import LEVELS, AuditEvent, Dataset, Grant, Group, Job, ModelFamily, User, add_missing_columns, db
 from portal.jobs import ACTIVE, FormErrors, JobRunner, TrainingRequest, make_launcher, submit, training_configs
 from portal.storage import Storage
+from portal.throttle import Throttle
+from dinomx.errors import UserError
 from registry.lineage import equals, format_chain, lineage_chain
 from registry.promote import LOCK_PREFIX, PromotionRefused, audit_trail, promote, rollback
 
 PROJECT = Path(__file__).resolve().parents[1]
+# Row ids in URLs: larger numbers are no row (and overflow the database's integer).
+ID = "int(max=2147483647)"
 LIVE_METRICS = ("total_loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "distill_loss", "lr")
 
 
@@ -53,12 +70,31 @@ class Settings:
     oidc_metadata_url: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_METADATA_URL"))
     oidc_client_id: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_CLIENT_ID"))
     oidc_client_secret: str | None = field(default_factory=lambda: os.environ.get("PORTAL_OIDC_CLIENT_SECRET"))
+    # Session cookies only over HTTPS (off only for plain-HTTP development; always off in debug).
+    secure_cookies: bool = field(default_factory=lambda: os.environ.get("PORTAL_SECURE_COOKIES", "1") != "0")
+    # Reverse proxies in front of the portal whose X-Forwarded-For/-Proto to trust (0: none), so that
+    # the client address (sign-in throttling, audit) and the https scheme are the real ones.
+    proxy_hops: int = field(default_factory=lambda: int(os.environ.get("PORTAL_PROXY_HOPS", "0")))
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 def audit(action: str, target: str = "", outcome: str = "ok", user: str | None = None, **detail) -> None:
     who = user or (current_user.username if current_user and current_user.is_authenticated else "anonymous")
-    db.session.add(AuditEvent(user=who, action=action, target=target, outcome=outcome, detail=detail))
+    db.session.rollback()  # a refusal may come from inside a failed transaction
+    db.session.add(AuditEvent(user=who, action=action, target=target[:512], outcome=outcome, detail=detail))
     db.session.commit()
+    if outcome != "ok":
+        g.refusal_audited = True
+
+
+def text(data: dict, name: str, default: str = "") -> str:
+    """A text field of a form or JSON body; a number, list or object there is the client's error."""
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise BadPath(f"{name}: expected a string, got {type(value).__name__}")
+    return value
 
 
 def same_origin_path(target: str) -> str | None:
@@ -78,6 +114,8 @@ def wants_json() -> bool:
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings()
     app = Flask(__name__)
+    if settings.proxy_hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     if not settings.secret_key:
         app.logger.warning("PORTAL_SECRET_KEY is not set: a random key is used, so sign-ins end with this "
                            "process and do not carry across workers")
@@ -86,7 +124,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         SECRET_KEY=settings.secret_key or secrets.token_hex(32),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies and not app.debug,
+        REMEMBER_COOKIE_SECURE=settings.secure_cookies and not app.debug,
     )
+    if not settings.secure_cookies:
+        app.logger.warning("PORTAL_SECURE_COOKIES=0: session cookies also travel over plain HTTP")
     app.extensions["vf.settings"] = settings
     storage = Storage(settings.bucket, settings.s3_endpoint_url, expires_s=settings.presign_expires_s)
     db.init_app(app)
@@ -136,7 +178,22 @@ def create_app(settings: Settings | None = None) -> Flask:
         body = {"error": str(exc)} | ({"errors": exc.errors} if isinstance(exc, FormErrors) else {})
         if isinstance(exc, PromotionRefused):
             body["gate"] = exc.gate
+        audit_refusal(400, str(exc))
         return (jsonify(body), 400) if wants_json() else (render_template("error.html", message=str(exc)), 400)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        """The API answers JSON for every error (404s included); refused actions are audited."""
+        if exc.code and exc.code >= 400:
+            audit_refusal(exc.code, exc.description or exc.name)
+        if not wants_json():
+            return exc
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    def audit_refusal(status: int, reason: str) -> None:
+        """An action (anything but a read) refused and not yet audited by its view."""
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not g.get("refusal_audited"):
+            audit(request.endpoint or "request", request.path, outcome="refused", status=status, reason=reason[:500])
 
     def dataset_for(dataset_id: int, level: str) -> Dataset:
         dataset = db.session.get(Dataset, dataset_id)
@@ -155,9 +212,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         return login_required(wrapped)
 
     def payload() -> dict:
-        if wants_json():
-            return request.get_json(silent=True) or {}
-        return request.form.to_dict()
+        if not wants_json():
+            return request.form.to_dict()
+        data = request.get_json(silent=True)
+        if data is None and request.content_length:
+            raise BadPath("body: not valid JSON")
+        if not isinstance(data, (dict, type(None))):
+            raise BadPath(f"body: expected a JSON object, got {type(data).__name__}")
+        return data or {}
 
     # -- sign-in ---------------------------------------------------------------------------
     def sign_in(user: User, method: str):
@@ -170,13 +232,25 @@ def create_app(settings: Settings | None = None) -> Flask:
         if request.method == "GET":
             return render_template("login.html")
         data = payload()
-        user = db.session.scalar(db.select(User).where(User.username == data.get("username", "")))
-        if user is None or not user.check_password(data.get("password", "")):
-            audit("login", data.get("username", ""), outcome="denied", user=data.get("username", "") or "anonymous")
+        username, password = text(data, "username")[:64], text(data, "password")
+        address = request.remote_addr or "unknown"
+        wait = settings.throttle.retry_after(username, address)
+        if wait:
+            audit("login", username, outcome="throttled", user=username or "anonymous", address=address, retry_after=wait)
+            message = f"too many failed sign-ins; try again in {wait} s"
+            if wants_json():
+                return jsonify(error=message), 429, {"Retry-After": str(wait)}
+            flash(message[0].upper() + message[1:] + ".")
+            return render_template("login.html"), 429, {"Retry-After": str(wait)}
+        user = db.session.scalar(db.select(User).where(User.username == username))
+        if user is None or not user.check_password(password):
+            settings.throttle.failed(username, address)
+            audit("login", username, outcome="denied", user=username or "anonymous", address=address)
             if wants_json():
                 return jsonify(error="unknown user or wrong password"), 401
             flash("Unknown user or wrong password.")
             return render_template("login.html"), 401
+        settings.throttle.succeeded(username)
         sign_in(user, "password")
         if wants_json():
             return jsonify(user=user.username, admin=user.is_admin)
@@ -226,13 +300,14 @@ def create_app(settings: Settings | None = None) -> Flask:
             if not current_user.is_admin:
                 raise AccessDenied(f"{current_user.username} may not create datasets")
             data = payload()
-            name = str(data.get("name", "")).strip()
+            name = text(data, "name").strip()
             if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
                 raise BadPath(f"name: expected 1 to 64 printable characters, got {name[:80]!r}")
             if db.session.scalar(db.select(Dataset).where(Dataset.name == name)):
                 raise BadPath(f"name: {name!r} is taken")
-            dataset = Dataset(name=name, prefix=clean_prefix(str(data.get("prefix", ""))), created_by=current_user.username,
-                              train_path=data.get("train_path") or None, validation_report=data.get("validation_report") or None)
+            dataset = Dataset(name=name, prefix=clean_prefix(text(data, "prefix")), created_by=current_user.username,
+                              train_path=text(data, "train_path")[:512] or None,
+                              validation_report=text(data, "validation_report")[:512] or None)
             db.session.add(dataset)
             db.session.commit()
             audit("dataset.create", dataset.name, prefix=dataset.prefix)
@@ -244,7 +319,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             return jsonify([{"id": d.id, "name": d.name, "prefix": d.prefix, "level": level} for d, level in rows])
         return render_template("datasets.html", rows=rows)
 
-    @app.get("/datasets/<int:dataset_id>")
+    @app.get(f"/datasets/<{ID}:dataset_id>")
     @login_required
     def dataset_page(dataset_id: int):
         dataset = dataset_for(dataset_id, "read")
@@ -252,7 +327,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         return render_template("dataset.html", dataset=dataset, level=level_of(current_user, dataset),
                                objects=storage.list(dataset.prefix), grants=grants)
 
-    @app.get("/api/datasets/<int:dataset_id>/objects")
+    @app.get(f"/api/datasets/<{ID}:dataset_id>/objects")
     @login_required
     def api_objects(dataset_id: int):
         dataset = dataset_for(dataset_id, "read")
@@ -266,24 +341,24 @@ def create_app(settings: Settings | None = None) -> Flask:
         return {"url": url, "method": "PUT" if direction == "upload" else "GET", "key": key,
                 "expires_in": storage.expires_s}
 
-    @app.post("/api/datasets/<int:dataset_id>/upload-url")
+    @app.post(f"/api/datasets/<{ID}:dataset_id>/upload-url")
     @login_required
     def api_upload_url(dataset_id: int):
-        return jsonify(presign(dataset_id, str(payload().get("path", "")), "upload"))
+        return jsonify(presign(dataset_id, text(payload(), "path"), "upload"))
 
-    @app.post("/api/datasets/<int:dataset_id>/download-url")
+    @app.post(f"/api/datasets/<{ID}:dataset_id>/download-url")
     @login_required
     def api_download_url(dataset_id: int):
-        return jsonify(presign(dataset_id, str(payload().get("path", "")), "download"))
+        return jsonify(presign(dataset_id, text(payload(), "path"), "download"))
 
-    @app.get("/datasets/<int:dataset_id>/download")
+    @app.get(f"/datasets/<{ID}:dataset_id>/download")
     @login_required
     def download(dataset_id: int):
         # A redirect to S3: the browser fetches the bytes, the portal never streams them.
         return redirect(presign(dataset_id, request.args.get("path", ""), "download")["url"])
 
-    @app.route("/datasets/<int:dataset_id>/grants", methods=["POST"])
-    @app.route("/api/datasets/<int:dataset_id>/grants", methods=["GET", "POST"], endpoint="api_grants")
+    @app.route(f"/datasets/<{ID}:dataset_id>/grants", methods=["POST"])
+    @app.route(f"/api/datasets/<{ID}:dataset_id>/grants", methods=["GET", "POST"], endpoint="api_grants")
     @login_required
     def grants(dataset_id: int):
         dataset = dataset_for(dataset_id, "manage")
@@ -292,11 +367,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             return jsonify([{"id": g.id, "user": g.user.username if g.user else None,
                              "group": g.group.name if g.group else None, "level": g.level} for g in rows])
         data = payload()
-        level = data.get("level")
+        level, user_name, group_name = text(data, "level"), text(data, "user"), text(data, "group")
         if level not in LEVELS:
-            raise BadPath(f"level: expected one of {list(LEVELS)}, got {level!r}")
-        user = db.session.scalar(db.select(User).where(User.username == data.get("user"))) if data.get("user") else None
-        group = db.session.scalar(db.select(Group).where(Group.name == data.get("group"))) if data.get("group") else None
+            raise BadPath(f"level: expected one of {list(LEVELS)}, got {level[:20]!r}")
+        user = db.session.scalar(db.select(User).where(User.username == user_name)) if user_name else None
+        group = db.session.scalar(db.select(Group).where(Group.name == group_name)) if group_name else None
         if (user is None) == (group is None):
             raise BadPath("grant: name exactly one existing user or group")
         grant = db.session.scalar(db.select(Grant).where(
@@ -308,8 +383,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         audit("grant", dataset.name, principal=user.username if user else group.name, level=level)
         return (jsonify(id=grant.id, level=level), 201) if wants_json() else redirect(url_for("dataset_page", dataset_id=dataset.id))
 
-    @app.route("/datasets/<int:dataset_id>/grants/<int:grant_id>/revoke", methods=["POST"])
-    @app.route("/api/datasets/<int:dataset_id>/grants/<int:grant_id>", methods=["DELETE"], endpoint="api_revoke")
+    @app.route(f"/datasets/<{ID}:dataset_id>/grants/<{ID}:grant_id>/revoke", methods=["POST"])
+    @app.route(f"/api/datasets/<{ID}:dataset_id>/grants/<{ID}:grant_id>", methods=["DELETE"], endpoint="api_revoke")
     @login_required
     def revoke(dataset_id: int, grant_id: int):
         dataset = dataset_for(dataset_id, "manage")
@@ -359,6 +434,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         dataset = dataset_for(training.dataset_id, "read")
         if not dataset.train_path:
             raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
+        claim_family(current_user, training.name, registered=in_registry(training.name))
         job = submit(training, dataset, current_user.username)
         audit("job.submit", f"job {job.id}", dataset=dataset.name, parameters=training.to_dict())
         return (jsonify(job_view(job)), 201) if wants_json() else redirect(url_for("job_page", job_id=job.id))
@@ -373,14 +449,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         rows = db.session.scalars(query).all()
         return jsonify([job_view(j) for j in rows]) if wants_json() else render_template("jobs.html", jobs=rows)
 
-    @app.get("/jobs/<int:job_id>")
+    @app.get(f"/jobs/<{ID}:job_id>")
     @login_required
     def job_page(job_id: int):
         job = own_job(job_id)
         return render_template("job.html", job=job, view=job_view(job))
 
-    @app.post("/jobs/<int:job_id>/cancel")
-    @app.post("/api/jobs/<int:job_id>/cancel", endpoint="api_cancel")
+    @app.post(f"/jobs/<{ID}:job_id>/cancel")
+    @app.post(f"/api/jobs/<{ID}:job_id>/cancel", endpoint="api_cancel")
     @login_required
     def cancel_job(job_id: int):
         job = own_job(job_id)
@@ -393,7 +469,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         audit("job.cancel", f"job {job.id}", backend=job.backend, scheduler_id=job.scheduler_id)
         return jsonify(job_view(job)) if wants_json() else redirect(url_for("job_page", job_id=job.id))
 
-    @app.get("/api/jobs/<int:job_id>")
+    @app.get(f"/api/jobs/<{ID}:job_id>")
     @login_required
     def api_job(job_id: int):
         """The job and the live metrics of its MLflow run (full history per metric)."""
@@ -449,37 +525,60 @@ def create_app(settings: Settings | None = None) -> Flask:
         return render_template("model.html", name=name, versions=versions, chains=chains, trail=trail,
                                may_promote=current_user.is_admin or current_user.can_promote)
 
-    def promoter() -> str:
+    def in_registry(family: str) -> bool:
+        return any(client().search_registered_models(equals("name", f"{family}-{kind}")) for kind in ("backbone", "head"))
+
+    def promoter(name: str) -> str:
+        """Promotion needs the right to promote and a share in the model's family (an administrator
+        has both)."""
         if not (current_user.is_admin or current_user.can_promote):
             raise AccessDenied(f"{current_user.username} may not promote models")
+        family = db.session.scalar(db.select(ModelFamily).where(ModelFamily.name == family_of(name)))
+        if not current_user.is_admin and (family is None or not may_use_family(current_user, family)):
+            owner = f"belongs to {family.owner}" if family else "has no owner in the portal"
+            raise AccessDenied(f"model family {family_of(name)!r} {owner}; {current_user.username} may not promote it")
         return current_user.username
+
+    def together(data: dict) -> list[str]:
+        """The other members of a consistent set (``with``: a list, or comma-separated text)."""
+        value = data.get("with") or []
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise PromotionRefused("input", "with: expected model URIs (a list, or comma-separated)")
+        return [i.strip() for i in items if i.strip()]
 
     @app.post("/registry/<name>/promote")
     @app.post("/api/models/<name>/promote", endpoint="api_promote")
     @login_required
     def promote_model(name: str):
-        user, data = promoter(), payload()
-        uri = f"models:/{name}/{data.get('version', '')}"
+        user, data = promoter(name), payload()
+        uri = f"models:/{name}/{text(data, 'version')}"
         try:
-            record = promote(client(), uri, str(data.get("alias", "")), str(data.get("reason", "")) or "(none)", user=user)
-        except (PromotionRefused, LookupError, ValueError) as exc:
+            records = promote(client(), uri, text(data, "alias"), text(data, "reason") or "(none)",
+                              user=user, together=together(data))
+        except UserError as exc:
             audit("model.promote", uri, outcome="refused", reason=str(exc))
             raise exc if isinstance(exc, PromotionRefused) else PromotionRefused("input", str(exc)) from None
-        audit("model.promote", uri, alias=record["alias"], previous=record["previous"])
-        return jsonify(record) if wants_json() else redirect(url_for("model_page", name=name))
+        for record in records:
+            audit("model.promote", f"models:/{record['model']}/{record['version']}", alias=record["alias"],
+                  previous=record["previous"])
+        return jsonify(records[0] | {"set": records}) if wants_json() else redirect(url_for("model_page", name=name))
 
     @app.post("/registry/<name>/rollback")
     @app.post("/api/models/<name>/rollback", endpoint="api_rollback")
     @login_required
     def rollback_model(name: str):
-        user, data = promoter(), payload()
+        user, data = promoter(name), payload()
         try:
-            record = rollback(client(), name, str(data.get("alias", "")), str(data.get("reason", "")) or "(none)", user=user)
-        except PromotionRefused as exc:
+            records = rollback(client(), name, text(data, "alias"), text(data, "reason") or "(none)",
+                               user=user, together=together(data))
+        except UserError as exc:
             audit("model.rollback", name, outcome="refused", reason=str(exc))
-            raise
-        audit("model.rollback", f"models:/{name}/{record['version']}", alias=record["alias"], previous=record["previous"])
-        return jsonify(record) if wants_json() else redirect(url_for("model_page", name=name))
+            raise exc if isinstance(exc, PromotionRefused) else PromotionRefused("input", str(exc)) from None
+        for record in records:
+            audit("model.rollback", f"models:/{record['model']}/{record['version']}", alias=record["alias"],
+                  previous=record["previous"])
+        return jsonify(records[0] | {"set": records}) if wants_json() else redirect(url_for("model_page", name=name))
 
     # -- audit ----------------------------------------------------------------------------------
     @app.get("/audit")

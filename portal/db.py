@@ -91,6 +91,26 @@ class Job(db.Model):
     dataset: Mapped[Dataset] = relationship()
 
 
+class ModelFamily(db.Model):
+    """A model family (``<name>-backbone``, ``<name>-head``): who may train into it and promote
+    it. The first portal user to train a new name owns it; a name the registry already holds
+    belongs to no one until an administrator assigns it (``python -m portal create-family``)."""
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40), unique=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("group.id"))
+    group: Mapped[Group | None] = relationship()
+    created_at: Mapped[datetime] = mapped_column(default=now)
+
+
+class SignInFailures(db.Model):
+    """Failed sign-ins per account and per address, shared by every portal process."""
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)  # "user:<name>" or "addr:<ip>"
+    failures: Mapped[int] = mapped_column(default=0)
+    last_failure: Mapped[datetime] = mapped_column(default=now)
+    locked_until: Mapped[datetime | None] = mapped_column()
+
+
 class AuditEvent(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     time: Mapped[datetime] = mapped_column(default=now, index=True)

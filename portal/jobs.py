@@ -32,6 +32,10 @@ ACTIVE = ("starting", "running")
 # An ended MLflow run's status as the job's.
 JOB_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "cancelled"}
 LOG_TAIL = 6000
+# A registered model, or a Hugging Face hub id (``org/name``): never a path, since ``hf:`` of a
+# directory would load whatever the portal's machine holds there.
+_HUB_PART = r"[A-Za-z0-9](?:[\w-]|\.(?!\.))*"
+TEACHER = re.compile(rf"models:/[\w.-]+(?:/\d+|@\w+)|hf:{_HUB_PART}(?:/{_HUB_PART})?")
 
 
 class FormErrors(ValueError):
@@ -110,8 +114,9 @@ class TrainingRequest:
         values["lora_dropout"] = number("lora_dropout", float, 0.0, 0.9, 0.0)
         values["freeze_blocks"] = number("freeze_blocks", int, 0, 128, 0)
         teachers = str(form.get("teachers", "")).strip()
-        if strategy == "distill" and not re.fullmatch(r"(models:/[\w.-]+(/\d+|@\w+)|hf:[\w./-]+)(,(models:/[\w.-]+(/\d+|@\w+)|hf:[\w./-]+))*", teachers):
-            errors["teachers"] = "distill needs teachers: models:/<name>/<version>, models:/<name>@<alias> or hf:<repo>, comma-separated"
+        if strategy == "distill" and not (teachers and all(TEACHER.fullmatch(t) for t in teachers.split(","))):
+            errors["teachers"] = ("distill needs teachers: models:/<name>/<version>, models:/<name>@<alias> or "
+                                  "hf:<org>/<repo> (a hub id, never a local path), comma-separated")
         values["teachers"] = teachers if strategy == "distill" else ""
         distribution = str(form.get("distribution", "ddp"))
         if distribution not in ("ddp", "fsdp"):

@@ -12,7 +12,7 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from portal.app import Settings, create_app
-from portal.db import Group, User, db
+from portal.db import Group, ModelFamily, SignInFailures, User, db
 from tests.conftest import BUCKET, REPO
 from tests.test_registry import register
 
@@ -180,6 +180,9 @@ def test_training_form_is_validated_field_by_field_and_queued(app):
 
 
 def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(app):
+    with app.app_context():  # trained outside the portal: an administrator gave the family to dan
+        db.session.add(ModelFamily(name="p", owner="dan"))
+        db.session.commit()
     client = MlflowClient()
     v1 = register(client, "p-backbone", eval_tags={"knn.accuracy": 0.8, "linear.accuracy": 0.8})
     v2 = register(client, "p-backbone", eval_tags={"knn.accuracy": 0.9, "linear.accuracy": 0.9})
@@ -201,6 +204,81 @@ def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(ap
     assert {(e["action"], e["user"], e["outcome"]) for e in events} >= {
         ("model.promote", "dan", "refused"), ("model.promote", "dan", "ok"), ("model.rollback", "dan", "ok"),
         ("access", "bob", "denied")}
+
+
+def test_hostile_input_gets_4xx_naming_the_field_and_every_refusal_is_audited(app):
+    anonymous = app.test_client()
+    assert anonymous.post("/api/login", json=["ana"]).json["error"] == "body: expected a JSON object, got list"
+    odd = anonymous.post("/api/login", json={"username": {"$ne": ""}, "password": 5})
+    assert odd.status_code == 400 and odd.json["error"] == "username: expected a string, got dict"
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin)
+    huge = admin.get("/api/datasets/99999999999999999999999/objects")
+    assert huge.status_code == 404 and huge.json == {"error": huge.json["error"]}  # JSON, not an HTML page
+    assert admin.get("/api/no-such-thing").is_json
+    grant = admin.post(f"/api/datasets/{colon}/grants", json={"user": {"name": "bob"}, "level": "read"})
+    assert grant.status_code == 400 and grant.json["error"] == "user: expected a string, got dict"
+    missing = admin.post("/api/models/nothing-backbone/promote", json={"version": "7", "alias": "staging", "reason": "r"})
+    assert missing.status_code == 400 and "models:/nothing-backbone/7" in missing.json["error"]
+    events = [(e["action"], e["outcome"], e["target"]) for e in admin.get("/api/audit").json]
+    assert ("model.promote", "refused", "models:/nothing-backbone/7") in events
+    assert ("api_grants", "refused", f"/api/datasets/{colon}/grants") in events
+    assert ("api_login", "refused", "/api/login") in events
+
+
+def test_sign_in_is_throttled_per_account_with_backoff_and_audited(app):
+    guesser = app.test_client()
+    answers = [guesser.post("/api/login", json={"username": "bob", "password": f"guess {i}"}) for i in range(8)]
+    assert [a.status_code for a in answers] == [401] * 5 + [429] * 3
+    assert int(answers[-1].headers["Retry-After"]) > 0 and "too many failed sign-ins" in answers[-1].json["error"]
+    right = guesser.post("/api/login", json={"username": "bob", "password": PASSWORD})
+    assert right.status_code == 429  # locked means locked, the right password too
+    assert signed_in(app, "cara")  # other accounts from the same address are not locked yet
+    with app.app_context():
+        row = db.session.get(SignInFailures, "user:bob")
+        assert row.failures == 5 and (row.locked_until - row.last_failure).total_seconds() == 30
+        row.locked_until = row.last_failure  # the lock ran out: the next failure locks twice as long
+        db.session.commit()
+    assert guesser.post("/api/login", json={"username": "bob", "password": "again"}).status_code == 401
+    with app.app_context():
+        row = db.session.get(SignInFailures, "user:bob")
+        assert (row.locked_until - row.last_failure).total_seconds() == 60
+    events = [(e["action"], e["user"], e["outcome"]) for e in signed_in(app, "ana").get("/api/audit").json]
+    assert events.count(("login", "bob", "throttled")) == 4 and events.count(("login", "bob", "denied")) == 6
+
+
+def test_session_cookies_are_secure_unless_turned_off(app, tmp_path):
+    assert "Secure" in app.test_client().post("/api/login", json={"username": "ana", "password": PASSWORD}).headers["Set-Cookie"]
+    plain = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'plain.db'}", secret_key="t", run_jobs=False,
+                                secure_cookies=False))
+    with plain.app_context():
+        user = User(username="ana")
+        user.set_password(PASSWORD)
+        db.session.add(user)
+        db.session.commit()
+    assert "Secure" not in plain.test_client().post("/api/login", json={"username": "ana", "password": PASSWORD}).headers["Set-Cookie"]
+
+
+def test_jobs_train_only_into_families_their_owner_may_use_and_teachers_are_hub_ids(app):
+    register(MlflowClient(), "demo-backbone")  # trained outside the portal
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    admin.post(f"/api/datasets/{colon}/grants", json={"user": "bob", "level": "read"})
+    admin.post(f"/api/datasets/{colon}/grants", json={"group": "pathology", "level": "read"})
+    bob, cara = signed_in(app, "bob"), signed_in(app, "cara")
+    form = {"dataset_id": colon, "config": "configs/demo.yaml"}
+    for teachers in ("hf:/etc/models", "hf:../../secrets", "hf:org/../x"):
+        refused = bob.post("/api/jobs", json=form | {"name": "bobs", "strategy": "distill", "teachers": teachers})
+        assert refused.status_code == 400 and "never a local path" in refused.json["errors"]["teachers"], teachers
+    taken = bob.post("/api/jobs", json=form | {"name": "demo"})
+    assert taken.status_code == 403 and "'demo' is in the registry but has no owner" in taken.json["error"]
+    assert bob.post("/api/jobs", json=form | {"name": "bobs"}).status_code == 201  # a new name: bob's now
+    theirs = cara.post("/api/jobs", json=form | {"name": "bobs"})
+    assert theirs.status_code == 403 and "'bobs' belongs to bob" in theirs.json["error"]
+    dan = signed_in(app, "dan")
+    register(MlflowClient(), "bobs-backbone")
+    promote = dan.post("/api/models/bobs-backbone/promote", json={"version": "1", "alias": "staging", "reason": "r"})
+    assert promote.status_code == 403 and "may not promote it" in promote.json["error"]
 
 
 @pytest.fixture()
