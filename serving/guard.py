@@ -77,9 +77,13 @@ class RequestGuard:
     async def _field_problem(self, scope, body: bytes, options: tuple[str, ...]) -> str | None:
         expected = "files under 'images'" + "".join(f", text '{o}'" for o in options)
         try:
-            form = await Request(scope, _replay(body)).form(max_files=self.max_images, max_fields=len(options) + 1)
+            # One file over the limit is let through to be counted below, with the limit named.
+            form = await Request(scope, _replay(body)).form(max_files=self.max_images + 1, max_fields=len(options) + 1)
         except (MultiPartException, HTTPException) as exc:
-            return f"malformed multipart body: {getattr(exc, 'detail', None) or getattr(exc, 'message', exc)}"
+            detail = str(getattr(exc, "detail", None) or getattr(exc, "message", exc))
+            if detail.startswith("Too many files"):
+                return f"images: at most {self.max_images} per request"
+            return f"malformed multipart body: {detail}"
         try:
             images = 0
             for key, value in form.multi_items():

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from bentoml.exceptions import BadInput, BentoMLException
 from PIL import Image, UnidentifiedImageError
+from starlette.responses import JSONResponse
 
 from dinomx.errors import DataError
 from serving.batching import MicroBatcher
@@ -61,14 +62,6 @@ _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 
 class TooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-
-
-class Busy(BentoMLException):
-    error_code = HTTPStatus.CONFLICT
-
-
-class Unavailable(BentoMLException):
-    error_code = HTTPStatus.SERVICE_UNAVAILABLE
 
 
 def _check_sizes(files: list[Path]) -> list[tuple[int, int]]:
@@ -177,9 +170,11 @@ class VisionFoundry:
 
     @bentoml.api
     async def reload(self) -> dict:
-        """Check the registry now (the guard lets only the operator's token through)."""
+        """Check the registry now (the guard lets only the operator's token through). 409 while
+        another reload runs, 503 (with the set still served) when the registry does not answer:
+        answered directly, since BentoML hides the message of every 5xx."""
         if not self._reloading.acquire(blocking=False):
-            raise Busy("a reload is already running; try again shortly")
+            return JSONResponse({"error": "a reload is already running; try again shortly"}, HTTPStatus.CONFLICT)
 
         def locked_reload() -> dict:
             try:
@@ -191,12 +186,13 @@ class VisionFoundry:
         try:
             return await asyncio.wait_for(asyncio.shield(task), REGISTRY_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise Unavailable(f"the registry did not answer within {REGISTRY_TIMEOUT_S:g} s; still serving "
-                              f"{self.models.uris}") from None
+            message = f"the registry did not answer within {REGISTRY_TIMEOUT_S:g} s; still serving {self.models.uris}"
         except ServingError as exc:
             raise BadInput(f"kept {self.models.uris}: {exc}") from None
         except RegistryUnavailable as exc:
-            raise Unavailable(f"{exc}; still serving {self.models.uris}") from None
+            message = f"{exc}; still serving {self.models.uris}"
+        log.warning("reload: %s", message)
+        return JSONResponse({"error": message}, HTTPStatus.SERVICE_UNAVAILABLE)
 
     @bentoml.api
     async def embed(self, images: list[Path]) -> dict:
