@@ -3,6 +3,7 @@ per-tile masks and a majority label per tile."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from data.inputs import IngestError
 
+log = logging.getLogger(__name__)
 BACKGROUND = "background"
 # Class names become folder names of the tile dataset, so they must be plain names.
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
@@ -41,8 +43,10 @@ def _ring(value, where: str, path: str) -> list[tuple[float, float]]:
     return ring
 
 
-def read_regions(path: str | Path) -> list[Region]:
-    """Polygon and MultiPolygon features with a class name; anything else is refused by position."""
+def read_regions(path: str | Path, lenient: bool = False) -> list[Region]:
+    """Polygon and MultiPolygon features with a class name; anything else is refused by position,
+    or, ``lenient``, left out with a warning (QuPath exports carry unclassified detections and
+    point or line annotations)."""
     path = str(path)
     try:
         doc = json.loads(Path(path).read_text())
@@ -56,12 +60,15 @@ def read_regions(path: str | Path) -> list[Region]:
         if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
             raise IngestError(path, f"{where}: expected a Feature with a geometry")
         name = _class_name(feature.get("properties") or {})
-        if not isinstance(name, str) or not _CLASS_NAME.match(name) or name == BACKGROUND:
-            raise IngestError(path, f"{where}.properties.classification.name: expected a plain class name "
-                                    f"(letters, digits, space, _ or -; not '{BACKGROUND}'), got {name!r}")
         geometry = feature["geometry"]
         kind, coordinates = geometry.get("type"), geometry.get("coordinates")
         polygons = {"Polygon": [coordinates], "MultiPolygon": coordinates}.get(kind)
+        if lenient and (name is None or polygons is None):
+            log.warning("%s: %s left out (%s)", path, where, "no class" if name is None else f"a {kind}, not a polygon")
+            continue
+        if not isinstance(name, str) or not _CLASS_NAME.match(name) or name == BACKGROUND:
+            raise IngestError(path, f"{where}.properties.classification.name: expected a plain class name "
+                                    f"(letters, digits, space, _ or -; not '{BACKGROUND}'), got {name!r}")
         if polygons is None:
             raise IngestError(path, f"{where}.geometry.type: expected Polygon or MultiPolygon, got {kind!r}")
         for p, rings in enumerate(polygons or []):

@@ -1,16 +1,25 @@
-"""Turn raw slides or CT studies into a tile dataset the engine trains on, all or nothing.
+"""Turn raw slides, CT exports or plain image folders into a dataset the engine trains on, all or
+nothing, without losing or merging an input.
 
 ``he``: whole-slide images (with optional ``<slide>.geojson`` annotations beside each slide) ->
-``<out>/<mag>x/<split>/<label>/<slide>_x<X>_y<Y>.png`` for every requested magnification (same
+``<out>/<mag>x/<split>/<label>/<name>_x<X>_y<Y>.png`` for every requested magnification (same
 file name = same place on the slide), ``<out>/masks/...`` (class-index masks of the grid tiles)
-when there are annotations.
+when there are annotations. Splits are per case (``--cases`` CSV, else the top folder).
 
-``ct``: DICOM files (``<raw>/<label>/...`` or flat) -> ``<out>/slices/<split>/<label>/*.png``,
-windowed single-channel slices in Hounsfield units.
+``ct``: DICOM files (``<raw>/<label>/...`` or flat), grouped into series and ordered by position ->
+``<out>/slices/<split>/<label>/<name>_f<frame>.png``: one window as a grey slice, or three
+channels (adjacent slices, or three windows) for an RGB backbone. Splits are per patient.
 
-Both write ``<out>/manifest.csv``: one row per image file with its provenance and the statistics
-the validation suites check. Everything is written to a staging folder first and moved into
-place only when every input was good; a bad input leaves ``<out>`` as it was.
+``rgb`` / ``gray``: any folder of images (``<raw>/[<split>/]<class>/<image>``) ->
+``<out>/<split>/<label>/<name>.png`` as 8-bit RGB or greyscale (16-bit and float images scaled by
+their range, never clipped).
+
+Output names come from the whole relative path of their input (``data.inputs.output_stem``), so
+two inputs never share one. Each run writes ``manifest.csv`` (one row per image file, with the
+statistics the validation suites check), ``skipped.csv`` (inputs that are not images of the
+dataset, with the reason) and ``ingest.json`` (inputs = used + skipped). Everything is written to
+a staging folder first and moved into place only when no input was refused; a refused input
+leaves ``<out>`` as it was.
 """
 from __future__ import annotations
 
@@ -23,24 +32,36 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pandas as pd
+import pydicom
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data.annotations import BACKGROUND, majority_label, read_regions, tile_mask
-from data.dicom import read_ct, window
-from data.inputs import IngestError, within
+from data.dicom import CTFrame, CTSlice, describe, read_ct, window
+from data.inputs import (
+    CHANNELS,
+    NOT_IMAGES,
+    SKIPPED,
+    IngestError,
+    Skipped,
+    output_stem,
+    within,
+)
 from data.metadata import MANIFEST
-from data.wsi import SLIDE_SUFFIXES, TilePlan, open_slide, tile_slide
+from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.augmentations import rgb_to_hed
-from dinomx.errors import UserError
+from dinomx.data import IMAGE_SUFFIXES, to_model_mode
+from dinomx.errors import DataError, UserError, run_command
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"
-NOT_DICOM = {".json", ".txt", ".md", ".csv"}
+SUMMARY = "ingest.json"
 
 
 class IngestFailed(UserError, RuntimeError):
@@ -53,12 +74,12 @@ class IngestFailed(UserError, RuntimeError):
 
 
 def split_of(key: str, val_fraction: float, seed: int) -> str:
-    """Deterministic split per slide / patient, so no patient lands in both train and val."""
+    """Deterministic split per case / patient, so no patient lands in both train and val."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def source_files(raw: Path, keep: Callable[[Path], bool]) -> list[Path]:
+def source_files(raw: Path, keep: Callable[[Path], bool] = lambda p: True) -> list[Path]:
     """Non-hidden files under ``raw`` that ``keep`` accepts; a link that points outside ``raw`` is refused."""
     if not raw.is_dir():
         raise IngestError(raw, "raw data directory not found")
@@ -81,17 +102,49 @@ def stain_statistics(tile: Image.Image) -> dict:
     return {"hematoxylin_mean": float(hed[0]), "eosin_mean": float(hed[1])}
 
 
-def _save(image: Image.Image, staging: Path, relative: str) -> None:
-    target = staging / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target)
+class _Staging:
+    """The folder a dataset is built in, refusing loudly any output two inputs would both write."""
+
+    def __init__(self, root: Path):
+        self.root, self.writers = root, {}
+
+    def save(self, image: Image.Image, relative: str, source: str) -> None:
+        if relative in self.writers:
+            raise IngestError(source, f"its output {relative} is also the output of {self.writers[relative]}; "
+                                      "nothing would tell them apart")
+        self.writers[relative] = source
+        target = self.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target)
 
 
-def _slide_rows(slide_path: Path, raw: Path, staging: Path, plan: TilePlan, annotations: dict,
-                classes: list[str], val_fraction: float, seed: int) -> list[dict]:
+# -- whole-slide images ----------------------------------------------------------------------------
+def case_ids(raw: Path, slides: list[Path], cases_csv: str | Path | None) -> dict[Path, str]:
+    """The case (patient) of each slide, the unit of the train/val split: from a CSV with columns
+    ``slide`` (path relative to the raw folder) and ``case``, else the slide's top folder
+    (``<raw>/<case>/<slide>``), else the slide itself."""
+    if cases_csv is None:
+        return {s: (s.relative_to(raw).parts[0] if len(s.relative_to(raw).parts) > 1 else s.relative_to(raw).as_posix())
+                for s in slides}
+    try:
+        table = pd.read_csv(cases_csv, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise IngestError(cases_csv, f"not a readable CSV ({exc})") from None
+    if not {"slide", "case"} <= set(table.columns):
+        raise IngestError(cases_csv, f"expected columns 'slide' and 'case', found {list(table.columns)}")
+    mapping = dict(zip(table["slide"], table["case"]))
+    missing = [s.relative_to(raw).as_posix() for s in slides if s.relative_to(raw).as_posix() not in mapping]
+    if missing:
+        raise IngestError(cases_csv, f"no case for {len(missing)} slide(s), e.g. {missing[0]}: every slide needs one, "
+                                     "or its blocks could land in both train and val")
+    return {s: str(mapping[s.relative_to(raw).as_posix()]) for s in slides}
+
+
+def _slide_rows(slide_path: Path, raw: Path, staging: _Staging, plan: TilePlan, annotations: dict,
+                classes: list[str], split: str) -> list[dict]:
     relative = slide_path.relative_to(raw).as_posix()
     regions = annotations.get(slide_path)
-    split = split_of(relative, val_fraction, seed)
+    stem = output_stem(relative)
     rows = []
     slide, info = open_slide(slide_path)
     try:
@@ -100,11 +153,11 @@ def _slide_rows(slide_path: Path, raw: Path, staging: Path, plan: TilePlan, anno
             if regions is not None:
                 mask = tile_mask(regions, classes, tile.x, tile.y, tile.size, plan.tile_size)
                 label = majority_label(mask, classes)
-            folder = f"{split}/{label}/{slide_path.stem}_x{tile.x}_y{tile.y}.png"
+            folder = f"{split}/{label}/{stem}_x{tile.x}_y{tile.y}.png"
             if mask is not None:
-                _save(Image.fromarray(mask), staging, f"masks/{folder}")
+                staging.save(Image.fromarray(mask), f"masks/{folder}", relative)
             for mag, image in tile.images.items():
-                _save(image, staging, f"{mag:g}x/{folder}")
+                staging.save(image, f"{mag:g}x/{folder}", relative)
                 rows.append({
                     "path": f"{mag:g}x/{folder}", "modality": "he", "source": relative, "split": split,
                     "label": label, "magnification": mag,
@@ -114,6 +167,8 @@ def _slide_rows(slide_path: Path, raw: Path, staging: Path, plan: TilePlan, anno
                     "mask": f"masks/{folder}" if mask is not None else None,
                     **stain_statistics(image),
                 })
+    except openslide.OpenSlideError as exc:
+        raise IngestError(slide_path, f"slide data is corrupt or truncated ({exc})") from None
     finally:
         slide.close()
     log.info("%s: %d tiles at %s (scanned at %gx)", relative, len(rows) // len(plan.magnifications),
@@ -121,46 +176,150 @@ def _slide_rows(slide_path: Path, raw: Path, staging: Path, plan: TilePlan, anno
     return rows
 
 
-def _ct_rows(path: Path, raw: Path, staging: Path, center: float, width: float, val_fraction: float,
-             seed: int) -> list[dict]:
-    relative = path.relative_to(raw)
-    label = relative.parts[0] if len(relative.parts) > 1 else UNLABELLED
+# -- CT --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeriesFilter:
+    """Which CT series to keep; the others are skipped with the reason."""
+    thickness: tuple[float, float] | None = None  # mm, inclusive
+    kernels: tuple[str, ...] = ()  # ConvolutionKernel values, case-insensitive
+
+    def refusal(self, first: CTSlice) -> str | None:
+        if self.thickness is not None:
+            low, high = self.thickness
+            if first.slice_thickness is None or not low <= first.slice_thickness <= high:
+                return f"slice thickness {first.slice_thickness} mm outside the selected {low:g}-{high:g} mm"
+        if self.kernels and first.kernel.lower() not in {k.lower() for k in self.kernels}:
+            return f"kernel {first.kernel or '(none)'} not among the selected {', '.join(self.kernels)}"
+        return None
+
+
+@dataclass(frozen=True)
+class CTPlan:
+    """How CT slices are written: one window as a grey slice, or three channels for an RGB
+    backbone, from adjacent slices (``2.5d``, one window) or from three windows of one slice."""
+    window: tuple[float, float] = (40.0, 400.0)  # center, width (HU)
+    channels: str = "single"
+    windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
+    select: SeriesFilter = SeriesFilter()
+
+    def __post_init__(self):
+        if self.channels not in CHANNELS:
+            raise ValueError(f"channels: expected one of {list(CHANNELS)}, got {self.channels!r}")
+        if self.channels == "windows" and len(self.windows) != 3:
+            raise ValueError(f"windows: three (center, width) pairs make the three channels, got {len(self.windows)}")
+        if any(w <= 0 for _, w in (self.window, *self.windows)):
+            raise ValueError("window width must be positive")
+
+
+def _close(a, b, tolerance: float) -> bool:
+    return (a is None) == (b is None) and (a is None or np.allclose(a, b, atol=tolerance))
+
+
+def order_series(slices: list[CTSlice], plan: CTPlan) -> list[CTSlice]:
+    """A series' slices in anatomical order (position along the slice normal; instance numbers
+    where positions are missing), refused when its slices do not belong together."""
+    first = slices[0]
+    for other in slices[1:]:
+        for name, a, b, tolerance in (("size", (first.rows, first.columns), (other.rows, other.columns), 0),
+                                      ("pixel spacing", first.pixel_spacing, other.pixel_spacing, 1e-3),
+                                      ("orientation", first.orientation, other.orientation, 1e-3),
+                                      ("slice thickness", first.slice_thickness, other.slice_thickness, 1e-3)):
+            if not _close(a, b, tolerance):
+                raise IngestError(other.path, f"series {first.series_uid}: {name} {b} differs from {a} of {first.path}; "
+                                              "its slices do not make one volume")
+    positions = [s.along_normal for s in slices]
+    if None in positions:
+        return sorted(slices, key=lambda s: (s.instance, s.path, s.frame))
+    ordered = sorted(slices, key=lambda s: (s.along_normal, s.path, s.frame))
+    steps = np.diff([s.along_normal for s in ordered])
+    if len(steps) and np.min(np.abs(steps)) < 1e-3:
+        duplicate = ordered[int(np.argmin(np.abs(steps))) + 1]
+        raise IngestError(duplicate.path, f"series {first.series_uid}: two slices at position {duplicate.along_normal:g} mm "
+                                          "(a duplicate, or two series under one UID)")
+    if plan.channels == "2.5d" and len(steps) > 1 and np.max(steps) > 1.5 * np.median(steps):
+        gap = ordered[int(np.argmax(steps)) + 1]
+        raise IngestError(gap.path, f"series {first.series_uid}: a gap of {np.max(steps):g} mm before this slice "
+                                    f"(median spacing {np.median(steps):g} mm); 2.5D stacking needs evenly spaced slices")
+    return ordered
+
+
+def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPlan, val_fraction: float,
+                 seed: int) -> list[dict]:
+    cache: dict[str, list[CTFrame]] = {}
+
+    def frame(index: int) -> CTFrame:
+        info = series[min(max(index, 0), len(series) - 1)]  # the edges repeat their own slice
+        if info.path not in cache:
+            if len(cache) > 3:
+                cache.pop(next(iter(cache)))
+            cache[info.path] = read_ct(info.path)
+        return cache[info.path][info.frame]
+
     rows = []
-    for frame in read_ct(path):
-        split = split_of(frame.patient_id or frame.series_uid or relative.as_posix(), val_fraction, seed)
-        out = f"slices/{split}/{label}/{relative.with_suffix('').as_posix().replace('/', '_')}_f{frame.frame}.png"
-        _save(Image.fromarray(window(frame.hu, center, width)), staging, out)
+    for index, info in enumerate(series):
+        current = frame(index)
+        relative = Path(info.path).relative_to(raw)
+        label = relative.parts[0] if len(relative.parts) > 1 else UNLABELLED
+        split = split_of(info.patient_id or info.series_uid or relative.as_posix(), val_fraction, seed)
+        if plan.channels == "single":
+            image = Image.fromarray(window(current.hu, *plan.window))
+        elif plan.channels == "2.5d":
+            image = Image.fromarray(np.stack([window(frame(i).hu, *plan.window) for i in (index - 1, index, index + 1)], -1))
+        else:
+            image = Image.fromarray(np.stack([window(current.hu, c, w) for c, w in plan.windows], -1))
+        out = f"slices/{split}/{label}/{output_stem(relative)}_f{info.frame}.png"
+        staging.save(image, out, relative.as_posix())
         rows.append({
             "path": out, "modality": "ct", "source": relative.as_posix(), "split": split, "label": label,
-            "frame": frame.frame, "hu_min": float(frame.hu.min()), "hu_max": float(frame.hu.max()),
-            "hu_mean": float(frame.hu.mean()), "padding_fraction": frame.padding_fraction,
-            "pixel_spacing_row": frame.pixel_spacing[0] if frame.pixel_spacing else None,
-            "pixel_spacing_col": frame.pixel_spacing[1] if frame.pixel_spacing else None,
-            "slice_thickness": frame.slice_thickness, "window_center": center, "window_width": width,
+            "frame": info.frame, "series_uid": info.series_uid, "series_index": index, "stacking": plan.channels,
+            "hu_min": float(current.hu.min()), "hu_max": float(current.hu.max()), "hu_mean": float(current.hu.mean()),
+            "padding_fraction": current.padding_fraction, "below_air_fraction": current.below_air_fraction,
+            "pixel_spacing_row": info.pixel_spacing[0] if info.pixel_spacing else None,
+            "pixel_spacing_col": info.pixel_spacing[1] if info.pixel_spacing else None,
+            "slice_thickness": info.slice_thickness, "kernel": info.kernel,
+            "window_center": plan.window[0], "window_width": plan.window[1],
         })
-    log.info("%s: %d CT frame(s)", relative, len(rows))
+    log.info("series %s: %d slice(s)", series[0].series_uid or series[0].path, len(rows))
     return rows
 
 
-def _write_all(raw: Path, out: Path, sources: list[Path], rows_of: Callable[[Path, Path], list[dict]],
-               extra: dict[str, str] | None = None) -> pd.DataFrame:
-    """Run ``rows_of(source, staging)`` for every source; publish ``out`` only if none was refused.
-    Every source is tried, so one run reports every bad file."""
+# -- all or nothing --------------------------------------------------------------------------------
+def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, name_of: Callable,
+             errors: list[IngestError], skipped: list[Skipped], extra: dict[str, str] | None = None,
+             val_fraction: float = 0.0, members: dict[str, int] | None = None) -> pd.DataFrame:
+    """Run ``rows_of(unit, staging)`` for every unit (a slide, a CT series); publish ``out`` only if
+    no input was refused. Every unit is tried, so one run reports every bad file; what is skipped
+    is listed with its reason beside the manifest. ``members``: the number of files a source
+    stands for (a DICOM slide's levels), so that inputs = used + skipped counts files."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
     try:
-        errors, rows = [], []
-        for source in sources:
+        writer, rows = _Staging(staging), []
+        for unit in units:
             try:
-                rows += rows_of(source, staging)
+                rows += rows_of(unit, writer)
+            except Skipped as skip:
+                skipped.append(skip)
             except IngestError as exc:
                 errors.append(exc)
+            except Exception as exc:  # a reader's own failure on one file must not hide the others
+                log.exception("%s: unexpected failure", name_of(unit))
+                errors.append(IngestError(name_of(unit), f"could not be read ({type(exc).__name__}: {exc})"))
         if not errors and not rows:
-            errors.append(IngestError(raw, "no tiles produced (is there tissue above min_tissue?)"))
+            errors.append(IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT image?)"))
         if errors:
             raise IngestFailed(errors)
         manifest = pd.DataFrame(rows)
         manifest.to_csv(staging / MANIFEST, index=False)
+        pd.DataFrame([{"source": Path(s.path).relative_to(raw).as_posix(), "reason": s.reason} for s in skipped],
+                     columns=["source", "reason"]).to_csv(staging / SKIPPED, index=False)
+        warnings = [f"split {split!r} is empty" for split in ("train", "val")
+                    if (split == "train" or val_fraction > 0) and not (manifest["split"] == split).any()]
+        for warning in warnings:
+            log.warning("%s: %s", out, warning)
+        used = sum((members or {}).get(source, 1) for source in manifest["source"].unique())
+        (staging / SUMMARY).write_text(json.dumps({"inputs": inputs, "used": used, "skipped": len(skipped),
+                                                   "images": len(manifest), "warnings": warnings}, indent=2))
         for name, text in (extra or {}).items():
             (staging / name).write_text(text)
         previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
@@ -168,6 +327,7 @@ def _write_all(raw: Path, out: Path, sources: list[Path], rows_of: Callable[[Pat
             out.rename(previous)
         staging.rename(out)
         shutil.rmtree(previous, ignore_errors=True)
+        log.info("%s: %d input(s): %d used, %d skipped; %d image file(s)", out, inputs, used, len(skipped), len(manifest))
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,38 +340,173 @@ def _resolve(raw: str | Path, out: str | Path) -> tuple[Path, Path]:
     return raw, out
 
 
-def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
+def _sort_out(raw: Path, files: list[Path], wanted: Callable[[Path], bool]) -> tuple[list[Path], list[Skipped]]:
+    """Files of the modality, and the rest skipped by their ending."""
+    kept, skipped = [], []
+    for path in files:
+        if wanted(path):
+            kept.append(path)
+        else:
+            skipped.append(Skipped(path, f"not a {'slide' if wanted is _is_slide else 'DICOM'} file "
+                                         f"({path.suffix or 'no extension'})"))
+    return kept, skipped
+
+
+def _is_slide(path: Path) -> bool:
+    return path.suffix.lower() in SLIDE_SUFFIXES
+
+
+def dicom_slides(files: list[Path]) -> tuple[list[Path], dict[Path, list[Path]], list[Skipped], list[IngestError]]:
+    """DICOM whole-slide images among ``files``: one slide per series in a folder (its levels and
+    associated images are separate files), opened through its largest VOLUME image, which is
+    how OpenSlide finds the rest. Returns (slides, files of each slide, skipped, refused)."""
+    series, skipped, errors = {}, [], []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # parsers fail in format-specific ways
+            errors.append(IngestError(path, f"DICOM file truncated or corrupt ({type(exc).__name__}: {exc})"))
+            continue
+        if str(ds.get("SOPClassUID", "")) != WHOLE_SLIDE_IMAGE:
+            skipped.append(Skipped(path, f"DICOM, but not a whole-slide image (SOP Class {ds.get('SOPClassUID')})"))
+            continue
+        volume = "VOLUME" in [str(v).upper() for v in ds.get("ImageType", [])]
+        size = int(ds.get("TotalPixelMatrixColumns", 0)) * int(ds.get("TotalPixelMatrixRows", 0))
+        series.setdefault((path.parent, str(ds.get("SeriesInstanceUID", path))), []).append((volume, size, path))
+    slides, members = [], {}
+    for parts in series.values():
+        volumes = sorted((size, path) for volume, size, path in parts if volume)
+        if not volumes:
+            skipped += [Skipped(path, "DICOM slide series without a VOLUME image") for _, _, path in parts]
+            continue
+        slides.append(volumes[-1][1])
+        members[volumes[-1][1]] = sorted(path for _, _, path in parts)
+    return slides, members, skipped, errors
+
+
+def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: float = 0.2, seed: int = 0,
+              cases: str | Path | None = None, lenient_annotations: bool = False) -> pd.DataFrame:
+    """Tiles of every slide under ``raw`` (DICOM whole-slide images too); splits per case
+    (``case_ids``). With ``lenient_annotations`` unclassified or non-polygon annotations are left
+    out with a warning instead of refusing the slide."""
     raw, out = _resolve(raw, out)
-    slides = source_files(raw, lambda p: p.suffix.lower() in SLIDE_SUFFIXES)
-    annotations, errors = {}, []
+    files = source_files(raw)
+    slides, members, skipped, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])
+    others, not_slides = _sort_out(raw, [f for f in files if f.suffix.lower() not in (".geojson", ".dcm")], _is_slide)
+    slides, skipped = sorted(slides + others), skipped + not_slides
+    annotations = {}
+    stems = {s.with_suffix("") for s in slides}
+    for geojson in (f for f in files if f.suffix.lower() == ".geojson"):
+        if geojson.with_suffix("") not in stems:
+            log.warning("%s: no slide of that name beside it (expected <slide name without extension>.geojson); not used",
+                        geojson.relative_to(raw))
+            skipped.append(Skipped(geojson, "annotation file whose name matches no slide"))
     for slide in slides:
         geojson = slide.with_suffix(".geojson")
         if geojson.is_file():
             try:
-                annotations[slide] = read_regions(within(raw, geojson.relative_to(raw)))
+                annotations[slide] = read_regions(within(raw, geojson.relative_to(raw)), lenient=lenient_annotations)
             except IngestError as exc:
                 errors.append(exc)
-    if errors:
-        raise IngestFailed(errors)
+    case_of = case_ids(raw, slides, cases)
     classes = sorted({r.name for regions in annotations.values() for r in regions})
-    return _write_all(
-        raw, out, slides,
-        lambda slide, staging: _slide_rows(slide, raw, staging, plan, annotations, classes, val_fraction, seed),
-        extra={"classes.json": json.dumps([BACKGROUND, *classes])},
+    return _publish(
+        raw, out, len(files), slides,
+        lambda slide, staging: _slide_rows(slide, raw, staging, plan, annotations, classes,
+                                           split_of(case_of[slide], val_fraction, seed)),
+        str, errors, skipped, extra={"classes.json": json.dumps([BACKGROUND, *classes])}, val_fraction=val_fraction,
+        members={slide.relative_to(raw).as_posix(): len(parts) for slide, parts in members.items()},
     )
 
 
-def ingest_ct(raw: str | Path, out: str | Path, center: float = 40, width: float = 400, val_fraction: float = 0.2,
+def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fraction: float = 0.2,
               seed: int = 0) -> pd.DataFrame:
+    """Slices of every CT series under ``raw`` (``<raw>/<label>/...`` or flat), grouped by Series
+    Instance UID and written in anatomical order; what is not a CT image is skipped with a reason."""
     raw, out = _resolve(raw, out)
-    files = source_files(raw, lambda p: p.suffix.lower() not in NOT_DICOM)
-    return _write_all(raw, out, files,
-                      lambda path, staging: _ct_rows(path, raw, staging, center, width, val_fraction, seed))
+    files = source_files(raw)
+    candidates, skipped = _sort_out(raw, files, lambda p: p.suffix.lower() not in NOT_IMAGES)
+    errors, by_series, seen = [], {}, {}
+    for path in candidates:
+        try:
+            infos = describe(path)
+            first = seen.setdefault(infos[0].sop_uid, path) if infos[0].sop_uid else path
+            if first != path:  # exports repeat objects (two studies, two media)
+                raise Skipped(path, f"duplicate of {first.relative_to(raw)} (same SOP Instance UID)")
+            for info in infos:
+                by_series.setdefault(info.series_uid or info.path, []).append(info)
+        except Skipped as skip:
+            skipped.append(skip)
+        except IngestError as exc:
+            errors.append(exc)
+    units = []
+    for series in by_series.values():
+        reason = plan.select.refusal(series[0])
+        if reason:
+            skipped += [Skipped(p, f"series {series[0].series_uid}: {reason}") for p in sorted({s.path for s in series})]
+            continue
+        try:
+            units.append(order_series(series, plan))
+        except IngestError as exc:
+            errors.append(exc)
+    return _publish(raw, out, len(files), units,
+                    lambda series, staging: _series_rows(series, raw, staging, plan, val_fraction, seed),
+                    lambda series: series[0].path, errors, skipped, val_fraction=val_fraction)
+
+
+def ingest_images(raw: str | Path, out: str | Path, mode: str = "rgb", val_fraction: float = 0.2,
+                  seed: int = 0) -> pd.DataFrame:
+    """Any image folder as a dataset: ``<raw>/<split>/<class>/<image>`` keeps its splits,
+    ``<raw>/<class>/<image>`` (or a flat folder, label ``unlabelled``) is split per image."""
+    if mode not in ("rgb", "gray"):
+        raise ValueError(f"mode: expected 'rgb' or 'gray', got {mode!r}")
+    raw, out = _resolve(raw, out)
+    files = source_files(raw)
+    images, skipped = [], []
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            skipped.append(Skipped(path, f"not an image file ({path.suffix or 'no extension'})"))
+    has_splits = any(p.relative_to(raw).parts[0] in ("train", "val", "test") for p in images)
+
+    def rows_of(path: Path, staging: _Staging) -> list[dict]:
+        relative = path.relative_to(raw)
+        parts = relative.parts
+        if has_splits:
+            if parts[0] not in ("train", "val", "test"):
+                raise IngestError(path, "outside train/, val/ and test/ while the folder has splits")
+            split, rest = parts[0], parts[1:]
+        else:
+            split, rest = split_of(relative.as_posix(), val_fraction, seed), parts
+        label = rest[0] if len(rest) > 1 else UNLABELLED
+        try:
+            with Image.open(path) as img:
+                img.load()
+                converted = to_model_mode(img, 3 if mode == "rgb" else 1)
+        except DataError as exc:
+            raise IngestError(path, str(exc)) from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+            raise IngestError(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
+        out_path = f"{split}/{label}/{output_stem(relative)}.png"
+        staging.save(converted, out_path, relative.as_posix())
+        return [{"path": out_path, "modality": mode, "source": relative.as_posix(), "split": split, "label": label,
+                 "source_mode": img.mode, "source_width": img.width, "source_height": img.height}]
+
+    return _publish(raw, out, len(files), images, rows_of, str, [], skipped, val_fraction=val_fraction)
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        center, width = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CENTER:WIDTH in HU, e.g. 40:400, got {text!r}") from None
+    return center, width
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Ingest raw slides (he) or CT DICOM (ct) into a tile dataset")
-    parser.add_argument("kind", choices=["he", "ct"])
+    parser = argparse.ArgumentParser(description="Ingest slides (he), CT DICOM (ct) or an image folder (rgb, gray)")
+    parser.add_argument("kind", choices=["he", "ct", "rgb", "gray"])
     parser.add_argument("--raw", required=True, help="raw data directory")
     parser.add_argument("--out", required=True, help="dataset directory to (re)create")
     parser.add_argument("--val-fraction", type=float, default=0.2)
@@ -219,21 +514,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--magnifications", type=float, nargs="+", default=[20, 10, 5], help="he: highest first")
     parser.add_argument("--tile-size", type=int, default=224, help="he: tile side in pixels")
     parser.add_argument("--min-tissue", type=float, default=0.5, help="he: minimum tissue fraction of a tile")
+    parser.add_argument("--cases", help="he: CSV with columns slide (relative to --raw) and case: the split unit")
+    parser.add_argument("--lenient-annotations", action="store_true",
+                        help="he: leave out unclassified or non-polygon annotations with a warning instead of refusing")
     parser.add_argument("--window", type=float, nargs=2, default=[40, 400], metavar=("CENTER", "WIDTH"),
                         help="ct: HU window of the written slices")
+    parser.add_argument("--channels", choices=CHANNELS, default="single",
+                        help="ct: single (grey), 2.5d (slices i-1, i, i+1) or windows (three windows of slice i)")
+    parser.add_argument("--windows", type=_window, nargs=3, metavar="C:W", help="ct: the three windows of --channels windows")
+    parser.add_argument("--thickness", type=float, nargs=2, metavar=("MIN", "MAX"), help="ct: keep series of this slice thickness (mm)")
+    parser.add_argument("--kernel", action="append", default=[], help="ct: keep series of this convolution kernel (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+
+    def ingest() -> None:
         if args.kind == "he":
             plan = TilePlan(tuple(args.magnifications), args.tile_size, args.min_tissue)
-            manifest = ingest_he(args.raw, args.out, plan, args.val_fraction, args.seed)
+            manifest = ingest_he(args.raw, args.out, plan, args.val_fraction, args.seed, args.cases, args.lenient_annotations)
+        elif args.kind == "ct":
+            plan = CTPlan(window=tuple(args.window), channels=args.channels,
+                          select=SeriesFilter(tuple(args.thickness) if args.thickness else None, tuple(args.kernel)),
+                          **({"windows": tuple(args.windows)} if args.windows else {}))
+            manifest = ingest_ct(args.raw, args.out, plan, args.val_fraction, args.seed)
         else:
-            manifest = ingest_ct(args.raw, args.out, *args.window, args.val_fraction, args.seed)
-    except (IngestError, IngestFailed, ValueError) as exc:
-        print(f"ingest failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"{args.out}: {len(manifest)} image files from {manifest['source'].nunique()} inputs")
-    return 0
+            manifest = ingest_images(args.raw, args.out, args.kind, args.val_fraction, args.seed)
+        summary = json.loads((Path(args.out) / SUMMARY).read_text())
+        print(f"{args.out}: {len(manifest)} image files from {summary['used']} inputs "
+              f"({summary['skipped']} skipped, listed in {Path(args.out) / SKIPPED})")
+
+    return run_command("ingest", ingest, also=(ValueError,))
 
 
 if __name__ == "__main__":

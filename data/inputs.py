@@ -1,9 +1,22 @@
-"""What ingestion refuses, and how it says so."""
+"""What ingestion refuses or skips, how it says so, and how inputs are named in a dataset."""
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 from dinomx.errors import UserError
+
+# File endings that say "not an image of this dataset" before anything is opened: exports carry
+# reports, indexes and desktop clutter beside the images.
+NOT_IMAGES = {".pdf", ".xml", ".txt", ".json", ".csv", ".md", ".html", ".htm", ".db", ".ini", ".log", ".zip",
+              ".rtf", ".doc", ".docx", ".xls", ".xlsx", ".geojson", ".ds_store", ".lnk", ".sh", ".bat", ".exe"}
+
+
+# Beside a dataset's manifest: the inputs left out, with the reason.
+SKIPPED = "skipped.csv"
+# How CT slices become images: one window as grey, or three channels for an RGB backbone.
+CHANNELS = ("single", "2.5d", "windows")
 
 
 class IngestError(UserError, ValueError):
@@ -15,6 +28,15 @@ class IngestError(UserError, ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class Skipped(Exception):
+    """An input that is not an image of the dataset (a report, an index, a scout): left out with
+    ``reason``, recorded in ``skipped.csv``, never a refusal of the dataset."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
 def within(root: str | Path, path: str | Path) -> Path:
     """``path`` (relative to ``root`` or absolute) resolved, symlinks included; refuses anything
     that lands outside ``root``, so a crafted name or link never reaches another dataset."""
@@ -23,3 +45,14 @@ def within(root: str | Path, path: str | Path) -> Path:
     if resolved != root and root not in resolved.parents:
         raise IngestError(path, f"escapes the dataset root {root}")
     return resolved
+
+
+def output_stem(relative: str | Path) -> str:
+    """A file-name stem for the outputs of the input at ``relative`` (inside the raw folder),
+    unique and stable whatever the names: the whole relative path, readable, and a hash of it.
+    PACS exports name files by SOP Instance UID (dots, no extension) and slides repeat names in
+    case folders (``caseA/HE.svs``, ``caseB/HE.svs``); cutting a suffix or keeping only the file
+    name would give two inputs one output."""
+    text = Path(relative).as_posix()
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("/", "__"))[:96]
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"

@@ -3,6 +3,7 @@ plain JSON, readable without loading Great Expectations."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ class Failure:
     column: str | None
     unexpected_count: int
     files: list[str]
+    expected: str = ""  # the expectation's bounds or set, e.g. "min_value=-1024.0"
+    observed: list = field(default_factory=list)  # the values of ``files``, in the same order
 
 
 @dataclass
@@ -26,6 +29,8 @@ class ValidationReport:
     # Index of the Data Docs site holding this run's page (relative to the repository root when
     # the dataset is in one, so that the report, a DVC output, stays the same on every machine).
     data_docs: str | None = None
+    # Inputs that ingestion left out as not images of the dataset: [{"source", "reason"}].
+    skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +49,12 @@ class ValidationReport:
         head = f"{self.suite} on {self.dataset}: {'PASSED' if self.success else 'FAILED'} ({self.rows} files)"
         lines = [head]
         for f in self.failures:
-            shown = ", ".join(f.files[:5]) + (f" (+{len(f.files) - 5} more)" if len(f.files) > 5 else "")
-            lines.append(f"  - {f.expectation}({f.column or 'table'}): {f.unexpected_count} unexpected: {shown}")
+            values = [f"{name} = {value}" for name, value in zip(f.files, f.observed)] or f.files
+            shown = ", ".join(values[:5]) + (f" (+{f.unexpected_count - 5} more)" if f.unexpected_count > 5 else "")
+            expected = f" [expected {f.expected}]" if f.expected else ""
+            lines.append(f"  - {f.expectation}({f.column or 'table'}){expected}: {f.unexpected_count} unexpected: {shown}")
+        if self.skipped:
+            reasons = Counter(s["reason"] for s in self.skipped)
+            lines.append(f"  {len(self.skipped)} input(s) skipped at ingestion (skipped.csv): "
+                         + "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5)))
         return "\n".join(lines)

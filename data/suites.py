@@ -16,7 +16,7 @@ def _param(name: str) -> dict:
     return {"$PARAMETER": name}
 
 
-def _readable_images(mode: str, channels: int) -> list[gxe.Expectation]:
+def _readable_images(mode: str, channels: int, blank_allowed: float = 0.0) -> list[gxe.Expectation]:
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="path"),
@@ -29,7 +29,7 @@ def _readable_images(mode: str, channels: int) -> list[gxe.Expectation]:
         gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
         gxe.ExpectColumnValuesToBeInSet(column="has_nan", value_set=[False]),
         # A blank (constant) tile carries no signal and usually means a broken export.
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=1.0),
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=1.0, mostly=1.0 - blank_allowed),
     ]
 
 
@@ -60,12 +60,22 @@ def he_tiles() -> list[gxe.Expectation]:
     ]
 
 
-def ct_slices() -> list[gxe.Expectation]:
-    """Windowed CT slices: Hounsfield ranges and geometry of the source DICOM."""
-    return _readable_images("L", 1) + [
+def images(channels: int) -> list[gxe.Expectation]:
+    """Any image folder converted by ``data.ingest rgb|gray``: readable 8-bit images of any size
+    (natural image sets hold the odd near-blank picture: at most 1 %)."""
+    return _readable_images("RGB" if channels == 3 else "L", channels, blank_allowed=0.01) + [
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=8),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=8),
+    ]
+
+
+def ct_slices(channels: int = 1) -> list[gxe.Expectation]:
+    """Windowed CT slices: Hounsfield ranges and geometry of the source DICOM. Values below air
+    were set to air at ingestion (``below_air_fraction`` says how much)."""
+    return _readable_images("L" if channels == 1 else "RGB", channels) + [
         gxe.ExpectColumnValuesToBeInSet(column="modality", value_set=["ct"]),
         # Below air or far above dense bone means a wrong or missing rescale, not anatomy.
-        gxe.ExpectColumnValuesToBeBetween(column="hu_min", min_value=-1100.0),
+        gxe.ExpectColumnValuesToBeBetween(column="hu_min", min_value=-1024.0),
         gxe.ExpectColumnValuesToBeBetween(column="hu_max", max_value=4000.0),
         gxe.ExpectColumnValuesToNotBeNull(column="pixel_spacing_row"),
         gxe.ExpectColumnValuesToBeBetween(column="pixel_spacing_row", min_value=0.05, max_value=5.0),
@@ -86,4 +96,7 @@ SUITES = {
     "image_tiles_gray": Suite(lambda: image_tiles(1), ("tile_size",)),
     "he_tiles": Suite(he_tiles, ("tile_size", "magnifications", "min_tissue")),
     "ct_slices": Suite(ct_slices, ()),
+    "ct_slices_stacked": Suite(lambda: ct_slices(3), ()),
+    "images_rgb": Suite(lambda: images(3), ()),
+    "images_gray": Suite(lambda: images(1), ()),
 }

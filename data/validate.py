@@ -19,6 +19,7 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context import FileDataContext
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
+from data.inputs import SKIPPED
 from data.metadata import dataset_metadata
 from data.report import Failure, ValidationReport
 from data.suites import SUITES
@@ -76,12 +77,15 @@ def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, datas
         config = r.expectation_config
         details = r.result or {}
         files = [row["path"] for row in details.get("unexpected_index_list") or [] if isinstance(row, dict)]
+        bounds = {k: v for k, v in config.kwargs.items() if k not in ("column", "result_format", "batch_id")}
         failures.append(
             Failure(
                 expectation=config.type,
                 column=config.kwargs.get("column"),
                 unexpected_count=int(details.get("unexpected_count") or 0),
                 files=files,
+                expected=", ".join(f"{k}={v}" for k, v in bounds.items()),
+                observed=[_plain(v) for v in (details.get("unexpected_list") or [])[: len(files)]],
             )
         )
     return ValidationReport(
@@ -95,12 +99,19 @@ def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, datas
     )
 
 
+def _plain(value):
+    """A JSON-ready value (numpy scalars from the metadata frame are not)."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def validate_dataset(root: str | Path, suite: str, parameters: dict,
                      context_dir: str | Path | None = None) -> tuple[ValidationReport, pd.DataFrame]:
     root = Path(root)
     frame = dataset_metadata(root)
     context_dir = Path(context_dir) if context_dir else context_root(root.resolve())
     report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
+    if (root / SKIPPED).is_file():
+        report.skipped = pd.read_csv(root / SKIPPED, dtype=str).to_dict("records")
     if report.data_docs:
         report.data_docs = repo_relative(Path(report.data_docs), root)
     return report, frame

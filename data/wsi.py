@@ -18,12 +18,18 @@ from PIL import Image
 
 from data.inputs import IngestError
 
+# DICOM whole-slide images (VL Whole Slide Microscopy Image Storage) are read by OpenSlide 4 too.
+WHOLE_SLIDE_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 # Saturation (0-255) above which a thumbnail pixel counts as stained tissue: glass and white
 # background are nearly grey, H&E is not.
 TISSUE_SATURATION = 20
 # Thumbnail pixels per grid tile side used to estimate tissue fraction.
 MASK_RESOLUTION = 8
+# The tissue mask is read in squares of this many pixels of the pyramid level it comes from, so a
+# slide with no small level (or a truncated one claiming 40000 x 35000) never has a whole level
+# decoded at once.
+MASK_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class SlideTile:
 
 def open_slide(path: str | Path) -> tuple[openslide.OpenSlide, SlideInfo]:
     """Open a slide and read its scan resolution; unreadable or unscaled slides are refused."""
+    if Path(path).stat().st_size == 0:
+        raise IngestError(path, "empty file (0 bytes)")
     try:
         slide = openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
@@ -90,10 +98,27 @@ def open_slide(path: str | Path) -> tuple[openslide.OpenSlide, SlideInfo]:
 
 
 def tissue_mask(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
-    """Boolean tissue mask of the slide at ``1 / downsample`` of level 0."""
+    """Boolean tissue mask of the slide at ``1 / downsample`` of level 0, read chunk by chunk from
+    the pyramid level closest to that resolution: memory stays bounded whatever the slide claims."""
     width, height = slide.dimensions
-    thumb = slide.get_thumbnail((max(1, round(width / downsample)), max(1, round(height / downsample))))
-    return np.asarray(thumb.convert("RGB").convert("HSV"))[..., 1] > TISSUE_SATURATION
+    out_w, out_h = max(1, round(width / downsample)), max(1, round(height / downsample))
+    level = slide.get_best_level_for_downsample(downsample)
+    level_downsample = slide.level_downsamples[level]
+    level_w, level_h = slide.level_dimensions[level]
+    scale = level_downsample / downsample  # mask pixels per level pixel
+    thumb = Image.new("RGB", (out_w, out_h), (255, 255, 255))
+    for top in range(0, level_h, MASK_CHUNK):
+        for left in range(0, level_w, MASK_CHUNK):
+            size = (min(MASK_CHUNK, level_w - left), min(MASK_CHUNK, level_h - top))
+            region = slide.read_region((round(left * level_downsample), round(top * level_downsample)), level, size)
+            box = (math.floor(left * scale), math.floor(top * scale),
+                   min(out_w, math.ceil((left + size[0]) * scale)), min(out_h, math.ceil((top + size[1]) * scale)))
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            canvas = Image.new("RGB", region.size, (255, 255, 255))
+            canvas.paste(region, mask=region.getchannel("A"))
+            thumb.paste(canvas.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BOX), box[:2])
+    return np.asarray(thumb.convert("HSV"))[..., 1] > TISSUE_SATURATION
 
 
 def _read(slide: openslide.OpenSlide, path: str, cx: float, cy: float, field: float, tile_size: int) -> Image.Image:
@@ -121,7 +146,10 @@ def tile_slide(slide: openslide.OpenSlide, info: SlideInfo, plan: TilePlan) -> I
     grid = plan.tile_size * info.objective_power / plan.magnifications[0]
     size = round(grid)
     mask_downsample = grid / MASK_RESOLUTION
-    mask = tissue_mask(slide, mask_downsample)
+    try:
+        mask = tissue_mask(slide, mask_downsample)
+    except openslide.OpenSlideError as exc:
+        raise IngestError(info.path, f"slide data is corrupt or truncated ({exc})") from None
     for y in range(0, info.height - size + 1, size):
         for x in range(0, info.width - size + 1, size):
             r0, c0 = int(y / mask_downsample), int(x / mask_downsample)

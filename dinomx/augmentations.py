@@ -158,7 +158,7 @@ class DataAugmentationDINO:
         crops: CropsConfig,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        table: Literal["rgb", "ct", "he"] = "rgb",
+        table: Literal["rgb", "gray", "ct", "he"] = "rgb",
     ):
         if table in ("rgb", "he") and len(mean) != 3:
             raise ConfigError(f"dataset.augmentation: {table!r} needs 3-channel images; use 'ct' for {len(mean)} channel(s)")
@@ -185,6 +185,11 @@ class DataAugmentationDINO:
                 beta = (torch.rand(3, generator=g) * 2 - 1) * sigma
                 img = hed_jitter(img, alpha, beta)
             solarize_p = 0.0
+        elif self.table == "gray":
+            # Natural greyscale images: DINO's colour jitter without the colour (brightness and
+            # contrast 0.4); solarisation stays, as for RGB.
+            if _chance(0.8, g):
+                img = intensity_jitter(img, brightness=0.4, contrast=0.4, generator=g)
         else:  # ct
             if _chance(0.8, g):
                 img = intensity_jitter(img, brightness=0.1, contrast=0.2, generator=g)

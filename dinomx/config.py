@@ -131,8 +131,9 @@ class DatasetConfig:
     # Normalisation statistics travel with the saved backbone's image processor.
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    # Photometric table: natural images, radiology (CT) or H&E histology (dinomx.augmentations).
-    augmentation: Literal["rgb", "ct", "he"] = "rgb"
+    # Photometric table: natural images (colour or greyscale), radiology (CT) or H&E histology
+    # (dinomx.augmentations).
+    augmentation: Literal["rgb", "gray", "ct", "he"] = "rgb"
     num_workers: int = 0
 
 

@@ -98,8 +98,9 @@ def test_views_are_a_function_of_the_generator_seed():
     assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
-def test_single_channel_ct_views():
-    cfg = tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25], "augmentation": "ct"})
+@pytest.mark.parametrize("table", ["ct", "gray"])
+def test_single_channel_views(table):
+    cfg = tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25], "augmentation": table})
     aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, cfg.dataset.augmentation)
     views = aug(torch.rand(1, 32, 32), torch.Generator().manual_seed(0))
     assert views["global_crops"][0].shape == (1, 32, 32) and views["local_crops"][0].shape == (1, 16, 16)

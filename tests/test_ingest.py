@@ -7,16 +7,26 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from data import wsi
 from data.dicom import AIR_HU, read_ct, window
-from data.ingest import IngestFailed, ingest_ct, ingest_he
-from data.inputs import IngestError
-from data.validate import validate_dataset
+from data.ingest import (
+    CTPlan,
+    IngestFailed,
+    SeriesFilter,
+    _Staging,
+    ingest_ct,
+    ingest_he,
+    ingest_images,
+)
+from data.inputs import IngestError, output_stem
+from data.validate import validate_dataset, validate_frame
 from data.wsi import TilePlan, open_slide
 
 PLAN = TilePlan(magnifications=(20, 10, 5), tile_size=64, min_tissue=0.5)
@@ -122,7 +132,7 @@ def test_classic_ct_rescale_and_pixel_padding(tmp_path):
     stored = ds.pixel_array.copy()
     [frame] = read_ct(_testdata("CT_small.dcm"))
     np.testing.assert_allclose(frame.hu, stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
-    assert frame.pixel_spacing == (0.661468, 0.661468) and frame.slice_thickness == 5.0
+    assert frame.info.pixel_spacing == (0.661468, 0.661468) and frame.info.slice_thickness == 5.0
 
     padded = stored.copy()
     padded[:10] = ds.PixelPaddingValue  # -2000: outside the reconstruction circle
@@ -145,7 +155,7 @@ def test_enhanced_ct_rescale_from_functional_groups(tmp_path):
     stored = ds.pixel_array
     assert "RescaleIntercept" not in ds  # it lives only in the shared functional group
     frames = read_ct(source)
-    assert len(frames) == 2 and frames[0].pixel_spacing == (0.388672, 0.388672) and frames[0].slice_thickness == 10.0
+    assert len(frames) == 2 and frames[0].info.pixel_spacing == (0.388672, 0.388672) and frames[0].info.slice_thickness == 10.0
     np.testing.assert_allclose(frames[1].hu, stored[1] - 1024.0)
 
     # A per-frame transformation wins over the shared one, for that frame only.
@@ -168,16 +178,23 @@ def test_windowing_maps_hounsfield_units_to_8_bit():
 def test_ct_ingest_writes_windowed_slices_that_pass_their_suite(tmp_path):
     raw = _ct_raw(tmp_path, ("chest/a.dcm", _testdata("CT_small.dcm")), ("chest/enhanced.dcm", _testdata("eCT_Supplemental.dcm")))
     manifest = ingest_ct(raw, tmp_path / "slices", val_fraction=0.0)
-    assert sorted(manifest.path) == ["slices/train/chest/chest_a_f0.png", "slices/train/chest/chest_enhanced_f0.png",
-                                     "slices/train/chest/chest_enhanced_f1.png"]
+    a, enhanced = output_stem("chest/a.dcm"), output_stem("chest/enhanced.dcm")
+    assert sorted(manifest.path) == sorted([f"slices/train/chest/{a}_f0.png", f"slices/train/chest/{enhanced}_f0.png",
+                                            f"slices/train/chest/{enhanced}_f1.png"])
     image = Image.open(tmp_path / "slices" / manifest.path[0])
     assert image.mode == "L" and image.size == (128, 128)
     report, _ = validate_dataset(tmp_path / "slices", "ct_slices", {}, context_dir=tmp_path)
     assert report.success, report.summary()
 
 
+def _other_series(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` as an image of its own series (a copy would be a duplicate of the original)."""
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    return ds
+
+
 def _bad_ct(kind: str) -> pydicom.Dataset:
-    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds = _other_series(pydicom.dcmread(_testdata("CT_small.dcm")))
     if kind == "nan":
         values = ds.pixel_array.astype(np.float32)
         values[5, 5] = np.nan
@@ -194,9 +211,11 @@ def _bad_ct(kind: str) -> pydicom.Dataset:
 
 @pytest.mark.parametrize("name, make, problem", [
     ("mr.dcm", lambda: _testdata("MR_small.dcm"), "modality is MR, expected CT"),
-    ("rtstruct.dcm", lambda: _testdata("rtstruct.dcm"), "modality is RTSTRUCT, expected CT"),
-    ("notes.dcm", None, "not a readable DICOM file"),
     ("truncated.dcm", lambda: "truncate", "pixel data unreadable"),
+    # A lossy JPEG 2000 CT cut in its header and in its pixel data: "truncated", never "modality is missing".
+    ("cut_header.dcm", lambda: ("693_J2KI.dcm", 600), "DICOM file truncated or corrupt"),
+    ("cut_pixels.dcm", lambda: ("693_J2KI.dcm", 3000), "DICOM file truncated or corrupt (End of file reached"),
+    ("empty.dcm", lambda: ("CT_small.dcm", 0), "empty file (0 bytes)"),
     ("nan.dcm", lambda: _bad_ct("nan"), "frame 0: 1 NaN or infinite pixels"),
     ("rgb.dcm", lambda: _bad_ct("rgb"), "3 samples per pixel; CT slices must be single-channel"),
 ])
@@ -205,11 +224,13 @@ def test_bad_ct_inputs_are_named_and_nothing_is_written(tmp_path, name, make, pr
     out = tmp_path / "slices"
     ingest_ct(raw, out, val_fraction=0.0)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    source = make() if make else None
-    if source is None:
-        (raw / name).write_text("not dicom")
+    source = make()
+    if isinstance(source, tuple):
+        original, keep = source
+        (raw / name).write_bytes(_testdata(original).read_bytes()[:keep])
     elif source == "truncate":
-        (raw / name).write_bytes(_testdata("CT_small.dcm").read_bytes()[:20000])
+        _other_series(pydicom.dcmread(_testdata("CT_small.dcm"))).save_as(raw / name)
+        (raw / name).write_bytes((raw / name).read_bytes()[:20000])
     elif isinstance(source, Path):
         shutil.copy(source, raw / name)
     else:
@@ -262,3 +283,312 @@ def test_paths_escaping_the_dataset_root_are_refused(slide, tmp_path):
     with pytest.raises(IngestError, match="must not overlap the raw data directory"):
         ingest_he(raw, raw / "tiles", PLAN)
     assert not (tmp_path / "tiles").exists() and not (tmp_path / "slices").exists()
+
+
+def _ct_like(**changes) -> pydicom.Dataset:
+    """CT_small as another object of its own (new UIDs), with ``changes`` applied."""
+    ds = _other_series(pydicom.dcmread(_testdata("CT_small.dcm")))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_a_hospital_export_keeps_its_ct_images_and_skips_the_rest_with_reasons(tmp_path):
+    sr = _ct_like(Modality="SR", SOPClassUID="1.2.840.10008.5.1.4.1.1.88.22")
+    del sr.PixelData
+    raw = _ct_raw(tmp_path, ("chest/ct.dcm", _testdata("CT_small.dcm")), ("chest/z_copy.dcm", _testdata("CT_small.dcm")),
+                  ("DICOMDIR", _testdata("dicomdirtests/DICOMDIR")), ("chest/sr.dcm", sr),
+                  ("chest/seg.dcm", _ct_like(Modality="SEG")), ("chest/rtstruct.dcm", _testdata("rtstruct.dcm")),
+                  ("chest/dose.dcm", _ct_like(SOPClassUID="1.2.840.10008.5.1.4.1.1.7")),
+                  ("chest/scout.dcm", _ct_like(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])))
+    (raw / "Thumbs.db").write_bytes(b"\0" * 64)
+    (raw / "chest/report.pdf").write_bytes(b"%PDF-1.4")
+    (raw / "chest/notes").write_text("<xml>not dicom, no extension</xml>")
+    out = tmp_path / "slices"
+    manifest = ingest_ct(raw, out, val_fraction=0.0)
+    assert list(manifest.source) == ["chest/ct.dcm"]
+    skipped = dict(pd.read_csv(out / "skipped.csv").values)
+    assert skipped == {
+        "DICOMDIR": "DICOMDIR: the export's index of files, not an image",
+        "Thumbs.db": "not a DICOM file (.db)",
+        "chest/z_copy.dcm": "duplicate of chest/ct.dcm (same SOP Instance UID)",
+        "chest/dose.dcm": "secondary capture (SOP Class 1.2.840.10008.5.1.4.1.1.7: a screenshot or dose report), not a CT acquisition",
+        "chest/notes": "not a DICOM file (no DICOM header, SOP Class or Modality)",
+        "chest/report.pdf": "not a DICOM file (.pdf)",
+        "chest/rtstruct.dcm": "modality RTSTRUCT (RT structures), not an image",
+        "chest/scout.dcm": "scout/localizer (ImageType LOCALIZER), not a diagnostic slice",
+        "chest/seg.dcm": "modality SEG (a segmentation), not an image",
+        "chest/sr.dcm": "modality SR (a structured report), not an image",
+    }
+    summary = json.loads((out / "ingest.json").read_text())
+    assert summary["inputs"] == 11 == summary["used"] + summary["skipped"]  # nothing silently dropped
+    report, _ = validate_dataset(out, "ct_slices", {}, context_dir=tmp_path)
+    assert report.success and len(report.skipped) == 10 and "10 input(s) skipped at ingestion" in report.summary()
+
+
+def test_output_names_never_collide_whatever_the_input_names(tmp_path, slide):
+    # PACS exports name files by SOP Instance UID: dots, no extension, differing after the last dot.
+    uid = "1.2.826.0.1.3680043.8.1055.1.20111103111148288.98361414.7937963"
+    raw = _ct_raw(tmp_path / "ct", (f"series/{uid}9", _ct_like()), (f"series/{uid}8", _ct_like()))
+    manifest = ingest_ct(raw, tmp_path / "ct" / "slices", val_fraction=0.0)
+    assert manifest.path.nunique() == 2 == manifest.source.nunique()
+
+    raw = tmp_path / "he" / "raw"
+    for case in ("caseA", "caseB"):  # the same slide name in two case folders
+        (raw / case).mkdir(parents=True)
+        shutil.copy(slide, raw / case / "HE.svs")
+    tiles = ingest_he(raw, tmp_path / "he" / "tiles", TilePlan((10,), 64, 0.5), val_fraction=0.0)
+    per_slide = tiles.groupby("source").path.nunique()
+    assert list(per_slide.index) == ["caseA/HE.svs", "caseB/HE.svs"] and per_slide.iloc[0] == per_slide.iloc[1] > 0
+    assert tiles.path.is_unique
+
+    staging = _Staging(tmp_path / "staging")
+    staging.save(Image.new("L", (4, 4)), "a.png", "one.dcm")
+    with pytest.raises(IngestError, match="its output a.png is also the output of one.dcm"):
+        staging.save(Image.new("L", (4, 4)), "a.png", "two.dcm")
+
+
+def test_jpeg_lossless_ct_decodes_and_a_missing_codec_is_named(tmp_path):
+    lossless = _testdata("bad_sequence.dcm")  # CT, transfer syntax 1.2.840.10008.1.2.4.70
+    assert str(pydicom.dcmread(lossless).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    [frame] = read_ct(lossless)
+    ds = pydicom.dcmread(lossless)
+    np.testing.assert_array_equal(frame.hu, np.maximum(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept), AIR_HU))
+    hevc = pydicom.dcmread(lossless)  # a compression pydicom has no decoder for
+    hevc.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.107"
+    hevc.save_as(tmp_path / "hevc.dcm")
+    with pytest.raises(IngestError, match=r"no DICOM decoder exists for its transfer syntax HEVC/H.265 .*\(1\.2\.840\.10008\.1\.2\.4\.107\)"):
+        read_ct(tmp_path / "hevc.dcm")
+
+
+def test_values_below_air_are_set_to_air_and_failures_say_why(tmp_path):
+    # A lossy JPEG 2000 CT with a -2000 ring outside the scan and no Pixel Padding Value.
+    raw = _ct_raw(tmp_path, ("a.dcm", _testdata("693_J2KI.dcm")))
+    manifest = ingest_ct(raw, tmp_path / "slices", val_fraction=0.0)
+    assert manifest.hu_min[0] == AIR_HU and 0.2 < manifest.below_air_fraction[0] < 0.4
+    report, frame = validate_dataset(tmp_path / "slices", "ct_slices", {}, context_dir=tmp_path)
+    assert report.success, report.summary()
+    frame.loc[0, "hu_max"] = 5000.0  # what a wrong rescale gives
+    failed = validate_frame(frame, "ct_slices", {}, "slices", tmp_path)
+    [failure] = failed.failures
+    assert failure.observed == [5000.0] and failure.expected == "max_value=4000.0"
+    assert f"expect_column_values_to_be_between(hu_max) [expected max_value=4000.0]: 1 unexpected: {frame.path[0]} = 5000.0" in failed.summary()
+
+
+def _series(tmp_path: Path, positions: list[float], **per_slice) -> Path:
+    """One series of CT_small slices at the given z positions (instance numbers in reverse), each
+    slice's values offset by 100 x its index, so that order and neighbours can be read back."""
+    base = pydicom.dcmread(_testdata("CT_small.dcm"))
+    series = pydicom.uid.generate_uid()
+    raw = tmp_path / "raw"
+    (raw / "chest").mkdir(parents=True)
+    for index, z in enumerate(positions):
+        ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, pydicom.uid.generate_uid()
+        ds.ImagePositionPatient = [base.ImagePositionPatient[0], base.ImagePositionPatient[1], z]
+        ds.InstanceNumber = len(positions) - index
+        ds.PixelData = (base.pixel_array + 100 * index).astype(base.pixel_array.dtype).tobytes()
+        for keyword, values in per_slice.items():
+            setattr(ds, keyword, values[index])
+        ds.save_as(raw / "chest" / f"s{index}.dcm")
+    return raw
+
+
+def test_ct_series_are_ordered_by_position_checked_selected_and_stacked(tmp_path):
+    raw = _series(tmp_path, [10.0, 0.0, 30.0, 20.0])
+    single = ingest_ct(raw, tmp_path / "single", val_fraction=0.0).sort_values("series_index")
+    assert list(single.source) == ["chest/s1.dcm", "chest/s0.dcm", "chest/s3.dcm", "chest/s2.dcm"]  # z 0, 10, 20, 30
+
+    stacked = ingest_ct(raw, tmp_path / "stacked", CTPlan(channels="2.5d"), val_fraction=0.0).sort_values("series_index")
+    grey = {row.source: np.asarray(Image.open(tmp_path / "single" / row.path)) for row in single.itertuples()}
+    middle = np.asarray(Image.open(tmp_path / "stacked" / stacked.path.iloc[1]))
+    assert middle.shape == (128, 128, 3)
+    for channel, neighbour in enumerate(["chest/s1.dcm", "chest/s0.dcm", "chest/s3.dcm"]):  # slices i-1, i, i+1
+        np.testing.assert_array_equal(middle[..., channel], grey[neighbour])
+    report, _ = validate_dataset(tmp_path / "stacked", "ct_slices_stacked", {}, context_dir=tmp_path)
+    assert report.success, report.summary()
+
+    windows = ingest_ct(raw, tmp_path / "windows", CTPlan(channels="windows", windows=((40, 400), (-600, 1500), (400, 1800))),
+                        val_fraction=0.0)
+    first = np.asarray(Image.open(tmp_path / "windows" / windows.path[0]))
+    hu = read_ct(raw / windows.source[0])[0].hu
+    np.testing.assert_array_equal(first[..., 1], window(hu, -600, 1500))
+
+    selected = _series(tmp_path / "select", [0.0, 1.0], SliceThickness=[1.0, 1.0])
+    _ct_like().save_as(selected / "chest" / "thick.dcm")  # another series, 5 mm
+    thin = ingest_ct(selected, tmp_path / "select" / "out", CTPlan(select=SeriesFilter(thickness=(0.5, 1.5))),
+                     val_fraction=0.0)
+    assert sorted(thin.source) == ["chest/s0.dcm", "chest/s1.dcm"]
+    [(source, reason)] = pd.read_csv(tmp_path / "select" / "out" / "skipped.csv").values
+    assert source == "chest/thick.dcm" and reason.endswith("slice thickness 5.0 mm outside the selected 0.5-1.5 mm")
+
+
+def test_ct_series_that_are_not_one_volume_are_refused(tmp_path):
+    raw = _series(tmp_path, [0.0, 10.0, 20.0], PixelSpacing=[[0.66, 0.66], [0.66, 0.66], [0.5, 0.5]])
+    with pytest.raises(IngestFailed, match=r"s2.dcm: series .*: pixel spacing \(0.5, 0.5\) differs from \(0.66, 0.66\)"):
+        ingest_ct(raw, tmp_path / "out", val_fraction=0.0)
+    raw = _series(tmp_path / "gap", [0.0, 5.0, 10.0, 40.0])
+    with pytest.raises(IngestFailed, match=r"a gap of 30 mm before this slice \(median spacing 5 mm\)"):
+        ingest_ct(raw, tmp_path / "gap" / "out", CTPlan(channels="2.5d"), val_fraction=0.0)
+    assert len(ingest_ct(raw, tmp_path / "gap" / "grey", val_fraction=0.0)) == 4  # one slice at a time: no neighbours needed
+
+
+def test_slides_split_per_case_from_folders_or_a_csv(slide, tmp_path):
+    raw = tmp_path / "raw"
+    for relative in ("case1/block_a.svs", "case1/block_b.svs", "case2/block_a.svs", "case3/block_a.svs"):
+        (raw / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(slide, raw / relative)
+    plan = TilePlan((5,), 64, 0.5)
+    tiles = ingest_he(raw, tmp_path / "tiles", plan, val_fraction=0.5, seed=3)
+    splits = tiles.groupby("source").split.unique().map(list).to_dict()
+    assert splits["case1/block_a.svs"] == splits["case1/block_b.svs"]  # two blocks of one case, one split
+    assert {s for [s] in splits.values()} == {"train", "val"}
+    cases = tmp_path / "cases.csv"
+    cases.write_text("slide,case\ncase1/block_a.svs,P1\ncase1/block_b.svs,P2\ncase2/block_a.svs,P1\n")
+    with pytest.raises(IngestError, match=r"cases.csv: no case for 1 slide\(s\), e.g. case3/block_a.svs"):
+        ingest_he(raw, tmp_path / "tiles", plan, val_fraction=0.5, cases=cases)
+    cases.write_text(cases.read_text() + "case3/block_a.svs,P1\n")
+    by_csv = ingest_he(raw, tmp_path / "tiles", plan, val_fraction=0.5, seed=3, cases=cases)
+    one = by_csv[by_csv.source != "case1/block_b.svs"].split.unique()
+    assert len(one) == 1  # every slide of P1 in one split
+    # Four slides of one patient cannot fill two splits: said, not silent.
+    summary = json.loads((tmp_path / "tiles" / "ingest.json").read_text())
+    assert summary["inputs"] == 4 == summary["used"] and any("is empty" in w for w in summary["warnings"]) == (
+        by_csv.split.nunique() == 1)
+
+
+def test_every_bad_slide_is_reported_and_the_tissue_mask_is_read_in_bounded_chunks(slide, tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(slide, raw / "good.svs")
+    (raw / "cut.svs").write_bytes(slide.read_bytes()[: slide.stat().st_size // 2])
+    (raw / "empty.svs").write_bytes(b"")
+    (raw / "good.geojson").write_text("{not json")
+    with pytest.raises(IngestFailed) as caught:
+        ingest_he(raw, tmp_path / "tiles", PLAN)
+    problems = {Path(e.path).name: e.problem for e in caught.value.errors}
+    assert set(problems) == {"cut.svs", "empty.svs", "good.geojson"}, problems
+    assert problems["empty.svs"] == "empty file (0 bytes)" and "not valid GeoJSON" in problems["good.geojson"]
+    assert not (tmp_path / "tiles").exists()
+
+    # A slide with no small level is read a chunk at a time, never a whole level at once.
+    largest = []
+    original = openslide.OpenSlide.read_region
+
+    def recording(self, location, level, size):
+        largest.append(size[0] * size[1])
+        return original(self, location, level, size)
+
+    handle, _ = open_slide(slide)
+    reference = np.asarray(handle.get_thumbnail((handle.dimensions[0] // 32, handle.dimensions[1] // 32)).convert("HSV"))[..., 1] > 20
+    monkeypatch.setattr(wsi, "MASK_CHUNK", 256)
+    monkeypatch.setattr(openslide.OpenSlide, "read_region", recording)
+    mask = wsi.tissue_mask(handle, 32)
+    handle.close()
+    assert max(largest) <= 256 * 256 and len(largest) > 4
+    rows, cols = min(mask.shape[0], reference.shape[0]), min(mask.shape[1], reference.shape[1])
+    assert (mask[:rows, :cols] == reference[:rows, :cols]).mean() > 0.97
+
+
+def test_annotations_can_be_lenient_and_unmatched_names_are_said(slide, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(slide, raw / "HE.svs")
+    features = [
+        {"type": "Feature", "properties": {"classification": {"name": "tumor"}},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [2000, 0], [2000, 2000], [0, 0]]]}},
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}},
+        {"type": "Feature", "properties": {"classification": {"name": "tumor"}}, "geometry": {"type": "Point", "coordinates": [5, 5]}},
+    ]
+    (raw / "HE.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with pytest.raises(IngestFailed, match=r"features\[1\]\.properties\.classification\.name: expected a plain class name"):
+        ingest_he(raw, tmp_path / "tiles", PLAN)
+    tiles = ingest_he(raw, tmp_path / "tiles", PLAN, lenient_annotations=True)
+    assert "tumor" in set(tiles.label)
+    (raw / "HE.geojson").rename(raw / "HE.svs.geojson")  # a name QuPath users often save under
+    ingest_he(raw, tmp_path / "tiles", PLAN)
+    [(source, reason)] = pd.read_csv(tmp_path / "tiles" / "skipped.csv").values
+    assert source == "HE.svs.geojson" and reason == "annotation file whose name matches no slide"
+
+
+def test_any_image_folder_becomes_a_dataset_that_validates(tmp_path):
+    raw = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (raw / label).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(raw / label / f"{index}.jpg")
+    Image.fromarray((rng.integers(0, 2, (16, 16)) * 40000).astype(np.uint16)).save(raw / "dogs" / "deep.png")
+    (raw / "dogs" / "Thumbs.db").write_bytes(b"\0")
+    (raw / "cats" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(IngestFailed, match="cats/broken.png: not a readable image"):
+        ingest_images(raw, tmp_path / "images", "rgb")
+    (raw / "cats" / "broken.png").unlink()
+    manifest = ingest_images(raw, tmp_path / "images", "rgb", val_fraction=0.3)
+    assert len(manifest) == 7 and set(manifest.label) == {"cats", "dogs"} and set(manifest.split) <= {"train", "val"}
+    deep = manifest[manifest.source == "dogs/deep.png"].path.item()
+    assert np.asarray(Image.open(tmp_path / "images" / deep)).max() == round(40000 / 257)  # scaled, not clipped
+    assert list(pd.read_csv(tmp_path / "images" / "skipped.csv").source) == ["dogs/Thumbs.db"]
+    report, _ = validate_dataset(tmp_path / "images", "images_rgb", {}, context_dir=tmp_path)
+    assert report.success, report.summary()
+    grey = ingest_images(raw, tmp_path / "grey", "gray")
+    assert Image.open(tmp_path / "grey" / grey.path[0]).mode == "L"
+    assert validate_dataset(tmp_path / "grey", "images_gray", {}, context_dir=tmp_path)[0].success
+
+
+def _dicom_wsi_level(path: Path, pixels: np.ndarray, mpp: float, series: str, image_type: list[str], tile: int = 256) -> None:
+    """One level of a DICOM whole-slide image (VL Whole Slide Microscopy, TILED_FULL, uncompressed)."""
+    height, width, _ = pixels.shape
+    frames = []
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            frame = np.full((tile, tile, 3), 255, np.uint8)
+            block = pixels[top:top + tile, left:left + tile]
+            frame[: block.shape[0], : block.shape[1]] = block
+            frames.append(frame)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.StudyInstanceUID = ds.FrameOfReferenceUID = "1.2.3.4"
+    ds.SeriesInstanceUID, ds.Modality, ds.ImageType, ds.PatientID = series, "SM", image_type, "p"
+    ds.Rows = ds.Columns = tile
+    ds.NumberOfFrames, ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = len(frames), width, height
+    ds.DimensionOrganizationType, ds.TotalPixelMatrixFocalPlanes, ds.NumberOfOpticalPaths = "TILED_FULL", 1, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    measures = pydicom.Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [mpp / 1000, mpp / 1000], 0.001
+    shared = pydicom.Dataset()
+    shared.PixelMeasuresSequence = pydicom.Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = pydicom.Sequence([shared])
+    optical = pydicom.Dataset()
+    optical.OpticalPathIdentifier = "1"
+    ds.OpticalPathSequence = pydicom.Sequence([optical])
+    ds.PixelData = np.stack(frames).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_whole_slide_images_are_tiled_like_any_slide(slide, tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "case1" / "scan").mkdir(parents=True)
+    (raw / "case2").mkdir()
+    shutil.copy(slide, raw / "case2" / "cmu.svs")
+    tissue = np.full((1024, 1536, 3), 238, np.uint8)
+    tissue[128:896, 256:1280] = (150, 90, 170)  # a stained block on glass
+    tissue = (tissue + np.random.default_rng(0).integers(0, 12, tissue.shape)).astype(np.uint8)
+    series = pydicom.uid.generate_uid()
+    _dicom_wsi_level(raw / "case1" / "scan" / "level0.dcm", tissue, 0.5, series, ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"])
+    _dicom_wsi_level(raw / "case1" / "scan" / "level1.dcm", tissue[::4, ::4].copy(), 2.0, series,
+                     ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"])
+    _ct_like().save_as(raw / "case1" / "ct.dcm")  # DICOM, but not a slide
+    tiles = ingest_he(raw, tmp_path / "tiles", TilePlan((10, 5), 64, 0.5), val_fraction=0.0)
+    dicom = tiles[tiles.source == "case1/scan/level0.dcm"]
+    assert len(dicom) and set(dicom.objective_power) == {20.0} and set(dicom.mpp[dicom.magnification == 10]) == {1.0}
+    pixel = np.asarray(Image.open(tmp_path / "tiles" / dicom.path.iloc[0])).reshape(-1, 3).mean(0)
+    assert pixel[2] > pixel[1] + 40  # the stain, read through OpenSlide's DICOM support
+    summary = json.loads((tmp_path / "tiles" / "ingest.json").read_text())
+    assert (summary["inputs"], summary["used"], summary["skipped"], summary["images"]) == (4, 3, 1, len(tiles))
+    [(source, reason)] = pd.read_csv(tmp_path / "tiles" / "skipped.csv").values
+    assert source == "case1/ct.dcm" and reason.startswith("DICOM, but not a whole-slide image")

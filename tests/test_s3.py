@@ -5,11 +5,13 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from pydicom.data import get_testdata_file
 
-from data.dataset import IngestParams, add_dataset, pipeline
+from data.dataset import DatasetError, IngestParams, add_dataset, pipeline
 from data.validate import ValidationReport
 from data.versioning import dataset_version
 from projects.tracking import log_training_data, training_data
@@ -99,9 +101,34 @@ def test_mr_under_a_ct_prefix_stops_the_pipeline_and_writes_nothing(s3, s3_endpo
 def test_dataset_names_and_pipelines_are_checked(repo):
     with pytest.raises(ValueError, match="name: expected lowercase letters"):
         add_dataset(repo, "../escape", "s3://b/p", IngestParams("ct"))
-    with pytest.raises(ValueError, match="modality: expected 'he' or 'ct', got 'xr'"):
+    with pytest.raises(ValueError, match="modality: expected one of 'he', 'ct', 'rgb', 'gray', got 'xr'"):
         IngestParams("xr")
     stages = pipeline(IngestParams("he", magnifications=(20.0, 5.0), tile_size=112))["stages"]
     assert stages["ingest"]["cmd"].startswith("python -m data.ingest he --raw raw --out tiles --magnifications 20 5 ")
     assert "--suite he_tiles --tile-size 112 --magnifications 20 5 --min-tissue 0.5" in stages["validate"]["cmd"]
     assert IngestParams("he", magnifications=(20.0, 5.0)).images == "tiles/20x"
+
+
+def test_a_missing_prefix_is_one_clear_error_and_leaves_nothing_behind(s3, s3_endpoint, repo):
+    with pytest.raises(DatasetError, match=rf"source: s3://{BUCKET}/no/such/prefix could not be imported"):
+        add_dataset(repo, "ghost", f"s3://{BUCKET}/no/such/prefix", IngestParams("ct"), endpoint_url=s3_endpoint)
+    assert not (repo / "data" / "ghost").exists()
+    with pytest.raises(FileNotFoundError, match="source: .* is not a folder"):
+        add_dataset(repo, "ghost", str(repo.parent / "nowhere"), IngestParams("rgb"))
+
+
+def test_a_local_image_folder_is_imported_built_validated_and_trainable(repo, tmp_path):
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for label in ("cats", "dogs"):
+        (photos / label).mkdir(parents=True)
+        for index in range(6):
+            Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(photos / label / f"{index}.png")
+    folder = add_dataset(repo, "photos", str(photos), IngestParams("gray", val_fraction=0.3))
+    assert yaml.safe_load((folder / "raw.dvc").read_text())["deps"][0]["path"] == str(photos)
+    built = _dvc(repo, "repro", "data/photos/dvc.yaml")
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "--suite images_gray" in (folder / "dvc.yaml").read_text()
+    data = training_data(folder / "tiles/train", folder / "validation/report.json")  # what pretrain checks
+    assert data.report.success and data.version.source == "data/photos/dvc.lock:ingest"
+    assert sum(1 for _ in (folder / "tiles").rglob("*.png")) == 12
