@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlflow import MlflowClient
-
 from dinomx.config import ConfigError, DinoMXConfig
 from portal.db import Dataset, Job, db, now
 from projects.slurm import SlurmBackend, SlurmConfig, SlurmSubmittedRun
+from registry.mlflow_service import MlflowService, Tag
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("standard", "lora", "freeze", "distill")
@@ -233,11 +232,11 @@ class LocalLauncher:
         if (child is not None and exit_code is None) or (child is None and self._alive(job)):
             return "RUNNING", None, None
         self._children.pop(job.scheduler_id, None)
-        client = MlflowClient(self.tracking_uri)
-        status = client.get_run(job.mlflow_run_id).info.status
+        service = MlflowService(self.tracking_uri)
+        status = service.client.get_run(job.mlflow_run_id).info.status
         if status in ("RUNNING", "SCHEDULED"):  # the process ended without ending its run
-            client.set_tag(job.mlflow_run_id, "vf.error", f"the job's process ended without reporting (exit code {exit_code})")
-            client.set_terminated(job.mlflow_run_id, "FAILED")
+            service.fail_run(job.mlflow_run_id, f"the job's process ended without reporting (exit code {exit_code})")
+            service.client.set_terminated(job.mlflow_run_id, "FAILED")
             status = "FAILED"
         return "EXITED", JOB_STATUS[status], exit_code
 
@@ -268,7 +267,7 @@ class SlurmLauncher:
 
     def submit(self, request: TrainingRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
         config = self.site_config | request.slurm_resources() | {"run_id": run_id}
-        client = MlflowClient(self.tracking_uri)
+        client = MlflowService(self.tracking_uri).client
         submitted = SlurmBackend().run(str(self.project), request.entry_point, request.parameters(dataset), None,
                                        config, self.tracking_uri, client.get_run(run_id).info.experiment_id)
         self._submitted[submitted.job_id] = submitted
@@ -364,12 +363,12 @@ class JobRunner:
                 continue
             db.session.refresh(job)
             request = TrainingRequest(**job.parameters)
-            client = MlflowClient(self.tracking_uri)
+            client = MlflowService(self.tracking_uri).client
             experiment = client.get_experiment_by_name(EXPERIMENT)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
             run = client.create_run(experiment_id, run_name=f"{request.name}-job{job.id}",
-                                    tags={"vf.portal.job": str(job.id), "vf.portal.owner": job.owner,
-                                          "vf.portal.backend": self.launcher.name})
+                                    tags={Tag.PORTAL_JOB: str(job.id), Tag.PORTAL_OWNER: job.owner,
+                                          Tag.PORTAL_BACKEND: self.launcher.name})
             job.mlflow_run_id, job.experiment_id, job.backend = run.info.run_id, experiment_id, self.launcher.name
             try:
                 job.command, job.scheduler_id, job.log_path = self.launcher.submit(request, job.dataset, run.info.run_id)
@@ -383,7 +382,7 @@ class JobRunner:
     def _fail(self, job: Job, reason: str) -> None:
         job.status, job.log_tail, job.finished_at = "failed", reason, now()
         if job.mlflow_run_id:
-            client = MlflowClient(self.tracking_uri)
-            if client.get_run(job.mlflow_run_id).info.status in ("RUNNING", "SCHEDULED"):
-                client.set_tag(job.mlflow_run_id, "vf.error", reason[:5000])
-                client.set_terminated(job.mlflow_run_id, "FAILED")
+            service = MlflowService(self.tracking_uri)
+            if service.client.get_run(job.mlflow_run_id).info.status in ("RUNNING", "SCHEDULED"):
+                service.fail_run(job.mlflow_run_id, reason)
+                service.client.set_terminated(job.mlflow_run_id, "FAILED")

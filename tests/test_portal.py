@@ -222,8 +222,8 @@ def test_hostile_input_gets_4xx_naming_the_field_and_every_refusal_is_audited(ap
     assert missing.status_code == 400 and "models:/nothing-backbone/7" in missing.json["error"]
     events = [(e["action"], e["outcome"], e["target"]) for e in admin.get("/api/audit").json]
     assert ("model.promote", "refused", "models:/nothing-backbone/7") in events
-    assert ("api_grants", "refused", f"/api/datasets/{colon}/grants") in events
-    assert ("api_login", "refused", "/api/login") in events
+    assert ("datasets.api_grants", "refused", f"/api/datasets/{colon}/grants") in events
+    assert ("auth.api_login", "refused", "/api/login") in events
 
 
 def test_sign_in_is_throttled_per_account_with_backoff_and_audited(app):

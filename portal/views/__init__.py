@@ -1,0 +1,1 @@
+"""The portal's areas, one Flask blueprint each."""

@@ -1,0 +1,107 @@
+"""Training jobs: a validated form queued for the job runner, followed through MLflow and the scheduler."""
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, request, url_for
+from flask_login import current_user, login_required
+
+from portal.access import BadPath, claim_family, visible_datasets
+from portal.db import Job, db
+from portal.jobs import ACTIVE, FormErrors, TrainingRequest, submit, training_configs
+from portal.web import ID, answer, audit, dataset_for, mlflow, payload, refuse, settings
+from registry.lineage import equals
+
+bp = Blueprint("jobs", __name__)
+LIVE_METRICS = ("total_loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "distill_loss", "lr")
+
+
+def _view(job: Job) -> dict:
+    return {"id": job.id, "owner": job.owner, "dataset": job.dataset.name, "entry_point": job.entry_point,
+            "status": job.status, "parameters": job.parameters, "command": job.command,
+            "mlflow_run_id": job.mlflow_run_id, "exit_code": job.exit_code, "backend": job.backend,
+            "scheduler_id": job.scheduler_id, "scheduler_state": job.scheduler_state,
+            "mlflow_url": (f"{settings().mlflow_ui_url}/#/experiments/{job.experiment_id}/runs/{job.mlflow_run_id}"
+                           if job.mlflow_run_id else None),
+            "created_at": job.created_at.isoformat(), "log_tail": job.log_tail}
+
+
+def _own(job_id: int) -> Job:
+    job = db.session.get(Job, job_id)
+    if job is None or (job.owner != current_user.username and not current_user.is_admin):
+        abort(404)
+    return job
+
+
+def _in_registry(family: str) -> bool:
+    client = mlflow().client
+    return any(client.search_registered_models(equals("name", f"{family}-{kind}")) for kind in ("backbone", "head"))
+
+
+@bp.route("/jobs/new", methods=["GET", "POST"])
+@bp.post("/api/jobs", endpoint="api_submit")
+@login_required
+def new_job():
+    config = settings()
+    form = {"datasets": [(d, lvl) for d, lvl in visible_datasets(current_user) if d.train_path],
+            "configs": training_configs(config.project_dir), "backend": config.job_backend}
+    if request.method == "GET":
+        return answer({}, "new_job.html", errors={}, form={}, **form)
+    data = payload()
+    try:
+        training = TrainingRequest.from_form(data, config.project_dir, config.job_backend)
+    except FormErrors as exc:
+        audit("job.submit", "", outcome="refused", errors=exc.errors)
+        return answer({"error": str(exc), "errors": exc.errors}, "new_job.html", 400, errors=exc.errors, form=data, **form)
+    dataset = dataset_for(training.dataset_id, "read")
+    if not dataset.train_path:
+        raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
+    claim_family(current_user, training.name, registered=_in_registry(training.name))
+    job = submit(training, dataset, current_user.username)
+    audit("job.submit", f"job {job.id}", dataset=dataset.name, parameters=training.to_dict())
+    return answer(_view(job), status=201, to=url_for("jobs.job_page", job_id=job.id))
+
+
+@bp.get("/jobs")
+@bp.get("/api/jobs", endpoint="api_jobs")
+@login_required
+def jobs():
+    query = db.select(Job).order_by(Job.id.desc())
+    if not current_user.is_admin:
+        query = query.where(Job.owner == current_user.username)
+    rows = db.session.scalars(query).all()
+    return answer([_view(j) for j in rows], "jobs.html", jobs=rows)
+
+
+@bp.get(f"/jobs/<{ID}:job_id>")
+@login_required
+def job_page(job_id: int):
+    job = _own(job_id)
+    return answer({}, "job.html", job=job, view=_view(job))
+
+
+@bp.post(f"/jobs/<{ID}:job_id>/cancel")
+@bp.post(f"/api/jobs/<{ID}:job_id>/cancel", endpoint="api_cancel")
+@login_required
+def cancel_job(job_id: int):
+    job = _own(job_id)
+    runner = current_app.extensions.get("vf.jobs")
+    if job.status not in ("queued", *ACTIVE) or runner is None:
+        audit("job.cancel", f"job {job.id}", outcome="refused", status=job.status)
+        return refuse(f"job {job.id} is {job.status}" if runner else "this portal process runs no jobs (PORTAL_RUN_JOBS=0)", 409)
+    runner.cancel(job)
+    audit("job.cancel", f"job {job.id}", backend=job.backend, scheduler_id=job.scheduler_id)
+    return answer(_view(job), to=url_for("jobs.job_page", job_id=job.id))
+
+
+@bp.get(f"/api/jobs/<{ID}:job_id>")
+@login_required
+def api_job(job_id: int):
+    """The job and the live metrics of its MLflow run (full history per metric)."""
+    job = _own(job_id)
+    metrics = {}
+    if job.mlflow_run_id:
+        client = mlflow().client
+        for key in LIVE_METRICS:
+            history = client.get_metric_history(job.mlflow_run_id, key)
+            if history:
+                metrics[key] = [[m.step, m.value] for m in sorted(history, key=lambda m: m.step)]
+    return answer(_view(job) | {"metrics": metrics})
