@@ -48,6 +48,7 @@ $(SLURMCTLD):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 
 test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD)
+	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 clean:

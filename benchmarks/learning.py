@@ -29,8 +29,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from data.samples import digits
 from dinomx.config import DinoMXConfig
-from dinomx.data import list_images, load_image
 from dinomx.embed import Embedder
+from dinomx.images import list_images, load_image
 from dinomx.model import build_models
 from dinomx.train import train
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import torch
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
 from data.inputs import IngestError, Skipped
-from dinomx.augmentations import window_hu
+from dinomx.images import window_hu
 
 AIR_HU = -1024.0
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -247,4 +246,4 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     """An 8-bit single-channel slice through a CT window (e.g. soft tissue: 40 / 400)."""
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
-    return (window_hu(torch.from_numpy(hu), center, width) * 255).round().to(torch.uint8).numpy()
+    return (window_hu(hu, center, width) * 255).round().astype(np.uint8)

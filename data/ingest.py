@@ -56,8 +56,8 @@ from data.inputs import (
 from data.metadata import MANIFEST
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.augmentations import rgb_to_hed
-from dinomx.data import IMAGE_SUFFIXES, to_model_mode
 from dinomx.errors import DataError, UserError, run_command
+from dinomx.images import IMAGE_SUFFIXES, to_model_mode
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"

@@ -12,8 +12,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from data.inputs import IngestError, within
-from dinomx.data import IMAGE_SUFFIXES
 from dinomx.errors import MissingInput
+from dinomx.images import IMAGE_SUFFIXES
 
 MANIFEST = "manifest.csv"
 

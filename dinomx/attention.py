@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from dinomx.backbone import Backbone, load_image_processor
-from dinomx.data import load_image
+from dinomx.images import load_image
 
 
 def eager_twin(model: PreTrainedModel) -> PreTrainedModel:

@@ -117,11 +117,6 @@ def solarize(img: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(img >= threshold, 1 - img, img)
 
 
-def window_hu(hu: torch.Tensor, center: float, width: float) -> torch.Tensor:
-    """Map Hounsfield units to [0, 1] through a CT window (e.g. soft tissue: 40 / 400)."""
-    return ((hu - (center - width / 2)) / width).clamp(0, 1)
-
-
 # Ruifrok & Johnston stain vectors (as in scikit-image): rows are H, E, DAB in optical density.
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)

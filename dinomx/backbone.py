@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -21,7 +22,7 @@ from transformers import (
 )
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
-from dinomx.config import ConfigError, DatasetConfig, DinoMXConfig, LoraSection, StudentConfig, check_model_fit
+from dinomx.config import ConfigError, DatasetConfig, DinoMXConfig, LoRAConfig, StudentConfig, check_model_fit
 from dinomx.errors import MissingInput
 
 # Transformer block index in a parameter name: Dinov2 `encoder.layer.3.`, ViT `layers.3.`.
@@ -112,9 +113,9 @@ class Backbone(nn.Module):
     def embed_dim(self) -> int:
         return self.model.config.hidden_size
 
-    def add_lora(self, lora: LoraSection) -> None:
+    def add_lora(self, lora: LoRAConfig) -> None:
         """Wrap the model with LoRA adapters; only the adapters stay trainable."""
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+        config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
         try:
             self.model = get_peft_model(self.model, config)
         except ValueError as exc:

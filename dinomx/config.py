@@ -47,7 +47,7 @@ class StudentConfig:
 
 
 @dataclass
-class LoraSection:
+class LoRAConfig:
     """Low-rank adapters (``peft``) on the backbone; its base weights are then frozen."""
 
     enabled: bool = False
@@ -67,7 +67,7 @@ class TeacherConfig:
 
 
 @dataclass
-class DinoHeadConfig:
+class DINOHeadConfig:
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -185,9 +185,9 @@ class TrainConfig:
 class DinoMXConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
+    dino_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
-    lora_config: LoraSection = field(default_factory=LoraSection)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)

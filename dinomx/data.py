@@ -1,4 +1,5 @@
-"""Image-folder datasets: ``root/<class>/<image>``; labels are the sorted class folder names."""
+"""Image-folder datasets as torch tensors: ``root/<class>/<image>``; labels are the sorted class
+folder names (``dinomx.images`` reads the files)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,56 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dinomx.errors import DataError, MissingInput
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-
-
-def list_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    root = Path(root)
-    if not root.is_dir():
-        raise MissingInput(f"{root}: dataset directory not found (expected <root>/<class>/<image>)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    paths, labels = [], []
-    for index, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(path)
-                labels.append(index)
-    if not paths:
-        raise MissingInput(f"{root}: no images found (expected <root>/<class>/<image>)")
-    return paths, labels, classes
-
-
-# Modes with more than 8 bits per sample, and the full range of each. PIL's own conversion to
-# "L"/"RGB" clips them at 255, so a 16-bit tile of 1000 and one of 40000 would look the same.
-_WIDE_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
-
-
-def to_model_mode(img: Image.Image, num_channels: int = 3) -> Image.Image:
-    """``img`` as the 8-bit "RGB" or "L" image a backbone takes. Integer images of more than 8
-    bits are scaled by their type's full range (16 bits: value / 257), float images must lie in
-    [0, 1]; values outside the range are refused, never clipped."""
-    mode = "RGB" if num_channels == 3 else "L"
-    if img.mode in _WIDE_RANGES:
-        top = _WIDE_RANGES[img.mode]
-        values = np.asarray(img, dtype=np.float64)
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > top:
-            kind = "float" if img.mode == "F" else f"{img.mode} integer"
-            raise DataError(f"{kind} image with values in [{low:g}, {high:g}]; expected 0..{top:g} "
-                            "(window or rescale it before sending)")
-        img = Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8), "L")
-    return img if img.mode == mode else img.convert(mode)
-
-
-def load_image(path: str | Path, num_channels: int = 3) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        try:
-            return to_model_mode(img, num_channels)
-        except DataError as exc:
-            raise DataError(f"{path}: {exc}") from None
+from dinomx.images import list_images, load_image
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

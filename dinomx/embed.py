@@ -12,7 +12,7 @@ from PIL import Image
 
 from dinomx.attention import cls_attention, eager_twin
 from dinomx.backbone import Backbone, load_image_processor
-from dinomx.data import list_images, load_image, to_model_mode
+from dinomx.images import list_images, load_image, to_model_mode
 
 
 class Embedder:

@@ -27,9 +27,9 @@ from sklearn.metrics import (
 )
 
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
-from dinomx.data import list_images, load_image
 from dinomx.embed import Embedder
 from dinomx.errors import DataError, MissingInput
+from dinomx.images import list_images, load_image
 from dinomx.probes import RegressionProbe, SegmentationProbe, TaskHeads, dice
 
 

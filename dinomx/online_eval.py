@@ -17,7 +17,7 @@ from PIL import Image
 
 from dinomx.classifiers import KNNClassifier
 from dinomx.config import ConfigError
-from dinomx.data import list_images, load_image
+from dinomx.images import list_images, load_image
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 

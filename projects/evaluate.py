@@ -1,7 +1,7 @@
 """Entry point ``evaluate``: score a registered backbone for side-by-side comparison in the UI.
 
 Fits the same probes as ``heads`` on ``<data>/train`` and logs their val metrics (see
-``projects.evaluation``), a confusion-matrix and an embedding plot. The metrics are also written
+``dinomx.evaluation``), a confusion-matrix and an embedding plot. The metrics are also written
 on the model version as ``vf.eval.<metric>`` tags: the promotion gate compares them with the
 current holder of the alias.
 """
@@ -13,34 +13,43 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import mlflow
-from mlflow import MlflowClient
+from PIL import Image
 
-from projects.evaluation import evaluate, plot_confusion, plot_embeddings
-from projects.heads import add_probe_arguments, parse_probe_args
+from dinomx.evaluation import evaluate, plot_confusion, plot_embeddings
+from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.tracking import log_training_data, run_entry_point, training_data
-from registry.lineage import EVAL_PREFIX, resolve_version, version_uri
+from registry.lineage import describe_version, resolve_version, version_uri
+from registry.mlflow_service import EVAL_PREFIX, EVAL_RUN_ID, MlflowService, Tag
 
 
 def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
-    client = MlflowClient()
+    client = MlflowService().client
     mv = resolve_version(client, model_uri)
     uri = version_uri(mv)
     dataset = training_data(args.data, args.validation_report)
-    with mlflow.start_run() as active:
+    description = (f"Evaluates {uri} on `{dataset.version.path}` (DVC md5 `{dataset.version.md5}`): linear and "
+                   f"kNN probes, clustering{', segmentation' if args.masks else ''}"
+                   f"{', regression' if args.targets else ''}. The metrics become the version's `vf.eval.*` tags.")
+    with mlflow.start_run(run_name=f"{mv.name}-v{mv.version}-evaluate", description=description) as active:
         mlflow.log_params({"evaluated_model": uri, "data.path": dataset.version.path, "eval.knn_k": knn_k,
                            "eval.masks": args.masks, "eval.targets": args.targets,
                            "eval.target_column": args.target_column})
-        mlflow.set_tags({"vf.entry_point": "evaluate", "vf.evaluated_model": uri})
+        mlflow.set_tags({Tag.ENTRY_POINT: "evaluate", Tag.EVALUATED_MODEL: uri})
         log_training_data(dataset, context="evaluation")
         embedder = mlflow.pyfunc.load_model(uri).unwrap_python_model().embedder
         result = evaluate(embedder, dataset.path, knn_k, args.masks or None, args.targets or None, args.target_column)
         mlflow.log_metrics(result.metrics)
         with TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(plot_confusion(result, Path(tmp) / "confusion_matrix.png")), "plots")
-            mlflow.log_artifact(str(plot_embeddings(result, Path(tmp) / "embeddings_pca.png")), "plots")
+            for plot in (plot_confusion(result, Path(tmp) / "confusion_matrix.png"),
+                         plot_embeddings(result, Path(tmp) / "embeddings_pca.png")):
+                mlflow.log_artifact(str(plot), "plots")
+                # Also as an image of the run: the UI shows those on the run page, beside the metrics.
+                with Image.open(plot) as picture:
+                    mlflow.log_image(picture.convert("RGB"), key=plot.stem, step=0)
         for key, value in result.metrics.items():
             client.set_model_version_tag(mv.name, mv.version, f"{EVAL_PREFIX}{key}", repr(value))
-        client.set_model_version_tag(mv.name, mv.version, f"{EVAL_PREFIX}run_id", active.info.run_id)
+        client.set_model_version_tag(mv.name, mv.version, EVAL_RUN_ID, active.info.run_id)
+        describe_version(client, client.get_model_version(mv.name, mv.version))
     print(f"{uri}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
     return result.metrics
 

@@ -15,20 +15,20 @@ from tempfile import TemporaryDirectory
 
 import mlflow
 import numpy as np
-from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from projects.evaluation import evaluate
+from dinomx.evaluation import evaluate
+from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.tracking import (
     build_lineage,
-    configure_logging,
     log_training_data,
     project_code_version,
     run_entry_point,
     training_data,
 )
 from registry.lineage import resolve_version, version_uri
+from registry.mlflow_service import MlflowService, Tag
 from registry.models import log_and_register
 from registry.pyfunc import HEADS_ARTIFACT, HeadModel
 
@@ -41,27 +41,8 @@ def head_signature(embed_dim: int) -> ModelSignature:
     )
 
 
-def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared with ``evaluate``: what the probes are fitted on."""
-    parser.add_argument("--data", required=True, help="DVC-tracked image folder with train/ and val/ splits")
-    parser.add_argument("--validation-report", required=True)
-    parser.add_argument("--knn-k", type=float, default=20, help="neighbours of the kNN head (a whole number)")
-    parser.add_argument("--masks", default="", help="masks mirroring <data> (classes.json beside it): segmentation")
-    parser.add_argument("--targets", default="", help="CSV with 'path' (relative to <data>) and a target column: regression")
-    parser.add_argument("--target-column", default="", help="the targets CSV column to regress")
-
-
-def parse_probe_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, int]:
-    """Parsed arguments and the validated kNN k."""
-    args = parser.parse_args(argv)
-    configure_logging()
-    if args.knn_k < 1 or args.knn_k != int(args.knn_k):
-        parser.error(f"--knn-k: expected a positive whole number, got {args.knn_k}")
-    return args, int(args.knn_k)
-
-
 def run(backbone_uri: str, args: argparse.Namespace, knn_k: int):
-    client = MlflowClient()
+    client = MlflowService().client
     backbone_version = resolve_version(client, backbone_uri)
     parent = version_uri(backbone_version)
     dataset = training_data(args.data, args.validation_report)
@@ -69,22 +50,25 @@ def run(backbone_uri: str, args: argparse.Namespace, knn_k: int):
     # Resolved values under their own keys: `mlflow run` already logged the raw parameters.
     settings = {"parent_model": parent, "data.path": dataset.version.path, "head.knn_k": knn_k, "model_name": args.name,
                 "head.masks": args.masks, "head.targets": args.targets, "head.target_column": args.target_column}
-    with mlflow.start_run():
+    description = (f"Heads (classification{', segmentation' if args.masks else ''}"
+                   f"{', regression of ' + args.target_column if args.targets else ''}) on the frozen {parent}, fitted "
+                   f"on `{dataset.version.path}` (DVC md5 `{dataset.version.md5}`); registers `{args.name}-head`.")
+    with mlflow.start_run(run_name=f"{args.name}-heads", description=description):
         mlflow.log_params(settings)
-        mlflow.set_tags({"vf.entry_point": "heads", "vf.parent": parent, "vf.git_commit": code[0]})
+        mlflow.set_tags({Tag.ENTRY_POINT: "heads", Tag.PARENT: parent, Tag.GIT_COMMIT: code[0]})
         report_uri = log_training_data(dataset, context="training")
 
         embedder = mlflow.pyfunc.load_model(parent).unwrap_python_model().embedder
         result = evaluate(embedder, dataset.path, knn_k, args.masks or None, args.targets or None, args.target_column)
         mlflow.log_metrics(result.metrics)
-        mlflow.set_tag("vf.default_head", result.heads.classifier.default)
+        mlflow.set_tag(Tag.DEFAULT_HEAD, result.heads.classifier.default)
 
         config_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         lineage = build_lineage("head", parent, dataset, report_uri, config_sha256, code)
         with TemporaryDirectory() as tmp:
             result.heads.save_pretrained(tmp)
             version = log_and_register(f"{args.name}-head", HeadModel(), {HEADS_ARTIFACT: tmp}, lineage,
-                                       head_signature(embedder.dim), result.val.embeddings[:2])
+                                       head_signature(embedder.dim), result.val.embeddings[:2], result.metrics)
     print(f"registered models:/{version.name}/{version.version} on {parent}: "
           + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
     return version, result.metrics

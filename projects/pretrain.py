@@ -19,16 +19,15 @@ from tempfile import TemporaryDirectory
 import mlflow
 import numpy as np
 from accelerate.utils import broadcast_object_list
-from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from dinomx.attention import write_attention_pngs
 from dinomx.backbone import pretrained_student
-from dinomx.config import DinoMXConfig
-from dinomx.data import list_images, load_image
-from dinomx.errors import MissingInput
 from dinomx.checkpoint import CHECKPOINT_NAME
+from dinomx.config import DinoMXConfig
+from dinomx.errors import MissingInput
+from dinomx.images import list_images, load_image
 from dinomx.interrupt import Interrupted
 from dinomx.train import make_accelerator, train
 from projects.slurm import REQUEUE_EXIT_CODE
@@ -43,6 +42,7 @@ from projects.tracking import (
     training_data,
 )
 from registry.lineage import resolve_version, version_uri
+from registry.mlflow_service import MAX_TAG_CHARS, MlflowService, Tag
 from registry.models import log_and_register
 from registry.pyfunc import BACKBONE_ARTIFACT, BackboneModel
 
@@ -69,7 +69,7 @@ def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:
     local = []
     for teacher in cfg.distillation.teachers:
         if teacher.startswith("models:/"):
-            version = resolve_version(MlflowClient(), teacher)
+            version = resolve_version(MlflowService().client, teacher)
             root = Path(mlflow.artifacts.download_artifacts(version_uri(version)))
             teacher = str(root / "artifacts" / BACKBONE_ARTIFACT)
         local.append(teacher)
@@ -132,16 +132,23 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     paths, labels, _ = list_images(dataset.path)
     launcher_run = os.environ.get("MLFLOW_RUN_ID")
     owner = checkpoint_run(resume_from) if resume_from else None
-    with mlflow.start_run(run_id=owner) as active:
+    entry_point = "distill" if cfg.distillation.teachers else "pretrain"
+    teachers = f" distilled from {', '.join(cfg.distillation.teachers)}" if cfg.distillation.teachers else ""
+    description = (f"DINO-MX {entry_point} of `{name}-backbone` ({cfg.student.arch}, {cfg.student.num_hidden_layers} "
+                   f"blocks of {cfg.student.hidden_size}, from `{cfg.student.pretrained}`){teachers} on "
+                   f"`{dataset.version.path}` (DVC md5 `{dataset.version.md5}`, {dataset.report.suite} passed). "
+                   "Read `knn_top1`, `teacher_entropy` and `prototypes_in_use` to see whether it learns.")
+    # Training runs log CPU, memory (and GPU, with nvidia-ml-py installed) as system metrics.
+    with mlflow.start_run(run_id=owner, run_name=f"{name}-{entry_point}", description=description,
+                          log_system_metrics=True) as active:
         run_id = active.info.run_id
         if launcher_run and launcher_run != run_id:
             # `mlflow run` made a fresh run for this launch; the training goes on in its own.
-            for key, value in {"vf.continued_in": run_id,
-                               "mlflow.note.content": f"Resumed training: continued in run {run_id}."}.items():
-                MlflowClient().set_tag(launcher_run, key, value)
+            for key, value in {Tag.CONTINUED_IN: run_id, Tag.NOTE: f"Resumed training: continued in run {run_id}."}.items():
+                MlflowService().client.set_tag(launcher_run, key, value)
         run_cfg = _run_config(cfg, run_id)
         output_dir = Path(run_cfg.train.output_dir)
-        continuing = "vf.entry_point" in active.data.tags
+        continuing = Tag.ENTRY_POINT in active.data.tags
         if not resume_from and continuing and (output_dir / CHECKPOINT_NAME).is_file():
             resume_from = str(output_dir)
         broadcast_object_list([run_id, resume_from or None])
@@ -151,15 +158,14 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             log_flat_params(cfg.flat())
             mlflow.log_params({"data.path": dataset.version.path, "data.eval_path": str(eval_root or ""),
                                "model_name": name})
-            entry_point = "distill" if cfg.distillation.teachers else "pretrain"
-            mlflow.set_tags({"vf.entry_point": entry_point, "vf.config_sha256": cfg.sha256(),
-                             "vf.git_commit": commit, "vf.git_dirty": str(dirty).lower()})
+            mlflow.set_tags({Tag.ENTRY_POINT: entry_point, Tag.CONFIG_SHA256: cfg.sha256(),
+                             Tag.GIT_COMMIT: commit, Tag.GIT_DIRTY: str(dirty).lower()})
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             report_uri = log_training_data(dataset, context="training")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_RECORD).write_text(json.dumps({"run_id": run_id, "experiment_id": active.info.experiment_id}))
         if resume_from:
-            mlflow.set_tag("vf.resumed_from", resume_from)
+            mlflow.set_tag(Tag.RESUMED_FROM, resume_from)
         try:
             result = train(
                 run_cfg,
@@ -169,17 +175,17 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
                 resume_from=resume_from or None,
                 eval_root=eval_root,
                 # The tag is what promotion gates and the UI's run list can filter on.
-                on_collapse=lambda step, reason: mlflow.set_tags({"vf.collapse": reason, "vf.collapse_step": str(step)}),
+                on_collapse=lambda step, reason: mlflow.set_tags({Tag.COLLAPSE: reason, Tag.COLLAPSE_STEP: str(step)}),
             )
         except Interrupted as exc:
-            mlflow.set_tags({"vf.interrupted": str(exc), "vf.checkpoint": str(exc.checkpoint)})
+            mlflow.set_tags({Tag.INTERRUPTED: str(exc), Tag.CHECKPOINT: str(exc.checkpoint)})
             # SIGUSR1 is the time-limit warning: the job requeues itself. SIGTERM may be a
             # preemption (requeued by Slurm: the next start reopens the run) or a cancellation.
             mlflow.end_run("SCHEDULED" if exc.signum == signal.SIGUSR1 else "KILLED")
             accelerator.wait_for_everyone()
             raise
         except Exception as exc:  # a bug's run says what broke too, not only its log
-            mlflow.set_tag("vf.error", str(exc)[:5000])
+            mlflow.set_tag(Tag.ERROR, str(exc)[:MAX_TAG_CHARS])
             raise
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:

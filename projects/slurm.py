@@ -44,10 +44,10 @@ from mlflow.projects.utils import (
     load_project,
 )
 
+from registry.mlflow_service import MlflowService, Tag
+
 log = logging.getLogger(__name__)
 
-TAG_JOB_ID = "vf.slurm.job_id"
-TAG_STATE = "vf.slurm.state"
 # What a training process exits with after checkpointing on the time-limit warning: "try again
 # later" (sysexits' EX_TEMPFAIL); the job script requeues itself on it.
 REQUEUE_EXIT_CODE = os.EX_TEMPFAIL
@@ -250,7 +250,7 @@ def settle(run_id: str, job_id: str, exit_code: int | None, log_path: Path, clie
         else:
             client.set_terminated(run_id, outcome)
     if outcome == "SCHEDULED":
-        client.set_tag(run_id, TAG_STATE, "REQUEUED")
+        client.set_tag(run_id, Tag.SLURM_STATE, "REQUEUED")
     if log_path.is_file():
         client.log_artifact(run_id, str(log_path), "slurm")
     return outcome
@@ -263,7 +263,7 @@ class SlurmSubmittedRun(SubmittedRun):
                  tracking_uri: str | None = None):
         super().__init__()
         self._run_id, self.job_id, self.poll_s, self.log_path = run_id, job_id, poll_s, log_path
-        self.client = MlflowClient(tracking_uri)
+        self.client = MlflowService(tracking_uri).client
         self.state: str | None = None
         self.script_path: str | None = None
 
@@ -280,7 +280,7 @@ class SlurmSubmittedRun(SubmittedRun):
             self._settle(client, run, status, "unknown to Slurm")
             return status
         if state != self.state:
-            client.set_tag(self.run_id, TAG_STATE, state)
+            client.set_tag(self.run_id, Tag.SLURM_STATE, state)
             self.state = state
         status = MLFLOW_STATUS.get(state, "RUNNING")
         if state in TERMINAL:
@@ -303,7 +303,7 @@ class SlurmSubmittedRun(SubmittedRun):
         """End the MLflow run as the job ended, unless its process already did (it knows better:
         a job that completes after a failed entry point has a FAILED run)."""
         if run.info.status in ("RUNNING", "SCHEDULED"):
-            client.set_tag(self.run_id, "vf.slurm.ended", why)
+            client.set_tag(self.run_id, Tag.SLURM_ENDED, why)
             client.set_terminated(self.run_id, status)
             if self.log_path and Path(self.log_path).is_file():
                 client.log_artifact(self.run_id, self.log_path, "slurm")
@@ -318,7 +318,8 @@ class SlurmBackend(AbstractBackend):
         config = SlurmConfig.from_dict(backend_config)
         work_dir = Path(fetch_and_validate_project(project_uri, version, entry_point, params)).resolve()
         project = load_project(str(work_dir))
-        client = MlflowClient(tracking_uri)
+        service = MlflowService(tracking_uri)
+        client = service.client
         run = (client.get_run(config.run_id) if config.run_id else
                get_or_create_run(None, project_uri, experiment_id, str(work_dir), version, entry_point, params))
         run_id = run.info.run_id
@@ -335,11 +336,11 @@ class SlurmBackend(AbstractBackend):
             job_id = _slurm("sbatch", "--parsable", str(script_path)).stdout.strip().split(";")[0]
         except Exception as exc:
             # A job that never started must not leave a RUNNING run behind.
-            client.set_tag(run_id, "vf.error", str(exc)[:5000])
+            service.fail_run(run_id, str(exc))
             client.set_terminated(run_id, "FAILED")
             raise
-        client.set_tag(run_id, TAG_JOB_ID, job_id)
-        client.set_tag(run_id, TAG_STATE, "PENDING")
+        client.set_tag(run_id, Tag.SLURM_JOB_ID, job_id)
+        client.set_tag(run_id, Tag.SLURM_STATE, "PENDING")
         client.update_run(run_id, "SCHEDULED")
         client.log_artifact(run_id, str(script_path), "slurm")
         log.info("=== Submitted run %s as Slurm job %s ===", run_id, job_id)
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ending.add_argument("log", type=Path)
     args = parser.parse_args(argv)
     try:
-        outcome = settle(os.environ["MLFLOW_RUN_ID"], os.environ["SLURM_JOB_ID"], args.exit_code, args.log, MlflowClient())
+        outcome = settle(os.environ["MLFLOW_RUN_ID"], os.environ["SLURM_JOB_ID"], args.exit_code, args.log,
+                         MlflowService().client)
     except Exception as exc:  # the job's own exit status stands; say why the run could not follow
         print(f"vision-foundry: could not settle MLflow run {os.environ.get('MLFLOW_RUN_ID')}: {exc}", file=sys.stderr)
         return 1

@@ -11,13 +11,13 @@ from pathlib import Path
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 
 from data.report import ValidationReport
-from dinomx.errors import UserError, one_line, run_command
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
+from dinomx.errors import UserError, one_line, run_command
 from registry.lineage import Lineage, code_version
+from registry.mlflow_service import MlflowService
 
 VALIDATION_ARTIFACT_DIR = "data_validation"
 
@@ -132,11 +132,10 @@ def fail_run(exc: BaseException) -> None:
     run_id = (active or last).info.run_id if (active or last) else os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
-    message = one_line(exc)
     try:
-        client = MlflowClient()
-        client.set_tag(run_id, "vf.error", message[:5000])
-        client.set_tag(run_id, "mlflow.note.content", f"**Failed:** {message}")
+        service = MlflowService()
+        service.fail_run(run_id, one_line(exc))
+        client = service.client
         if active:
             mlflow.end_run("FAILED")
         elif client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):

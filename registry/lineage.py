@@ -20,10 +20,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError, run_command
+from registry.mlflow_service import LINEAGE_PREFIX as PREFIX
+from registry.mlflow_service import MlflowService, evaluation_metrics
 
-PREFIX = "vf."
-# Evaluation metrics written on a model version by the `evaluate` entry point.
-EVAL_PREFIX = "vf.eval."
 # No real chain (data -> backbone -> distilled students -> heads) comes near this.
 MAX_DEPTH = 64
 
@@ -203,6 +202,42 @@ def format_chain(chain: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_description(chain: list[dict], metrics: dict[str, float] | None = None) -> str:
+    """What the MLflow UI shows on a model version: its lineage chain back to the data, then its
+    evaluation (the ``vf.eval.*`` metrics the promotion gates read)."""
+    lines = ["### Lineage", ""]
+    for depth, entry in enumerate(chain):
+        step = "This version" if depth == 0 else f"Built on `{entry['model']}`"
+        dirty = " (uncommitted changes)" if entry["git_dirty"] else ""
+        lines += [
+            f"**{step}** ({entry['kind']}, run `{entry['source_run_id']}`)",
+            "",
+            f"- data: `{entry['data_path']}`, DVC md5 `{entry['data_md5']}` ({entry['data_source']}"
+            + (f", remote `{entry['data_remote']}`" if entry["data_remote"] else "") + ")",
+            f"- validation: {entry['validation_suite']} **{'passed' if entry['validation_success'] else 'FAILED'}**"
+            f" ([report]({entry['validation_report']}))",
+            f"- code: `{entry['git_commit'][:12]}`{dirty}; config sha256 `{entry['config_sha256'][:12]}`",
+        ]
+        if not entry["parent"].startswith("models:/"):
+            lines.append(f"- parent: `{entry['parent']}`")
+        if entry["teachers"]:
+            lines.append(f"- distilled from: {', '.join(f'`{t}`' for t in entry['teachers'].split(','))}")
+        lines.append("")
+    if metrics:
+        lines += ["### Evaluation", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
+    else:
+        lines += ["### Evaluation", "", "Not evaluated yet: `mlflow run . -e evaluate -P model=<this version>`."]
+    return "\n".join(lines)
+
+
+def describe_version(client: MlflowClient, mv: ModelVersion) -> str:
+    """Write the Markdown description of ``mv`` from its lineage and evaluation tags; returns it."""
+    text = markdown_description(lineage_chain(client, version_uri(mv)), evaluation_metrics(mv.tags))
+    client.update_model_version(mv.name, mv.version, description=text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print a registered model's lineage back to its data")
     parser.add_argument("model", help="models:/<name>/<version> or models:/<name>@<alias>")
@@ -210,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def show() -> None:
-        chain = lineage_chain(MlflowClient(), args.model)
+        chain = lineage_chain(MlflowService().client, args.model)
         print(json.dumps(chain, indent=2) if args.json else format_chain(chain))
 
     return run_command("lineage", show, also=(MlflowException,))

@@ -5,11 +5,11 @@ from importlib.metadata import version
 
 import mlflow
 import numpy as np
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.pyfunc import PythonModel
 
-from registry.lineage import Lineage
+from registry.lineage import Lineage, describe_version
+from registry.mlflow_service import EVAL_PREFIX, MlflowService, Tag
 
 _RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pillow", "numpy", "pandas", "mlflow")
 
@@ -26,8 +26,10 @@ def log_and_register(
     lineage: Lineage,
     signature: mlflow.models.ModelSignature,
     input_example: np.ndarray,
+    metrics: dict[str, float] | None = None,
 ) -> ModelVersion:
-    """Log the model in the active run, register a new version, and tag it with its lineage."""
+    """Log the model in the active run, register a new version, tag it with its lineage (and
+    ``metrics`` as its evaluation) and describe both in Markdown for the MLflow UI."""
     info = mlflow.pyfunc.log_model(
         name=lineage.kind,
         python_model=python_model,
@@ -38,9 +40,12 @@ def log_and_register(
         tags=lineage.tags(),
         registered_model_name=registered_name,
     )
-    client = MlflowClient()
+    client = MlflowService().client
     version_number = str(info.registered_model_version)
     for key, value in lineage.tags().items():
         client.set_model_version_tag(registered_name, version_number, key, value)
-    client.set_registered_model_tag(registered_name, "vf.kind", lineage.kind)
+    for key, value in (metrics or {}).items():
+        client.set_model_version_tag(registered_name, version_number, f"{EVAL_PREFIX}{key}", repr(value))
+    client.set_registered_model_tag(registered_name, Tag.KIND, lineage.kind)
+    describe_version(client, client.get_model_version(registered_name, version_number))
     return client.get_model_version(registered_name, version_number)

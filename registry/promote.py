@@ -38,7 +38,6 @@ from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError, run_command
 from registry.lineage import (
-    EVAL_PREFIX,
     BadModelReference,
     Lineage,
     alias_holder,
@@ -47,8 +46,8 @@ from registry.lineage import (
     resolve_version,
     version_uri,
 )
+from registry.mlflow_service import AUDIT_PREFIX, MlflowService, Tag, evaluation_metrics
 
-AUDIT_PREFIX = "vf.audit."
 ALIASES = ("staging", "production")
 DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yaml"
 LOWER_IS_BETTER = ("cluster.dbi", "regression.mae")
@@ -99,8 +98,7 @@ def load_gates(path: str | Path = DEFAULT_GATES) -> dict[str, list[MetricGate]]:
 def version_metrics(client: MlflowClient, mv: ModelVersion) -> dict[str, float]:
     """Evaluation metrics of a version: its source run's, overridden by ``evaluate``'s tags."""
     metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
-    metrics.update({k.removeprefix(EVAL_PREFIX): float(v) for k, v in mv.tags.items()
-                    if k.startswith(EVAL_PREFIX) and k != f"{EVAL_PREFIX}run_id"})
+    metrics.update(evaluation_metrics(mv.tags))
     return metrics
 
 
@@ -185,7 +183,7 @@ def alias_lock(client: MlflowClient, name: str, alias: str, wait_s: float = 30.0
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(lock, tags={"vf.kind": "lock", "vf.owner": getpass.getuser(), "vf.token": token},
+            client.create_registered_model(lock, tags={Tag.KIND: "lock", Tag.LOCK_OWNER: getpass.getuser(), Tag.LOCK_TOKEN: token},
                                            description=f"held while {name}@{alias} moves; deleted after")
             break
         except MlflowException as exc:
@@ -206,7 +204,7 @@ def alias_lock(client: MlflowClient, name: str, alias: str, wait_s: float = 30.0
     finally:
         try:
             # A lock broken as stale now belongs to someone else: leave it to them.
-            if client.get_registered_model(lock).tags.get("vf.token") == token:
+            if client.get_registered_model(lock).tags.get(Tag.LOCK_TOKEN) == token:
                 client.delete_registered_model(lock)
         except MlflowException:
             pass
@@ -316,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def move() -> None:
-        client = MlflowClient()
+        client = MlflowService().client
         if args.rollback:
             records = rollback(client, args.model, args.alias, args.reason, together=args.together)
         else:

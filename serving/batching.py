@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-
 Fn = Callable[[np.ndarray], np.ndarray]
 
 

@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from dinomx.embed import Embedder
 from dinomx.probes import TaskHeads
 from registry.lineage import Lineage, alias_holder, version_uri
+from registry.mlflow_service import MlflowService
 
 
 class ServingError(RuntimeError):
@@ -29,7 +30,7 @@ class PromotedModels:
 
 def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str | None, str | None]:
     """``models:/`` URIs of the backbone and head holding ``alias`` now (None where none does)."""
-    client = client or MlflowClient()
+    client = client or MlflowService().client
     holders = (alias_holder(client, f"{name}-backbone", alias), alias_holder(client, f"{name}-head", alias))
     return tuple(version_uri(mv) if mv else None for mv in holders)
 
@@ -40,7 +41,7 @@ def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> 
     A head only makes sense on the embeddings it was trained on, so a head whose parent is not
     the promoted backbone version is refused rather than served with wrong answers.
     """
-    client = client or MlflowClient()
+    client = client or MlflowService().client
     backbone = alias_holder(client, f"{name}-backbone", alias)
     if backbone is None:
         raise ServingError(f"no version of {name}-backbone holds @{alias}")

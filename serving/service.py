@@ -37,9 +37,9 @@ from PIL import Image, UnidentifiedImageError
 from starlette.responses import JSONResponse
 
 from dinomx.errors import DataError
+from registry.lineage import RegistryUnavailable
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard
-from registry.lineage import RegistryUnavailable
 from serving.models import PromotedModels, ServingError, load_promoted, promoted_uris
 
 MAX_IMAGES = int(os.environ.get("VF_MAX_IMAGES", "64"))

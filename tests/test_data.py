@@ -8,7 +8,8 @@ import yaml
 from PIL import Image
 
 from data.synthetic import CLASSES, generate
-from data.validate import ValidationReport, main as validate_main, validate_dataset
+from data.validate import ValidationReport, validate_dataset
+from data.validate import main as validate_main
 from data.versioning import UntrackedDataError, dataset_version
 from tests.conftest import REPO
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dinomx.diagnostics import CollapseDetector, CollapseError, batch_diagnostics, effective_rank, entropy
 from dinomx.classifiers import KNNClassifier
+from dinomx.diagnostics import CollapseDetector, CollapseError, batch_diagnostics, effective_rank, entropy
 from dinomx.online_eval import KNNMonitor
 from dinomx.train import train
 from tests.conftest import tiny_config

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinomx.attention import attention_mask, cls_attention, eager_twin, pca_channels, write_attention_pngs
 from dinomx.augmentations import (
     DataAugmentationDINO,
     collate_crops,
@@ -12,15 +13,13 @@ from dinomx.augmentations import (
     gaussian_blur,
     hed_jitter,
     random_resized_crop,
-    window_hu,
 )
-from dinomx.attention import attention_mask, cls_attention, eager_twin, pca_channels, write_attention_pngs
 from dinomx.backbone import Backbone
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
 from dinomx.config import ConfigError, StudentConfig
-from dinomx.data import to_model_mode
-from dinomx.errors import DataError
 from dinomx.dino_head import DINOHead
+from dinomx.errors import DataError
+from dinomx.images import to_model_mode, window_hu
 from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering
 from dinomx.masking import block_mask, sample_mask
 from dinomx.schedules import CosineScheduler

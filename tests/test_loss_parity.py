@@ -55,7 +55,7 @@ def test_dino_loss_and_center_follow_algorithm_1():
     expected_local = np.mean([(-softmax((t - center) / 0.04) * log_softmax(s / 0.1)).sum(-1).mean()
                               for t in (t1, t2) for s in (l1, l2, l3)])
     assert loss([t64(g1), t64(g2)], probs, skip_same_view=True).item() == pytest.approx(expected_global, rel=1e-6)  # float32 arithmetic, as in training
-    assert loss([t64(l) for l in (l1, l2, l3)], probs, skip_same_view=False).item() == pytest.approx(expected_local, rel=1e-6)  # float32 arithmetic, as in training
+    assert loss([t64(view) for view in (l1, l2, l3)], probs, skip_same_view=False).item() == pytest.approx(expected_local, rel=1e-6)  # float32 arithmetic, as in training
 
     loss.update_center(t64(np.concatenate([t1, t2])))
     expected_center = m * center + (1 - m) * np.concatenate([t1, t2]).mean(0, keepdims=True)

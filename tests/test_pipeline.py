@@ -1,9 +1,9 @@
 """The platform end to end, as `make demo` runs it: DVC data -> mlflow run pretrain -> heads ->
 promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow store."""
+import asyncio
 import base64
 import io
 import json
-import asyncio
 import math
 import os
 import sqlite3
@@ -73,6 +73,10 @@ def test_pretrain_run_logs_flat_params_step_metrics_and_data_version(demo):
         history = client.get_metric_history(run.info.run_id, metric)
         assert len(history) == 60, metric  # 600 steps, logged every 10
     assert run.data.tags["mlflow.source.git.commit"]
+    # What the UI lists and shows: a name that says what ran, a description, system metrics.
+    assert run.info.run_name == "demo-pretrain"
+    assert run.data.tags["mlflow.note.content"].startswith("DINO-MX pretrain of `demo-backbone` (dinov2")
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "attention")}
     assert {f"attention/{c}_0000_{kind}.png" for c in ("adipose", "glands", "nuclei", "stroma") for kind in ("heads", "pca")} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
@@ -93,6 +97,12 @@ def test_backbone_is_registered_with_complete_lineage_and_loads_with_automodel(d
     assert json.loads(mlflow.artifacts.load_text(lineage.validation_report))["success"] is True
     assert len(lineage.git_commit) == 40 and lineage.git_dirty is False
     assert lineage.data_remote == str(checkout / ".dvc-storage")
+
+    # The version page reads as a lineage chain and an evaluation summary, not raw JSON tags.
+    assert mv.description.startswith("### Lineage") and f"DVC md5 `{lineage.data_md5}`" in mv.description
+    assert "### Evaluation" in mv.description and "| knn.accuracy |" in mv.description
+    head = client.get_model_version_by_alias("demo-head", "production")
+    assert f"**Built on `models:/demo-backbone/{mv.version}`**" in head.description
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/demo-backbone/{mv.version}"))
     model = AutoModel.from_pretrained(local / "artifacts" / "backbone")
@@ -171,6 +181,45 @@ def test_demo_served_real_requests(demo):
     assert "POST /segment" in output and "structure" in output
     assert "POST /regress" in output and "structure_fraction =" in output
     assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+
+def test_the_mlflow_ui_shows_what_ran_and_where_a_version_came_from(demo, tmp_path):
+    """The MLflow UI as a user sees it, in headless Chromium: the run page with its name and
+    description, the evaluation's images, and the model version page with its lineage."""
+    from playwright.sync_api import sync_playwright
+
+    checkout, client, _ = demo
+    run = _run_of(client, "pretrain")
+    evaluation = _run_of(client, "evaluate")
+    assert {a.path for a in client.list_artifacts(evaluation.info.run_id, "plots")} == {
+        "plots/confusion_matrix.png", "plots/embeddings_pca.png"}
+    assert client.list_artifacts(evaluation.info.run_id, "images")  # shown as the run's images
+    port = free_port()
+    ui = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{checkout / 'mlflow.db'}",
+                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=checkout,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base}/health", ui, timeout=120)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+            page.wait_for_selector("text=demo-pretrain", timeout=60_000)
+            page.wait_for_selector("text=DINO-MX pretrain of", timeout=60_000)
+            page.screenshot(path=tmp_path / "run.png")
+            page.goto(f"{base}/#/models/demo-backbone/versions/1")
+            page.wait_for_selector("text=Lineage", timeout=60_000)
+            text = page.inner_text("body")
+            page.screenshot(path=tmp_path / "version.png", full_page=True)
+            browser.close()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+    assert "validation: image_tiles_rgb passed" in text and "Evaluation" in text
+    for shot in ("run.png", "version.png"):
+        pixels = np.asarray(Image.open(tmp_path / shot).convert("L"))
+        assert pixels.shape[1] == 1400 and pixels.std() > 10  # a rendered page, not a blank one
 
 
 def test_student_distilled_from_the_registered_backbone_names_its_teacher(demo):

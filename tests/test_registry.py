@@ -6,8 +6,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from registry.lineage import EVAL_PREFIX, Lineage, LineageError, RegistryUnavailable, alias_holder, equals, lineage_chain
+from registry.lineage import Lineage, LineageError, RegistryUnavailable, alias_holder, equals, lineage_chain
 from registry.lineage import main as lineage_main
+from registry.mlflow_service import EVAL_PREFIX
 from registry.promote import (
     LOCK_PREFIX,
     MetricGate,

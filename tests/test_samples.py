@@ -3,7 +3,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from data.samples import digits
-from dinomx.data import list_images
+from dinomx.images import list_images
 
 
 def test_digits_are_written_whole_as_a_fixed_rgb_split(tmp_path):

@@ -1,5 +1,5 @@
-import logging
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -8,15 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from accelerate.utils import set_seed
 import torch
+from accelerate.utils import set_seed
 from PIL import Image
 from transformers import AutoModel
 
 from dinomx.backbone import Backbone
 from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
-
 from dinomx.embed import Embedder
 from dinomx.interrupt import Interrupted
 from dinomx.model import build_models, param_groups
@@ -49,7 +48,7 @@ def test_train_is_deterministic_for_a_seed(tiles, tmp_path):
     for run in ("a", "b"):
         cfg = tiny_config(train={"output_dir": str(tmp_path / run)})
         metrics = []
-        train(cfg, tiles / "train", on_log=lambda step, m: metrics.append(m["total_loss"]))
+        train(cfg, tiles / "train", on_log=lambda step, m, out=metrics: out.append(m["total_loss"]))
         losses.append(metrics)
     assert losses[0] == losses[1]
 
