@@ -153,9 +153,11 @@ def _floats(value, count: int) -> tuple[float, ...] | None:
 def describe(path: str | Path) -> list[CTSlice]:
     """The CT frames of a file from its header (pixel data read, not decoded). ``Skipped`` for what is not a CT image to
     train on, ``IngestError`` for a file that should be one and cannot be read."""
-    path = str(path)
     # The whole file is read (its pixel data not decoded): a file cut short shows only so.
-    ds = _dcmread(path)
+    return _slices(_dcmread(str(path)), str(path))
+
+
+def _slices(ds: Dataset, path: str) -> list[CTSlice]:
     sop = str(ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
     if sop == MEDIA_STORAGE_DIRECTORY or Path(path).name.upper() == "DICOMDIR":
         raise Skipped(path, "DICOMDIR: the export's index of files, not an image")
@@ -216,8 +218,8 @@ def read_ct(path: str | Path) -> list[CTFrame]:
     """Every frame of a CT DICOM file in Hounsfield units (``describe`` first for what it refuses
     or skips); damaged pixel data and non-finite values are refused with the reason."""
     path = str(path)
-    infos = describe(path)
     ds = _dcmread(path)
+    infos = _slices(ds, path)
     _check_decoder(ds, path)
     try:
         with warnings.catch_warnings():

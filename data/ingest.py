@@ -340,15 +340,14 @@ def _resolve(raw: str | Path, out: str | Path) -> tuple[Path, Path]:
     return raw, out
 
 
-def _sort_out(raw: Path, files: list[Path], wanted: Callable[[Path], bool]) -> tuple[list[Path], list[Skipped]]:
+def _sort_out(files: list[Path], wanted: Callable[[Path], bool], kind: str) -> tuple[list[Path], list[Skipped]]:
     """Files of the modality, and the rest skipped by their ending."""
     kept, skipped = [], []
     for path in files:
         if wanted(path):
             kept.append(path)
         else:
-            skipped.append(Skipped(path, f"not a {'slide' if wanted is _is_slide else 'DICOM'} file "
-                                         f"({path.suffix or 'no extension'})"))
+            skipped.append(Skipped(path, f"not a {kind} file ({path.suffix or 'no extension'})"))
     return kept, skipped
 
 
@@ -392,7 +391,7 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
     raw, out = _resolve(raw, out)
     files = source_files(raw)
     slides, members, skipped, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])
-    others, not_slides = _sort_out(raw, [f for f in files if f.suffix.lower() not in (".geojson", ".dcm")], _is_slide)
+    others, not_slides = _sort_out([f for f in files if f.suffix.lower() not in (".geojson", ".dcm")], _is_slide, "slide")
     slides, skipped = sorted(slides + others), skipped + not_slides
     annotations = {}
     stems = {s.with_suffix("") for s in slides}
@@ -425,7 +424,7 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
     Instance UID and written in anatomical order; what is not a CT image is skipped with a reason."""
     raw, out = _resolve(raw, out)
     files = source_files(raw)
-    candidates, skipped = _sort_out(raw, files, lambda p: p.suffix.lower() not in NOT_IMAGES)
+    candidates, skipped = _sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
     errors, by_series, seen = [], {}, {}
     for path in candidates:
         try:
