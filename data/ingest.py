@@ -39,7 +39,6 @@ import numpy as np
 import openslide
 import pandas as pd
 import pydicom
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from data.annotations import BACKGROUND, majority_label, read_regions, tile_mask
@@ -55,7 +54,6 @@ from data.inputs import (
 )
 from data.metadata import MANIFEST
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
-from dinomx.augmentations import rgb_to_hed
 from dinomx.errors import DataError, UserError, run_command
 from dinomx.images import IMAGE_SUFFIXES, to_model_mode
 
@@ -97,6 +95,12 @@ def source_files(raw: Path, keep: Callable[[Path], bool] = lambda p: True) -> li
 
 
 def stain_statistics(tile: Image.Image) -> dict:
+    """Mean haematoxylin and eosin of an RGB tile, by the engine's HED transform (the one its stain
+    augmentation jitters), which brings torch: loaded when slides are tiled, not for CT or images."""
+    import torch
+
+    from dinomx.augmentations import rgb_to_hed
+
     rgb = torch.from_numpy(np.asarray(tile, dtype=np.float32) / 255).permute(2, 0, 1)
     hed = rgb_to_hed(rgb).mean(dim=(1, 2))
     return {"hematoxylin_mean": float(hed[0]), "eosin_mean": float(hed[1])}

@@ -99,3 +99,11 @@ def test_stop_on_collapse_stops_with_a_checkpoint(tiles, tmp_path):
     with pytest.raises(CollapseError, match="stopped at iteration 3 .*uniform collapse"):
         train(_flat_teacher_config(tmp_path, stop_on_collapse=True), tiles / "train")
     assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_collapse_watch_starts_after_the_warmups_even_with_prototypes_frozen_throughout():
+    from dinomx.schedules import Schedules
+
+    cfg = tiny_config(optim={"warmup_epochs": 1, "freeze_last_layer_epochs": 2},
+                      teacher={"warmup_teacher_temp_epochs": 0}, train={"epochs": 2, "steps_per_epoch": 3})
+    assert Schedules.from_config(cfg).warmup_steps == 3  # the lr warm-up, not the 6 frozen steps

@@ -1,9 +1,10 @@
-"""The request guard in front of the service, as an ASGI app over a stand-in endpoint (the served
-demo models are exercised in test_pipeline.py)."""
+"""The service's request guard, as an ASGI app over a stand-in endpoint, and its in-process
+adaptive batching (the served demo models are exercised in test_pipeline.py)."""
 import asyncio
 import json
 
 import httpx
+import numpy as np
 import pytest
 
 from serving.guard import RequestGuard
@@ -76,3 +77,54 @@ def test_error_bodies_are_capped_and_other_routes_pass_through():
                                                    ("s3cret", "Bearer s3cret", 200)])
 def test_reload_needs_the_operator_token(token, header, status):
     assert _post("/reload", token=token, headers={"Authorization": header} if header else {}).status_code == status
+
+
+def test_micro_batcher_coalesces_concurrent_calls_and_routes_results():
+    import asyncio
+
+    from serving.batching import MicroBatcher
+
+    calls = []
+
+    class Model:
+        def double(self, batch):
+            calls.append(len(batch))
+            return batch * 2
+
+    model = Model()
+
+    async def main():
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50)
+        requests = [np.full((n, 3), i, np.float32) for i, n in enumerate([1, 2, 1, 3, 1])]
+        # Each request names the model's method anew, as the service does: a new bound method object.
+        return await asyncio.gather(*(batcher(r, model.double) for r in requests)), requests
+
+    results, requests = asyncio.run(main())
+    assert calls == [8]  # five requests, one forward pass
+    for got, sent in zip(results, requests):
+        np.testing.assert_array_equal(got, sent * 2)
+
+
+def test_micro_batcher_caps_batches_separates_models_and_fails_only_the_failed_batch():
+    import asyncio
+
+    from serving.batching import MicroBatcher
+
+    def fn(batch):
+        if (batch < 0).any():
+            raise ValueError("bad pixels")
+        return batch
+
+    def other(batch):  # a newly loaded model: never batched with the old one
+        return batch + 100
+
+    async def main():
+        batcher = MicroBatcher(max_batch=2, max_wait_ms=20)
+        results = await asyncio.gather(batcher(np.ones((2, 1)), fn), batcher(-np.ones((1, 1)), fn),
+                                       batcher(np.ones((1, 1)), fn), batcher(np.ones((1, 1)), other),
+                                       return_exceptions=True)
+        return results, batcher.batch_sizes
+
+    (first, bad, shared, swapped), sizes = asyncio.run(main())
+    assert first.shape == (2, 1) and isinstance(bad, ValueError) and isinstance(shared, ValueError)
+    assert swapped.tolist() == [[101.0]] and sizes == [2, 2, 1]
