@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
 from data.inputs import IngestError, Skipped
+from dinomx.errors import DataError
 from dinomx.images import window_hu
 
 AIR_HU = -1024.0
@@ -247,5 +248,5 @@ def read_ct(path: str | Path) -> list[CTFrame]:
 def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     """An 8-bit single-channel slice through a CT window (e.g. soft tissue: 40 / 400)."""
     if width <= 0:
-        raise ValueError(f"window width must be positive, got {width}")
+        raise DataError(f"window width must be positive, got {width}")
     return (window_hu(hu, center, width) * 255).round().astype(np.uint8)

@@ -208,11 +208,11 @@ class CTPlan:
 
     def __post_init__(self):
         if self.channels not in CHANNELS:
-            raise ValueError(f"channels: expected one of {list(CHANNELS)}, got {self.channels!r}")
+            raise DataError(f"channels: expected one of {list(CHANNELS)}, got {self.channels!r}")
         if self.channels == "windows" and len(self.windows) != 3:
-            raise ValueError(f"windows: three (center, width) pairs make the three channels, got {len(self.windows)}")
+            raise DataError(f"windows: three (center, width) pairs make the three channels, got {len(self.windows)}")
         if any(w <= 0 for _, w in (self.window, *self.windows)):
-            raise ValueError("window width must be positive")
+            raise DataError("window width must be positive")
 
 
 def _close(a, b, tolerance: float) -> bool:
@@ -462,7 +462,7 @@ def ingest_images(raw: str | Path, out: str | Path, mode: str = "rgb", val_fract
     """Any image folder as a dataset: ``<raw>/<split>/<class>/<image>`` keeps its splits,
     ``<raw>/<class>/<image>`` (or a flat folder, label ``unlabelled``) is split per image."""
     if mode not in ("rgb", "gray"):
-        raise ValueError(f"mode: expected 'rgb' or 'gray', got {mode!r}")
+        raise DataError(f"mode: expected 'rgb' or 'gray', got {mode!r}")
     raw, out = _resolve(raw, out)
     files = source_files(raw)
     images, skipped = [], []
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: {len(manifest)} image files from {summary['used']} inputs "
               f"({summary['skipped']} skipped, listed in {Path(args.out) / SKIPPED})")
 
-    return run_command("ingest", ingest, also=(ValueError,))
+    return run_command("ingest", ingest)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from data.metadata import dataset_metadata
 from data.report import Failure, ValidationReport
 from data.suites import SUITES
 from data.versioning import UntrackedDataError, find_repo_root
+from dinomx.errors import DataError, run_command
 
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
@@ -62,10 +63,10 @@ def _checkpoint(context: FileDataContext, suite_name: str) -> gx.Checkpoint:
 def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, dataset: str,
                    context_dir: Path) -> ValidationReport:
     if suite_name not in SUITES:
-        raise ValueError(f"suite: expected one of {sorted(SUITES)}, got {suite_name!r}")
+        raise DataError(f"suite: expected one of {sorted(SUITES)}, got {suite_name!r}")
     missing = [p for p in SUITES[suite_name].parameters if p not in parameters]
     if missing:
-        raise ValueError(f"suite {suite_name} needs parameter(s) {missing} (--{missing[0].replace('_', '-')})")
+        raise DataError(f"suite {suite_name} needs parameter(s) {missing} (--{missing[0].replace('_', '-')})")
     context = file_context(context_dir)
     run = _checkpoint(context, suite_name).run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
     result = next(iter(run.run_results.values()))
@@ -138,14 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parameters = {k: v for k, v in {"tile_size": args.tile_size, "magnifications": args.magnifications,
                                      "min_tissue": args.min_tissue}.items() if v is not None}
-    report, frame = validate_dataset(args.dataset, args.suite, parameters, args.context_root)
-    out = Path(args.report_dir)
-    report.write(out / "report.json")
-    frame.to_csv(out / "metadata.csv", index=False)
-    print(report.summary())
-    if report.data_docs:
-        print(f"Data Docs (this run is the newest of suite {report.suite}): {report.data_docs}")
-    return 0 if report.success else 1
+    outcome = {}
+
+    def validate() -> None:
+        report, frame = validate_dataset(args.dataset, args.suite, parameters, args.context_root)
+        out = Path(args.report_dir)
+        report.write(out / "report.json")
+        frame.to_csv(out / "metadata.csv", index=False)
+        print(report.summary())
+        if report.data_docs:
+            print(f"Data Docs (this run is the newest of suite {report.suite}): {report.data_docs}")
+        outcome["success"] = report.success
+
+    # A dataset that cannot be validated is the user's error (2); one that fails its suite is 1.
+    code = run_command("validate", validate)
+    return code or (0 if outcome["success"] else 1)
 
 
 if __name__ == "__main__":

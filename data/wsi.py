@@ -17,6 +17,7 @@ import openslide
 from PIL import Image
 
 from data.inputs import IngestError
+from dinomx.errors import DataError
 
 # DICOM whole-slide images (VL Whole Slide Microscopy Image Storage) are read by OpenSlide 4 too.
 WHOLE_SLIDE_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -50,14 +51,14 @@ class TilePlan:
 
     def __post_init__(self):
         if not self.magnifications:
-            raise ValueError("magnifications: give at least one (e.g. 20 10 5)")
+            raise DataError("magnifications: give at least one (e.g. 20 10 5)")
         if any(m <= 0 for m in self.magnifications):
-            raise ValueError(f"magnifications: must be positive, got {list(self.magnifications)}")
+            raise DataError(f"magnifications: must be positive, got {list(self.magnifications)}")
         object.__setattr__(self, "magnifications", tuple(sorted(self.magnifications, reverse=True)))
         if self.tile_size < 8:
-            raise ValueError(f"tile_size: must be at least 8 pixels, got {self.tile_size}")
+            raise DataError(f"tile_size: must be at least 8 pixels, got {self.tile_size}")
         if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"min_tissue: a fraction in [0, 1], got {self.min_tissue}")
+            raise DataError(f"min_tissue: a fraction in [0, 1], got {self.min_tissue}")
 
 
 @dataclass
