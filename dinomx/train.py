@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -129,7 +130,6 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
         collate_fn=collate_crops,
         num_workers=cfg.dataset.num_workers,
         worker_init_fn=ignore_stop_signals,
-        persistent_workers=cfg.dataset.num_workers > 0,
         drop_last=True,
     ))
     if not fsdp:  # FSDP modules are already distributed; DDP wraps the rest
@@ -148,64 +148,68 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
                     disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for model in students:
         model.train()
-    for it, batch in enumerate(loader, start=start):
-        expert = it % experts
-        student, optimizer = students[expert], optimizers[expert]
-        lr, wd = schedules.lr[it], schedules.weight_decay[it]
-        momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
-        for group in optimizer.param_groups:
-            group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
-            group["weight_decay"] = wd if group["apply_wd"] else 0.0
+    # Workers ignore the stop signals and end with the loop: ended here, whatever ends the loop, not
+    # at interpreter exit, where a held exception (a notebook, a test) keeps them alive and
+    # multiprocessing's exit handler, whose SIGTERM they ignore, waits for them forever.
+    with closing(iter(loader)) as batches:
+        for it, batch in enumerate(batches, start=start):
+            expert = it % experts
+            student, optimizer = students[expert], optimizers[expert]
+            lr, wd = schedules.lr[it], schedules.weight_decay[it]
+            momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
+            for group in optimizer.param_groups:
+                group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
+                group["weight_decay"] = wd if group["apply_wd"] else 0.0
 
-        with accelerator.autocast():
-            out = objective(student, teacher, batch, teacher_temp, frozen)
-        _check_finite(out.loss, out.parts, it, lr, teacher_temp)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(out.loss)
-        # Clipping at infinity only measures: the norm is a diagnostic in its own right.
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
-        optimizer.step()
-        objective.update_centers(out)
-        ema_update(teacher_params, expert_params[expert], momentum)
+            with accelerator.autocast():
+                out = objective(student, teacher, batch, teacher_temp, frozen)
+            _check_finite(out.loss, out.parts, it, lr, teacher_temp)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out.loss)
+            # Clipping at infinity only measures: the norm is a diagnostic in its own right.
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
+            optimizer.step()
+            objective.update_centers(out)
+            ema_update(teacher_params, expert_params[expert], momentum)
 
-        step = it + 1
-        progress.update()
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
-            save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-        window_steps += 1
-        evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
-        if step % cfg.train.log_every == 0 or step == total or evaluate:
-            metrics = {
-                "total_loss": out.loss.item(),
-                **{k: v.item() for k, v in out.parts.items()},
-                **objective.diagnostics(out),
-                "grad_norm": float(grad_norm),
-                "lr": lr,
-                "wd": wd,
-                "teacher_momentum": momentum,
-                "teacher_temp": teacher_temp,
-                "epoch": it / cfg.train.steps_per_epoch,
-                "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
-            }
-            if evaluate:
-                # Through the root module: under FSDP only its forward gathers the sharded weights.
-                metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
-                                                       accelerator.device)
-            collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
-            if accelerator.is_main_process:
-                _log_line(step, total, metrics, out.parts, per_step, accelerator)
-                if on_log is not None:
-                    on_log(step, metrics)
-            if _agreed_max(accelerator, collapse is not None and cfg.train.stop_on_collapse):
+            step = it + 1
+            progress.update()
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
                 save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-                raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
-            window_start, window_steps = time.perf_counter(), 0
-            progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
-        # Every process stops at the same iteration; SIGTERM (being killed) outranks SIGUSR1 (a warning).
-        signum = _agreed_max(accelerator, stop.signum or 0)
-        if signum and step < total:
-            save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-            raise Interrupted(step, checkpoint, signum)
+            window_steps += 1
+            evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
+            if step % cfg.train.log_every == 0 or step == total or evaluate:
+                metrics = {
+                    "total_loss": out.loss.item(),
+                    **{k: v.item() for k, v in out.parts.items()},
+                    **objective.diagnostics(out),
+                    "grad_norm": float(grad_norm),
+                    "lr": lr,
+                    "wd": wd,
+                    "teacher_momentum": momentum,
+                    "teacher_temp": teacher_temp,
+                    "epoch": it / cfg.train.steps_per_epoch,
+                    "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
+                }
+                if evaluate:
+                    # Through the root module: under FSDP only its forward gathers the sharded weights.
+                    metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
+                                                           accelerator.device)
+                collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
+                if accelerator.is_main_process:
+                    _log_line(step, total, metrics, out.parts, per_step, accelerator)
+                    if on_log is not None:
+                        on_log(step, metrics)
+                if _agreed_max(accelerator, collapse is not None and cfg.train.stop_on_collapse):
+                    save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
+                    raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
+                window_start, window_steps = time.perf_counter(), 0
+                progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
+            # Every process stops at the same iteration; SIGTERM (being killed) outranks SIGUSR1 (a warning).
+            signum = _agreed_max(accelerator, stop.signum or 0)
+            if signum and step < total:
+                save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
+                raise Interrupted(step, checkpoint, signum)
 
     progress.close()
     final = save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, objective, optimizers)

