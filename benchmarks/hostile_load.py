@@ -8,7 +8,7 @@ points at it). It starts ``bentoml serve`` with the service's default limits and
 PNGs, 64 Mpx from ~1 MB of upload), requests over it (16 such images), a 50 MB JSON body, text in
 the ``images`` field and a file under a wrong field name. Meanwhile it asks ``/livez`` every
 100 ms. It prints the answers by status, the peak and final RSS of the service's processes and
-the ``/livez`` latency percentiles. It asserts nothing.
+the ``/livez`` latency percentiles, for each of ``--rounds``. It asserts nothing.
 """
 from __future__ import annotations
 
@@ -60,12 +60,53 @@ def rss(root: psutil.Process) -> int:
     return total
 
 
+def attack(base: str, root: psutil.Process, requests: list, clients: int, seconds: float, idle: int) -> str:
+    """One round: ``clients`` threads send ``requests`` in turn for ``seconds`` while ``/livez`` is timed."""
+    statuses: Counter = Counter()
+    livez: list[float] = []
+    peak = idle
+    deadline = time.monotonic() + seconds
+
+    def send(index: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            turn = index
+            while time.monotonic() < deadline:
+                try:
+                    statuses[requests[turn % len(requests)](http).status_code] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+                turn += 1
+
+    def watch() -> None:
+        nonlocal peak
+        with httpx.Client(timeout=60) as http:
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                http.get(f"{base}/livez")
+                livez.append((time.perf_counter() - start) * 1000)
+                peak = max(peak, rss(root))
+                time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(send, range(clients)))
+    watcher.join()
+    time.sleep(2)
+    cuts = statistics.quantiles(livez, n=100)
+    return (f"{clients} clients, {seconds:g} s: answers {dict(sorted(statuses.items(), key=str))}\n"
+            f"service RSS: idle {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, after {rss(root) / 2**20:.0f} MiB\n"
+            f"/livez over {len(livez)} checks: p50 {cuts[49]:.1f} ms, p99 {cuts[98]:.1f} ms, max {max(livez):.1f} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="demo")
     parser.add_argument("--alias", default="production")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the attack: RSS after each round tells allocator retention from growth")
     args = parser.parse_args()
     port = free_port()
     env = {**os.environ, "VF_MODEL_NAME": args.name, "VF_MODEL_ALIAS": args.alias, "VF_RELOAD_INTERVAL_S": "0"}
@@ -77,40 +118,8 @@ def main() -> int:
         root = psutil.Process(server.pid)
         idle = rss(root)
         requests = hostile_requests(base, solid_png(4096))
-        statuses: Counter = Counter()
-        livez: list[float] = []
-        peak = [idle]
-        deadline = time.monotonic() + args.seconds
-
-        def attack(index: int) -> None:
-            with httpx.Client(timeout=300) as http:
-                turn = index
-                while time.monotonic() < deadline:
-                    try:
-                        statuses[requests[turn % len(requests)](http).status_code] += 1
-                    except httpx.HTTPError as exc:
-                        statuses[type(exc).__name__] += 1
-                    turn += 1
-
-        def watch() -> None:
-            with httpx.Client(timeout=60) as http:
-                while time.monotonic() < deadline:
-                    start = time.perf_counter()
-                    http.get(f"{base}/livez")
-                    livez.append((time.perf_counter() - start) * 1000)
-                    peak[0] = max(peak[0], rss(root))
-                    time.sleep(0.1)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(attack, range(args.clients)))
-        watcher.join()
-        time.sleep(2)
-        cuts = statistics.quantiles(livez, n=100)
-        print(f"{args.clients} clients, {args.seconds:g} s: answers {dict(sorted(statuses.items(), key=str))}")
-        print(f"service RSS: idle {idle / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, after {rss(root) / 2**20:.0f} MiB")
-        print(f"/livez over {len(livez)} checks: p50 {cuts[49]:.1f} ms, p99 {cuts[98]:.1f} ms, max {max(livez):.1f} ms")
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_}: {attack(base, root, requests, args.clients, args.seconds, idle)}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
