@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := False
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-team stack stack-down test clean
 
 setup: $(STAMP)
 
@@ -47,9 +47,27 @@ $(SLURMCTLD):
 	@test "$$(id -u)" = 0 || { echo "install Debian's slurm-wlm and munge (apt-get install slurm-wlm munge) for the cluster tests"; exit 1; }
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 
-test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD)
+# A team's stack (PostgreSQL, SeaweedFS S3, mlflow server with auth, gunicorn portal) from Debian's
+# PostgreSQL and the project's wheels; its state and credentials live in .stack/.
+INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) /usr/lib/postgresql/15/bin/initdb)
+
+$(INITDB):
+	@test "$$(id -u)" = 0 || { echo "install Debian's postgresql (apt-get install postgresql) for the team stack"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+
+stack: $(STAMP) $(INITDB)
+	$(BIN)/python -m deploy.stack up
+
+stack-down: $(STAMP)
+	$(BIN)/python -m deploy.stack down
+
+# The demo's six steps against the team stack over HTTP, as a researcher and the promotion service.
+demo-team: $(STAMP) $(INITDB)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py --team
+
+test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD) $(INITDB)
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx
+	rm -rf $(VENV) .stack mlruns mlflow.db portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx

@@ -7,7 +7,7 @@ and writes ``data/<name>/dvc.yaml`` with two stages: ``ingest`` (raw -> tiles or
 ``validate`` (Great Expectations; a failure stops ``dvc repro``). ``dvc repro data/<name>/dvc.yaml``
 then builds the dataset, and ``data/<name>/dvc.lock`` holds the md5 every training run names.
 
-An S3-compatible store (MinIO, PowerScale, moto) is reached with ``--endpoint-url`` (recorded in
+An S3-compatible store (MinIO, PowerScale, SeaweedFS) is reached with ``--endpoint-url`` (recorded in
 the ``.dvc`` file so ``dvc update`` finds it again) or ``AWS_ENDPOINT_URL``.
 """
 from __future__ import annotations

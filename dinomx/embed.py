@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoModel
 
 from dinomx.attention import cls_attention, eager_twin
 from dinomx.backbone import Backbone, load_image_processor
@@ -24,6 +25,12 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Embedder":
         return cls(Backbone.from_pretrained(directory), load_image_processor(directory), device)
+
+    def at_random_init(self, seed: int = 0) -> "Embedder":
+        """The same architecture and preprocessing with fresh random weights: the baseline a
+        trained backbone has to beat."""
+        torch.manual_seed(seed)
+        return Embedder(Backbone(AutoModel.from_config(self.backbone.model.config)), self.processor, self.device)
 
     @property
     def num_channels(self) -> int:

@@ -88,6 +88,19 @@ def classification_metrics(prefix: str, truth: np.ndarray, predicted: np.ndarray
     }
 
 
+RANDOM_INIT = "random_init."  # metric prefix of the same architecture before any training
+
+
+def random_init_knn(embedder: Embedder, data: str | Path, knn_k: int = 20) -> dict[str, float]:
+    """kNN metrics of ``embedder``'s architecture at random init on the same split: what the
+    promotion gate's floor compares the trained backbone's kNN with."""
+    baseline = embedder.at_random_init()
+    train, classes = _embed(baseline, Path(data) / "train", with_patches=False)
+    val, _ = _embed(baseline, Path(data) / "val", with_patches=False)
+    predicted = KNNClassifier(len(classes), k=knn_k).fit(train.embeddings, train.labels).predict_proba(val.embeddings).argmax(1)
+    return classification_metrics(f"{RANDOM_INIT}knn", val.labels, predicted)
+
+
 def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str | Path | None = None,
              targets: str | Path | None = None, target_column: str = "") -> Evaluation:
     """Fit on ``<data>/train``, score on ``<data>/val``; optional masks (segmentation) and a targets

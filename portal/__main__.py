@@ -4,6 +4,7 @@
     python -m portal create-group pathology --member ana --member ben
     python -m portal create-family colon --owner ana --group pathology   # who trains and promotes colon-*
     python -m portal serve --port 8080
+    python -m portal db upgrade          # the schema to this release's (current: where it is now)
 
 In production run it under a WSGI server, e.g. ``gunicorn -w 4 'portal.app:create_app()'``; the job
 runner claims each job atomically, so several processes may share one database.
@@ -15,6 +16,9 @@ import getpass
 import os
 import sys
 
+from sqlalchemy import create_engine
+
+from portal import migrate
 from portal.app import Settings, create_app
 from portal.db import Group, ModelFamily, User, db
 
@@ -33,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     family.add_argument("name")
     family.add_argument("--owner", required=True)
     family.add_argument("--group", help="a group whose members may use the family too")
+    schema = sub.add_parser("db", help="the portal database's schema (Alembic migrations)")
+    schema.add_argument("action", choices=("upgrade", "current", "head"))
     serve = sub.add_parser("serve")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
+    if args.command == "db":
+        return _schema(args.action)
 
     app = create_app(Settings(run_jobs=args.command == "serve"))
     if args.command == "serve":
@@ -71,6 +79,21 @@ def main(argv: list[str] | None = None) -> int:
                 member.groups.append(created)
         db.session.commit()
     print(f"created {args.command.removeprefix('create-')} {getattr(args, 'username', None) or args.name}")
+    return 0
+
+
+def _schema(action: str) -> int:
+    url = Settings().database_url
+    engine = create_engine(url)
+    try:
+        if action == "upgrade":
+            before = migrate.current(engine)
+            after = migrate.upgrade(engine)
+            print(f"portal database: {before or 'empty'} -> {after}" if before != after else f"portal database: at {after}")
+        else:
+            print(migrate.current(engine) if action == "current" else migrate.head())
+    finally:
+        engine.dispose()
     return 0
 
 

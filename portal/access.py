@@ -99,6 +99,21 @@ def may_use_family(user: User, family: ModelFamily) -> bool:
     return user.is_admin or family.owner == user.username or (family.group is not None and family.group in user.groups)
 
 
+def authorize_alias_move(user: User, model_name: str) -> None:
+    """The one decision whether ``user`` may move an alias of registered model ``model_name``:
+    the right to promote and a share in the model's family (an administrator has both). Every
+    model a promotion or rollback moves passes it, the ones moved ``with`` it too."""
+    family_name = family_of(model_name)
+    if not (user.is_admin or user.can_promote):
+        raise AccessDenied(f"{user.username} may not promote models")
+    if user.is_admin:
+        return
+    family = db.session.scalar(db.select(ModelFamily).where(ModelFamily.name == family_name))
+    if family is None or not may_use_family(user, family):
+        owner = f"belongs to {family.owner}" if family else "has no owner in the portal"
+        raise AccessDenied(f"model family {family_name!r} ({model_name}) {owner}; {user.username} may not move its aliases")
+
+
 def claim_family(user: User, name: str, registered: bool) -> ModelFamily | None:
     """The family ``name`` for a job of ``user``: claimed for them when it is new (and not yet in
     the registry, which ``registered`` says), theirs, their group's, or refused. A name only the

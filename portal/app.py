@@ -18,13 +18,15 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from portal.access import AccessDenied, BadPath
-from portal.db import LEVELS, User, add_missing_columns, db
+from portal.db import LEVELS, User, db
 from portal.jobs import FormErrors, JobRunner, make_launcher
+from portal.migrate import require_current, upgrade
 from portal.settings import Settings
 from portal.storage import Storage
 from portal.views import audit, auth, datasets, jobs, registry
 from portal.web import audit as audit_event
 from portal.web import audit_refusal, refuse, wants_json
+from registry.lineage import RegistryUnavailable
 from registry.mlflow_service import MlflowService
 from registry.promote import PromotionRefused
 
@@ -55,8 +57,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["vf.oauth"] = _oidc(app, settings)
     db.init_app(app)
     with app.app_context():
-        db.create_all()
-        add_missing_columns()
+        # The embedded database is this process's own; a shared one is migrated by its administrator.
+        if settings.auto_migrate:
+            upgrade(db.engine)
+        else:
+            require_current(db.engine)
     login = LoginManager(app)
     login.login_view = "auth.login"
     login.user_loader(lambda user_id: db.session.get(User, int(user_id)))
@@ -102,6 +107,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             extra["gate"] = exc.gate
         audit_refusal(400, str(exc))
         return refuse(str(exc), 400, **extra)
+
+    @app.errorhandler(RegistryUnavailable)
+    def registry_down(exc):
+        audit_refusal(503, str(exc))
+        return refuse(str(exc), 503)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -1,5 +1,6 @@
 """The portal's database (SQLAlchemy; SQLite by default, any SQLAlchemy URL): users, groups,
-datasets as S3 prefixes, grants, training jobs and the audit log."""
+datasets as S3 prefixes, grants, training jobs and the audit log. Its schema changes only through
+migrations (``portal/migrations``, ``python -m portal db upgrade``)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -114,23 +115,9 @@ class SignInFailures(db.Model):
 class AuditEvent(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     time: Mapped[datetime] = mapped_column(default=now, index=True)
-    user: Mapped[str] = mapped_column(String(64))
-    action: Mapped[str] = mapped_column(String(64))
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
     target: Mapped[str] = mapped_column(String(512), default="")
     outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok denied refused failed
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
 
-
-def add_missing_columns() -> None:
-    """Columns added since a database was created (``create_all`` makes only missing tables):
-    nullable ones, so an ALTER TABLE is all they need."""
-    inspector = db.inspect(db.engine)
-    for table in db.metadata.sorted_tables:
-        if not inspector.has_table(table.name):
-            continue
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=db.engine.dialect)
-                with db.engine.begin() as connection:
-                    connection.execute(db.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))

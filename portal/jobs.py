@@ -18,7 +18,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
+from dinomx.backbone import hub_snapshot
 from dinomx.config import ConfigError, DinoMXConfig
+from dinomx.errors import MissingInput
 from portal.db import Dataset, Job, db, now
 from projects.slurm import SlurmBackend, SlurmConfig, SlurmSubmittedRun
 from registry.mlflow_service import MlflowService, Tag
@@ -116,6 +120,12 @@ class TrainingRequest:
         if strategy == "distill" and not (teachers and all(TEACHER.fullmatch(t) for t in teachers.split(","))):
             errors["teachers"] = ("distill needs teachers: models:/<name>/<version>, models:/<name>@<alias> or "
                                   "hf:<org>/<repo> (a hub id, never a local path), comma-separated")
+        elif strategy == "distill":
+            for teacher in (t for t in teachers.split(",") if t.startswith("hf:")):
+                try:  # only what the local Hugging Face cache holds; never a folder of the portal's machine
+                    hub_snapshot(teacher[3:])
+                except MissingInput as exc:
+                    errors["teachers"] = str(exc)
         values["teachers"] = teachers if strategy == "distill" else ""
         distribution = str(form.get("distribution", "ddp"))
         if distribution not in ("ddp", "fsdp"):
@@ -299,6 +309,35 @@ def make_launcher(backend: str, project: Path, tracking_uri: str, slurm_config: 
     return SlurmLauncher(project, tracking_uri, site)
 
 
+# pg_advisory_xact_lock key of the job claim: one portal process at a time counts the active jobs.
+CLAIM_LOCK = 0x7666_6A6F  # "vfjo"
+
+
+def _experiment_id(client) -> str:
+    """The portal's experiment, created by whichever worker needs it first."""
+    if (experiment := client.get_experiment_by_name(EXPERIMENT)) is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(EXPERIMENT)
+    except MlflowException:  # another worker created it in between
+        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def claim_next(slots: int) -> Job | None:
+    """The oldest queued job, moved to ``starting`` if fewer than ``slots`` jobs are active: exactly
+    once across every portal process sharing the database. The count and the claim are one
+    UPDATE, which SQLite runs under its write lock; PostgreSQL runs it after an advisory lock, so
+    that two workers cannot both count a free slot under READ COMMITTED."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        db.session.execute(db.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
+    oldest = db.select(Job.id).where(Job.status == "queued").order_by(Job.id).limit(1).scalar_subquery()
+    active = db.select(db.func.count()).select_from(Job).where(Job.status.in_(ACTIVE)).scalar_subquery()
+    claimed = db.session.execute(db.update(Job).where(Job.id == oldest, Job.status == "queued", active < slots)
+                                 .values(status="starting").returning(Job.id)).scalar_one_or_none()
+    db.session.commit()
+    return db.session.get(Job, claimed) if claimed is not None else None
+
+
 class JobRunner:
     """Submits queued jobs (``slots`` active at once) through the launcher, and follows every active
     job's scheduler state until its MLflow run ends."""
@@ -348,24 +387,10 @@ class JobRunner:
             db.session.commit()
 
     def _start_queued(self) -> None:
-        active = db.session.scalar(db.select(db.func.count()).select_from(Job).where(Job.status.in_(ACTIVE)))
-        free = self.slots - active
-        if free <= 0:
-            return
-        queued = db.session.scalars(db.select(Job).where(Job.status == "queued").order_by(Job.id).limit(free)).all()
-        for job in queued:
-            # Claimed with one conditional UPDATE, so portal processes sharing the database never
-            # start the same job twice.
-            claimed = db.session.execute(db.update(Job).where(Job.id == job.id, Job.status == "queued")
-                                         .values(status="starting")).rowcount
-            db.session.commit()
-            if not claimed:
-                continue
-            db.session.refresh(job)
+        while (job := claim_next(self.slots)) is not None:
             request = TrainingRequest(**job.parameters)
             client = MlflowService(self.tracking_uri).client
-            experiment = client.get_experiment_by_name(EXPERIMENT)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+            experiment_id = _experiment_id(client)
             run = client.create_run(experiment_id, run_name=f"{request.name}-job{job.id}",
                                     tags={Tag.PORTAL_JOB: str(job.id), Tag.PORTAL_OWNER: job.owner,
                                           Tag.PORTAL_BACKEND: self.launcher.name})

@@ -39,3 +39,10 @@ class Settings:
     # the client address (sign-in throttling, audit) and the https scheme are the real ones.
     proxy_hops: int = field(default_factory=lambda: int(os.environ.get("PORTAL_PROXY_HOPS", "0")))
     throttle: Throttle = field(default_factory=Throttle)
+    # Migrate the schema at start-up: by default only the embedded SQLite database, which one
+    # process owns; several workers on a shared database must not race to migrate it.
+    auto_migrate: bool | None = None
+
+    def __post_init__(self):
+        if self.auto_migrate is None:
+            self.auto_migrate = os.environ.get("PORTAL_AUTO_MIGRATE", "1" if self.database_url.startswith("sqlite") else "0") == "1"

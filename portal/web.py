@@ -2,6 +2,7 @@
 request's fields, and answering as JSON (the API, under ``/api/``) or as a page."""
 from __future__ import annotations
 
+import json
 from functools import wraps
 from urllib.parse import urlsplit
 
@@ -64,16 +65,45 @@ def audit_refusal(status: int, reason: str) -> None:
         audit(request.endpoint or "request", request.path, outcome="refused", status=status, reason=reason[:500])
 
 
+MAX_JSON_DEPTH = 32
+
+
 def payload() -> dict:
-    """The request's fields: the form of a page, the JSON object of an API call."""
+    """The request's fields: the form of a page, the JSON object of an API call. A body that is
+    not JSON, nests deeper than ``MAX_JSON_DEPTH`` or holds text that is not Unicode (a lone
+    surrogate) is the client's error, answered 400 before anything reads it."""
     if not wants_json():
         return request.form.to_dict()
-    data = request.get_json(silent=True)
-    if data is None and request.content_length:
-        raise BadPath("body: not valid JSON")
-    if not isinstance(data, (dict, type(None))):
+    raw = request.get_data(cache=True)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise BadPath(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise BadPath(f"body: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
         raise BadPath(f"body: expected a JSON object, got {type(data).__name__}")
-    return data or {}
+    _check_json(data, "body", 0)
+    return data
+
+
+def _check_json(value, where: str, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise BadPath(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadPath(f"{where}: not valid Unicode text (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, where, depth + 1)
+            _check_json(item, key if where == "body" else f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]", depth + 1)
 
 
 def text(data: dict, name: str, default: str = "") -> str:

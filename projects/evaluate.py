@@ -15,7 +15,7 @@ from tempfile import TemporaryDirectory
 import mlflow
 from PIL import Image
 
-from dinomx.evaluation import evaluate, plot_confusion, plot_embeddings
+from dinomx.evaluation import evaluate, plot_confusion, plot_embeddings, random_init_knn
 from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.tracking import log_training_data, run_entry_point, training_data
 from registry.lineage import describe_version, resolve_version, version_uri
@@ -29,7 +29,8 @@ def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float
     dataset = training_data(args.data, args.validation_report)
     description = (f"Evaluates {uri} on `{dataset.version.path}` (DVC md5 `{dataset.version.md5}`): linear and "
                    f"kNN probes, clustering{', segmentation' if args.masks else ''}"
-                   f"{', regression' if args.targets else ''}. The metrics become the version's `vf.eval.*` tags.")
+                   f"{', regression' if args.targets else ''}, and kNN of the same architecture at random init "
+                   "(`random_init.knn.*`, the promotion floor). The metrics become the version's `vf.eval.*` tags.")
     with mlflow.start_run(run_name=f"{mv.name}-v{mv.version}-evaluate", description=description) as active:
         mlflow.log_params({"evaluated_model": uri, "data.path": dataset.version.path, "eval.knn_k": knn_k,
                            "eval.masks": args.masks, "eval.targets": args.targets,
@@ -38,6 +39,7 @@ def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float
         log_training_data(dataset, context="evaluation")
         embedder = mlflow.pyfunc.load_model(uri).unwrap_python_model().embedder
         result = evaluate(embedder, dataset.path, knn_k, args.masks or None, args.targets or None, args.target_column)
+        result.metrics.update(random_init_knn(embedder, dataset.path, knn_k))
         mlflow.log_metrics(result.metrics)
         with TemporaryDirectory() as tmp:
             for plot in (plot_confusion(result, Path(tmp) / "confusion_matrix.png"),

@@ -124,7 +124,7 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
         if holder is None:
             raise RegistryError(f"{uri}: no version of {name!r} holds @{alias}")
         return holder
-    with _registry_errors(f"{uri}: "):
+    with registry_errors(f"{uri}: "):
         if version == "latest":
             versions = client.search_model_versions(equals("name", name), order_by=["version_number DESC"], max_results=1)
         else:
@@ -146,7 +146,7 @@ def alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | 
 
 
 @contextmanager
-def _registry_errors(context: str):
+def registry_errors(context: str):
     """The registry's "no such thing" as a ``RegistryError``, anything else as ``RegistryUnavailable``."""
     try:
         yield

@@ -5,9 +5,14 @@ leaving an audit record on the version each time.
     python -m registry.promote models:/demo-backbone/4 --with models:/demo-head/7 --alias production --reason "..."
     python -m registry.promote --rollback demo-backbone --with demo-head --alias production --reason "v3 misreads scanner B"
 
-Gates, in order, for each version of the set: lineage complete; training data passed validation;
-evaluation metrics no worse than the current holder's beyond the thresholds of
-``configs/promotion.yaml``. Then for the set as a whole: a model built on a registered parent (a
+Who may move an alias is decided first, for every model the move touches (the named one and each
+``--with``), by one ``authorize`` function: the portal's family rights there; from the command line
+the tracking server's own permissions. Gates, in order, for each version of the set: lineage
+complete; training data passed validation; recorded evaluation (backbones: an ``evaluate`` run;
+heads: the metrics of their ``heads`` run), also when no version holds the alias yet; the absolute
+floors of ``configs/promotion.yaml`` (a backbone's kNN above the same architecture at random
+init, which ``evaluate`` records); metrics no worse than the current holder's beyond its
+thresholds. Then for the set as a whole: a model built on a registered parent (a
 head on its backbone) only when that parent holds the same alias afterwards, and no holder of the
 alias left built on a version the set replaces (a new backbone moves with a head trained on it).
 Rollbacks pass the same consistency gates.
@@ -21,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -37,21 +40,25 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError, run_command
+from registry import audit
 from registry.lineage import (
     BadModelReference,
     Lineage,
+    RegistryUnavailable,
     alias_holder,
     equals,
     parse_model_uri,
     resolve_version,
     version_uri,
 )
-from registry.mlflow_service import AUDIT_PREFIX, MlflowService, Tag, evaluation_metrics
+from registry.mlflow_service import EVAL_RUN_ID, MlflowService, Tag
 
 ALIASES = ("staging", "production")
 DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yaml"
 LOWER_IS_BETTER = ("cluster.dbi", "regression.mae")
 LOCK_PREFIX = "vf-lock."
+# Raises when the current user may not move aliases of the named registered model.
+Authorize = Callable[[str], None]
 
 
 class PromotionRefused(UserError, RuntimeError):
@@ -68,6 +75,8 @@ class GatesFileError(UserError, ValueError):
 class MetricGate:
     metric: str
     max_drop: float
+    minimum: float | None = None  # absolute floor
+    above: str | None = None  # another metric of the same version it must exceed (a baseline)
 
     def check(self, candidate: float, holder: float) -> str | None:
         """Why ``candidate`` fails against ``holder``, or None."""
@@ -76,6 +85,19 @@ class MetricGate:
                 return f"{self.metric} {candidate:.4f} > holder's {holder:.4f} + {self.max_drop} (lower is better)"
         elif candidate < holder - self.max_drop:
             return f"{self.metric} {candidate:.4f} < holder's {holder:.4f} - {self.max_drop}"
+        return None
+
+    def floor(self, metrics: dict[str, float]) -> str | None:
+        """Why the version's own metrics fall below this gate's floors, or None."""
+        value = metrics[self.metric]
+        worse = (lambda a, b: a > b) if self.metric in LOWER_IS_BETTER else (lambda a, b: a < b)
+        if self.minimum is not None and worse(value, self.minimum):
+            return f"{self.metric} {value:.4f} is past the floor {self.minimum}"
+        if self.above is not None:
+            if self.above not in metrics:
+                return f"no {self.above} recorded to compare {self.metric} with (evaluate records it)"
+            if not worse(metrics[self.above], value):
+                return f"{self.metric} {value:.4f} does not beat {self.above} {metrics[self.above]:.4f}"
         return None
 
 
@@ -88,39 +110,66 @@ def load_gates(path: str | Path = DEFAULT_GATES) -> dict[str, list[MetricGate]]:
             raise GatesFileError(f"{path}: {kind}: expected 'backbone' or 'head' mapping metric -> {{max_drop: number}}")
         gates[kind] = []
         for metric, spec in metrics.items():
-            drop = spec.get("max_drop") if isinstance(spec, dict) else None
+            if not isinstance(spec, dict) or set(spec) - {"max_drop", "min", "above"}:
+                raise GatesFileError(f"{path}: {kind}.{metric}: expected a mapping of max_drop, min, above; got {spec!r}")
+            drop, floor, above = spec.get("max_drop"), spec.get("min"), spec.get("above")
             if not isinstance(drop, (int, float)) or isinstance(drop, bool) or drop < 0:
                 raise GatesFileError(f"{path}: {kind}.{metric}.max_drop: expected a number >= 0, got {drop!r}")
-            gates[kind].append(MetricGate(metric, float(drop)))
+            if floor is not None and (not isinstance(floor, (int, float)) or isinstance(floor, bool)):
+                raise GatesFileError(f"{path}: {kind}.{metric}.min: expected a number, got {floor!r}")
+            if above is not None and not isinstance(above, str):
+                raise GatesFileError(f"{path}: {kind}.{metric}.above: expected a metric name, got {above!r}")
+            gates[kind].append(MetricGate(metric, float(drop), None if floor is None else float(floor), above))
     return gates
 
 
 def version_metrics(client: MlflowClient, mv: ModelVersion) -> dict[str, float]:
-    """Evaluation metrics of a version: its source run's, overridden by ``evaluate``'s tags."""
+    """Evaluation metrics of a version, read from runs rather than from tags anyone who may edit the
+    model could write: its source run's (a head's ``heads`` run), then its ``evaluate`` run's, which
+    must be an evaluate run of this very version."""
     metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
-    metrics.update(evaluation_metrics(mv.tags))
+    if EVAL_RUN_ID in mv.tags:
+        run = client.get_run(mv.tags[EVAL_RUN_ID])
+        evaluated = run.data.tags.get(Tag.EVALUATED_MODEL)
+        if run.data.tags.get(Tag.ENTRY_POINT) != "evaluate" or evaluated != version_uri(mv):
+            raise PromotionRefused("evidence", f"{version_uri(mv)}: {EVAL_RUN_ID} names run {run.info.run_id}, which is not "
+                                               f"an evaluate run of this version (it evaluated {evaluated})")
+        metrics.update(run.data.metrics)
     return metrics
 
 
 def check_gates(client: MlflowClient, mv: ModelVersion, alias: str, holder: ModelVersion | None,
                 gates: dict[str, list[MetricGate]]) -> dict:
     """Raise PromotionRefused naming the first failing gate of ``mv`` alone (lineage, data,
-    metrics); return the metric comparison. How it fits the versions around it is
-    ``check_consistency``'s."""
+    evidence, floors, metrics against the holder); return the metric comparison. How it fits the
+    versions around it is ``check_consistency``'s."""
     uri = version_uri(mv)
     lineage = _lineage(mv)
     if not lineage.validation_success:
         raise PromotionRefused("data validation", f"{uri} was trained on data that failed {lineage.validation_suite}")
+    kind_gates = gates.get(lineage.kind, [])
+    candidate = version_metrics(client, mv)
+    if lineage.kind == "backbone" and EVAL_RUN_ID not in mv.tags:
+        raise PromotionRefused("evidence", f"{uri} has no recorded evaluation; run `mlflow run . -e evaluate -P model={uri}` "
+                                           "first")
+    floored = [gate.metric for gate in kind_gates if gate.metric not in candidate and (gate.minimum is not None or gate.above)]
+    if kind_gates and (not any(gate.metric in candidate for gate in kind_gates) or floored):
+        hint = f"; run `mlflow run . -e evaluate -P model={uri}`" if lineage.kind == "backbone" else ""
+        needed = floored or [gate.metric for gate in kind_gates]
+        raise PromotionRefused("evidence", f"{uri} has no {' or '.join(needed)} recorded{hint}")
+    for gate in kind_gates:
+        failure = gate.floor(candidate) if gate.metric in candidate else None
+        if failure:
+            raise PromotionRefused("floor", f"{uri}: {failure}")
     comparison = {}
     if holder is None or str(holder.version) == str(mv.version):
         return comparison
-    candidate, incumbent = version_metrics(client, mv), version_metrics(client, holder)
-    for gate in gates.get(lineage.kind, []):
-        if gate.metric not in candidate:
-            hint = f"; run `mlflow run . -e evaluate -P model={uri}`" if lineage.kind == "backbone" else ""
-            raise PromotionRefused("metrics", f"{uri} has no {gate.metric} to compare with @{alias}{hint}")
+    incumbent = version_metrics(client, holder)
+    for gate in kind_gates:
         if gate.metric not in incumbent:
             continue
+        if gate.metric not in candidate:
+            raise PromotionRefused("metrics", f"{uri} has no {gate.metric}, which @{alias} (version {holder.version}) has")
         failure = gate.check(candidate[gate.metric], incumbent[gate.metric])
         if failure:
             raise PromotionRefused("metrics", f"{uri} regresses against @{alias} (version {holder.version}): {failure}")
@@ -177,7 +226,9 @@ def _version_key(uri: str) -> tuple[str, int]:
 @contextmanager
 def alias_lock(client: MlflowClient, name: str, alias: str, wait_s: float = 30.0, stale_s: float = 300.0):
     """Exclusive right to move ``name@alias``. Creating a registered model is atomic on every
-    registry backend, so the lock is one; a lock older than ``stale_s`` (a crashed holder) is broken."""
+    registry backend (a unique name in the database), so the lock is one; a lock older than
+    ``stale_s`` (a crashed holder) is broken. Whatever the registry answers while others take and
+    release the lock, the caller gets the lock or a ``PromotionRefused``, never a raw error."""
     lock = f"{LOCK_PREFIX}{name}.{alias}"
     token = uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
@@ -187,18 +238,18 @@ def alias_lock(client: MlflowClient, name: str, alias: str, wait_s: float = 30.0
                                            description=f"held while {name}@{alias} moves; deleted after")
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise RegistryUnavailable(f"registry: cannot take the lock {lock}: {exc.message}") from None
             try:
                 held = client.get_registered_model(lock)
                 if time.time() * 1000 - held.creation_timestamp > stale_s * 1000:
                     client.delete_registered_model(lock)
                     continue
             except MlflowException:
-                continue  # released between our attempts
-            if time.monotonic() > deadline:
-                raise PromotionRefused("exclusive", f"another promotion of {name}@{alias} holds {lock}") from None
-            time.sleep(0.2)
+                pass  # released between our attempts: try again
+        if time.monotonic() > deadline:
+            raise PromotionRefused("exclusive", f"another promotion of {name}@{alias} holds {lock}") from None
+        time.sleep(0.2)
     try:
         yield
     finally:
@@ -210,34 +261,22 @@ def alias_lock(client: MlflowClient, name: str, alias: str, wait_s: float = 30.0
             pass
 
 
-def _audit(client: MlflowClient, mv: ModelVersion, record: dict) -> dict:
-    now = datetime.now(timezone.utc)
-    record = {**record, "time": now.isoformat()}
-    # A random suffix keeps two records written in the same microsecond apart.
-    key = f"{AUDIT_PREFIX}{record['alias']}.{now:%Y%m%dT%H%M%S%fZ}.{uuid.uuid4().hex[:6]}"
-    client.set_model_version_tag(mv.name, mv.version, key, json.dumps(record))
-    return record
-
-
-def audit_trail(client: MlflowClient, name: str, alias: str | None = None) -> list[dict]:
-    """Every audit record of ``name`` (optionally one alias), oldest first."""
-    records = []
-    for mv in client.search_model_versions(equals("name", name)):
-        for key, value in mv.tags.items():
-            if key.startswith(AUDIT_PREFIX):
-                record = json.loads(value)
-                if alias is None or record["alias"] == alias:
-                    records.append(record)
-    return sorted(records, key=lambda r: r["time"])
+def tracking_server_decides(name: str) -> None:
+    """The command line's authorization: on a team's server its own permissions refuse a user who
+    may not edit ``name`` when the alias moves, and only the audit key proves the gates."""
 
 
 def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user: str | None = None,
-            gates: dict[str, list[MetricGate]] | None = None, together: Sequence[str] = ()) -> list[dict]:
+            gates: dict[str, list[MetricGate]] | None = None, together: Sequence[str] = (),
+            authorize: Authorize = tracking_server_decides) -> list[dict]:
     """Move ``alias`` to ``model_uri`` and the versions ``together`` with it (a backbone and the
     head built on it) through the gates, as one consistent set: one audit record each, first
-    ``model_uri``'s."""
+    ``model_uri``'s. ``authorize(name)`` is asked for every model the set moves, before anything
+    else, and refuses by raising."""
     if alias not in ALIASES:
         raise BadModelReference(f"alias: expected one of {ALIASES}, got {alias!r}")
+    for uri in (model_uri, *together):
+        authorize(parse_model_uri(uri)[0])
     versions = [resolve_version(client, uri) for uri in (model_uri, *together)]
     if len({mv.name for mv in versions}) < len(versions):
         raise BadModelReference(f"{', '.join(version_uri(mv) for mv in versions)}: one version per model in a set")
@@ -251,17 +290,22 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
 
 
 def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str | None = None,
-             together: Sequence[str] = ()) -> list[dict]:
+             together: Sequence[str] = (), authorize: Authorize = tracking_server_decides) -> list[dict]:
     """Give ``alias`` of ``name`` (and of the models ``together`` with it) back to the version that
-    held it before the current holder was promoted, through the same consistency gates."""
+    held it before the current holder was promoted, through the same authorization and
+    consistency gates."""
+    if alias not in ALIASES:
+        raise BadModelReference(f"alias: expected one of {ALIASES}, got {alias!r}")
+    for model in (name, *together):
+        authorize(model)
     seen, moves = {}, {}
     for model in (name, *together):
         holder = alias_holder(client, model, alias)
         if holder is None:
             raise PromotionRefused("rollback", f"@{alias} of {model} is not set; nothing to roll back")
-        promotions = [r for r in audit_trail(client, model, alias)
-                      if r["action"] == "promote" and r["version"] == str(holder.version)]
-        if not promotions or promotions[-1]["previous"] is None:
+        promotions = [r for r in audit.trail(client, model, alias)
+                      if r.get("action") == "promote" and r.get("version") == str(holder.version)]
+        if not promotions or promotions[-1].get("previous") is None:
             raise PromotionRefused("rollback", f"{model}@{alias} (version {holder.version}) has no previous holder")
         seen[model], moves[model] = holder, client.get_model_version(model, promotions[-1]["previous"])
     check_consistency(client, moves, alias, seen)
@@ -293,7 +337,7 @@ def _move(client: MlflowClient, moves: dict[str, ModelVersion], alias: str, seen
                 else:
                     client.set_registered_model_alias(name, alias, seen[name].version)
             raise
-        return [_audit(client, mv, {
+        return [audit.write(client, mv, {
             **records[name], "alias": alias, "model": name, "version": str(mv.version),
             "previous": str(seen[name].version) if seen[name] else None, "user": user or getpass.getuser(),
             "set": [version_uri(other) for other in moves.values()],

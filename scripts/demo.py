@@ -6,6 +6,12 @@ data (DVC: generate + Great Expectations validate, push to the local remote)
   -> mlflow run -e heads     (classifier, segmentation and regression heads on that backbone)
   -> promote both to @production through the gates, print the lineage
   -> bentoml serve, one real request to each endpoint.
+
+With ``--team`` (``make demo-team``) the same steps run against a team's stack over HTTP
+(``deploy.stack``: PostgreSQL, S3, ``mlflow server`` with auth): the data is pushed to the S3 DVC
+remote, a researcher identity trains, evaluates and fits heads into a family the promotion
+service created for them, the promotion service moves the aliases and signs the audit, and the
+service reads the registry with the read-only identity.
 """
 from __future__ import annotations
 
@@ -49,8 +55,8 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
 
 
-def serve_and_query(name: str, port: int, sample: Path) -> dict:
-    env = {**os.environ, "VF_MODEL_NAME": name, "VF_MODEL_ALIAS": "production"}
+def serve_and_query(name: str, port: int, sample: Path, env: dict | None = None) -> dict:
+    env = {**os.environ, **(env or {}), "VF_MODEL_NAME": name, "VF_MODEL_ALIAS": "production"}
     cmd = ["bentoml", "serve", "serving.service:VisionFoundry", "--host", "127.0.0.1", "--port", str(port)]
     print("$ " + " ".join(cmd), flush=True)
     server = subprocess.Popen(cmd, env=env)
@@ -78,31 +84,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="vision-foundry-demo")
     parser.add_argument("--overrides", default="", help="DINO-MX config overrides for pretrain")
     parser.add_argument("--port", type=int, default=0, help="port for the BentoML service (0: any free port)")
+    parser.add_argument("--team", action="store_true", help="run against the team stack (python -m deploy.stack up)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    if args.team:
+        researcher, gate, serving, push = team_identities(args.name)
+    else:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+        researcher = gate = serving = dict(os.environ)
+        push = ["dvc", "push"]
     mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", args.experiment]
 
     step("1/6 data: generate and validate with DVC + Great Expectations, push to the DVC remote")
     sh("dvc", "repro")
-    sh("dvc", "push")
+    sh(*push, env=researcher)
 
     step("2/6 pretrain: DINO-MX self-distillation, registers the backbone")
-    sh(*mlflow_run, "-e", "pretrain", "-P", f"name={args.name}", "-P", f"overrides={args.overrides}")
+    sh(*mlflow_run, "-e", "pretrain", "-P", f"name={args.name}", "-P", f"overrides={args.overrides}", env=researcher)
 
     step("3/6 evaluate: linear/kNN, clustering, segmentation and regression probes on the backbone")
-    sh(*mlflow_run, "-e", "evaluate", "-P", f"model=models:/{args.name}-backbone/latest")
+    sh(*mlflow_run, "-e", "evaluate", "-P", f"model=models:/{args.name}-backbone/latest", env=researcher)
 
     step("4/6 heads: classifier, segmentation and regression heads on frozen features, registers the head")
-    sh(*mlflow_run, "-e", "heads", "-P", f"name={args.name}")
+    sh(*mlflow_run, "-e", "heads", "-P", f"name={args.name}", env=researcher)
 
     step("5/6 promote both to @production (one consistent set) and show the lineage")
     sh(sys.executable, "-m", "registry.promote", f"models:/{args.name}-backbone/latest",
-       "--with", f"models:/{args.name}-head/latest", "--alias", "production", "--reason", "demo run")
-    sh(sys.executable, "-m", "registry.lineage", f"models:/{args.name}-head@production")
+       "--with", f"models:/{args.name}-head/latest", "--alias", "production", "--reason", "demo run", env=gate)
+    sh(sys.executable, "-m", "registry.lineage", f"models:/{args.name}-head@production", env=serving)
 
     step("6/6 serve with BentoML and send real requests")
     sample = sorted(Path("data/demo/images/val/glands").glob("*.png"))[0]
-    answers = serve_and_query(args.name, args.port or free_port(), sample)
+    answers = serve_and_query(args.name, args.port or free_port(), sample, serving)
     embedding = answers["embed"]
     print(f"POST /embed     {sample} -> {embedding['model']}: {embedding['dim']}-d vector "
           f"[{', '.join(f'{v:.3f}' for v in embedding['embeddings'][0][:4])}, ...]")
@@ -115,10 +127,45 @@ def main(argv: list[str] | None = None) -> int:
     print(f"POST /regress   {sample} -> {regression['target']} = {regression['predictions'][0]:.3f}")
     print(f"POST /attention {sample} -> {answers['attention']['grid']} patch grid per head")
 
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    print(f"\nDone. Compare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"
-          "(from the repository root; `.venv/bin/mlflow` if the venv is not active)")
+    uri = researcher["MLFLOW_TRACKING_URI"]
+    if args.team:
+        print(f"\nDone. The MLflow UI is the tracking server: {uri} (credentials: source .stack/stack.env)")
+    else:
+        print(f"\nDone. Compare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"
+              "(from the repository root; `.venv/bin/mlflow` if the venv is not active)")
     return 0
+
+
+def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:
+    """The stack up, a researcher who may train into family ``name`` (its registered models made by
+    the promotion service, EDIT granted), and the environments of researcher, promotion service and
+    service; the DVC remote on the stack's S3 (a local, uncommitted setting)."""
+    import secrets
+
+    from mlflow import MlflowClient
+
+    from deploy.stack import BUCKET, Stack
+
+    stack = Stack(Path(".stack")).up()
+    password_file = stack.root / "researcher-password"
+    if not password_file.exists():
+        password_file.write_text(secrets.token_urlsafe(18))
+        password_file.chmod(0o600)
+    stack.create_mlflow_user("researcher", password_file.read_text())
+    gate = {**os.environ, **stack.s3_env(), **stack.gate_env()}
+    os.environ.update(stack.gate_env())
+    client = MlflowClient(stack.tracking_uri)
+    for model in (f"{name}-backbone", f"{name}-head"):
+        if not client.search_registered_models(f"name = '{model}'"):
+            client.create_registered_model(model)
+        stack.grant("researcher", "registered_model", model, "EDIT")
+    for key in stack.gate_env():
+        os.environ.pop(key)
+    researcher = {**os.environ, **stack.s3_env(), **stack.mlflow_env("researcher", password_file.read_text())}
+    for args in (["remote", "add", "--local", "--force", "team", f"s3://{BUCKET}/dvc"],
+                 ["remote", "modify", "--local", "team", "endpointurl", stack.s3_endpoint]):
+        sh("dvc", *args)
+    return researcher, gate, {**os.environ, **stack.serving_env()}, ["dvc", "push", "-r", "team"]
 
 
 if __name__ == "__main__":

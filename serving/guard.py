@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
@@ -23,16 +24,29 @@ IMAGE_ROUTES = {"/embed": (), "/classify": ("head",), "/segment": (), "/regress"
 RELOAD_ROUTE = "/reload"
 
 
+@dataclass
+class ServingState:
+    """What the service serves and, when it refused to follow its alias, why: ``/readyz`` says so
+    (still ready: the set it serves is unchanged)."""
+
+    serving: tuple = ()
+    refused: str | None = None
+
+
 class RequestGuard:
-    def __init__(self, app, max_body_bytes: int, max_images: int, reload_token: str = "", max_error_bytes: int = 2048):
+    def __init__(self, app, max_body_bytes: int, max_images: int, reload_token: str = "", max_error_bytes: int = 2048,
+                 state: ServingState | None = None):
         self.app, self.max_body_bytes, self.max_images = app, max_body_bytes, max_images
-        self.reload_token, self.max_error_bytes = reload_token, max_error_bytes
+        self.reload_token, self.max_error_bytes, self.state = reload_token, max_error_bytes, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._short_errors(send)
         path, method = scope["path"], scope["method"]
+        if path == "/readyz" and self.state is not None and self.state.refused:
+            body = json.dumps({"ready": True, "serving": list(self.state.serving), "refused": self.state.refused})
+            return await _send_json(send, 200, body.encode())
         if path == RELOAD_ROUTE and (problem := self._reload_refusal(Headers(scope=scope))):
             return await _answer(send, *problem)
         if method != "POST" or path not in IMAGE_ROUTES:
@@ -143,11 +157,14 @@ def _replay(body: bytes):
     return receive
 
 
-async def _answer(send, status: int, error: str) -> None:
-    body = json.dumps({"error": error}).encode()
+async def _send_json(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _answer(send, status: int, error: str) -> None:
+    await _send_json(send, status, json.dumps({"error": error}).encode())
     logging.getLogger("bentoml.vision_foundry").warning("refused with %d: %s", status, error)
 
 

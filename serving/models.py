@@ -5,15 +5,18 @@ from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
 from dinomx.embed import Embedder
 from dinomx.probes import TaskHeads
+from registry import audit
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
 
 
 class ServingError(RuntimeError):
-    """The registry holds no servable set of models for the requested alias."""
+    """The registry holds no servable set of models for the requested alias, or one the gates did
+    not put there."""
 
 
 @dataclass
@@ -28,10 +31,20 @@ class PromotedModels:
         return self.backbone_uri, self.head_uri
 
 
+def gated_holder(client: MlflowClient, model: str, alias: str) -> ModelVersion | None:
+    """The version of ``model`` holding ``alias``, if the gates put it there: a holder whose latest
+    promotion record names another version, or none (checked against ``VF_AUDIT_KEY`` when the
+    service has it), was moved outside them and is refused."""
+    holder = alias_holder(client, model, alias)
+    if holder is not None and (reason := audit.unaudited_reason(client, holder, alias, audit.audit_key())):
+        raise ServingError(f"refused to follow {model}@{alias}: {reason}")
+    return holder
+
+
 def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str | None, str | None]:
     """``models:/`` URIs of the backbone and head holding ``alias`` now (None where none does)."""
     client = client or MlflowService().client
-    holders = (alias_holder(client, f"{name}-backbone", alias), alias_holder(client, f"{name}-head", alias))
+    holders = (gated_holder(client, f"{name}-backbone", alias), gated_holder(client, f"{name}-head", alias))
     return tuple(version_uri(mv) if mv else None for mv in holders)
 
 
@@ -42,12 +55,12 @@ def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> 
     the promoted backbone version is refused rather than served with wrong answers.
     """
     client = client or MlflowService().client
-    backbone = alias_holder(client, f"{name}-backbone", alias)
+    backbone = gated_holder(client, f"{name}-backbone", alias)
     if backbone is None:
         raise ServingError(f"no version of {name}-backbone holds @{alias}")
     backbone_uri = version_uri(backbone)
     embedder = mlflow.pyfunc.load_model(backbone_uri).unwrap_python_model().embedder
-    head = alias_holder(client, f"{name}-head", alias)
+    head = gated_holder(client, f"{name}-head", alias)
     if head is None:
         return PromotedModels(backbone_uri, embedder, None, None)
     parent = Lineage.from_tags(head.tags).parent

@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse
 from dinomx.errors import DataError
 from registry.lineage import RegistryUnavailable
 from serving.batching import MicroBatcher
-from serving.guard import ClientErrorLog, RequestGuard
+from serving.guard import ClientErrorLog, RequestGuard, ServingState
 from serving.models import PromotedModels, ServingError, load_promoted, promoted_uris
 
 MAX_IMAGES = int(os.environ.get("VF_MAX_IMAGES", "64"))
@@ -52,6 +52,8 @@ RELOAD_INTERVAL_S = float(os.environ.get("VF_RELOAD_INTERVAL_S", "60"))
 REGISTRY_TIMEOUT_S = float(os.environ.get("VF_REGISTRY_TIMEOUT_S", "20"))
 BATCH_MAX_SIZE = int(os.environ.get("VF_BATCH_MAX_SIZE", "64"))
 BATCH_MAX_WAIT_MS = float(os.environ.get("VF_BATCH_MAX_WAIT_MS", "0"))
+# Shared with the request guard, which answers /readyz with it while a moved alias is refused.
+STATE = ServingState()
 # MLflow's REST client retries a dead server for minutes by default; a service answers sooner.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -121,6 +123,7 @@ class VisionFoundry:
         self.name = os.environ.get("VF_MODEL_NAME", "demo")
         self.alias = os.environ.get("VF_MODEL_ALIAS", "production")
         self.models: PromotedModels = load_promoted(self.name, self.alias)
+        STATE.serving, STATE.refused = self.models.uris, None
         if self.models.heads is None:
             log.warning("no %s-head holds @%s: serving /embed and /attention only", self.name, self.alias)
         self.batcher = MicroBatcher(BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS)
@@ -134,6 +137,9 @@ class VisionFoundry:
             try:
                 with self._reloading:
                     self._reload()
+            except ServingError as exc:
+                STATE.refused = str(exc)
+                log.warning("reload check: %s; still serving %s", exc, self.models.uris)
             except Exception as exc:  # the poller must outlive a registry outage or a bad promotion
                 log.warning("reload check: %s; still serving %s", exc, self.models.uris)
 
@@ -142,6 +148,7 @@ class VisionFoundry:
         does not answer raises ``RegistryUnavailable``: nothing changes on a guess."""
         current = promoted_uris(self.name, self.alias)
         if current == self.models.uris:
+            STATE.refused = None
             return {"changed": False, "backbone": current[0], "head": current[1]}
         if self.models.head_uri and current[1] is None:
             raise ServingError(f"no {self.name}-head holds @{self.alias} any more; serving on without the head "
@@ -149,6 +156,7 @@ class VisionFoundry:
         models = load_promoted(self.name, self.alias)
         # Swapped in one assignment: a request sees either the old set or the new one.
         self.models = models
+        STATE.serving, STATE.refused = models.uris, None
         log.info("reloaded @%s: %s", self.alias, models.uris)
         return {"changed": True, "backbone": models.backbone_uri, "head": models.head_uri}
 
@@ -188,6 +196,8 @@ class VisionFoundry:
         except asyncio.TimeoutError:
             message = f"the registry did not answer within {REGISTRY_TIMEOUT_S:g} s; still serving {self.models.uris}"
         except ServingError as exc:
+            STATE.refused = str(exc)
+            log.warning("reload: %s; still serving %s", exc, self.models.uris)
             raise BadInput(f"kept {self.models.uris}: {exc}") from None
         except RegistryUnavailable as exc:
             message = f"{exc}; still serving {self.models.uris}"
@@ -262,4 +272,4 @@ class VisionFoundry:
 
 
 VisionFoundry.add_asgi_middleware(RequestGuard, max_body_bytes=MAX_REQUEST_BYTES, max_images=MAX_IMAGES,
-                                  reload_token=os.environ.get("VF_RELOAD_TOKEN", ""))
+                                  reload_token=os.environ.get("VF_RELOAD_TOKEN", ""), state=STATE)

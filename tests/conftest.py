@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Embedded defaults for every test: no telemetry, no hub access.
@@ -21,11 +22,10 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from data.synthetic import generate  # noqa: E402
+from deploy.stack import PARTS, Stack  # noqa: E402
 from dinomx.config import DinoMXConfig  # noqa: E402
-from scripts.demo import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "hospital"
@@ -91,22 +91,44 @@ def tiny_overrides(**train) -> str:
     return " ".join(f"{section}.{key}={value}" for section, values in sections.items() for key, value in values.items())
 
 
-# A real S3-compatible HTTP server on loopback (moto), reached by endpoint URL like MinIO would be.
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+def stack_root():
+    """One team stack for the whole session, its parts started as tests first need them (S3 alone
+    for most; PostgreSQL, the MLflow server with auth and the gunicorn portal for the team tests).
+    Not under pytest's temporary folder: that is private to root, and PostgreSQL runs as postgres."""
+    root = Path(tempfile.mkdtemp(prefix="vf-stack-"))
+    root.chmod(0o755)
+    stack = Stack(root)
+    yield stack
+    stack.down()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_stack(stack_root) -> Stack:
+    """A real S3 server (SeaweedFS) on loopback, reached by endpoint URL like MinIO would be; it
+    checks signatures, presigned ones included."""
+    return stack_root.up(("s3",))
+
+
+@pytest.fixture(scope="session")
+def team_stack(stack_root) -> Stack:
+    """Every part of a team's deployment: PostgreSQL, S3, ``mlflow server`` with its auth app, the
+    portal under four gunicorn workers."""
+    return stack_root.up(PARTS)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_stack) -> str:
+    return s3_stack.s3_endpoint
 
 
 @pytest.fixture()
-def s3(s3_endpoint, monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
+def s3(s3_stack, monkeypatch):
+    for key, value in s3_stack.s3_env().items():
+        if key != "AWS_ENDPOINT_URL":
+            monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=s3_stack.s3_endpoint)
     client.create_bucket(Bucket=BUCKET)
     yield client
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):

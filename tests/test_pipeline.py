@@ -30,6 +30,7 @@ from dinomx.config import DinoMXConfig
 from dinomx.embed import Embedder
 from dinomx.model import build_models
 from registry.lineage import Lineage, format_chain, lineage_chain
+from registry.mlflow_service import EVAL_RUN_ID, Tag
 from registry.promote import PromotionRefused, promote
 from scripts.demo import free_port, wait_ready
 from tests.conftest import copy_checkout, portal_with_demo_dataset
@@ -408,10 +409,20 @@ def test_concurrent_embeds_are_batched_and_answer_each_caller(service):
 
 
 def _copy_version(client, name, source_version, **tag_changes):
-    """A new version of ``name`` from an existing one's files and tags (a retrained twin)."""
+    """A new version of ``name`` from an existing one's files and tags (a retrained twin), with an
+    evaluate run of its own when the original had one (the gates take no borrowed evaluation)."""
     mv = client.get_model_version(name, source_version)
-    tags = {k: v for k, v in mv.tags.items() if not k.startswith("vf.audit.")} | tag_changes
-    return str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version)
+    tags = {k: v for k, v in mv.tags.items() if not k.startswith("vf.audit.") and k != EVAL_RUN_ID} | tag_changes
+    version = str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version)
+    if EVAL_RUN_ID in mv.tags:
+        original = client.get_run(mv.tags[EVAL_RUN_ID])
+        run = client.create_run(original.info.experiment_id, tags={Tag.ENTRY_POINT: "evaluate",
+                                                                   Tag.EVALUATED_MODEL: f"models:/{name}/{version}"})
+        for key, value in original.data.metrics.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+        client.set_model_version_tag(name, version, EVAL_RUN_ID, run.info.run_id)
+    return version
 
 
 def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, demo):
@@ -446,11 +457,13 @@ def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, dem
     assert locked.status_code == 503 and "still serving" in locked.text
     assert httpx.post(f"{base}/classify", files=[_png(sample)], timeout=60).json()["model"] == f"models:/demo-head/{head}"
 
-    # Aliases moved behind the gates' back (by hand in the registry) leave a head on another
-    # backbone, or no head at all: the service keeps serving the set it has.
+    # Aliases moved behind the gates' back (by hand in the registry) are not followed, and a set
+    # without its head is not served: the service keeps serving the set it has.
     client.set_registered_model_alias("demo-backbone", "production", "1")
     refused = httpx.post(f"{base}/reload", headers=RELOAD, timeout=120)
-    assert refused.status_code == 400 and "promote a head trained on that backbone" in refused.text
+    assert refused.status_code == 400 and "refused to follow demo-backbone@production" in refused.text
+    ready = httpx.get(f"{base}/readyz", timeout=30).json()
+    assert f"the gates last moved it to version {backbone}" in ready["refused"]
     client.set_registered_model_alias("demo-backbone", "production", backbone)
     client.delete_registered_model_alias("demo-head", "production")
     headless = httpx.post(f"{base}/reload", headers=RELOAD, timeout=120)

@@ -1,5 +1,5 @@
-"""The portal's JSON API with Flask's test client, against a real S3-compatible server (moto) and a
-real SQLite registry; the pages in headless Chromium (Playwright) with checked screenshots."""
+"""The portal's JSON API with Flask's test client, against a real S3 server (SeaweedFS, which checks
+signatures) and a real SQLite registry; the pages in headless Chromium (Playwright) with checked screenshots."""
 import threading
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from tests.conftest import BUCKET, REPO
 from tests.test_registry import register
 
 PASSWORD = "correct horse"
+# An evaluation as `evaluate` records it, random-init baseline included.
+EVALUATED = {"knn.accuracy": 0.9, "linear.accuracy": 0.9, "random_init.knn.accuracy": 0.5}
 
 
 @pytest.fixture()
@@ -116,10 +118,14 @@ def test_presigned_urls_move_bytes_directly_scoped_to_one_object(app, s3):
     assert s3.get_object(Bucket=BUCKET, Key="datasets/colon/slides/case 1.svs")["Body"].read() == b"slide bytes"
     download = bob.post(f"/api/datasets/{colon}/download-url", json={"path": "slides/case 1.svs"}).json["url"]
     assert httpx.get(download).content == b"slide bytes"
-    # One object, one method: SigV4 signs the path and the method, only the host header is signed.
-    # (moto does not check presigned signatures; S3, MinIO and PowerScale refuse any other key.)
+    # One object, one method: the S3 server refuses the URL for any other key, method or expiry.
     url = httpx.URL(download)
     assert url.path == f"/{BUCKET}/datasets/colon/slides/case 1.svs" and url.params["X-Amz-SignedHeaders"] == "host"
+    assert httpx.get(download.replace("case%201.svs", "case%202.svs")).status_code == 403
+    assert httpx.get(str(url.copy_set_param("X-Amz-Expires", "604800"))).status_code == 403
+    assert httpx.put(download, content=b"overwrite").status_code == 403
+    assert httpx.get(download.replace("datasets/colon/", "datasets/colon-secret/")).status_code == 403
+    assert s3.get_object(Bucket=BUCKET, Key="datasets/colon/slides/case 1.svs")["Body"].read() == b"slide bytes"
     assert [o["path"] for o in bob.get(f"/api/datasets/{colon}/objects").json] == ["slides/case 1.svs"]
     page = bob.get(f"/datasets/{colon}/download?path=slides/case%201.svs")
     assert page.status_code == 302 and page.location.startswith(app.extensions["vf.settings"].s3_endpoint_url)
@@ -184,8 +190,8 @@ def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(ap
         db.session.add(ModelFamily(name="p", owner="dan"))
         db.session.commit()
     client = MlflowClient()
-    v1 = register(client, "p-backbone", eval_tags={"knn.accuracy": 0.8, "linear.accuracy": 0.8})
-    v2 = register(client, "p-backbone", eval_tags={"knn.accuracy": 0.9, "linear.accuracy": 0.9})
+    v1 = register(client, "p-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.8, "linear.accuracy": 0.8})
+    v2 = register(client, "p-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.9, "linear.accuracy": 0.9})
     head = register(client, "p-head", "head", {"linear.accuracy": 0.9, "knn.accuracy": 0.9}, parent=f"models:/p-backbone/{v2}")
     bob, dan = signed_in(app, "bob"), signed_in(app, "dan")
     assert bob.post("/api/models/p-backbone/promote", json={"version": v1, "alias": "production"}).status_code == 403
@@ -204,6 +210,51 @@ def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(ap
     assert {(e["action"], e["user"], e["outcome"]) for e in events} >= {
         ("model.promote", "dan", "refused"), ("model.promote", "dan", "ok"), ("model.rollback", "dan", "ok"),
         ("access", "bob", "denied")}
+
+
+def test_no_one_moves_another_familys_models_through_with_on_promote_or_rollback(app):
+    with app.app_context():
+        db.session.add_all([ModelFamily(name="mine", owner="dan"), ModelFamily(name="theirs", owner="ana")])
+        db.session.commit()
+    client = MlflowClient()
+    mine = register(client, "mine-backbone", eval_tags=EVALUATED)
+    theirs = {alias: register(client, "theirs-backbone", eval_tags=EVALUATED) for alias in ("staging", "production")}
+    heads = {alias: register(client, "theirs-head", "head", EVALUATED, parent=f"models:/theirs-backbone/{theirs[alias]}")
+             for alias in theirs}
+    admin, dan = signed_in(app, "ana"), signed_in(app, "dan")
+    for alias in ("staging", "production"):  # their owner's sets, then older ones to roll back to
+        assert admin.post("/api/models/theirs-backbone/promote", json={
+            "version": theirs[alias], "alias": alias, "reason": "theirs",
+            "with": [f"models:/theirs-head/{heads[alias]}"]}).status_code == 200
+    before = {(m["name"], a): v for m in admin.get("/api/models").json for a, v in m["aliases"].items()}
+    for alias in ("staging", "production"):
+        attack = dan.post("/api/models/mine-backbone/promote", json={
+            "version": mine, "alias": alias, "reason": "mine",
+            "with": [f"models:/theirs-backbone/{theirs['staging']}", f"models:/theirs-head/{heads['staging']}"]})
+        assert attack.status_code == 403 and "model family 'theirs' (theirs-backbone) belongs to ana" in attack.json["error"]
+        back = dan.post("/api/models/mine-backbone/rollback", json={"alias": alias, "reason": "r",
+                                                                    "with": ["theirs-backbone", "theirs-head"]})
+        assert back.status_code == 403 and "theirs-backbone" in back.json["error"]
+    assert {(m["name"], a): v for m in admin.get("/api/models").json for a, v in m["aliases"].items()} == before
+    denied = [(e["action"], e["user"]) for e in admin.get("/api/audit").json if e["outcome"] == "denied"]
+    assert denied.count(("model.promote", "dan")) == 2 and denied.count(("model.rollback", "dan")) == 2
+
+
+def test_unknown_models_are_404_and_malformed_json_is_400(app):
+    admin = signed_in(app, "ana")
+    missing = admin.get("/api/models/no-such-backbone")
+    assert missing.status_code == 404 and missing.json == {"error": "no registered model 'no-such-backbone'"}
+    assert admin.get("/registry/no-such-backbone").status_code == 404
+    deep = admin.post("/api/datasets", data="[" * 5000 + "]" * 5000, content_type="application/json")
+    assert deep.status_code == 400 and "nested deeper" in deep.json["error"]
+    nested = admin.post("/api/datasets", data='{"name": ' + '{"a": ' * 40 + "1" + "}" * 41,
+                        content_type="application/json")
+    assert nested.status_code == 400 and "nested deeper than 32" in nested.json["error"]
+    surrogate = admin.post("/api/datasets", data='{"name": "x\\ud800y", "prefix": "datasets/s"}',
+                           content_type="application/json")
+    assert surrogate.status_code == 400 and surrogate.json["error"] == "name: not valid Unicode text (a lone surrogate)"
+    broken = admin.post("/api/datasets", data=b'{"name": "\xff"}', content_type="application/json")
+    assert broken.status_code == 400 and broken.json["error"].startswith("body: not valid JSON")
 
 
 def test_hostile_input_gets_4xx_naming_the_field_and_every_refusal_is_audited(app):
@@ -270,6 +321,11 @@ def test_jobs_train_only_into_families_their_owner_may_use_and_teachers_are_hub_
     for teachers in ("hf:/etc/models", "hf:../../secrets", "hf:org/../x"):
         refused = bob.post("/api/jobs", json=form | {"name": "bobs", "strategy": "distill", "teachers": teachers})
         assert refused.status_code == 400 and "never a local path" in refused.json["errors"]["teachers"], teachers
+    # A two-part relative path looks like a hub id: it resolves in the Hugging Face cache only, never
+    # to the portal's working directory (where outputs/pretrain and mlruns/models exist).
+    for teachers in ("hf:outputs/pretrain", "hf:mlruns/models"):
+        refused = bob.post("/api/jobs", json=form | {"name": "bobs", "strategy": "distill", "teachers": teachers})
+        assert refused.status_code == 400 and "not in the local Hugging Face cache" in refused.json["errors"]["teachers"]
     taken = bob.post("/api/jobs", json=form | {"name": "demo"})
     assert taken.status_code == 403 and "'demo' is in the registry but has no owner" in taken.json["error"]
     assert bob.post("/api/jobs", json=form | {"name": "bobs"}).status_code == 201  # a new name: bob's now
@@ -278,7 +334,7 @@ def test_jobs_train_only_into_families_their_owner_may_use_and_teachers_are_hub_
     dan = signed_in(app, "dan")
     register(MlflowClient(), "bobs-backbone")
     promote = dan.post("/api/models/bobs-backbone/promote", json={"version": "1", "alias": "staging", "reason": "r"})
-    assert promote.status_code == 403 and "may not promote it" in promote.json["error"]
+    assert promote.status_code == 403 and "dan may not move its aliases" in promote.json["error"]
 
 
 @pytest.fixture()

@@ -6,15 +6,15 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from registry.audit import trail as audit_trail
 from registry.lineage import Lineage, LineageError, RegistryUnavailable, alias_holder, equals, lineage_chain
 from registry.lineage import main as lineage_main
-from registry.mlflow_service import EVAL_PREFIX
+from registry.mlflow_service import EVAL_PREFIX, EVAL_RUN_ID, Tag
 from registry.promote import (
     LOCK_PREFIX,
     MetricGate,
     PromotionRefused,
     alias_lock,
-    audit_trail,
     load_gates,
     promote,
     rollback,
@@ -36,6 +36,8 @@ def client(tmp_path):
 
 def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: dict | None = None,
              parent: str = "scratch", eval_tags: dict | None = None) -> str:
+    """A version with complete lineage; ``eval_tags``: the metrics of an evaluate run of it, as
+    ``evaluate`` records them (the run, its id on the version, the ``vf.eval.*`` tags)."""
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
     lineage = Lineage(kind=kind, source_run_id=run.info.run_id, parent=parent, data_path="data/x", data_md5="m.dir",
@@ -44,8 +46,16 @@ def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: d
                       config_sha256="s")
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
-    tags = {**lineage.tags(), **{EVAL_PREFIX + k: repr(v) for k, v in (eval_tags or {}).items()}}
-    return str(client.create_model_version(name, source="file:///unused", run_id=run.info.run_id, tags=tags).version)
+    version = str(client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                              tags=lineage.tags()).version)
+    if eval_tags is not None:
+        with mlflow.start_run() as evaluation:
+            mlflow.log_metrics(eval_tags)
+            mlflow.set_tags({Tag.ENTRY_POINT: "evaluate", Tag.EVALUATED_MODEL: f"models:/{name}/{version}"})
+        for key, value in {**{EVAL_PREFIX + k: repr(v) for k, v in eval_tags.items()},
+                           EVAL_RUN_ID: evaluation.info.run_id}.items():
+            client.set_model_version_tag(name, version, key, value)
+    return version
 
 
 def holder(client, name, alias="production"):
@@ -81,7 +91,7 @@ def test_a_backbone_without_evaluation_is_told_to_run_evaluate(client):
     v1 = register(client, "e-backbone", eval_tags={"knn.accuracy": 0.8})
     promote(client, f"models:/e-backbone/{v1}", "staging", "first", gates=GATES)
     unevaluated = register(client, "e-backbone")
-    with pytest.raises(PromotionRefused, match=r"has no knn.accuracy .* run `mlflow run . -e evaluate -P "
+    with pytest.raises(PromotionRefused, match=r"has no recorded evaluation; run `mlflow run . -e evaluate -P "
                                                r"model=models:/e-backbone/2`"):
         promote(client, f"models:/e-backbone/{unevaluated}", "staging", "try", gates=GATES)
 
@@ -233,3 +243,79 @@ def test_an_unset_alias_is_not_an_unreachable_registry(client, monkeypatch):
     down = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(RegistryUnavailable, match="registry: cannot read u-backbone@production"):
         alias_holder(down, "u-backbone", "production")
+
+
+def test_no_alias_without_evidence_and_floors_hold_for_a_first_promotion(client):
+    floors = {"backbone": [MetricGate("knn.accuracy", 0.01, above="random_init.knn.accuracy"),
+                           MetricGate("linear.accuracy", 0.01, minimum=0.5)]}
+    never_evaluated = register(client, "f-backbone")
+    with pytest.raises(PromotionRefused, match="has no recorded evaluation") as refused:
+        promote(client, f"models:/f-backbone/{never_evaluated}", "production", "try", gates=floors)
+    assert refused.value.gate == "evidence"
+    no_baseline = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.7, "linear.accuracy": 0.7})
+    with pytest.raises(PromotionRefused, match="no random_init.knn.accuracy recorded"):
+        promote(client, f"models:/f-backbone/{no_baseline}", "production", "try", gates=floors)
+    fell = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.60, "random_init.knn.accuracy": 0.61,
+                                                    "linear.accuracy": 0.7})
+    with pytest.raises(PromotionRefused, match=r"knn.accuracy 0.6000 does not beat random_init.knn.accuracy 0.6100") as low:
+        promote(client, f"models:/f-backbone/{fell}", "production", "try", gates=floors)
+    assert low.value.gate == "floor"
+    weak = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4,
+                                                    "linear.accuracy": 0.45})
+    with pytest.raises(PromotionRefused, match=r"linear.accuracy 0.4500 is past the floor 0.5"):
+        promote(client, f"models:/f-backbone/{weak}", "production", "try", gates=floors)
+    good = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4,
+                                                    "linear.accuracy": 0.8})
+    promote(client, f"models:/f-backbone/{good}", "production", "learned", gates=floors)
+    assert holder(client, "f-backbone") == good
+    assert load_gates()["backbone"][0] == MetricGate("knn.accuracy", 0.01, above="random_init.knn.accuracy")
+
+
+def test_evaluation_tags_without_an_evaluate_run_of_that_version_are_no_evidence(client):
+    v1 = register(client, "g-backbone", eval_tags={"knn.accuracy": 0.9})
+    v2 = register(client, "g-backbone")
+    # Copying v1's evaluation onto v2 (anyone who may edit the model may write tags) proves nothing.
+    for key, value in client.get_model_version("g-backbone", v1).tags.items():
+        if key.startswith(EVAL_PREFIX):
+            client.set_model_version_tag("g-backbone", v2, key, value)
+    with pytest.raises(PromotionRefused, match=r"is not an evaluate run of this version \(it evaluated models:/g-backbone/1\)"):
+        promote(client, f"models:/g-backbone/{v2}", "staging", "borrowed", gates=GATES)
+
+
+def test_every_model_a_set_moves_is_authorized_before_anything_moves(client):
+    backbone = register(client, "a-backbone", eval_tags={"knn.accuracy": 0.9})
+    head = register(client, "a-head", "head", {"linear.accuracy": 0.9}, parent=f"models:/a-backbone/{backbone}")
+    asked = []
+
+    def only_a_backbone(name: str) -> None:
+        asked.append(name)
+        if name != "a-backbone":
+            raise PromotionRefused("authorized", f"not {name}")
+
+    with pytest.raises(PromotionRefused, match="not a-head"):
+        promote(client, f"models:/a-backbone/{backbone}", "production", "r", gates=GATES,
+                together=[f"models:/a-head/{head}"], authorize=only_a_backbone)
+    assert asked == ["a-backbone", "a-head"] and alias_holder(client, "a-backbone", "production") is None
+    promote(client, f"models:/a-backbone/{backbone}", "production", "r", gates=GATES, together=[f"models:/a-head/{head}"])
+    with pytest.raises(PromotionRefused, match="not a-head"):
+        rollback(client, "a-backbone", "production", "r", together=["a-head"], authorize=only_a_backbone)
+
+
+def test_an_alias_moved_outside_the_gates_is_told_apart_and_signatures_cannot_be_forged(client, monkeypatch):
+    from registry import audit
+
+    monkeypatch.setenv(audit.KEY_ENV, "gate-secret")
+    v1 = register(client, "s-backbone", eval_tags={"knn.accuracy": 0.8})
+    v2 = register(client, "s-backbone", eval_tags={"knn.accuracy": 0.9})
+    [record] = promote(client, f"models:/s-backbone/{v1}", "production", "first", gates=GATES)
+    assert audit.signed_by(record, b"gate-secret")
+    key = audit.audit_key()
+    assert audit.unaudited_reason(client, client.get_model_version("s-backbone", v1), "production", key) is None
+    client.set_registered_model_alias("s-backbone", "production", v2)  # the MLflow UI's alias pencil
+    moved = client.get_model_version("s-backbone", v2)
+    assert "the gates last moved it to version 1" in audit.unaudited_reason(client, moved, "production", key)
+    # A hand-written record, or one signed with another key, is no record.
+    audit.write(client, moved, {"action": "promote", "alias": "production", "model": "s-backbone", "version": v2,
+                                "previous": v1, "user": "mallory"}, key=b"guessed")
+    assert "the gates last moved it to version 1" in audit.unaudited_reason(client, moved, "production", key)
+    assert audit.unaudited_reason(client, moved, "production", None) is None  # an unsigned setup trusts tags

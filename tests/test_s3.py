@@ -1,5 +1,5 @@
-"""Datasets on S3: a real S3-compatible HTTP server on loopback (moto), reached by boto3 and DVC
-through an endpoint URL, as MinIO or PowerScale would be."""
+"""Datasets on S3: a real S3 server on loopback (SeaweedFS, which checks signatures), reached by
+boto3 and DVC through an endpoint URL, as MinIO or PowerScale would be."""
 import shutil
 import subprocess
 from pathlib import Path

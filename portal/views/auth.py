@@ -27,7 +27,7 @@ def login():
     username, password = text(data, "username")[:64], text(data, "password")
     address = request.remote_addr or "unknown"
     throttle = settings().throttle
-    wait = throttle.retry_after(username, address)
+    wait = throttle.admit(username, address)
     if wait:
         audit("login", username, outcome="throttled", user=username or "anonymous", address=address, retry_after=wait)
         message = f"too many failed sign-ins; try again in {wait} s"
@@ -37,12 +37,11 @@ def login():
         return body, status, {"Retry-After": str(wait)}
     user = db.session.scalar(db.select(User).where(User.username == username))
     if user is None or not user.check_password(password):
-        throttle.failed(username, address)
         audit("login", username, outcome="denied", user=username or "anonymous", address=address)
         if not wants_json():
             flash("Unknown user or wrong password.")
         return answer({"error": "unknown user or wrong password"}, "login.html", 401)
-    throttle.succeeded(username)
+    throttle.succeeded(username, address)
     _sign_in(user, "password")
     return answer({"user": user.username, "admin": user.is_admin},
                   to=same_origin_path(request.args.get("next", "")) or url_for("datasets.datasets"))

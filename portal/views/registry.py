@@ -6,12 +6,12 @@ from flask import Blueprint, abort, url_for
 from flask_login import current_user, login_required
 
 from dinomx.errors import UserError
-from portal.access import AccessDenied, family_of, may_use_family
-from portal.db import ModelFamily, db
+from portal.access import AccessDenied, authorize_alias_move
 from portal.web import answer, audit, mlflow, payload, text
-from registry.lineage import Lineage, RegistryError, equals, format_chain, lineage_chain
+from registry.audit import trail as audit_trail
+from registry.lineage import BadModelReference, Lineage, RegistryError, equals, format_chain, lineage_chain, registry_errors
 from registry.mlflow_service import Tag
-from registry.promote import LOCK_PREFIX, PromotionRefused, audit_trail, promote, rollback
+from registry.promote import LOCK_PREFIX, PromotionRefused, promote, rollback
 
 bp = Blueprint("registry", __name__)
 
@@ -19,7 +19,8 @@ bp = Blueprint("registry", __name__)
 def _versions(name: str) -> list[dict]:
     client = mlflow().client
     # Search results leave version aliases empty; the registered model has them all.
-    aliases = client.get_registered_model(name).aliases
+    with registry_errors(f"{name}: "):
+        aliases = client.get_registered_model(name).aliases
     rows = []
     for v in sorted(client.search_model_versions(equals("name", name)), key=lambda v: int(v.version), reverse=True):
         try:
@@ -48,10 +49,10 @@ def registry():
 def model_page(name: str):
     try:
         versions = _versions(name)
-    except UserError:
-        abort(404)
+    except (RegistryError, BadModelReference):
+        abort(404, f"no registered model {name!r}")
     if not versions:
-        abort(404)
+        abort(404, f"no registered model {name!r}")
     chains = {}
     for row in versions[:5]:
         try:
@@ -63,16 +64,8 @@ def model_page(name: str):
                   versions=versions, chains=chains, trail=trail, may_promote=current_user.is_admin or current_user.can_promote)
 
 
-def _promoter(name: str) -> str:
-    """Promotion needs the right to promote and a share in the model's family (an administrator
-    has both)."""
-    if not (current_user.is_admin or current_user.can_promote):
-        raise AccessDenied(f"{current_user.username} may not promote models")
-    family = db.session.scalar(db.select(ModelFamily).where(ModelFamily.name == family_of(name)))
-    if not current_user.is_admin and (family is None or not may_use_family(current_user, family)):
-        owner = f"belongs to {family.owner}" if family else "has no owner in the portal"
-        raise AccessDenied(f"model family {family_of(name)!r} {owner}; {current_user.username} may not promote it")
-    return current_user.username
+def _authorize(name: str) -> None:
+    authorize_alias_move(current_user, name)
 
 
 def _together(data: dict) -> list[str]:
@@ -88,6 +81,9 @@ def _move(action: str, name: str, target: str, move):
     """Run an alias move (``move(client)`` returns its records), auditing each moved version or the refusal."""
     try:
         records = move(mlflow().client)
+    except AccessDenied as exc:
+        audit(action, target, outcome="denied", reason=str(exc))
+        raise
     except UserError as exc:
         audit(action, target, outcome="refused", reason=str(exc))
         raise exc if isinstance(exc, PromotionRefused) else PromotionRefused("input", str(exc)) from None
@@ -100,16 +96,18 @@ def _move(action: str, name: str, target: str, move):
 @bp.post("/api/models/<name>/promote", endpoint="api_promote")
 @login_required
 def promote_model(name: str):
-    user, data = _promoter(name), payload()
+    data = payload()
     uri = f"models:/{name}/{text(data, 'version')}"
     return _move("model.promote", name, uri, lambda client: promote(
-        client, uri, text(data, "alias"), text(data, "reason") or "(none)", user=user, together=_together(data)))
+        client, uri, text(data, "alias"), text(data, "reason") or "(none)", user=current_user.username,
+        together=_together(data), authorize=_authorize))
 
 
 @bp.post("/registry/<name>/rollback")
 @bp.post("/api/models/<name>/rollback", endpoint="api_rollback")
 @login_required
 def rollback_model(name: str):
-    user, data = _promoter(name), payload()
+    data = payload()
     return _move("model.rollback", name, name, lambda client: rollback(
-        client, name, text(data, "alias"), text(data, "reason") or "(none)", user=user, together=_together(data)))
+        client, name, text(data, "alias"), text(data, "reason") or "(none)", user=current_user.username,
+        together=_together(data), authorize=_authorize))
