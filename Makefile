@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := False
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo demo-team stack stack-down test clean
+.PHONY: setup demo demo-team stack stack-down test test-fast clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,12 @@ demo-team: $(STAMP) $(INITDB)
 test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD) $(INITDB)
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The developer's lane: unit tests only (no mlflow run, DVC pipeline, BentoML, Slurm, browser or
+# team stack), a few minutes on two cores. CI runs `make test`, which runs everything.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not cluster and not browser and not team"
 
 clean:
 	rm -rf $(VENV) .stack mlruns mlflow.db portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx

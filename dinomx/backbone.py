@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -94,15 +93,14 @@ def pretrained_student(cfg: DinoMXConfig) -> DinoMXConfig:
     if hf.model_type not in ("dinov2", "vit", "dinov2_with_registers"):
         raise ConfigError(f"student.pretrained: {source!r} is a {hf.model_type!r} model; expected dinov2, vit or "
                           "dinov2_with_registers")
-    student = dataclasses.replace(
-        cfg.student,
+    student = cfg.student.replace(
         arch=hf.model_type,
         **{name: getattr(hf, name) for name in _SHARED_FIELDS},
         mlp_ratio=int(getattr(hf, "mlp_ratio", 0) or hf.intermediate_size // hf.hidden_size),
         num_register_tokens=getattr(hf, "num_register_tokens", 0),
         drop_path_rate=float(getattr(hf, "drop_path_rate", 0.0)),
     )
-    resolved = dataclasses.replace(cfg, student=student)
+    resolved = cfg.replace(student=student)
     try:
         check_model_fit(resolved)
     except ConfigError as exc:

@@ -2,7 +2,6 @@
 processes loads under any number of processes and either distribution type."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -79,9 +78,8 @@ def resume_key(cfg: DinoMXConfig) -> str:
     """The config hash without what may differ between the interrupted and the resumed run: where
     outputs go, where (registered) teachers were downloaded to, how processes cooperate, and how
     often progress is reported or evaluated."""
-    return dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(cfg.train, output_dir="", log_every=1, eval_every=0, stop_on_collapse=False),
-        distillation=dataclasses.replace(cfg.distillation, teachers=[str(len(cfg.distillation.teachers))]),
+    return cfg.replace(
+        train=cfg.train.replace(output_dir="", log_every=1, eval_every=0, stop_on_collapse=False),
+        distillation=cfg.distillation.replace(teachers=[str(len(cfg.distillation.teachers))]),
         distribution=DistributionConfig(),
     ).sha256()

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 
 from dinomx.config import DinoMXConfig
 from dinomx.errors import run_command
-from dinomx.interrupt import Interrupted
+from dinomx.interrupt import Interrupted, exit_code
 from dinomx.train import make_accelerator, train
 
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command("dinomx", run)
     except Interrupted as exc:
         print(f"dinomx: interrupted by {exc}", file=sys.stderr)
-        return os.EX_TEMPFAIL  # try again later: what a requeueing job script looks for
+        return exit_code(exc)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,16 +5,13 @@ before a run starts, with the dotted path of the offending key in the message.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from dinomx.errors import UserError
 
@@ -23,8 +20,33 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
-@dataclass
-class StudentConfig:
+def _as_tuple(value: Any) -> Any:
+    """YAML has lists where the config holds fixed-length tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _as_pair(value: Any) -> Any:
+    value = _as_tuple(value)
+    if isinstance(value, tuple) and len(value) != 2:
+        raise ConfigError(f"expected 2 values, got {len(value)}")
+    return value
+
+
+Pair = Annotated[tuple[float, float], BeforeValidator(_as_pair)]
+Floats = Annotated[tuple[float, ...], BeforeValidator(_as_tuple)]
+
+
+class Section(BaseModel):
+    """A config section: strict types (no "1" for 1, no 1.5 for an integer), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` (values the caller already checked), as ``dataclasses.replace``."""
+        return self.model_copy(update=changes)
+
+
+class StudentConfig(Section):
     # "scratch" builds a randomly initialised backbone from the fields below; a local HF
     # directory (or "hf:<repo id>" resolved from the local HF cache) loads pretrained weights,
     # and then arch, image_size, patch_size, num_channels, hidden_size, num_hidden_layers,
@@ -46,19 +68,17 @@ class StudentConfig:
     gradient_checkpointing: bool = False
 
 
-@dataclass
-class LoRAConfig:
+class LoRAConfig(Section):
     """Low-rank adapters (``peft``) on the backbone; its base weights are then frozen."""
 
     enabled: bool = False
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-@dataclass
-class TeacherConfig:
+class TeacherConfig(Section):
     momentum_teacher: float = 0.992
     final_momentum_teacher: float = 1.0
     warmup_teacher_temp: float = 0.04
@@ -66,8 +86,9 @@ class TeacherConfig:
     warmup_teacher_temp_epochs: int = 3
 
 
-@dataclass
-class DINOHeadConfig:
+class HeadShape(Section):
+    """The projection head's sizes, shared by the DINO head and iBOT's own patch head."""
+
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -75,6 +96,9 @@ class DINOHeadConfig:
     # Batch-normalised hidden layers (dinomx.dino_head); the teacher's head then uses batch
     # statistics too, as in DINO.
     use_bn: bool = False
+
+
+class DINOHeadConfig(HeadShape):
     norm_last_layer: bool = True
     student_temp: float = 0.1
     center_momentum: float = 0.9
@@ -84,72 +108,61 @@ class DINOHeadConfig:
     koleo_loss_weight: float = 0.0
 
 
-@dataclass
-class IBOTConfig:
+class IBOTConfig(HeadShape):
     # Masked-patch prediction; a loss_weight of 0 turns iBOT off.
     loss_weight: float = 0.0
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_ratio_min_max: Pair = (0.1, 0.5)
     mask_sample_probability: float = 0.5
-    # With separate_head the patch tokens get their own head (sized below); otherwise the DINO head.
+    # With separate_head the patch tokens get their own head (sized as HeadShape); otherwise the DINO head.
     separate_head: bool = False
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    use_bn: bool = False
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 5e-4
     min_lr: float = 1e-6
     warmup_epochs: int = 1
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Pair = (0.9, 0.999)
     clip_grad: float = 3.0
     freeze_last_layer_epochs: int = 1
     # Block i of n trains at lr * layerwise_decay ** (n - i); 1.0 turns it off.
     layerwise_decay: float = 1.0
 
 
-@dataclass
-class CropsConfig:
+class CropsConfig(Section):
     global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    global_crops_scale: Pair = (0.32, 1.0)
     local_crops_number: int = 8
     local_crops_size: int = 96
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    local_crops_scale: Pair = (0.05, 0.32)
     # DINO-LG: masks laid out like the training data (non-zero = annotated); each local crop is
     # centred on an annotated pixel with this probability.
     label_masks_root: str | None = None
     label_guided_probability: float = 0.5
 
 
-@dataclass
-class DatasetConfig:
+class DatasetConfig(Section):
     # Normalisation statistics travel with the saved backbone's image processor.
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: Floats = (0.485, 0.456, 0.406)
+    std: Floats = (0.229, 0.224, 0.225)
     # Photometric table: natural images (colour or greyscale), radiology (CT) or H&E histology
     # (dinomx.augmentations).
     augmentation: Literal["rgb", "gray", "ct", "he"] = "rgb"
     num_workers: int = 0
 
 
-@dataclass
-class DistillationConfig:
+class DistillationConfig(Section):
     # Frozen teachers (local save_pretrained directories or "hf:<repo id>"); empty turns it off.
     # Registered models (models:/name/version) are resolved to directories by the MLflow entry point.
-    teachers: list[str] = field(default_factory=list)
+    teachers: list[str] = Field(default_factory=list)
     loss_weight: float = 1.0
     # Magnification-Aware Distillation: a folder laid out like the training data that holds, at
     # the same relative paths, the aligned low-magnification tiles the teachers see.
     paired_root: str | None = None
 
 
-@dataclass
-class DistributionConfig:
+class DistributionConfig(Section):
     # Processes come from `accelerate launch` (one per GPU, or --cpu with gloo); this section
     # says how they cooperate.
     # ddp replicates the model on every process; fsdp shards parameters, gradients and optimizer
@@ -158,8 +171,7 @@ class DistributionConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     batch_size: int = 64
     epochs: int = 100
     # One "epoch" is a fixed number of iterations, as in DINOv2's OFFICIAL_EPOCH_LENGTH, so that
@@ -170,8 +182,10 @@ class TrainConfig:
     # Multi-expert training: N students, each on its own shard of the data, aggregated by the
     # EMA teacher (memory grows with N).
     num_experts: int = 1
-    # A resumable checkpoint every N iterations (and at the end); 0 keeps only the final one.
+    # A resumable checkpoint every N iterations and every M minutes of training (and at the end);
+    # 0 turns either off. By time by default: a killed or preempted job loses minutes, not the run.
     checkpoint_every: int = 0
+    checkpoint_every_minutes: float = 10.0
     # Online kNN accuracy of the teacher every N iterations, given a labelled evaluation split
     # (dinomx.online_eval); 0 turns it off. eval_images caps the bank and the queries each.
     eval_every: int = 0
@@ -181,31 +195,32 @@ class TrainConfig:
     output_dir: str = "outputs/pretrain"
 
 
-@dataclass
-class DinoMXConfig:
-    student: StudentConfig = field(default_factory=StudentConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    dino_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)
-    ibot: IBOTConfig = field(default_factory=IBOTConfig)
-    lora_config: LoRAConfig = field(default_factory=LoRAConfig)
-    distillation: DistillationConfig = field(default_factory=DistillationConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    crops: CropsConfig = field(default_factory=CropsConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+class DinoMXConfig(Section):
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    dino_head: DINOHeadConfig = Field(default_factory=DINOHeadConfig)
+    ibot: IBOTConfig = Field(default_factory=IBOTConfig)
+    lora_config: LoRAConfig = Field(default_factory=LoRAConfig)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    crops: CropsConfig = Field(default_factory=CropsConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distribution: DistributionConfig = Field(default_factory=DistributionConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _semantics(self) -> "DinoMXConfig":
         _check_semantics(self)
         if self.student.pretrained == "scratch":  # else checked once the backbone's sizes are known
             check_model_fit(self)
+        return self
 
     @property
     def total_steps(self) -> int:
         return self.train.epochs * self.train.steps_per_epoch
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return _plain(self.model_dump())
 
     def flat(self) -> dict[str, Any]:
         """Every resolved value under its dotted key (``train.batch_size``)."""
@@ -222,8 +237,18 @@ class DinoMXConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DinoMXConfig":
-        return _build(cls, data, source)
+    def from_dict(cls, data: Any, source: str = "config", overrides: dict[str, str] | None = None) -> "DinoMXConfig":
+        """``overrides``: dotted key -> the ``section.key=value`` that set it, so that an error in
+        one is blamed on it rather than on the file."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            keypath, problem = _first_error(exc)
+            if keypath in (overrides or {}):
+                raise ConfigError(f"{source}: override {overrides[keypath]!r}: {problem}") from None
+            raise ConfigError(f"{source}: {keypath + ': ' if keypath else ''}{problem}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "DinoMXConfig":
@@ -236,13 +261,13 @@ class DinoMXConfig:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        for item in overrides or []:
-            _apply_override(data, item, str(path))
-        return _build(cls, data, str(path))
+        applied = {_apply_override(data, item, str(path)): item for item in overrides or []}
+        return cls.from_dict(data, str(path), applied)
 
 
-def _apply_override(data: dict, item: str, source: str) -> None:
-    """Apply one ``section.key=value`` override, the value parsed as YAML (``1e-3``, ``[1, 2]``)."""
+def _apply_override(data: dict, item: str, source: str) -> str:
+    """Apply one ``section.key=value`` override, the value parsed as YAML (``true``, ``[1, 2]``)
+    or as a Python number (``5e-4`` and ``.5``, which YAML 1.1 reads as text); returns its key."""
     key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -250,84 +275,48 @@ def _apply_override(data: dict, item: str, source: str) -> None:
     section = data.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: {parts[0]}: expected a mapping, got {type(section).__name__}")
-    section[parts[1]] = yaml.safe_load(raw)
+    section[parts[1]] = _number(yaml.safe_load(raw))
+    return ".".join(parts)
 
 
-def _build(cls: type, data: Any, source: str, keypath: str = "") -> Any:
-    path = f"{source}: {keypath}" if keypath else source
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(fields))})"
-        )
-    kwargs = {
-        name: _coerce(hints[name], value, source, f"{keypath}.{name}" if keypath else name)
-        for name, value in data.items()
-    }
-    try:
-        return cls(**kwargs)
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def _coerce(tp: Any, value: Any, source: str, keypath: str) -> Any:
-    origin = typing.get_origin(tp)
-    path = f"{source}: {keypath}"
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, source, keypath)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            allowed = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise ConfigError(f"{path}: expected one of {allowed}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        for kind in (int, float):
             try:
-                return _coerce(arg, value, source, keypath)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, source, f"{keypath}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, source, f"{keypath}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(arg, v, source, f"{keypath}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {path}")
+                return kind(value)
+            except ValueError:
+                continue
+    return value
+
+
+# pydantic's error types, said as this project says them.
+_EXPECTED = {
+    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping",
+    "dict_type": "a mapping",
+}
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    """The dotted key of a validation's first problem ("" for a rule across keys, whose message
+    names them) and what was expected there."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    kind, given = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        where, key = loc[:-1], loc[-1]
+        model = DinoMXConfig
+        for part in where:
+            model = model.model_fields[part].annotation
+        return ".".join(where), f"unknown key {key!r} (expected one of: {', '.join(sorted(model.model_fields))})"
+    keypath = ".".join(loc)
+    if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), ConfigError):
+        return keypath, str(error["ctx"]["error"])
+    if kind == "literal_error":
+        return keypath, f"expected one of {error['ctx']['expected']}, got {given!r}"
+    if kind in _EXPECTED:
+        return keypath, f"expected {_EXPECTED[kind]}, got {given!r}"
+    return keypath, f"{error['msg']}, got {given!r}"
 
 
 def _check_semantics(cfg: DinoMXConfig) -> None:
@@ -352,6 +341,7 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
     if cfg.lora_config.enabled and (cfg.lora_config.r <= 0 or not cfg.lora_config.target_modules):
         raise ConfigError("lora_config: expected r > 0 and at least one target module")
     for key, value in {"student.freeze_blocks": cfg.student.freeze_blocks, "train.checkpoint_every": cfg.train.checkpoint_every,
+                       "train.checkpoint_every_minutes": cfg.train.checkpoint_every_minutes,
                        "train.eval_every": cfg.train.eval_every, "ibot.loss_weight": cfg.ibot.loss_weight,
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
         if value < 0:

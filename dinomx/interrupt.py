@@ -7,11 +7,18 @@ limit. Killing the process there loses every iteration since the last periodic c
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The time-limit warning (``sbatch --signal=USR1@...``): the job should go on in a later launch.
+# A SIGTERM is a cancellation or a preemption, which the scheduler requeues itself if it means to.
+REQUEUE_SIGNAL = signal.SIGUSR1
+# What a stopped run's process exits with when it wants to be launched again: the job script
+# requeues on it ("try again later").
+REQUEUE_EXIT_CODE = os.EX_TEMPFAIL
 
 
 class Interrupted(RuntimeError):
@@ -20,6 +27,16 @@ class Interrupted(RuntimeError):
     def __init__(self, step: int, checkpoint: Path, signum: int):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         super().__init__(f"{signal.Signals(signum).name} at iteration {step}; resume from {checkpoint}")
+
+
+def wants_requeue(exc: Interrupted) -> bool:
+    return exc.signum == REQUEUE_SIGNAL
+
+
+def exit_code(exc: Interrupted) -> int:
+    """The one rule for both command lines: requeue on the time-limit warning, else the shell's
+    128 + signal, which no job script mistakes for "launch me again"."""
+    return REQUEUE_EXIT_CODE if wants_requeue(exc) else 128 + exc.signum
 
 
 class StopRequest:

@@ -79,3 +79,17 @@ class KNNMonitor:
         knn = KNNClassifier(self.num_classes, self.k).fit(bank.cpu().numpy(), self.bank_labels.numpy())
         predicted = knn.predict_proba(queries.cpu().numpy()).argmax(1)
         return float((torch.from_numpy(predicted) == self.query_labels).float().mean())
+
+
+# kNN points over the step-0 network (random init, or the pretrained start) that count as learning;
+# below it the change is within what a different eval subset or seed moves.
+LEARNING_MARGIN = 0.02
+
+
+def learning_verdict(first: float, last: float, margin: float = LEARNING_MARGIN) -> tuple[bool, str]:
+    """(learned, one line) from the online kNN of the network before any update and at the end."""
+    gain = last - first
+    summary = f"kNN {first:.3f} -> {last:.3f} ({gain:+.3f} over the network before training)"
+    if gain >= margin:
+        return True, summary
+    return False, f"did not learn: {summary}; needs at least +{margin}"

@@ -33,7 +33,7 @@ from dinomx.diagnostics import CollapseDetector, CollapseError
 from dinomx.distillation import FrozenTeacher
 from dinomx.interrupt import Interrupted, StopRequest, ignore_stop_signals
 from dinomx.model import build_models, ema_update, param_groups, shard
-from dinomx.objective import SSLObjective
+from dinomx.objective import SSLObjective, StepOutput
 from dinomx.online_eval import KNNMonitor
 from dinomx.sampling import CropDataset, StreamSampler
 from dinomx.schedules import Schedules
@@ -81,13 +81,65 @@ def train(
         return _train(cfg, data_root, on_log, accelerator, resume_from, eval_root, on_collapse, stop)
 
 
-def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | None, accelerator: Accelerator | None,
-           resume_from: str | Path | None, eval_root: str | Path | None, on_collapse: CollapseCallback | None,
-           stop: StopRequest) -> TrainResult:
+@dataclass
+class Run:
+    """Everything the loop works with, built once by ``build_run``."""
+
+    cfg: DinoMXConfig
+    accelerator: Accelerator
+    students: list  # one per expert; usually one
+    optimizers: list
+    teacher: torch.nn.Module
+    objective: SSLObjective
+    frozen: list[FrozenTeacher]
+    loader: DataLoader
+    schedules: Schedules
+    monitor: KNNMonitor | None
+    start: int
+    checkpoint: Path
+    fsdp: bool
+    expert_params: list[list[torch.nn.Parameter]]
+    teacher_params: list[torch.nn.Parameter]
+
+    @property
+    def total(self) -> int:
+        return self.cfg.total_steps
+
+    @property
+    def per_step(self) -> int:
+        """Images per iteration over all processes."""
+        return self.cfg.train.batch_size * self.accelerator.num_processes
+
+    def save(self, step: int) -> dict:
+        return save_checkpoint(self.accelerator, self.checkpoint, step, self.cfg, self.students, self.teacher,
+                               self.objective, self.optimizers)
+
+
+@dataclass
+class Step:
+    """What one iteration did: its objective's output and the schedule values it ran at."""
+
+    it: int
+    out: StepOutput
+    grad_norm: float
+    lr: float
+    wd: float
+    momentum: float
+    teacher_temp: float
+
+    @property
+    def done(self) -> int:
+        """Iterations completed after this one."""
+        return self.it + 1
+
+
+def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator | None,
+              resume_from: str | Path | None, eval_root: str | Path | None) -> Run:
+    """Models, optimisers, schedules, data and evaluators, restored from ``resume_from`` if given."""
     cfg = pretrained_student(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    total, batch_size = cfg.total_steps, cfg.train.batch_size
+    batch_size, experts = cfg.train.batch_size, cfg.train.num_experts
     per_step = batch_size * accelerator.num_processes
     images = ImageFolderDataset(data_root, cfg.student.num_channels)
     if len(images) < batch_size:
@@ -103,7 +155,6 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     objective = SSLObjective(cfg)
     # Multi-expert: experts start equal, each learns from its own data shard, and the EMA teacher
     # aggregates them all into the one model that is saved.
-    experts = cfg.train.num_experts
     students = [student] + [copy.deepcopy(student) for _ in range(experts - 1)]
     state = read_checkpoint(resume_from, cfg) if resume_from is not None else None
     if state is not None:
@@ -121,12 +172,12 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     optimizers = [torch.optim.AdamW(param_groups(s, cfg.optim.layerwise_decay), betas=cfg.optim.betas) for s in students]
     if state is not None:
         restore_optimizers(state, students, optimizers)
-        logger.info("resumed from %s at iteration %d/%d", resume_from, start, total)
+        logger.info("resumed from %s at iteration %d/%d", resume_from, start, cfg.total_steps)
 
     loader = accelerator.prepare(DataLoader(
         CropDataset(images, cfg),
         batch_size=batch_size,
-        sampler=StreamSampler(len(images), start * per_step, total * per_step, cfg.train.seed, experts, per_step),
+        sampler=StreamSampler(len(images), start * per_step, cfg.total_steps * per_step, cfg.train.seed, experts, per_step),
         collate_fn=collate_crops,
         num_workers=cfg.dataset.num_workers,
         worker_init_fn=ignore_stop_signals,
@@ -135,95 +186,176 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     if not fsdp:  # FSDP modules are already distributed; DDP wraps the rest
         prepared = [accelerator.prepare(model, opt) for model, opt in zip(students, optimizers)]
         students, optimizers = [m for m, _ in prepared], [o for _, o in prepared]
-    expert_params = [list(accelerator.unwrap_model(model).parameters()) for model in students]
-    teacher_params = list(teacher.parameters())
-    schedules = Schedules.from_config(cfg)
-    detector = CollapseDetector(cfg.dino_head.out_dim, grace_steps=schedules.warmup_steps)
-    checkpoint = Path(cfg.train.output_dir) / CHECKPOINT_NAME
-    metrics: dict[str, float] = {}
-    collapse: str | None = None
-    window_start, window_steps = time.perf_counter(), 0
-    # A live bar for people at a terminal; logs and MLflow get the periodic log line instead.
-    progress = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True,
-                    disable=not (accelerator.is_main_process and sys.stderr.isatty()))
-    for model in students:
+    return Run(cfg=cfg, accelerator=accelerator, students=students, optimizers=optimizers, teacher=teacher,
+               objective=objective, frozen=frozen, loader=loader, schedules=Schedules.from_config(cfg), monitor=monitor,
+               start=start, checkpoint=Path(cfg.train.output_dir) / CHECKPOINT_NAME, fsdp=fsdp,
+               expert_params=[list(accelerator.unwrap_model(model).parameters()) for model in students],
+               teacher_params=list(teacher.parameters()))
+
+
+def train_step(run: Run, it: int, batch) -> Step:
+    """One iteration of one expert: schedules, forward, backward, clip, step, centres, EMA."""
+    schedules, expert = run.schedules, it % run.cfg.train.num_experts
+    student, optimizer = run.students[expert], run.optimizers[expert]
+    lr, wd = schedules.lr[it], schedules.weight_decay[it]
+    momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
+    for group in optimizer.param_groups:
+        group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
+        group["weight_decay"] = wd if group["apply_wd"] else 0.0
+
+    with run.accelerator.autocast():
+        out = run.objective(student, run.teacher, batch, teacher_temp, run.frozen)
+    _check_finite(out.loss, out.parts, it, lr, teacher_temp)
+    optimizer.zero_grad(set_to_none=True)
+    run.accelerator.backward(out.loss)
+    # Clipping at infinity only measures: the norm is a diagnostic in its own right.
+    grad_norm = run.accelerator.clip_grad_norm_(student.parameters(), run.cfg.optim.clip_grad or math.inf)
+    optimizer.step()
+    run.objective.update_centers(out)
+    ema_update(run.teacher_params, run.expert_params[expert], momentum)
+    return Step(it, out, float(grad_norm), lr, wd, momentum, teacher_temp)
+
+
+class PeriodicCheckpoint:
+    """A resumable checkpoint every ``train.checkpoint_every`` iterations and every
+    ``train.checkpoint_every_minutes`` of training (the last one is written by the end of
+    training). Every process saves at the same iteration: the clock of the slowest decides."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+
+    def __call__(self, run: Run, step: Step) -> None:
+        every, minutes = run.cfg.train.checkpoint_every, run.cfg.train.checkpoint_every_minutes
+        if step.done >= run.total:
+            return
+        due = bool(every) and step.done % every == 0
+        if minutes:
+            due = bool(_agreed_max(run.accelerator, due or time.monotonic() - self.since >= 60 * minutes))
+        if due:
+            run.save(step.done)
+            self.since = time.monotonic()
+
+
+class Reporting:
+    """At each log step (and evaluation): the metrics, the online kNN, the collapse watch, the log
+    line and ``on_log``; stops on collapse when ``train.stop_on_collapse``. Keeps the last metrics
+    and the collapse reason for the result."""
+
+    def __init__(self, run: Run, on_log: MetricsCallback | None, on_collapse: CollapseCallback | None):
+        self.on_log, self.on_collapse = on_log, on_collapse
+        self.detector = CollapseDetector(run.cfg.dino_head.out_dim, grace_steps=run.schedules.warmup_steps)
+        self.metrics: dict[str, float] = {}
+        self.collapse: str | None = None
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.started, self.start_step = time.perf_counter(), run.start
+        # A live bar for people at a terminal; logs and MLflow get the periodic log line instead.
+        self.progress = tqdm(total=run.total, initial=run.start, unit="it", dynamic_ncols=True,
+                             disable=not (run.accelerator.is_main_process and sys.stderr.isatty()))
+
+    def baseline(self, run: Run) -> None:
+        """The online kNN of the network before any update, logged at step 0, so that every
+        learning curve starts from what training has to beat."""
+        if run.monitor is None or run.start > 0:
+            return
+        self.metrics = {"knn_top1": self._knn(run)}
+        if run.accelerator.is_main_process:
+            logger.info("it 0/%d  knn %.3f (before training)", run.total, self.metrics["knn_top1"])
+            if self.on_log is not None:
+                self.on_log(0, dict(self.metrics))
+
+    @staticmethod
+    def _knn(run: Run) -> float:
+        # Through the root module: under FSDP only its forward gathers the sharded weights.
+        return run.monitor.accuracy(lambda pixels: run.teacher(pixels, heads=False)["global_cls"], run.accelerator.device)
+
+    def __call__(self, run: Run, step: Step) -> None:
+        cfg, done, accelerator = run.cfg, step.done, run.accelerator
+        self.progress.update()
+        self.window_steps += 1
+        evaluate = run.monitor is not None and (done % cfg.train.eval_every == 0 or done == run.total)
+        if not (done % cfg.train.log_every == 0 or done == run.total or evaluate):
+            return
+        out = step.out
+        self.metrics = {
+            "total_loss": out.loss.item(),
+            **{k: v.item() for k, v in out.parts.items()},
+            **run.objective.diagnostics(out),
+            "grad_norm": step.grad_norm,
+            "lr": step.lr,
+            "wd": step.wd,
+            "teacher_momentum": step.momentum,
+            "teacher_temp": step.teacher_temp,
+            "epoch": step.it / cfg.train.steps_per_epoch,
+            "images_per_sec": self.window_steps * run.per_step / (time.perf_counter() - self.window_start),
+            # At this launch's pace so far: what a person waiting on the run wants to know.
+            "seconds_left": (time.perf_counter() - self.started) / (done - self.start_step) * (run.total - done),
+        }
+        if evaluate:
+            self.metrics["knn_top1"] = self._knn(run)
+        self.collapse = _watch_collapse(self.detector, done, self.metrics, self.collapse, self.on_collapse,
+                                        accelerator.is_main_process)
+        if accelerator.is_main_process:
+            _log_line(done, run.total, self.metrics, out.parts, run.per_step, accelerator)
+            if self.on_log is not None:
+                self.on_log(done, self.metrics)
+        if _agreed_max(accelerator, self.collapse is not None and cfg.train.stop_on_collapse):
+            run.save(done)
+            raise CollapseError(f"stopped at iteration {done} (train.stop_on_collapse): {self.collapse}")
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.progress.set_postfix(loss=f"{self.metrics['total_loss']:.4f}", lr=f"{step.lr:.2e}")
+
+
+class StopOnSignal:
+    """A scheduler's notice (``StopRequest``): every process stops at the same iteration with a
+    checkpoint; SIGTERM (being killed) outranks SIGUSR1 (a warning)."""
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+
+    def __call__(self, run: Run, step: Step) -> None:
+        signum = _agreed_max(run.accelerator, self.stop.signum or 0)
+        if signum and step.done < run.total:
+            run.save(step.done)
+            raise Interrupted(step.done, run.checkpoint, signum)
+
+
+def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | None, accelerator: Accelerator | None,
+           resume_from: str | Path | None, eval_root: str | Path | None, on_collapse: CollapseCallback | None,
+           stop: StopRequest) -> TrainResult:
+    run = build_run(cfg, data_root, accelerator, resume_from, eval_root)
+    reporting = Reporting(run, on_log, on_collapse)
+    hooks = (PeriodicCheckpoint(), reporting, StopOnSignal(stop))
+    reporting.baseline(run)
+    for model in run.students:
         model.train()
     # Workers ignore the stop signals and end with the loop: ended here, whatever ends the loop, not
     # at interpreter exit, where a held exception (a notebook, a test) keeps them alive and
     # multiprocessing's exit handler, whose SIGTERM they ignore, waits for them forever.
-    with closing(iter(loader)) as batches:
-        for it, batch in enumerate(batches, start=start):
-            expert = it % experts
-            student, optimizer = students[expert], optimizers[expert]
-            lr, wd = schedules.lr[it], schedules.weight_decay[it]
-            momentum, teacher_temp = schedules.momentum[it], schedules.teacher_temp[it]
-            for group in optimizer.param_groups:
-                group["lr"] = (schedules.last_layer_lr[it] if group["is_last_layer"] else lr) * group["lr_scale"]
-                group["weight_decay"] = wd if group["apply_wd"] else 0.0
+    with closing(iter(run.loader)) as batches:
+        for it, batch in enumerate(batches, start=run.start):
+            step = train_step(run, it, batch)
+            for hook in hooks:
+                hook(run, step)
+    reporting.progress.close()
+    return TrainResult(backbone_dir=export(run), checkpoint=run.checkpoint, steps=run.total, metrics=reporting.metrics,
+                       collapse=reporting.collapse)
 
-            with accelerator.autocast():
-                out = objective(student, teacher, batch, teacher_temp, frozen)
-            _check_finite(out.loss, out.parts, it, lr, teacher_temp)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(out.loss)
-            # Clipping at infinity only measures: the norm is a diagnostic in its own right.
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or math.inf)
-            optimizer.step()
-            objective.update_centers(out)
-            ema_update(teacher_params, expert_params[expert], momentum)
 
-            step = it + 1
-            progress.update()
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
-                save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-            window_steps += 1
-            evaluate = monitor is not None and (step % cfg.train.eval_every == 0 or step == total)
-            if step % cfg.train.log_every == 0 or step == total or evaluate:
-                metrics = {
-                    "total_loss": out.loss.item(),
-                    **{k: v.item() for k, v in out.parts.items()},
-                    **objective.diagnostics(out),
-                    "grad_norm": float(grad_norm),
-                    "lr": lr,
-                    "wd": wd,
-                    "teacher_momentum": momentum,
-                    "teacher_temp": teacher_temp,
-                    "epoch": it / cfg.train.steps_per_epoch,
-                    "images_per_sec": window_steps * per_step / (time.perf_counter() - window_start),
-                }
-                if evaluate:
-                    # Through the root module: under FSDP only its forward gathers the sharded weights.
-                    metrics["knn_top1"] = monitor.accuracy(lambda pixels: teacher(pixels, heads=False)["global_cls"],
-                                                           accelerator.device)
-                collapse = _watch_collapse(detector, step, metrics, collapse, on_collapse, accelerator.is_main_process)
-                if accelerator.is_main_process:
-                    _log_line(step, total, metrics, out.parts, per_step, accelerator)
-                    if on_log is not None:
-                        on_log(step, metrics)
-                if _agreed_max(accelerator, collapse is not None and cfg.train.stop_on_collapse):
-                    save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-                    raise CollapseError(f"stopped at iteration {step} (train.stop_on_collapse): {collapse}")
-                window_start, window_steps = time.perf_counter(), 0
-                progress.set_postfix(loss=f"{metrics['total_loss']:.4f}", lr=f"{lr:.2e}")
-            # Every process stops at the same iteration; SIGTERM (being killed) outranks SIGUSR1 (a warning).
-            signum = _agreed_max(accelerator, stop.signum or 0)
-            if signum and step < total:
-                save_checkpoint(accelerator, checkpoint, step, cfg, students, teacher, objective, optimizers)
-                raise Interrupted(step, checkpoint, signum)
-
-    progress.close()
-    final = save_checkpoint(accelerator, checkpoint, total, cfg, students, teacher, objective, optimizers)
+def export(run: Run) -> Path:
+    """The final checkpoint, and the EMA teacher's backbone as a ``save_pretrained`` folder (DINO
+    evaluates the teacher: it is the better encoder)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    final = run.save(run.total)
     backbone_dir = Path(cfg.train.output_dir) / "backbone"
     if accelerator.is_main_process:
-        export = teacher
-        if fsdp:  # rebuild an unsharded teacher from the gathered weights
-            export = build_models(cfg, frozen)[1]
-            export.load_state_dict(final["teacher"])
-        # The EMA teacher is the better encoder (DINO evaluates the teacher).
-        export.backbone.save_pretrained(backbone_dir, cfg.dataset, cfg.crops.global_crops_size)
+        teacher = run.teacher
+        if run.fsdp:  # rebuild an unsharded teacher from the gathered weights
+            teacher = build_models(cfg, run.frozen)[1]
+            teacher.load_state_dict(final["teacher"])
+        teacher.backbone.save_pretrained(backbone_dir, cfg.dataset, cfg.crops.global_crops_size)
         cfg.to_yaml(Path(cfg.train.output_dir) / "config.yaml")
     accelerator.wait_for_everyone()
-    return TrainResult(backbone_dir=backbone_dir, checkpoint=checkpoint, steps=total, metrics=metrics, collapse=collapse)
+    return backbone_dir
 
 
 def _check_finite(loss: torch.Tensor, parts: dict[str, torch.Tensor], it: int, lr: float, teacher_temp: float) -> None:
@@ -262,10 +394,18 @@ def _log_line(step: int, total: int, m: dict[str, float], parts: dict, per_step:
     knn = f"  knn {m['knn_top1']:.3f}" if "knn_top1" in m else ""
     memory = f"  max mem {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if accelerator.device.type == "cuda" else ""
     logger.info(
-        "it %d/%d  loss %.4f (%s)  H(t) %.2f  H(mean t) %.2f  KL %.3f  protos %d  rank %.1f  |g| %.2f%s  "
+        "it %d/%d (%s left)  loss %.4f (%s)  H(t) %.2f  H(mean t) %.2f  KL %.3f  protos %d  rank %.1f  |g| %.2f%s  "
         "lr %.3g  wd %.3g  mom %.5f  temp %.4f  batch %d  %.1f img/s%s",
-        step, total, m["total_loss"], ", ".join(f"{k} {m[k]:.4f}" for k in parts),
+        step, total, duration(m["seconds_left"]), m["total_loss"], ", ".join(f"{k} {m[k]:.4f}" for k in parts),
         m["teacher_entropy"], m["teacher_batch_entropy"], m["kl_teacher_student"], m["prototypes_in_use"],
         m["embedding_rank"], m["grad_norm"], knn, m["lr"], m["wd"], m["teacher_momentum"], m["teacher_temp"],
         per_step, m["images_per_sec"], memory,
     )
+
+
+def duration(seconds: float) -> str:
+    """``1h05m``, ``4m20s``, ``12s``: time left as a person reads it."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

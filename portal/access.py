@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 from dinomx.errors import UserError
 from portal.db import LEVELS, Dataset, Grant, ModelFamily, User, db
+from registry.mlflow_service import family_of
 
 
 class AccessDenied(UserError, PermissionError):
@@ -85,14 +86,6 @@ def clean_prefix(prefix: str) -> str:
         if cleaned.startswith(other) or other.startswith(cleaned):
             raise BadPath(f"prefix: {cleaned} overlaps the prefix of an existing dataset ({other})")
     return cleaned
-
-
-def family_of(model_name: str) -> str:
-    """``ct`` of ``ct-backbone`` / ``ct-head``: the family a registered model belongs to."""
-    for suffix in ("-backbone", "-head"):
-        if model_name.endswith(suffix):
-            return model_name[: -len(suffix)]
-    return model_name
 
 
 def may_use_family(user: User, family: ModelFamily) -> bool:

@@ -25,15 +25,14 @@ from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.errors import MissingInput
 from portal.db import Dataset, Job, db, now
 from projects.slurm import SlurmBackend, SlurmConfig, SlurmSubmittedRun
-from registry.mlflow_service import MlflowService, Tag
+from registry.mlflow_service import MlflowService, Outcome, Tag, run_name
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("standard", "lora", "freeze", "distill")
-EXPERIMENT = "vision-foundry-portal"
 BACKENDS = ("local", "slurm")
 ACTIVE = ("starting", "running")
 # An ended MLflow run's status as the job's.
-JOB_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "cancelled"}
+JOB_STATUS = {Outcome.FINISHED.status: "finished", Outcome.FAILED.status: "failed", Outcome.KILLED.status: "cancelled"}
 LOG_TAIL = 6000
 # A registered model, or a Hugging Face hub id (``org/name``): never a path, since ``hf:`` of a
 # directory would load whatever the portal's machine holds there.
@@ -240,15 +239,12 @@ class LocalLauncher:
         child = self._children.get(job.scheduler_id)
         exit_code = child.poll() if child is not None else None
         if (child is not None and exit_code is None) or (child is None and self._alive(job)):
-            return "RUNNING", None, None
+            return "RUNNING", None, None  # the scheduler's word, not a run status
         self._children.pop(job.scheduler_id, None)
         service = MlflowService(self.tracking_uri)
-        status = service.client.get_run(job.mlflow_run_id).info.status
-        if status in ("RUNNING", "SCHEDULED"):  # the process ended without ending its run
-            service.fail_run(job.mlflow_run_id, f"the job's process ended without reporting (exit code {exit_code})")
-            service.client.set_terminated(job.mlflow_run_id, "FAILED")
-            status = "FAILED"
-        return "EXITED", JOB_STATUS[status], exit_code
+        # A process that ended without ending its run: the run says so.
+        service.finish(job.mlflow_run_id, Outcome.FAILED, f"the job's process ended without reporting (exit code {exit_code})")
+        return "EXITED", JOB_STATUS[service.status(job.mlflow_run_id)], exit_code
 
     def cancel(self, job: Job) -> None:
         if self._alive(job):
@@ -258,10 +254,21 @@ class LocalLauncher:
 
     @staticmethod
     def _alive(job: Job) -> bool:
-        try:
-            return job.mlflow_run_id.encode() in Path(f"/proc/{job.scheduler_id}/cmdline").read_bytes()
-        except OSError:
-            return False
+        """Whether a process of the job's session is left: ``mlflow run`` itself, or the training
+        under it, which may still be writing its checkpoint after a cancel ended ``mlflow run``.
+        A process counts only if it names the job's run (a reused process id is not the job)."""
+        marker = job.mlflow_run_id.encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(proc.name)) != int(job.scheduler_id):
+                    continue
+                if marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes():
+                    return True
+            except (OSError, ValueError):
+                continue
+        return False
 
 
 class SlurmLauncher:
@@ -313,14 +320,15 @@ def make_launcher(backend: str, project: Path, tracking_uri: str, slurm_config: 
 CLAIM_LOCK = 0x7666_6A6F  # "vfjo"
 
 
-def _experiment_id(client) -> str:
-    """The portal's experiment, created by whichever worker needs it first."""
-    if (experiment := client.get_experiment_by_name(EXPERIMENT)) is not None:
+def _experiment_id(client, family: str) -> str:
+    """The family's experiment (where its runs from the command line are too), created by
+    whichever worker needs it first."""
+    if (experiment := client.get_experiment_by_name(family)) is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(EXPERIMENT)
+        return client.create_experiment(family)
     except MlflowException:  # another worker created it in between
-        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+        return client.get_experiment_by_name(family).experiment_id
 
 
 def claim_next(slots: int) -> Job | None:
@@ -359,6 +367,11 @@ class JobRunner:
     def stop(self) -> None:
         self._stop.set()
 
+    def resume(self, job: Job) -> None:
+        """Queue a stopped job again: it goes on from its last checkpoint in the same MLflow run."""
+        job.status, job.scheduler_id, job.scheduler_state, job.exit_code, job.finished_at = "queued", None, None, None, None
+        db.session.commit()
+
     def cancel(self, job: Job) -> None:
         if job.status == "queued":
             job.status, job.finished_at = "cancelled", now()
@@ -390,13 +403,15 @@ class JobRunner:
         while (job := claim_next(self.slots)) is not None:
             request = TrainingRequest(**job.parameters)
             client = MlflowService(self.tracking_uri).client
-            experiment_id = _experiment_id(client)
-            run = client.create_run(experiment_id, run_name=f"{request.name}-job{job.id}",
-                                    tags={Tag.PORTAL_JOB: str(job.id), Tag.PORTAL_OWNER: job.owner,
-                                          Tag.PORTAL_BACKEND: self.launcher.name})
-            job.mlflow_run_id, job.experiment_id, job.backend = run.info.run_id, experiment_id, self.launcher.name
+            if job.mlflow_run_id is None:
+                experiment_id = _experiment_id(client, request.name)
+                run = client.create_run(experiment_id, run_name=run_name(request.name, f"{request.entry_point}-job{job.id}"),
+                                        tags={Tag.PORTAL_JOB: str(job.id), Tag.PORTAL_OWNER: job.owner,
+                                              Tag.PORTAL_BACKEND: self.launcher.name})
+                job.mlflow_run_id, job.experiment_id = run.info.run_id, experiment_id
+            job.backend = self.launcher.name  # a resumed job goes on in its own run
             try:
-                job.command, job.scheduler_id, job.log_path = self.launcher.submit(request, job.dataset, run.info.run_id)
+                job.command, job.scheduler_id, job.log_path = self.launcher.submit(request, job.dataset, job.mlflow_run_id)
             except Exception as exc:
                 log.warning("job %d could not start: %s", job.id, exc)
                 self._fail(job, f"could not start: {exc}")
@@ -407,7 +422,4 @@ class JobRunner:
     def _fail(self, job: Job, reason: str) -> None:
         job.status, job.log_tail, job.finished_at = "failed", reason, now()
         if job.mlflow_run_id:
-            service = MlflowService(self.tracking_uri)
-            if service.client.get_run(job.mlflow_run_id).info.status in ("RUNNING", "SCHEDULED"):
-                service.fail_run(job.mlflow_run_id, reason)
-                service.client.set_terminated(job.mlflow_run_id, "FAILED")
+            MlflowService(self.tracking_uri).finish(job.mlflow_run_id, Outcome.FAILED, reason)

@@ -17,9 +17,9 @@ from PIL import Image
 
 from dinomx.evaluation import evaluate, plot_confusion, plot_embeddings, random_init_knn
 from projects.probe_options import add_probe_arguments, parse_probe_args
-from projects.tracking import log_training_data, run_entry_point, training_data
+from projects.tracking import family_experiment, log_training_data, mark_model_training, run_entry_point, training_data
 from registry.lineage import describe_version, resolve_version, version_uri
-from registry.mlflow_service import EVAL_PREFIX, EVAL_RUN_ID, MlflowService, Tag
+from registry.mlflow_service import EVAL_PREFIX, EVAL_RUN_ID, MlflowService, Tag, family_of, run_name
 
 
 def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
@@ -31,7 +31,9 @@ def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float
                    f"kNN probes, clustering{', segmentation' if args.masks else ''}"
                    f"{', regression' if args.targets else ''}, and kNN of the same architecture at random init "
                    "(`random_init.knn.*`, the promotion floor). The metrics become the version's `vf.eval.*` tags.")
-    with mlflow.start_run(run_name=f"{mv.name}-v{mv.version}-evaluate", description=description) as active:
+    with mlflow.start_run(experiment_id=family_experiment(family_of(mv.name)), description=description,
+                          run_name=run_name(family_of(mv.name), f"v{mv.version}-evaluate")) as active:
+        mark_model_training()
         mlflow.log_params({"evaluated_model": uri, "data.path": dataset.version.path, "eval.knn_k": knn_k,
                            "eval.masks": args.masks, "eval.targets": args.targets,
                            "eval.target_column": args.target_column})

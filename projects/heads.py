@@ -22,13 +22,15 @@ from dinomx.evaluation import evaluate
 from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.tracking import (
     build_lineage,
+    family_experiment,
     log_training_data,
+    mark_model_training,
     project_code_version,
     run_entry_point,
     training_data,
 )
 from registry.lineage import resolve_version, version_uri
-from registry.mlflow_service import MlflowService, Tag
+from registry.mlflow_service import MlflowService, Tag, run_name
 from registry.models import log_and_register
 from registry.pyfunc import HEADS_ARTIFACT, HeadModel
 
@@ -53,7 +55,9 @@ def run(backbone_uri: str, args: argparse.Namespace, knn_k: int):
     description = (f"Heads (classification{', segmentation' if args.masks else ''}"
                    f"{', regression of ' + args.target_column if args.targets else ''}) on the frozen {parent}, fitted "
                    f"on `{dataset.version.path}` (DVC md5 `{dataset.version.md5}`); registers `{args.name}-head`.")
-    with mlflow.start_run(run_name=f"{args.name}-heads", description=description):
+    with mlflow.start_run(experiment_id=family_experiment(args.name), run_name=run_name(args.name, "heads"),
+                          description=description):
+        mark_model_training()
         mlflow.log_params(settings)
         mlflow.set_tags({Tag.ENTRY_POINT: "heads", Tag.PARENT: parent, Tag.GIT_COMMIT: code[0]})
         report_uri = log_training_data(dataset, context="training")

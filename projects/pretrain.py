@@ -5,12 +5,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,21 +26,23 @@ from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import DinoMXConfig
 from dinomx.errors import MissingInput
 from dinomx.images import list_images, load_image
-from dinomx.interrupt import Interrupted
-from dinomx.train import make_accelerator, train
-from projects.slurm import REQUEUE_EXIT_CODE
+from dinomx.interrupt import Interrupted, exit_code, wants_requeue
+from dinomx.train import duration, make_accelerator, train
 from projects.tracking import (
     VALIDATION_ARTIFACT_DIR,
     build_lineage,
     configure_logging,
+    family_experiment,
     log_flat_params,
     log_training_data,
+    mark_model_training,
     project_code_version,
+    record_learning,
     run_entry_point,
     training_data,
 )
 from registry.lineage import resolve_version, version_uri
-from registry.mlflow_service import MAX_TAG_CHARS, MlflowService, Tag
+from registry.mlflow_service import MAX_TAG_CHARS, MlflowService, Outcome, Tag, run_name
 from registry.models import log_and_register
 from registry.pyfunc import BACKBONE_ARTIFACT, BackboneModel
 
@@ -73,7 +73,7 @@ def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:
             root = Path(mlflow.artifacts.download_artifacts(version_uri(version)))
             teacher = str(root / "artifacts" / BACKBONE_ARTIFACT)
         local.append(teacher)
-    return dataclasses.replace(cfg, distillation=dataclasses.replace(cfg.distillation, teachers=local))
+    return cfg.replace(distillation=cfg.distillation.replace(teachers=local))
 
 
 def eval_split(data: str, eval_data: str) -> Path | None:
@@ -130,7 +130,6 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
 
     commit, dirty = project_code_version()
     paths, labels, _ = list_images(dataset.path)
-    launcher_run = os.environ.get("MLFLOW_RUN_ID")
     owner = checkpoint_run(resume_from) if resume_from else None
     entry_point = "distill" if cfg.distillation.teachers else "pretrain"
     teachers = f" distilled from {', '.join(cfg.distillation.teachers)}" if cfg.distillation.teachers else ""
@@ -139,16 +138,14 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
                    f"`{dataset.version.path}` (DVC md5 `{dataset.version.md5}`, {dataset.report.suite} passed). "
                    "Read `knn_top1`, `teacher_entropy` and `prototypes_in_use` to see whether it learns.")
     # Training runs log CPU, memory (and GPU, with nvidia-ml-py installed) as system metrics.
-    with mlflow.start_run(run_id=owner, run_name=f"{name}-{entry_point}", description=description,
-                          log_system_metrics=True) as active:
+    experiment = family_experiment(name) if owner is None else None
+    with MlflowService().start_or_continue(owner, experiment_id=experiment, run_name=run_name(name, entry_point),
+                                           description=description,
+                                           log_system_metrics=True) as (active, continuing):
         run_id = active.info.run_id
-        if launcher_run and launcher_run != run_id:
-            # `mlflow run` made a fresh run for this launch; the training goes on in its own.
-            for key, value in {Tag.CONTINUED_IN: run_id, Tag.NOTE: f"Resumed training: continued in run {run_id}."}.items():
-                MlflowService().client.set_tag(launcher_run, key, value)
+        mark_model_training()
         run_cfg = _run_config(cfg, run_id)
         output_dir = Path(run_cfg.train.output_dir)
-        continuing = Tag.ENTRY_POINT in active.data.tags
         if not resume_from and continuing and (output_dir / CHECKPOINT_NAME).is_file():
             resume_from = str(output_dir)
         broadcast_object_list([run_id, resume_from or None])
@@ -170,7 +167,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             result = train(
                 run_cfg,
                 dataset.path,
-                on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
+                on_log=lambda step, metrics: _report(step, run_cfg.total_steps, metrics),
                 accelerator=accelerator,
                 resume_from=resume_from or None,
                 eval_root=eval_root,
@@ -179,14 +176,14 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             )
         except Interrupted as exc:
             mlflow.set_tags({Tag.INTERRUPTED: str(exc), Tag.CHECKPOINT: str(exc.checkpoint)})
-            # SIGUSR1 is the time-limit warning: the job requeues itself. SIGTERM may be a
-            # preemption (requeued by Slurm: the next start reopens the run) or a cancellation.
-            mlflow.end_run("SCHEDULED" if exc.signum == signal.SIGUSR1 else "KILLED")
+            # A preempted job that Slurm requeues reopens this KILLED run at its next start.
+            MlflowService().finish(run_id, Outcome.REQUEUED if wants_requeue(exc) else Outcome.KILLED)
             accelerator.wait_for_everyone()
             raise
         except Exception as exc:  # a bug's run says what broke too, not only its log
             mlflow.set_tag(Tag.ERROR, str(exc)[:MAX_TAG_CHARS])
             raise
+        record_learning(run_id, description)
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:
             write_attention_pngs(result.backbone_dir, one_image_per_class(paths, labels), tmp)
@@ -207,13 +204,16 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     return version
 
 
+def _report(step: int, total: int, metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics, step=step)
+    left = f" ({duration(metrics['seconds_left'])} left)" if "seconds_left" in metrics else ""
+    mlflow.set_tag(Tag.PROGRESS, f"{step}/{total}{left}")
+
+
 def _run_config(cfg: DinoMXConfig, run_id: str) -> DinoMXConfig:
     """Registered teachers resolved locally, outputs in the run's own folder (where its resumable
     checkpoint is found again)."""
-    return dataclasses.replace(
-        resolve_teachers(cfg),
-        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / run_id)),
-    )
+    return resolve_teachers(cfg).replace(train=cfg.train.replace(output_dir=str(Path(cfg.train.output_dir) / run_id)))
 
 
 def launch_workers(processes: int, argv: list[str]) -> int | None:
@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_entry_point("pretrain", pretrain)
     except Interrupted as exc:
         print(f"pretrain: interrupted by {exc}", file=sys.stderr)
-        # Only the time-limit warning asks the job script to requeue; a SIGTERM came from Slurm,
-        # which requeues a preempted job itself and must not resurrect a cancelled one.
-        return REQUEUE_EXIT_CODE if exc.signum == signal.SIGUSR1 else 128 + exc.signum
+        return exit_code(exc)
 
 
 def whole_number(text: str) -> int:

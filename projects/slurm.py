@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException
 from mlflow.projects.backend.abstract_backend import AbstractBackend
 from mlflow.projects.submitted_run import SubmittedRun
@@ -44,13 +43,10 @@ from mlflow.projects.utils import (
     load_project,
 )
 
-from registry.mlflow_service import MlflowService, Tag
+from dinomx.interrupt import REQUEUE_EXIT_CODE
+from registry.mlflow_service import ENDED, MlflowService, Outcome, Tag
 
 log = logging.getLogger(__name__)
-
-# What a training process exits with after checkpointing on the time-limit warning: "try again
-# later" (sysexits' EX_TEMPFAIL); the job script requeues itself on it.
-REQUEUE_EXIT_CODE = os.EX_TEMPFAIL
 
 # Slurm job states (squeue/sacct names) as MLflow run statuses. A requeued job is PENDING again.
 MLFLOW_STATUS = {
@@ -63,7 +59,7 @@ MLFLOW_STATUS = {
     "FAILED": "FAILED", "TIMEOUT": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED",
     "BOOT_FAIL": "FAILED", "DEADLINE": "FAILED", "SPECIAL_EXIT": "FAILED",
 }
-TERMINAL = {state for state, status in MLFLOW_STATUS.items() if status in ("FINISHED", "KILLED", "FAILED")}
+TERMINAL = {state for state, status in MLFLOW_STATUS.items() if status in ENDED}
 # Keys MLflow itself puts into every backend config.
 _MLFLOW_KEYS = {PROJECT_ENV_MANAGER, PROJECT_SYNCHRONOUS, PROJECT_DOCKER_ARGS, PROJECT_STORAGE_DIR,
                 PROJECT_BUILD_IMAGE, PROJECT_DOCKER_AUTH}
@@ -231,28 +227,27 @@ def job_state(job_id: str) -> str | None:
     return None
 
 
-def settle(run_id: str, job_id: str, exit_code: int | None, log_path: Path, client: MlflowClient) -> str:
-    """End (or re-queue) the MLflow run as its job ends; ``exit_code`` None: Slurm ended the job.
+def job_script_ended(run_id: str, job_id: str, exit_code: int | None, log_path: Path, service: MlflowService) -> Outcome:
+    """The job script's epilogue: end (or requeue) the MLflow run as its job ends; ``exit_code``
+    None: Slurm ended the job.
 
     The training process ends its own run (FINISHED, or KILLED/SCHEDULED when stopped by a signal);
     this fills in what it could not know: that a stopped job was requeued, and the status of entry
     points that never end their run themselves."""
     if exit_code is None:
-        requeued = MLFLOW_STATUS.get(job_state(job_id) or "") == "SCHEDULED"
-        outcome = "SCHEDULED" if requeued else "KILLED"
+        requeued = MLFLOW_STATUS.get(job_state(job_id) or "") == Outcome.REQUEUED.status
+        outcome = Outcome.REQUEUED if requeued else Outcome.KILLED
     elif exit_code == REQUEUE_EXIT_CODE:
-        outcome = "SCHEDULED"
+        outcome = Outcome.REQUEUED
     else:
-        outcome = "FINISHED" if exit_code == 0 else "FAILED"
-    if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED", "KILLED"):
-        if outcome == "SCHEDULED":
-            client.update_run(run_id, "SCHEDULED")
-        else:
-            client.set_terminated(run_id, outcome)
-    if outcome == "SCHEDULED":
-        client.set_tag(run_id, Tag.SLURM_STATE, "REQUEUED")
+        outcome = Outcome.FINISHED if exit_code == 0 else Outcome.FAILED
+    # A run its process ended KILLED may yet be requeued by Slurm (a preemption): Slurm knows better.
+    service.finish(run_id, outcome, f"the job's script exited with {exit_code}" if outcome is Outcome.FAILED else "",
+                   also_ended=(Outcome.KILLED.status,))
+    if outcome is Outcome.REQUEUED:
+        service.client.set_tag(run_id, Tag.SLURM_STATE, "REQUEUED")
     if log_path.is_file():
-        client.log_artifact(run_id, str(log_path), "slurm")
+        service.client.log_artifact(run_id, str(log_path), "slurm")
     return outcome
 
 
@@ -263,7 +258,8 @@ class SlurmSubmittedRun(SubmittedRun):
                  tracking_uri: str | None = None):
         super().__init__()
         self._run_id, self.job_id, self.poll_s, self.log_path = run_id, job_id, poll_s, log_path
-        self.client = MlflowService(tracking_uri).client
+        self.service = MlflowService(tracking_uri)
+        self.client = self.service.client
         self.state: str | None = None
         self.script_path: str | None = None
 
@@ -276,37 +272,37 @@ class SlurmSubmittedRun(SubmittedRun):
         client = self.client
         run = client.get_run(self.run_id)
         if state is None:  # purged from the controller and no accounting: the run's own word
-            status = run.info.status if run.info.status in ("FINISHED", "FAILED", "KILLED") else "FAILED"
-            self._settle(client, run, status, "unknown to Slurm")
+            status = run.info.status if run.info.status in ENDED else Outcome.FAILED.status
+            self._job_ended(status, "unknown to Slurm")
             return status
         if state != self.state:
             client.set_tag(self.run_id, Tag.SLURM_STATE, state)
             self.state = state
         status = MLFLOW_STATUS.get(state, "RUNNING")
         if state in TERMINAL:
-            self._settle(client, run, status, state)
-        elif status == "SCHEDULED" and run.info.status in ("RUNNING", "KILLED"):
-            client.update_run(self.run_id, "SCHEDULED")  # waiting in the queue (again, once requeued)
+            self._job_ended(status, state)
+        elif status == Outcome.REQUEUED.status:  # waiting in the queue (again, once requeued)
+            self.service.finish(self.run_id, Outcome.REQUEUED, also_ended=(Outcome.KILLED.status,))
         return status
 
     def wait(self) -> bool:
-        while (status := self.get_status()) not in ("FINISHED", "FAILED", "KILLED"):
+        while (status := self.get_status()) not in ENDED:
             time.sleep(self.poll_s)
-        return status == "FINISHED"
+        return status == Outcome.FINISHED.status
 
     def cancel(self, wait: bool = True) -> None:
         _slurm("scancel", self.job_id)
-        while wait and self.get_status() not in ("FINISHED", "FAILED", "KILLED"):
+        while wait and self.get_status() not in ENDED:
             time.sleep(min(self.poll_s, 1.0))
 
-    def _settle(self, client: MlflowClient, run, status: str, why: str) -> None:
+    def _job_ended(self, status: str, why: str) -> None:
         """End the MLflow run as the job ended, unless its process already did (it knows better:
         a job that completes after a failed entry point has a FAILED run)."""
-        if run.info.status in ("RUNNING", "SCHEDULED"):
-            client.set_tag(self.run_id, Tag.SLURM_ENDED, why)
-            client.set_terminated(self.run_id, status)
+        outcome = Outcome[next(o.name for o in Outcome if o.status == status)]
+        if self.service.finish(self.run_id, outcome, f"Slurm job {self.job_id} ended {why}"):
+            self.client.set_tag(self.run_id, Tag.SLURM_ENDED, why)
             if self.log_path and Path(self.log_path).is_file():
-                client.log_artifact(self.run_id, self.log_path, "slurm")
+                self.client.log_artifact(self.run_id, self.log_path, "slurm")
 
 
 class SlurmBackend(AbstractBackend):
@@ -336,12 +332,11 @@ class SlurmBackend(AbstractBackend):
             job_id = _slurm("sbatch", "--parsable", str(script_path)).stdout.strip().split(";")[0]
         except Exception as exc:
             # A job that never started must not leave a RUNNING run behind.
-            service.fail_run(run_id, str(exc))
-            client.set_terminated(run_id, "FAILED")
+            service.finish(run_id, Outcome.FAILED, str(exc))
             raise
         client.set_tag(run_id, Tag.SLURM_JOB_ID, job_id)
         client.set_tag(run_id, Tag.SLURM_STATE, "PENDING")
-        client.update_run(run_id, "SCHEDULED")
+        service.finish(run_id, Outcome.REQUEUED)  # waiting in Slurm's queue
         client.log_artifact(run_id, str(script_path), "slurm")
         log.info("=== Submitted run %s as Slurm job %s ===", run_id, job_id)
         submitted = SlurmSubmittedRun(run_id, job_id, config.poll_s, str(log_dir / f"{job_id}.out"), tracking_uri)
@@ -362,12 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     ending.add_argument("log", type=Path)
     args = parser.parse_args(argv)
     try:
-        outcome = settle(os.environ["MLFLOW_RUN_ID"], os.environ["SLURM_JOB_ID"], args.exit_code, args.log,
-                         MlflowService().client)
+        outcome = job_script_ended(os.environ["MLFLOW_RUN_ID"], os.environ["SLURM_JOB_ID"], args.exit_code, args.log,
+                                   MlflowService())
     except Exception as exc:  # the job's own exit status stands; say why the run could not follow
         print(f"vision-foundry: could not settle MLflow run {os.environ.get('MLFLOW_RUN_ID')}: {exc}", file=sys.stderr)
         return 1
-    print(f"vision-foundry: MLflow run {os.environ['MLFLOW_RUN_ID']} {outcome}")
+    print(f"vision-foundry: MLflow run {os.environ['MLFLOW_RUN_ID']} {outcome.status}")
     return 0
 
 

@@ -16,8 +16,9 @@ from mlflow.exceptions import MlflowException
 from data.report import ValidationReport
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from dinomx.errors import UserError, one_line, run_command
+from dinomx.online_eval import learning_verdict
 from registry.lineage import Lineage, code_version
-from registry.mlflow_service import MlflowService
+from registry.mlflow_service import MlflowService, Outcome, Tag
 
 VALIDATION_ARTIFACT_DIR = "data_validation"
 
@@ -64,14 +65,14 @@ def log_training_data(data: TrainingData, context: str) -> str:
     mlflow.log_input(
         dataset,
         context=context,
-        tags={"dvc.md5": data.version.md5, "dvc.source": data.version.source, "dvc.path": data.version.tracked_path},
+        tags={Tag.DVC_MD5: data.version.md5, Tag.DVC_SOURCE: data.version.source, Tag.DVC_PATH: data.version.tracked_path},
     )
     mlflow.log_artifact(str(data.report_path), VALIDATION_ARTIFACT_DIR)
     mlflow.set_tags({
-        "data.path": data.version.path,
-        "data.dvc_md5": data.version.md5,
-        "data.validation.suite": data.report.suite,
-        "data.validation.success": str(data.report.success).lower(),
+        Tag.DATA_PATH: data.version.path,
+        Tag.DATA_MD5: data.version.md5,
+        Tag.VALIDATION_SUITE: data.report.suite,
+        Tag.VALIDATION_SUCCESS: str(data.report.success).lower(),
     })
     return f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{data.report_path.name}"
 
@@ -103,6 +104,41 @@ def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, c
     )
 
 
+def record_learning(run_id: str, description: str) -> str | None:
+    """The run's learning verdict from its online kNN curve (step 0 is the network before any
+    update): tags the UI and the promotion gate read, and a line in the run's description."""
+    client = MlflowService().client
+    history = sorted(client.get_metric_history(run_id, "knn_top1"), key=lambda m: m.step)
+    if len(history) < 2 or history[0].step != 0:
+        return None
+    learned, verdict = learning_verdict(history[0].value, history[-1].value)
+    mlflow.set_tags({Tag.LEARNING: verdict, Tag.LEARNED: str(learned).lower(),
+                     Tag.NOTE: f"{description}\n\n**{'Learned' if learned else 'Did not learn'}:** {verdict}"})
+    return verdict
+
+
+def family_experiment(family: str) -> str | None:
+    """The id of the experiment a run of ``family`` opens in: the family's own (all its runs side
+    by side), unless a launcher (``mlflow run --experiment-name``, the portal, a Slurm job) chose
+    one, which None leaves to it."""
+    if any(os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
+        return None
+    client = MlflowService().client
+    if (experiment := client.get_experiment_by_name(family)) is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(family)
+    except MlflowException:  # created by another run in between
+        return client.get_experiment_by_name(family).experiment_id
+
+
+def mark_model_training() -> None:
+    """The active run's experiment opens in MLflow's model-training view, not the GenAI one."""
+    experiment = mlflow.active_run().info.experiment_id
+    if MlflowService().client.get_experiment(experiment).tags.get(Tag.EXPERIMENT_KIND) is None:
+        MlflowService().client.set_experiment_tag(experiment, Tag.EXPERIMENT_KIND, "custom_model_development")
+
+
 def log_flat_params(params: dict) -> None:
     mlflow.log_params({key: _param_value(value) for key, value in params.items()})
 
@@ -127,18 +163,14 @@ def run_entry_point(prog: str, call: Callable[[], object]) -> int:
 
 
 def fail_run(exc: BaseException) -> None:
+    """The run an entry point's error happened in (open, or the last one it ended) ends FAILED
+    with the error as its reason."""
     active = mlflow.active_run()
     last = None if active else mlflow.last_active_run()
     run_id = (active or last).info.run_id if (active or last) else os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
     try:
-        service = MlflowService()
-        service.fail_run(run_id, one_line(exc))
-        client = service.client
-        if active:
-            mlflow.end_run("FAILED")
-        elif client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(run_id, "FAILED")
+        MlflowService().finish(run_id, Outcome.FAILED, one_line(exc))
     except MlflowException as unreachable:  # the message still reaches the terminal
         logging.getLogger(__name__).warning("could not mark run %s FAILED: %s", run_id, unreachable)

@@ -1,5 +1,7 @@
 """The platform's one door to MLflow: a client for a tracking URI, the names of the tags the
-platform writes on runs and models, and the failure note every entry point leaves on its run.
+platform writes on runs and models, and a run's life: how it ends (finished, failed with its
+reason, killed, requeued), decided here for the entry points, the Slurm backend, the local
+launcher and the portal's job runner alike.
 
 Lineage tags of a model version are the fields of ``registry.lineage.Lineage`` under
 ``LINEAGE_PREFIX``; everything else the platform writes is named here, so that a promotion gate,
@@ -7,10 +9,17 @@ the portal and the service read the same names the entry points wrote.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
 from functools import cached_property
 
+import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 LINEAGE_PREFIX = "vf."
@@ -34,11 +43,16 @@ class Tag:
     DEFAULT_HEAD = "vf.default_head"
     ERROR = "vf.error"
     NOTE = MLFLOW_RUN_NOTE  # MLflow's own: the run's description in the UI
+    # MLflow's own, on experiments: which UI the experiment opens in (model training, not GenAI)
+    EXPERIMENT_KIND = "mlflow.experimentKind"
     # training that stops and goes on
+    PROGRESS = "vf.progress"  # "120/300 (2m10s left)", while it trains
     INTERRUPTED = "vf.interrupted"
     CHECKPOINT = "vf.checkpoint"
     RESUMED_FROM = "vf.resumed_from"
     CONTINUED_IN = "vf.continued_in"
+    LEARNING = "vf.learning"  # the verdict in words: "kNN 0.46 -> 0.61 (+0.15 ...)" or "did not learn: ..."
+    LEARNED = "vf.learned"  # true | false; absent when nothing measured it (no online kNN)
     COLLAPSE = "vf.collapse"
     COLLAPSE_STEP = "vf.collapse_step"
     # schedulers and the portal
@@ -48,15 +62,54 @@ class Tag:
     PORTAL_JOB = "vf.portal.job"
     PORTAL_OWNER = "vf.portal.owner"
     PORTAL_BACKEND = "vf.portal.backend"
+    # the data a run read (also its dataset input's tags)
+    DATA_PATH = "data.path"
+    DATA_MD5 = "data.dvc_md5"
+    VALIDATION_SUITE = "data.validation.suite"
+    VALIDATION_SUCCESS = "data.validation.success"
+    DVC_MD5 = "dvc.md5"
+    DVC_SOURCE = "dvc.source"
+    DVC_PATH = "dvc.path"
     # registered models
     KIND = "vf.kind"  # backbone | head | lock
     LOCK_OWNER = "vf.owner"
     LOCK_TOKEN = "vf.token"
 
 
+def family_of(model_name: str) -> str:
+    """``ct`` of ``ct-backbone`` / ``ct-head``: the family a registered model belongs to, and the
+    name of the experiment where all its runs are."""
+    for suffix in ("-backbone", "-head"):
+        if model_name.endswith(suffix):
+            return model_name[: -len(suffix)]
+    return model_name
+
+
+def run_name(family: str, what: str) -> str:
+    """``demo-pretrain-1202-0931``: runs of one family told apart by what ran and when."""
+    return f"{family}-{what}-{datetime.now():%m%d-%H%M%S}"
+
+
 def evaluation_metrics(tags: dict[str, str]) -> dict[str, float]:
     """The ``vf.eval.*`` metrics among a model version's tags."""
     return {k.removeprefix(EVAL_PREFIX): float(v) for k, v in tags.items() if k.startswith(EVAL_PREFIX) and k != EVAL_RUN_ID}
+
+
+LIVE = (RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.SCHEDULED))
+ENDED = tuple(RunStatus.to_string(s) for s in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
+
+
+class Outcome(Enum):
+    """How a run's life (or one launch of it) ends, as MLflow's run status."""
+
+    FINISHED = RunStatus.FINISHED
+    FAILED = RunStatus.FAILED
+    KILLED = RunStatus.KILLED
+    REQUEUED = RunStatus.SCHEDULED  # stopped to go on in a later launch of the same run
+
+    @property
+    def status(self) -> str:
+        return RunStatus.to_string(self.value)
 
 
 @dataclass(frozen=True)
@@ -70,7 +123,40 @@ class MlflowService:
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
 
-    def fail_run(self, run_id: str, message: str) -> None:
-        """What a failed run says in the UI: the reason as a tag and as its description."""
-        self.client.set_tag(run_id, Tag.ERROR, message[:MAX_TAG_CHARS])
-        self.client.set_tag(run_id, Tag.NOTE, f"**Failed:** {message}")
+    @contextmanager
+    def start_or_continue(self, run_id: str | None = None, **start: object) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+        """Open the run a training goes on in: ``run_id`` (the run whose checkpoint it resumes),
+        else the launcher's (``MLFLOW_RUN_ID`` of ``mlflow run`` or a requeued Slurm job) or a new
+        one; ``start`` goes to ``mlflow.start_run``. A launcher's fresh run that is not the one
+        continued points to it. Yields (run, whether it had already started training)."""
+        launcher_run = os.environ.get("MLFLOW_RUN_ID")
+        with mlflow.start_run(run_id=run_id, **start) as active:
+            if launcher_run and launcher_run != active.info.run_id:
+                for key, value in {Tag.CONTINUED_IN: active.info.run_id,
+                                   Tag.NOTE: f"Resumed training: continued in run {active.info.run_id}."}.items():
+                    self.client.set_tag(launcher_run, key, value)
+            yield active, Tag.ENTRY_POINT in active.data.tags
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def finish(self, run_id: str, outcome: Outcome, reason: str = "", also_ended: tuple[str, ...] = ()) -> bool:
+        """End ``run_id`` with ``outcome`` if it is still live (or its status is one of
+        ``also_ended``, which a caller that knows better may overrule); a failure's reason becomes
+        its tag and its description in the UI. The run this process has open (``mlflow.start_run``)
+        is ended through the fluent API, so it leaves the active stack too. Returns whether it
+        changed anything: a run some other part already ended keeps that part's word."""
+        current = self.status(run_id)
+        if current == outcome.status or current not in (*LIVE, *also_ended):
+            return False
+        if outcome is Outcome.FAILED and reason:
+            self.client.set_tag(run_id, Tag.ERROR, reason[:MAX_TAG_CHARS])
+            self.client.set_tag(run_id, Tag.NOTE, f"**Failed:** {reason}")
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(outcome.status)
+        elif outcome is Outcome.REQUEUED:
+            self.client.update_run(run_id, outcome.status)
+        else:
+            self.client.set_terminated(run_id, outcome.status)
+        return True

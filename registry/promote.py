@@ -9,7 +9,8 @@ Who may move an alias is decided first, for every model the move touches (the na
 ``--with``), by one ``authorize`` function: the portal's family rights there; from the command line
 the tracking server's own permissions. Gates, in order, for each version of the set: lineage
 complete; training data passed validation; recorded evaluation (backbones: an ``evaluate`` run;
-heads: the metrics of their ``heads`` run), also when no version holds the alias yet; the absolute
+heads: the metrics of their ``heads`` run), also when no version holds the alias yet; a training run
+that did not learn (``vf.learned``, from its online kNN against step 0) is refused; the absolute
 floors of ``configs/promotion.yaml`` (a backbone's kNN above the same architecture at random
 init, which ``evaluate`` records); metrics no worse than the current holder's beyond its
 thresholds. Then for the set as a whole: a model built on a registered parent (a
@@ -147,6 +148,9 @@ def check_gates(client: MlflowClient, mv: ModelVersion, alias: str, holder: Mode
     lineage = _lineage(mv)
     if not lineage.validation_success:
         raise PromotionRefused("data validation", f"{uri} was trained on data that failed {lineage.validation_suite}")
+    if mv.run_id and (run := client.get_run(mv.run_id)).data.tags.get(Tag.LEARNED) == "false":
+        raise PromotionRefused("learning", f"{uri}: its training run {run.info.run_id} "
+                                           f"{run.data.tags.get(Tag.LEARNING, 'did not learn')}")
     kind_gates = gates.get(lineage.kind, [])
     candidate = version_metrics(client, mv)
     if lineage.kind == "backbone" and EVAL_RUN_ID not in mv.tags:

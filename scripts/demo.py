@@ -81,7 +81,7 @@ def serve_and_query(name: str, port: int, sample: Path, env: dict | None = None)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="demo", help="model family name")
-    parser.add_argument("--experiment", default="vision-foundry-demo")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the family's, --name)")
     parser.add_argument("--overrides", default="", help="DINO-MX config overrides for pretrain")
     parser.add_argument("--port", type=int, default=0, help="port for the BentoML service (0: any free port)")
     parser.add_argument("--team", action="store_true", help="run against the team stack (python -m deploy.stack up)")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
         researcher = gate = serving = dict(os.environ)
         push = ["dvc", "push"]
-    mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", args.experiment]
+    mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", args.experiment or args.name]
 
     step("1/6 data: generate and validate with DVC + Great Expectations, push to the DVC remote")
     sh("dvc", "repro")

@@ -45,6 +45,21 @@ def copy_checkout(checkout: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def mlflow_state_stays_with_its_test():
+    """``mlflow.set_experiment`` and a run's launch set process-wide state (the active experiment,
+    ``MLFLOW_EXPERIMENT_ID`` and ``MLFLOW_RUN_ID`` in the environment) that would send a later
+    test's runs, and every subprocess it starts, to an experiment of another store."""
+    import mlflow.tracking.fluent as fluent
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+    fluent._active_experiment_id = None
+
+
+@pytest.fixture(autouse=True)
 def no_child_process_outlives_its_test():
     """A multiprocessing child left running (a DataLoader worker that ignores SIGTERM) makes the
     interpreter's exit wait on it forever: CI would hang after the last test instead of failing one."""

@@ -75,3 +75,12 @@ def test_a_pretrained_student_takes_its_sizes_from_its_config_json(tmp_path):
     with pytest.raises(ConfigError, match=r"crops.global_crops_size: 30 is not a multiple of student.patch_size=4 "
                                           r"\(student.\* read from the config.json of"):
         pretrained_student(misfit)
+
+
+def test_overrides_take_number_forms_and_an_error_names_the_override():
+    cfg = DinoMXConfig.from_yaml(REPO / "configs" / "demo.yaml", ["optim.lr=5e-4", "optim.min_lr=.5e-6", "train.epochs=20"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.train.epochs) == (5e-4, 5e-7, 20)
+    with pytest.raises(ConfigError, match=r"demo.yaml: override 'optim.lr=fast': expected a number, got 'fast'"):
+        DinoMXConfig.from_yaml(REPO / "configs" / "demo.yaml", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"demo.yaml: override 'train.epochs=2.5': expected an integer, got 2.5"):
+        DinoMXConfig.from_yaml(REPO / "configs" / "demo.yaml", ["train.epochs=2.5"])

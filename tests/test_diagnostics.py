@@ -63,8 +63,9 @@ def test_training_reports_diagnostics_and_online_knn_every_eval_step(tiles, tmp_
     cfg = tiny_config(train={"output_dir": str(tmp_path), "log_every": 3, "eval_every": 2, "eval_images": 40})
     logged = {}
     train(cfg, tiles / "train", on_log=lambda step, m: logged.setdefault(step, m), eval_root=tiles / "val")
-    assert sorted(logged) == [2, 3, 4, 6]  # log steps and evaluation steps
-    assert all(0.0 <= logged[s]["knn_top1"] <= 1.0 for s in (2, 4, 6)) and "knn_top1" not in logged[3]
+    # Step 0: the network before any update, the baseline of the curve; then log and evaluation steps.
+    assert sorted(logged) == [0, 2, 3, 4, 6] and set(logged[0]) == {"knn_top1"}
+    assert all(0.0 <= logged[s]["knn_top1"] <= 1.0 for s in (0, 2, 4, 6)) and "knn_top1" not in logged[3]
     assert set(logged[6]) >= {"teacher_entropy", "teacher_batch_entropy", "kl_teacher_student", "prototypes_in_use",
                               "embedding_rank", "embedding_std", "grad_norm", "collapsed"}
     assert logged[6]["grad_norm"] > 0 and 1 <= logged[6]["embedding_rank"] <= 2 * cfg.train.batch_size
@@ -107,3 +108,12 @@ def test_collapse_watch_starts_after_the_warmups_even_with_prototypes_frozen_thr
     cfg = tiny_config(optim={"warmup_epochs": 1, "freeze_last_layer_epochs": 2},
                       teacher={"warmup_teacher_temp_epochs": 0}, train={"epochs": 2, "steps_per_epoch": 3})
     assert Schedules.from_config(cfg).warmup_steps == 3  # the lr warm-up, not the 6 frozen steps
+
+
+def test_the_learning_verdict_compares_the_end_with_the_network_before_training():
+    from dinomx.online_eval import learning_verdict
+
+    assert learning_verdict(0.46, 0.61) == (True, "kNN 0.460 -> 0.610 (+0.150 over the network before training)")
+    learned, verdict = learning_verdict(0.731, 0.719)
+    assert not learned and verdict.startswith("did not learn: kNN 0.731 -> 0.719 (-0.012")
+    assert not learning_verdict(0.70, 0.71)[0]  # within what another subset or seed moves

@@ -11,6 +11,8 @@ from dinomx.model import build_models
 from dinomx.train import train
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 # 100 iterations measured 0.566 against 0.402 at random init (README); a collapse stays near 0.40.
 MARGIN = 0.10
 

@@ -54,12 +54,12 @@ def test_dino_loss_and_center_follow_algorithm_1():
     expected_global = reference_dino([g1, g2], [t1, t2], center, 0.1, 0.04)
     expected_local = np.mean([(-softmax((t - center) / 0.04) * log_softmax(s / 0.1)).sum(-1).mean()
                               for t in (t1, t2) for s in (l1, l2, l3)])
-    assert loss([t64(g1), t64(g2)], probs, skip_same_view=True).item() == pytest.approx(expected_global, rel=1e-6)  # float32 arithmetic, as in training
-    assert loss([t64(view) for view in (l1, l2, l3)], probs, skip_same_view=False).item() == pytest.approx(expected_local, rel=1e-6)  # float32 arithmetic, as in training
+    assert loss([t64(g1), t64(g2)], probs, skip_same_view=True).item() == pytest.approx(expected_global, rel=1e-6)  # the module run in float64 (.double()) against float64 NumPy
+    assert loss([t64(view) for view in (l1, l2, l3)], probs, skip_same_view=False).item() == pytest.approx(expected_local, rel=1e-6)  # the module run in float64 (.double()) against float64 NumPy
 
     loss.update_center(t64(np.concatenate([t1, t2])))
     expected_center = m * center + (1 - m) * np.concatenate([t1, t2]).mean(0, keepdims=True)
-    np.testing.assert_allclose(loss.centering.center.numpy(), expected_center, rtol=1e-6)  # kept in float32
+    np.testing.assert_allclose(loss.centering.center.numpy(), expected_center, rtol=1e-6)  # the EMA centre, in float64 like the module
 
 
 class Fixed(torch.nn.Module):
@@ -87,7 +87,7 @@ def test_objective_weighs_all_crop_pairs_as_dino_does():
 
     views = np.split(student_global, 2) + np.split(student_local, n_local)
     expected = reference_dino(views, np.split(teacher_global, 2), np.zeros((1, k)), cfg.dino_head.student_temp, 0.05)
-    assert out.loss.item() == pytest.approx(expected, rel=1e-6)  # float32 arithmetic, as in training
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)  # the module run in float64 (.double()) against float64 NumPy
 
 
 def test_ibot_patch_loss_weighs_each_image_as_dinov2():
@@ -102,7 +102,7 @@ def test_ibot_patch_loss_weighs_each_image_as_dinov2():
     per_patch = (-teacher * log_softmax(student / tps)).sum(-1)
     expected = (per_patch / counts[owner]).sum() / masks.shape[0]
     got = IBOTPatchLoss(k, student_temp=tps).double()(t64(student), t64(teacher), masks)
-    assert got.item() == pytest.approx(expected, rel=1e-6)  # float32 arithmetic, as in training
+    assert got.item() == pytest.approx(expected, rel=1e-6)  # the module run in float64 (.double()) against float64 NumPy
 
 
 def test_koleo_is_the_log_distance_to_the_nearest_neighbour():

@@ -360,12 +360,13 @@ def _check_screenshot(path: Path) -> None:
     assert body.std() > 10  # text and tables, not a blank or error page
 
 
+@pytest.mark.browser
 def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
     from playwright.sync_api import sync_playwright
 
     admin = signed_in(app, "ana")
     make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
-    register(MlflowClient(), "ui-backbone", eval_tags={"knn.accuracy": 0.8})
+    register(MlflowClient(), "ui-backbone", eval_tags=EVALUATED)
     upload = tmp_path / "tile.png"
     Image.new("RGB", (32, 32), (200, 100, 150)).save(upload)
     shots = tmp_path / "screenshots"

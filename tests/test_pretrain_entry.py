@@ -8,6 +8,8 @@ from mlflow import MlflowClient
 from projects.pretrain import eval_split
 from tests.conftest import tiny_overrides
 
+pytestmark = pytest.mark.slow
+
 
 def test_online_knn_split_is_the_one_given_or_the_val_beside_train(tiles, tmp_path):
     assert eval_split(str(tiles / "train"), "") == tiles / "val"

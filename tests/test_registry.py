@@ -1,5 +1,6 @@
 """Promotion gates on metrics, rollback, audit and concurrent promotions, on a real SQLite registry
 with lightweight model versions (lineage tags and a run with metrics; no model files needed)."""
+import signal
 import threading
 
 import mlflow
@@ -319,3 +320,36 @@ def test_an_alias_moved_outside_the_gates_is_told_apart_and_signatures_cannot_be
                                 "previous": v1, "user": "mallory"}, key=b"guessed")
     assert "the gates last moved it to version 1" in audit.unaudited_reason(client, moved, "production", key)
     assert audit.unaudited_reason(client, moved, "production", None) is None  # an unsigned setup trusts tags
+
+
+def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(client):
+    from dinomx.interrupt import REQUEUE_EXIT_CODE, Interrupted, exit_code
+    from registry.mlflow_service import MlflowService, Outcome
+
+    service = MlflowService(mlflow.get_tracking_uri())
+    run = client.create_run("0").info.run_id
+    assert service.finish(run, Outcome.REQUEUED) and service.status(run) == "SCHEDULED"
+    assert service.finish(run, Outcome.FAILED, "out of memory") and service.status(run) == "FAILED"
+    tags = client.get_run(run).data.tags
+    assert tags[Tag.ERROR] == "out of memory" and tags[Tag.NOTE] == "**Failed:** out of memory"
+    assert not service.finish(run, Outcome.FINISHED) and service.status(run) == "FAILED"  # already ended: kept
+    killed = client.create_run("0").info.run_id
+    service.finish(killed, Outcome.KILLED)
+    # A preempted job's run ended KILLED by its process; Slurm, requeueing it, knows better.
+    assert service.finish(killed, Outcome.REQUEUED, also_ended=("KILLED",)) and service.status(killed) == "SCHEDULED"
+    with mlflow.start_run() as active:  # the process's own open run leaves the fluent stack too
+        assert service.finish(active.info.run_id, Outcome.KILLED)
+    assert mlflow.active_run() is None and service.status(active.info.run_id) == "KILLED"
+    # One exit-code rule for both command lines: only the time-limit warning asks to be requeued.
+    assert exit_code(Interrupted(3, "ckpt", signal.SIGUSR1)) == REQUEUE_EXIT_CODE == 75
+    assert exit_code(Interrupted(3, "ckpt", signal.SIGTERM)) == 143
+
+
+def test_a_version_whose_training_did_not_learn_is_refused(client):
+    version = register(client, "l-backbone", eval_tags={"knn.accuracy": 0.9})
+    run_id = client.get_model_version("l-backbone", version).run_id
+    client.set_tag(run_id, Tag.LEARNED, "false")
+    client.set_tag(run_id, Tag.LEARNING, "did not learn: kNN 0.731 -> 0.719 (-0.012 over the network before training)")
+    with pytest.raises(PromotionRefused, match=r"did not learn: kNN 0.731 -> 0.719") as refused:
+        promote(client, f"models:/l-backbone/{version}", "production", "try", gates=GATES)
+    assert refused.value.gate == "learning"

@@ -17,6 +17,8 @@ from data.versioning import dataset_version
 from projects.tracking import log_training_data, training_data
 from tests.conftest import BUCKET
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def repo(tmp_path) -> Path:

@@ -25,6 +25,8 @@ from scripts.demo import free_port, wait_ready
 from tests.conftest import REPO, tiny_overrides
 from tests.test_registry import register
 
+pytestmark = [pytest.mark.slow, pytest.mark.team]
+
 GATES = {"backbone": [MetricGate("knn.accuracy", 0.01)]}
 
 

@@ -1,4 +1,3 @@
-import dataclasses
 import logging
 import math
 import multiprocessing
@@ -15,6 +14,7 @@ from PIL import Image
 from transformers import AutoModel
 
 from dinomx.backbone import Backbone
+from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 from dinomx.embed import Embedder
@@ -211,7 +211,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_in_one(tiles, tmp_path):
     assert "2 process(es), DistributedType.MULTI_CPU" in log and "it 4/6" in log, log[-3000:]
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == 4
 
-    single = dataclasses.replace(cfg, distribution=dataclasses.replace(cfg.distribution, type="ddp"))
+    single = cfg.replace(distribution=cfg.distribution.replace(type="ddp"))
     steps = []
     result = train(single, tiles / "train", on_log=lambda step, m: steps.append(step), resume_from=tmp_path / "out")
     assert steps == [5, 6]
@@ -363,3 +363,11 @@ def test_multi_expert_training_aggregates_experts_into_one_teacher(tiles, tmp_pa
     cfg_b = tiny_config(train={"output_dir": str(tmp_path / "b"), "num_experts": 2, "log_every": 1})
     train(cfg_b, tiles / "train", on_log=lambda step, m: again.append(m["total_loss"]))
     assert again == losses  # deterministic per seed, experts included
+
+
+@pytest.mark.parametrize(("minutes", "written"), [(1e-6, True), (0.0, False)])
+def test_a_checkpoint_is_written_every_few_minutes_of_training(tiles, tmp_path, minutes, written):
+    cfg = tiny_config(train={"output_dir": str(tmp_path), "checkpoint_every": 0, "checkpoint_every_minutes": minutes})
+    seen = {}
+    train(cfg, tiles / "train", on_log=lambda step, _: seen.setdefault(step, (tmp_path / CHECKPOINT_NAME).is_file()))
+    assert seen[2] is written  # before the end of training, which always writes one

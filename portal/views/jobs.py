@@ -9,9 +9,11 @@ from portal.db import Job, db
 from portal.jobs import ACTIVE, FormErrors, TrainingRequest, submit, training_configs
 from portal.web import ID, answer, audit, dataset_for, mlflow, payload, refuse, settings
 from registry.lineage import equals
+from registry.mlflow_service import Tag
 
 bp = Blueprint("jobs", __name__)
-LIVE_METRICS = ("total_loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "distill_loss", "lr")
+LIVE_METRICS = ("total_loss", "knn_top1", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "distill_loss",
+                "lr")
 
 
 def _view(job: Job) -> dict:
@@ -92,16 +94,36 @@ def cancel_job(job_id: int):
     return answer(_view(job), to=url_for("jobs.job_page", job_id=job.id))
 
 
+@bp.post(f"/jobs/<{ID}:job_id>/resume")
+@bp.post(f"/api/jobs/<{ID}:job_id>/resume", endpoint="api_resume")
+@login_required
+def resume_job(job_id: int):
+    """A cancelled or failed training goes on from its last checkpoint, in the same MLflow run."""
+    job = _own(job_id)
+    runner = current_app.extensions.get("vf.jobs")
+    checkpoint = mlflow().client.get_run(job.mlflow_run_id).data.tags.get(Tag.CHECKPOINT) if job.mlflow_run_id else None
+    problem = ("this portal process runs no jobs (PORTAL_RUN_JOBS=0)" if runner is None else
+               f"job {job.id} is {job.status}; only a cancelled or failed job resumes" if job.status not in ("cancelled", "failed")
+               else f"job {job.id} left no checkpoint to resume from" if not checkpoint else None)
+    if problem:
+        audit("job.resume", f"job {job.id}", outcome="refused", reason=problem)
+        return refuse(problem, 409)
+    runner.resume(job)
+    audit("job.resume", f"job {job.id}", run=job.mlflow_run_id, checkpoint=checkpoint)
+    return answer(_view(job), to=url_for("jobs.job_page", job_id=job.id))
+
+
 @bp.get(f"/api/jobs/<{ID}:job_id>")
 @login_required
 def api_job(job_id: int):
     """The job and the live metrics of its MLflow run (full history per metric)."""
     job = _own(job_id)
-    metrics = {}
+    metrics, progress = {}, None
     if job.mlflow_run_id:
         client = mlflow().client
+        progress = client.get_run(job.mlflow_run_id).data.tags.get(Tag.PROGRESS)
         for key in LIVE_METRICS:
             history = client.get_metric_history(job.mlflow_run_id, key)
             if history:
                 metrics[key] = [[m.step, m.value] for m in sorted(history, key=lambda m: m.step)]
-    return answer(_view(job) | {"metrics": metrics})
+    return answer(_view(job) | {"metrics": metrics, "progress": progress})
