@@ -10,6 +10,7 @@ registry, audit) and the job runner.
 """
 from __future__ import annotations
 
+import json
 import secrets
 
 from flask import Flask, abort, jsonify, redirect, request, session, url_for
@@ -22,7 +23,7 @@ from portal.db import LEVELS, User, db
 from portal.jobs import FormErrors, JobRunner, make_launcher
 from portal.migrate import require_current, upgrade
 from portal.settings import Settings
-from portal.storage import Storage
+from portal.storage import Storage, StorageUnavailable
 from portal.views import audit, auth, datasets, jobs, registry
 from portal.web import audit as audit_event
 from portal.web import audit_refusal, refuse, wants_json
@@ -88,6 +89,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             abort(400, "form expired; reload the page")
         return None
 
+    # JSON as people read it (Jinja's tojson escapes quotes to \u0027 for script contexts); pages escape it.
+    app.add_template_filter(lambda value: json.dumps(value, ensure_ascii=False, sort_keys=True), "readable_json")
+
     @app.context_processor
     def template_globals():
         session.setdefault("csrf_token", secrets.token_hex(16))
@@ -108,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         audit_refusal(400, str(exc))
         return refuse(str(exc), 400, **extra)
 
+    @app.errorhandler(StorageUnavailable)
     @app.errorhandler(RegistryUnavailable)
     def registry_down(exc):
         audit_refusal(503, str(exc))

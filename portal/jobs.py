@@ -70,8 +70,8 @@ class TrainingRequest:
     freeze_blocks: int = 0
     teachers: str = ""
     distribution: str = "ddp"
-    batch_size: int = 32
-    lr: float = 5e-4
+    batch_size: int | None = None  # None: the config's
+    lr: float | None = None
     epochs: int = 0  # 0: the config's own
     nodes: int = 1
     gpus_per_node: int = 0
@@ -130,8 +130,8 @@ class TrainingRequest:
         if distribution not in ("ddp", "fsdp"):
             errors["distribution"] = "expected ddp or fsdp"
         values["distribution"] = distribution
-        values["batch_size"] = number("batch_size", int, 1, 4096, 32)
-        values["lr"] = number("lr", float, 1e-7, 1.0, 5e-4)
+        values["batch_size"] = number("batch_size", int, 1, 4096, None)
+        values["lr"] = number("lr", float, 1e-7, 1.0, None)
         values["epochs"] = number("epochs", int, 0, 10000, 0)
         values["nodes"] = number("nodes", int, 1, 64, 1)
         values["gpus_per_node"] = number("gpus_per_node", int, 0, 16, 0)
@@ -161,7 +161,12 @@ class TrainingRequest:
         return "distill" if self.strategy == "distill" else "pretrain"
 
     def overrides(self) -> list[str]:
-        items = [f"train.batch_size={self.batch_size}", f"optim.lr={self.lr}", f"distribution.type={self.distribution}"]
+        # A field left empty is the config's: only what the person chose overrides it.
+        items = [f"distribution.type={self.distribution}"]
+        if self.batch_size is not None:
+            items.append(f"train.batch_size={self.batch_size}")
+        if self.lr is not None:
+            items.append(f"optim.lr={self.lr}")
         if self.epochs:
             items.append(f"train.epochs={self.epochs}")
         if self.strategy == "lora":

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dinomx.errors import UserError
+
+
+class StorageUnavailable(UserError, RuntimeError):
+    """The S3 store did not answer, refused the portal's credentials, or has no such bucket."""
 
 
 @dataclass(frozen=True)
@@ -18,26 +25,38 @@ class Storage:
     region: str | None = None
     expires_s: int = 900
 
+    def _where(self) -> str:
+        return f"s3://{self.bucket} at {self.endpoint_url or 'AWS'}"
+
     def _client(self):
         # Signature v4 with the path-style addresses S3-compatible stores (MinIO, PowerScale) expect.
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
                             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 
     def upload_url(self, key: str) -> str:
-        return self._client().generate_presigned_url(
-            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expires_s)
+        return self._sign("put_object", key)
 
     def download_url(self, key: str) -> str:
-        return self._client().generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expires_s)
+        return self._sign("get_object", key)
+
+    def _sign(self, method: str, key: str) -> str:
+        try:
+            return self._client().generate_presigned_url(method, Params={"Bucket": self.bucket, "Key": key},
+                                                         ExpiresIn=self.expires_s)
+        except BotoCoreError as exc:  # no credentials to sign with
+            raise StorageUnavailable(f"storage {self._where()}: cannot sign a URL: {exc}; set the portal's AWS_* "
+                                     "credentials") from None
 
     def list(self, prefix: str, limit: int = 1000) -> list[dict]:
         """Objects under ``prefix`` (key relative to it, size, time), at most ``limit``."""
         objects = []
-        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                objects.append({"path": obj["Key"][len(prefix):], "size": obj["Size"],
-                                "modified": obj["LastModified"].isoformat()})
-                if len(objects) >= limit:
-                    return objects
+        try:
+            for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    objects.append({"path": obj["Key"][len(prefix):], "size": obj["Size"],
+                                    "modified": obj["LastModified"].isoformat()})
+                    if len(objects) >= limit:
+                        return objects
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"storage {self._where()} is unreachable or refuses the portal: {exc}") from None
         return objects

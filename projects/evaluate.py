@@ -18,6 +18,7 @@ from PIL import Image
 from dinomx.evaluation import evaluate, plot_confusion, plot_embeddings, random_init_knn
 from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.tracking import family_experiment, log_training_data, mark_model_training, run_entry_point, training_data
+from registry import audit
 from registry.lineage import describe_version, resolve_version, version_uri
 from registry.mlflow_service import EVAL_PREFIX, EVAL_RUN_ID, MlflowService, Tag, family_of, run_name
 
@@ -53,7 +54,8 @@ def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float
         for key, value in result.metrics.items():
             client.set_model_version_tag(mv.name, mv.version, f"{EVAL_PREFIX}{key}", repr(value))
         client.set_model_version_tag(mv.name, mv.version, EVAL_RUN_ID, active.info.run_id)
-        describe_version(client, client.get_model_version(mv.name, mv.version))
+        evaluated = client.get_model_version(mv.name, mv.version)
+        describe_version(client, evaluated, audit.version_history(client, evaluated))
     print(f"{uri}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
     return result.metrics
 

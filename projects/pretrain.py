@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from, args.eval_data)
 
     try:
-        return run_entry_point("pretrain", pretrain)
+        return run_entry_point("distill" if args.teachers else "pretrain", pretrain)
     except Interrupted as exc:
         print(f"pretrain: interrupted by {exc}", file=sys.stderr)
         return exit_code(exc)

@@ -71,6 +71,11 @@ def trail(client: MlflowClient, name: str, alias: str | None = None) -> list[dic
     return sorted(records, key=lambda r: r["time"])
 
 
+def version_history(client: MlflowClient, mv: ModelVersion) -> list[dict]:
+    """The records of moves to this version (any alias), oldest first."""
+    return [r for r in trail(client, mv.name) if str(r.get("version")) == str(mv.version)]
+
+
 def unaudited_reason(client: MlflowClient, mv: ModelVersion, alias: str, key: bytes | None) -> str | None:
     """Why ``mv`` holding ``alias`` was not put there by the gates, or None when it was: the latest
     record of the alias must name this version (and, with a key, carry a valid signature)."""

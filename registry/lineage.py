@@ -11,6 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -202,9 +203,17 @@ def format_chain(chain: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_description(chain: list[dict], metrics: dict[str, float] | None = None) -> str:
-    """What the MLflow UI shows on a model version: its lineage chain back to the data, then its
-    evaluation (the ``vf.eval.*`` metrics the promotion gates read)."""
+def report_link(entry: dict) -> str:
+    """The validation report as the MLflow UI serves it (``get-artifact`` of the run that logged it,
+    relative to the UI): a browser cannot open the artifact URI of the lineage tag."""
+    path = "/".join(entry["validation_report"].rstrip("/").split("/")[-2:])
+    return f"get-artifact?path={path}&run_uuid={entry['source_run_id']}"
+
+
+def markdown_description(chain: list[dict], metrics: dict[str, float] | None = None,
+                         history: Sequence[dict] = ()) -> str:
+    """What the MLflow UI shows on a model version: its lineage chain back to the data, its
+    evaluation (the ``vf.eval.*`` metrics the promotion gates read) and its promotion history."""
     lines = ["### Lineage", ""]
     for depth, entry in enumerate(chain):
         step = "This version" if depth == 0 else f"Built on `{entry['model']}`"
@@ -215,7 +224,7 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
             f"- data: `{entry['data_path']}`, DVC md5 `{entry['data_md5']}` ({entry['data_source']}"
             + (f", remote `{entry['data_remote']}`" if entry["data_remote"] else "") + ")",
             f"- validation: {entry['validation_suite']} **{'passed' if entry['validation_success'] else 'FAILED'}**"
-            f" ([report]({entry['validation_report']}))",
+            f" ([report]({report_link(entry)}))",
             f"- code: `{entry['git_commit'][:12]}`{dirty}; config sha256 `{entry['config_sha256'][:12]}`",
         ]
         if not entry["parent"].startswith("models:/"):
@@ -228,12 +237,18 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
         lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
     else:
         lines += ["### Evaluation", "", "Not evaluated yet: `mlflow run . -e evaluate -P model=<this version>`."]
+    if history:
+        lines += ["", "### Promotion history", "", "| when (UTC) | what | who | why | gates passed |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['time'][:19].replace('T', ' ')} | {r['action']} to @{r['alias']}"
+                  f"{' (from version ' + r['previous'] + ')' if r.get('previous') else ''} | {r.get('user', '')} | "
+                  f"{str(r.get('reason', '')).replace('|', '/')} | {', '.join(r.get('gates', []))} |" for r in history]
     return "\n".join(lines)
 
 
-def describe_version(client: MlflowClient, mv: ModelVersion) -> str:
-    """Write the Markdown description of ``mv`` from its lineage and evaluation tags; returns it."""
-    text = markdown_description(lineage_chain(client, version_uri(mv)), evaluation_metrics(mv.tags))
+def describe_version(client: MlflowClient, mv: ModelVersion, history: Sequence[dict] = ()) -> str:
+    """Write the Markdown description of ``mv`` from its lineage, evaluation tags and promotion
+    records (``registry.audit``'s, this version's); returns it."""
+    text = markdown_description(lineage_chain(client, version_uri(mv)), evaluation_metrics(mv.tags), history)
     client.update_model_version(mv.name, mv.version, description=text)
     return text
 

@@ -146,8 +146,16 @@ class MlflowService:
         its tag and its description in the UI. The run this process has open (``mlflow.start_run``)
         is ended through the fluent API, so it leaves the active stack too. Returns whether it
         changed anything: a run some other part already ended keeps that part's word."""
-        current = self.status(run_id)
-        if current == outcome.status or current not in (*LIVE, *also_ended):
+        run = self.client.get_run(run_id)
+        current = run.info.status
+        if current == outcome.status:
+            if outcome is Outcome.FAILED and reason:  # ended by its ``with`` block: add only what it lacks
+                error = run.data.tags.get(Tag.ERROR) or reason[:MAX_TAG_CHARS]
+                self.client.set_tag(run_id, Tag.ERROR, error)
+                if not run.data.tags.get(Tag.NOTE, "").startswith("**Failed:**"):
+                    self.client.set_tag(run_id, Tag.NOTE, f"**Failed:** {error}")
+            return False
+        if current not in (*LIVE, *also_ended):
             return False
         if outcome is Outcome.FAILED and reason:
             self.client.set_tag(run_id, Tag.ERROR, reason[:MAX_TAG_CHARS])

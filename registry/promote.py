@@ -47,6 +47,7 @@ from registry.lineage import (
     Lineage,
     RegistryUnavailable,
     alias_holder,
+    describe_version,
     equals,
     parse_model_uri,
     resolve_version,
@@ -58,6 +59,10 @@ ALIASES = ("staging", "production")
 DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yaml"
 LOWER_IS_BETTER = ("cluster.dbi", "regression.mae")
 LOCK_PREFIX = "vf-lock."
+# What a move passed, in order: recorded with it, shown in the portal and the version's description.
+PROMOTION_GATES = ["authorized", "lineage complete", "data validation", "learning", "evidence", "floor", "metrics",
+                   "parent promoted", "dependants", "exclusive"]
+ROLLBACK_GATES = ["authorized", "parent promoted", "dependants", "exclusive"]
 # Raises when the current user may not move aliases of the named registered model.
 Authorize = Callable[[str], None]
 
@@ -289,8 +294,8 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
     comparisons = {mv.name: check_gates(client, mv, alias, seen[mv.name], gates) for mv in versions}
     moves = {mv.name: mv for mv in versions}
     check_consistency(client, moves, alias, seen)
-    return _move(client, moves, alias, seen, {name: {"action": "promote", "reason": reason, "metrics": comparisons[name]}
-                                              for name in moves}, user)
+    return _move(client, moves, alias, seen, {name: {"action": "promote", "reason": reason, "metrics": comparisons[name],
+                                                     "gates": PROMOTION_GATES} for name in moves}, user)
 
 
 def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str | None = None,
@@ -313,7 +318,8 @@ def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str
             raise PromotionRefused("rollback", f"{model}@{alias} (version {holder.version}) has no previous holder")
         seen[model], moves[model] = holder, client.get_model_version(model, promotions[-1]["previous"])
     check_consistency(client, moves, alias, seen)
-    return _move(client, moves, alias, seen, {model: {"action": "rollback", "reason": reason} for model in moves}, user)
+    return _move(client, moves, alias, seen, {model: {"action": "rollback", "reason": reason, "gates": ROLLBACK_GATES}
+                                              for model in moves}, user)
 
 
 def _move(client: MlflowClient, moves: dict[str, ModelVersion], alias: str, seen: dict[str, ModelVersion | None],
@@ -341,11 +347,14 @@ def _move(client: MlflowClient, moves: dict[str, ModelVersion], alias: str, seen
                 else:
                     client.set_registered_model_alias(name, alias, seen[name].version)
             raise
-        return [audit.write(client, mv, {
+        written = [audit.write(client, mv, {
             **records[name], "alias": alias, "model": name, "version": str(mv.version),
             "previous": str(seen[name].version) if seen[name] else None, "user": user or getpass.getuser(),
             "set": [version_uri(other) for other in moves.values()],
         }) for name, mv in moves.items()]
+    for mv in moves.values():  # "why is this in production", where MLflow shows the version
+        describe_version(client, client.get_model_version(mv.name, mv.version), audit.version_history(client, mv))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

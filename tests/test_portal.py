@@ -12,7 +12,7 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from portal.app import Settings, create_app
-from portal.db import Group, ModelFamily, SignInFailures, User, db
+from portal.db import Group, Job, ModelFamily, SignInFailures, User, db
 from tests.conftest import BUCKET, REPO
 from tests.test_registry import register
 
@@ -366,7 +366,20 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
 
     admin = signed_in(app, "ana")
     make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
-    register(MlflowClient(), "ui-backbone", eval_tags=EVALUATED)
+    register(MlflowClient(), "ui-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.80})
+    register(MlflowClient(), "ui-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.85})
+    # A training job as the job runner leaves it: its MLflow run with a loss curve, kNN from step 0, progress.
+    with mlflow.start_run() as training:
+        for step, loss, knn in [(0, None, 0.40), (10, 7.1, None), (20, 6.8, 0.55), (30, 6.6, 0.62)]:
+            mlflow.log_metrics({"total_loss": loss} if loss else {}, step=step)
+            mlflow.log_metrics({"knn_top1": knn} if knn else {}, step=step)
+        mlflow.set_tag("vf.progress", "30/90 (1m05s left)")
+    with app.app_context():
+        job = Job(owner="ana", dataset_id=1, entry_point="pretrain", parameters={"name": "ui", "strategy": "standard"},
+                  command=[], status="running", mlflow_run_id=training.info.run_id, experiment_id="0")
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
     upload = tmp_path / "tile.png"
     Image.new("RGB", (32, 32), (200, 100, 150)).save(upload)
     shots = tmp_path / "screenshots"
@@ -403,15 +416,33 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         page.fill("input[name=reason] >> nth=0", "first candidate")
         page.click("#promote")
         page.wait_for_selector("table#history >> text=first candidate")
+        assert "authorized, lineage complete" in page.inner_text("table#history")
+        assert page.get_attribute("a.mlflow-version >> nth=0", "href") == "http://mlflow.test/#/models/ui-backbone/versions/2"
+        assert page.get_attribute("a.mlflow-run >> nth=0", "href").startswith("http://mlflow.test/#/experiments/")
+        assert "knn.accuracy 0.850" in page.inner_text("table#versions")
         page.screenshot(path=shots / "model.png")
+        page.click("#compare")  # v1 against v2, the newest
+        page.wait_for_selector("table#comparison")
+        comparison = page.inner_text("table#comparison")
+        assert "knn.accuracy" in comparison and "+0.0500" in comparison, comparison
+        page.screenshot(path=shots / "compare.png")
+
+        page.goto(f"{live_portal}/jobs/{job_id}")
+        page.wait_for_selector("#chart polyline")
+        assert page.inner_text("#progress") == "step 30/90 (1m05s left)"
+        assert page.locator("#chart polyline").count() == 2 and page.locator("#chart circle").count() == 6
+        chart = page.text_content("#chart")
+        assert "step 0" in chart and "step 30" in chart and "kNN" in chart and "loss" in chart
+        assert "knn_top1 0.620 (0.400 before training)" in page.inner_text("#latest")
+        page.screenshot(path=shots / "job.png")
 
         page.goto(f"{live_portal}/audit")
         assert "object.upload" in page.inner_text("table#audit") and "model.promote" in page.inner_text("table#audit")
         page.screenshot(path=shots / "audit.png")
         browser.close()
-    for name in ("datasets", "dataset", "new_job_errors", "model", "audit"):
+    for name in ("datasets", "dataset", "new_job_errors", "model", "compare", "job", "audit"):
         _check_screenshot(shots / f"{name}.png")
-    assert str(MlflowClient().get_model_version_by_alias("ui-backbone", "staging").version) == "1"
+    assert str(MlflowClient().get_model_version_by_alias("ui-backbone", "staging").version) == "2"  # the newest, preselected
 
 
 @pytest.fixture()
@@ -474,3 +505,67 @@ def test_institutional_sign_in_with_openid_connect(tmp_path, identity_provider):
     with app.app_context():
         user = db.session.scalar(db.select(User).where(User.username == "erin.hospital"))
         assert user is not None and user.password_hash is None and not user.is_admin
+
+
+def test_versions_show_their_evaluation_compare_side_by_side_and_say_why_they_hold_an_alias(app):
+    client = MlflowClient()
+    v1 = register(client, "cmp-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.80})
+    v2 = register(client, "cmp-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.86})
+    client.set_model_version_tag("cmp-backbone", v2, "vf.data_md5", "other.dir")  # trained on another data version
+    admin = signed_in(app, "ana")
+    assert admin.post("/api/models/cmp-backbone/promote", json={"version": v1, "alias": "staging", "reason": "baseline"}
+                      ).status_code == 200
+    model = admin.get("/api/models/cmp-backbone").json
+    newest = model["versions"][0]
+    assert newest["evaluation"]["knn.accuracy"] == 0.86 and newest["learning"] == "not measured"
+    assert newest["links"]["version"] == "http://mlflow.test/#/models/cmp-backbone/versions/2"
+    assert newest["links"]["run"].startswith("http://mlflow.test/#/experiments/")
+    assert newest["links"]["validation_report"] == "/registry/cmp-backbone/2/validation-report"
+    missing = admin.get("/api/models/cmp-backbone/2/validation-report")  # this test's lineage names no real report
+    assert missing.status_code == 404 and "cannot be read" in missing.json["error"]
+    [record] = model["audit"]
+    assert record["gates"][0] == "authorized" and "floor" in record["gates"] and record["reason"] == "baseline"
+    assert "### Promotion history" in client.get_model_version("cmp-backbone", v1).description
+    assert "| baseline | authorized, lineage complete" in client.get_model_version("cmp-backbone", v1).description
+
+    compared = admin.get(f"/api/models/cmp-backbone/compare?a={v1}&b={v2}").json
+    knn = next(row for row in compared["metrics"] if row["metric"] == "knn.accuracy")
+    assert (knn["a"], knn["b"]) == (0.80, 0.86) and knn["difference"] == pytest.approx(0.06)
+    assert compared["lineage"] == [{"field": "data_md5", "a": "m.dir", "b": "other.dir"}]
+    page = admin.get(f"/registry/cmp-backbone/compare?a={v1}&b={v2}").get_data(as_text=True)
+    assert "+0.0600" in page and "other.dir" in page
+    assert admin.get("/api/models/cmp-backbone/compare?a=1&b=99").status_code == 404
+
+
+def test_the_audit_page_filters_by_user_model_and_action_and_renders_details(app):
+    client = MlflowClient()
+    version = register(client, "aud-backbone", eval_tags=EVALUATED)
+    admin = signed_in(app, "ana")
+    admin.post("/api/models/aud-backbone/promote", json={"version": version, "alias": "staging", "reason": "it's fine"})
+    signed_in(app, "bob").post("/api/models/aud-backbone/promote", json={"version": version, "alias": "production"})
+    mine = admin.get("/api/audit?user=bob&target=aud-backbone").json
+    assert mine and all(e["user"] == "bob" and "aud-backbone" in e["target"] for e in mine)
+    promotions = admin.get("/api/audit?action=model.promote").json
+    assert promotions and {e["action"] for e in promotions} == {"model.promote"}
+    page = admin.get("/audit?target=aud-backbone").get_data(as_text=True)
+    assert "<dt>alias</dt><dd>staging</dd>" in page and "\\u0027" not in page
+
+
+def test_unreachable_storage_is_a_page_that_says_so_and_empty_fields_are_the_configs(app):
+    from portal.storage import Storage
+
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin)
+    app.extensions["vf.storage"] = Storage(BUCKET, "http://127.0.0.1:9")  # nothing listens there
+    page = admin.get(f"/datasets/{colon}")
+    assert page.status_code == 503 and b"s3://hospital at http://127.0.0.1:9 is unreachable or refuses the portal" in page.data
+    app.extensions["vf.storage"] = Storage("no-such-bucket", app.extensions["vf.settings"].s3_endpoint_url)
+    listing = admin.get(f"/api/datasets/{colon}/objects")
+    assert listing.status_code == 503 and "s3://no-such-bucket" in listing.json["error"]
+
+    from portal.jobs import TrainingRequest
+
+    form = {"dataset_id": "1", "name": "plain", "config": "configs/demo.yaml"}
+    assert TrainingRequest.from_form(form, REPO).overrides() == ["distribution.type=ddp"]
+    chosen = TrainingRequest.from_form(form | {"batch_size": "8", "lr": "1e-3"}, REPO).overrides()
+    assert chosen == ["distribution.type=ddp", "train.batch_size=8", "optim.lr=0.001"]

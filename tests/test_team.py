@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -181,20 +182,27 @@ def test_promotion_lock_contention_on_the_tracking_server_has_one_winner_and_cle
     assert not [m for m in as_gate.search_registered_models() if m.name.startswith(LOCK_PREFIX)]
 
 
-def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_auth(team_stack, validated_checkout, tmp_path):
+@contextmanager
+def identity(monkeypatch, env: dict):
+    """MLflow clients read their credentials from the environment at each request."""
+    with monkeypatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_auth(team_stack, validated_checkout, tmp_path,
+                                                                                  monkeypatch):
     """A researcher trains into their family over HTTP; the promotion service moves the aliases; the
     service reads the registry with a read-only identity and refuses an alias moved by hand."""
-    gate = MlflowClient(team_stack.tracking_uri)
-    os.environ.update(team_stack.gate_env())  # MlflowClient reads its credentials from the environment
-    team_stack.create_mlflow_user("rita", "rita's long password")
-    try:
+    rita_env = team_stack.mlflow_env("rita", "rita's long password")
+    team_stack.create_mlflow_user("rita", rita_env["MLFLOW_TRACKING_PASSWORD"])
+    with identity(monkeypatch, team_stack.gate_env()) as gate:
         for model in ("team-backbone", "team-head"):
             gate.create_registered_model(model)
             team_stack.grant("rita", "registered_model", model, "EDIT")
-    finally:
-        for key in team_stack.gate_env():
-            os.environ.pop(key, None)
-    rita = {**os.environ, **team_stack.s3_env(), **team_stack.mlflow_env("rita", "rita's long password")}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    rita = {**base_env, **team_stack.s3_env(), **rita_env}
     mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "team"]
 
     def run(*cmd: str, env: dict = rita) -> subprocess.CompletedProcess:
@@ -205,27 +213,22 @@ def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_au
     run(*mlflow_run, "-e", "pretrain", "-P", "name=team", "-P", f"overrides={tiny_overrides()}")
     run(*mlflow_run, "-e", "evaluate", "-P", "model=models:/team-backbone/1")
     run(*mlflow_run, "-e", "heads", "-P", "name=team")
-    versions = {mv.source for mv in gate.search_model_versions("name = 'team-backbone'")}
-    assert all(source.startswith("models:/") or "mlflow-artifacts" in source for source in versions), versions
+    with identity(monkeypatch, team_stack.gate_env()) as gate:
+        sources = {mv.source for mv in gate.search_model_versions("name = 'team-backbone'")}
+    assert all(source.startswith("models:/") or "mlflow-artifacts" in source for source in sources), sources
 
     gates = tmp_path / "gates.yaml"  # a few steps do not beat random init: this test is about the plumbing
     gates.write_text("backbone:\n  knn.accuracy: {max_drop: 0.01}\nhead:\n  linear.accuracy: {max_drop: 0.0}\n")
     # The read-only identity may not move anything; a researcher may not delete an alias.
-    serving = {**os.environ, **team_stack.serving_env()}
+    serving = {**base_env, **team_stack.serving_env()}
     refused = subprocess.run([sys.executable, "-m", "registry.promote", "models:/team-backbone/1", "--with",
                               "models:/team-head/1", "--alias", "production", "--reason", "try", "--gates", str(gates)],
                              cwd=REPO, env=serving, capture_output=True, text=True)
     assert refused.returncode == 2 and "403" in refused.stderr, refused.stderr
     run(sys.executable, "-m", "registry.promote", "models:/team-backbone/1", "--with", "models:/team-head/1",
-        "--alias", "production", "--reason", "team e2e", "--gates", str(gates), env={**os.environ, **team_stack.gate_env()})
-    rita_client = MlflowClient(team_stack.tracking_uri)
-    os.environ.update(team_stack.mlflow_env("rita", "rita's long password"))
-    try:
-        with pytest.raises(MlflowException, match="403"):
-            rita_client.delete_registered_model_alias("team-backbone", "production")
-    finally:
-        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            os.environ.pop(key, None)
+        "--alias", "production", "--reason", "team e2e", "--gates", str(gates), env={**base_env, **team_stack.gate_env()})
+    with identity(monkeypatch, rita_env) as as_rita, pytest.raises(MlflowException, match="403"):
+        as_rita.delete_registered_model_alias("team-backbone", "production")
 
     port = free_port()
     env = {**serving, "VF_MODEL_NAME": "team", "VF_MODEL_ALIAS": "production", "VF_RELOAD_TOKEN": "op",
@@ -238,17 +241,15 @@ def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_au
         sample = sorted(Path(validated_checkout, "data/demo/images/val/glands").glob("*.png"))[0]
         with sample.open("rb") as f:
             answer = httpx.post(f"{base}/classify", files={"images": (sample.name, f, "image/png")}, timeout=60)
-        assert answer.status_code == 200 and answer.json()["model"] == "models:/team-backbone/1", answer.text
+        assert answer.status_code == 200 and answer.json()["backbone"] == "models:/team-backbone/1", answer.text
+        assert answer.json()["model"] == "models:/team-head/1" and answer.json()["predictions"][0]["label"]
         # Rita moves @production by hand, as the MLflow UI's alias pencil would (her EDIT allows it):
         # a copy of the head, consistent with the backbone, but never through the gates.
-        head = gate.get_model_version("team-head", "1")
-        os.environ.update(team_stack.mlflow_env("rita", "rita's long password"))
-        try:
-            copy = rita_client.create_model_version("team-head", head.source, run_id=head.run_id, tags=head.tags)
-            rita_client.set_registered_model_alias("team-head", "production", copy.version)
-        finally:
-            for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-                os.environ.pop(key, None)
+        with identity(monkeypatch, rita_env) as as_rita:
+            head = as_rita.get_model_version("team-head", "1")
+            copy = as_rita.create_model_version("team-head", head.source, run_id=head.run_id, tags=head.tags,
+                                                model_id=head.source.removeprefix("models:/"))  # a LoggedModel
+            as_rita.set_registered_model_alias("team-head", "production", copy.version)
         reload = httpx.post(f"{base}/reload", headers={"Authorization": "Bearer op"}, json={}, timeout=60)
         assert reload.status_code == 400 and "refused to follow team-head@production" in reload.text, reload.text
         ready = httpx.get(f"{base}/readyz", timeout=10)

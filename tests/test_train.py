@@ -2,6 +2,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def test_train_logs_all_metrics_and_saves_an_automodel_backbone(tiles, tmp_path,
     assert [step for step, _ in logged] == [2, 4, 6]
     assert set(logged[-1][1]) >= {"total_loss", "dino_global_loss", "dino_local_loss", "lr", "wd",
                                   "teacher_momentum", "teacher_temp"}
-    assert "it 6/6  loss" in caplog.text
+    assert "it 6/6 (0s left)  loss" in caplog.text and re.search(r"it 2/6 \(\d+s left\)", caplog.text)
     # The teacher momentum follows its cosine schedule up to the final value.
     assert logged[0][1]["teacher_momentum"] < logged[-1][1]["teacher_momentum"] <= 1.0
 

@@ -2,18 +2,46 @@
 rollback through the gates of ``registry.promote``."""
 from __future__ import annotations
 
-from flask import Blueprint, abort, url_for
+import json
+import tempfile
+from pathlib import Path
+
+from flask import Blueprint, abort, jsonify, request, url_for
 from flask_login import current_user, login_required
+from mlflow import artifacts as mlflow_artifacts
+from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError
 from portal.access import AccessDenied, authorize_alias_move
-from portal.web import answer, audit, mlflow, payload, text
+from portal.web import answer, audit, mlflow, payload, settings, text
 from registry.audit import trail as audit_trail
 from registry.lineage import BadModelReference, Lineage, RegistryError, equals, format_chain, lineage_chain, registry_errors
-from registry.mlflow_service import Tag
+from registry.mlflow_service import Tag, evaluation_metrics
 from registry.promote import LOCK_PREFIX, PromotionRefused, promote, rollback
 
 bp = Blueprint("registry", __name__)
+
+
+def _row(client, v, aliases: dict) -> dict:
+    """One version as the pages show it: lineage, evaluation, learning verdict and where to read more."""
+    try:
+        lineage = Lineage.from_tags(v.tags)
+    except RegistryError:
+        lineage = None
+    run = client.get_run(v.run_id) if v.run_id else None
+    ui = settings().mlflow_ui_url
+    return {"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
+            "kind": lineage.kind if lineage else "", "parent": lineage.parent if lineage else "",
+            "data": lineage.data_path if lineage else "", "data_md5": lineage.data_md5 if lineage else "",
+            "validation": str(lineage.validation_success).lower() if lineage else "",
+            "code": lineage.git_commit[:12] if lineage else "", "config": lineage.config_sha256[:12] if lineage else "",
+            "evaluation": evaluation_metrics(v.tags),
+            "learning": run.data.tags.get(Tag.LEARNING, "not measured") if run else "",
+            "learned": run.data.tags.get(Tag.LEARNED) if run else None,
+            "created": v.creation_timestamp,
+            "links": {"version": f"{ui}/#/models/{v.name}/versions/{v.version}",
+                      "run": f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" if run else None,
+                      "validation_report": url_for("registry.validation_report", name=v.name, version=str(v.version))}}
 
 
 def _versions(name: str) -> list[dict]:
@@ -21,17 +49,52 @@ def _versions(name: str) -> list[dict]:
     # Search results leave version aliases empty; the registered model has them all.
     with registry_errors(f"{name}: "):
         aliases = client.get_registered_model(name).aliases
-    rows = []
-    for v in sorted(client.search_model_versions(equals("name", name)), key=lambda v: int(v.version), reverse=True):
-        try:
-            lineage = Lineage.from_tags(v.tags)
-        except RegistryError:
-            lineage = None
-        rows.append({"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
-                     "parent": lineage.parent if lineage else "", "data": lineage.data_path if lineage else "",
-                     "validation": str(lineage.validation_success).lower() if lineage else "",
-                     "created": v.creation_timestamp})
-    return rows
+    return [_row(client, v, aliases) for v in sorted(client.search_model_versions(equals("name", name)),
+                                                     key=lambda v: int(v.version), reverse=True)]
+
+
+def _version(name: str, version: str):
+    try:
+        with registry_errors(f"models:/{name}/{version}: "):
+            return mlflow().client.get_model_version(name, version)
+    except (RegistryError, BadModelReference):
+        abort(404, f"no version {version!r} of registered model {name!r}")
+
+
+@bp.get("/registry/<name>/<version>/validation-report")
+@bp.get("/api/models/<name>/<version>/validation-report", endpoint="api_validation_report")
+@login_required
+def validation_report(name: str, version: str):
+    """The validation report of the data a version was trained on, read from the run's artifacts
+    (a link in a browser, where the lineage tag holds an artifact URI)."""
+    mv = _version(name, version)
+    uri = Lineage.from_tags(mv.tags).validation_report
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = json.loads(Path(mlflow_artifacts.download_artifacts(uri, dst_path=tmp)).read_text())
+    except (MlflowException, OSError, ValueError) as exc:
+        abort(404, f"validation report {uri} of models:/{name}/{version} cannot be read: {str(exc)[:300]}")
+    return jsonify(report)
+
+
+@bp.get("/registry/<name>/compare")
+@bp.get("/api/models/<name>/compare", endpoint="api_compare")
+@login_required
+def compare(name: str):
+    """Two versions side by side: metrics with the difference, where their lineage differs, and
+    whether each learned."""
+    a, b = request.args.get("a", ""), request.args.get("b", "")
+    client = mlflow().client
+    aliases = client.get_registered_model(name).aliases if a and b else {}
+    left, right = (_row(client, _version(name, v), aliases) for v in (a, b))
+    metrics = sorted(set(left["evaluation"]) | set(right["evaluation"]))
+    table = [{"metric": m, "a": left["evaluation"].get(m), "b": right["evaluation"].get(m),
+              "difference": (right["evaluation"][m] - left["evaluation"][m])
+              if m in left["evaluation"] and m in right["evaluation"] else None} for m in metrics]
+    lineage = [{"field": f, "a": left[f], "b": right[f]} for f in ("parent", "data", "data_md5", "validation", "code", "config")
+               if left[f] != right[f]]
+    body = {"name": name, "a": left, "b": right, "metrics": table, "lineage": lineage}
+    return answer(body, "compare.html", **body)
 
 
 @bp.get("/registry")
