@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:
     """The stack up, a researcher who may train into family ``name`` (its registered models made by
     the promotion service, EDIT granted), and the environments of researcher, promotion service and
-    service; the DVC remote on the stack's S3 (a local, uncommitted setting)."""
+    service; the DVC remote on the stack's S3."""
     import secrets
 
     from mlflow import MlflowClient
@@ -162,10 +162,11 @@ def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:
     for key in stack.gate_env():
         os.environ.pop(key)
     researcher = {**os.environ, **stack.s3_env(), **stack.mlflow_env("researcher", password_file.read_text())}
-    for args in (["remote", "add", "--local", "--force", "team", f"s3://{BUCKET}/dvc"],
+    # The default remote (local config, uncommitted): lineage names where the data version lives.
+    for args in (["remote", "add", "--local", "--default", "--force", "team", f"s3://{BUCKET}/dvc"],
                  ["remote", "modify", "--local", "team", "endpointurl", stack.s3_endpoint]):
         sh("dvc", *args)
-    return researcher, gate, {**os.environ, **stack.serving_env()}, ["dvc", "push", "-r", "team"]
+    return researcher, gate, {**os.environ, **stack.serving_env()}, ["dvc", "push"]
 
 
 if __name__ == "__main__":
