@@ -362,7 +362,7 @@ class Stack:
             return False
 
     @staticmethod
-    def _wait_gone(pid: int, timeout: float = 30) -> None:
+    def _wait_gone(pid: int, timeout: float = 5) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

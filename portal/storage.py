@@ -30,8 +30,10 @@ class Storage:
 
     def _client(self):
         # Signature v4 with the path-style addresses S3-compatible stores (MinIO, PowerScale) expect.
+        # A page waits seconds, not a minute, on a store that does not answer.
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+                            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=5,
+                                          read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}))
 
     def upload_url(self, key: str) -> str:
         return self._sign("put_object", key)

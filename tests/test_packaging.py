@@ -4,11 +4,13 @@ import os
 import re
 import subprocess
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # bentoml build
 def test_bentoml_build_packages_the_service(tmp_path):
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
     build = subprocess.run(["bentoml", "build", "--output", "tag"], cwd=REPO, env={**os.environ, **env},

@@ -164,6 +164,7 @@ def test_unknown_lora_target_names_the_key(tmp_path):
         build_models(cfg)
 
 
+@pytest.mark.slow  # two torchrun processes
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_two_process_cpu_run_saves_one_backbone(tiles, tmp_path, kind):
     cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4}, distribution={"type": kind},
@@ -194,6 +195,7 @@ def _torchrun(tmp_path, cfg, *extra):
             "-m", "dinomx.cli", "--config", str(tmp_path / "c.yaml"), *extra]
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_fsdp_checkpoint_of_two_processes_resumes_in_one(tiles, tmp_path):
     cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4, "log_every": 1, "checkpoint_every": 2},
                       distribution={"type": "fsdp"}, ibot={"loss_weight": 1.0})
