@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-
 from dinomx.backbone import hub_snapshot
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.errors import MissingInput
@@ -325,17 +323,6 @@ def make_launcher(backend: str, project: Path, tracking_uri: str, slurm_config: 
 CLAIM_LOCK = 0x7666_6A6F  # "vfjo"
 
 
-def _experiment_id(client, family: str) -> str:
-    """The family's experiment (where its runs from the command line are too), created by
-    whichever worker needs it first."""
-    if (experiment := client.get_experiment_by_name(family)) is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(family)
-    except MlflowException:  # another worker created it in between
-        return client.get_experiment_by_name(family).experiment_id
-
-
 def claim_next(slots: int) -> Job | None:
     """The oldest queued job, moved to ``starting`` if fewer than ``slots`` jobs are active: exactly
     once across every portal process sharing the database. The count and the claim are one
@@ -407,9 +394,10 @@ class JobRunner:
     def _start_queued(self) -> None:
         while (job := claim_next(self.slots)) is not None:
             request = TrainingRequest(**job.parameters)
-            client = MlflowService(self.tracking_uri).client
+            service = MlflowService(self.tracking_uri)
+            client = service.client
             if job.mlflow_run_id is None:
-                experiment_id = _experiment_id(client, request.name)
+                experiment_id = service.experiment_id(request.name)  # the family's, as from the command line
                 run = client.create_run(experiment_id, run_name=run_name(request.name, f"{request.entry_point}-job{job.id}"),
                                         tags={Tag.PORTAL_JOB: str(job.id), Tag.PORTAL_OWNER: job.owner,
                                               Tag.PORTAL_BACKEND: self.launcher.name})

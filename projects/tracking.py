@@ -123,13 +123,7 @@ def family_experiment(family: str) -> str | None:
     one, which None leaves to it."""
     if any(os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
         return None
-    client = MlflowService().client
-    if (experiment := client.get_experiment_by_name(family)) is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(family)
-    except MlflowException:  # created by another run in between
-        return client.get_experiment_by_name(family).experiment_id
+    return MlflowService().experiment_id(family)
 
 
 def mark_model_training() -> None:

@@ -20,6 +20,7 @@ from functools import cached_property
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 LINEAGE_PREFIX = "vf."
@@ -136,6 +137,15 @@ class MlflowService:
                                    Tag.NOTE: f"Resumed training: continued in run {active.info.run_id}."}.items():
                     self.client.set_tag(launcher_run, key, value)
             yield active, Tag.ENTRY_POINT in active.data.tags
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment ``name`` (a model family's), created by whichever process needs it first."""
+        if (experiment := self.client.get_experiment_by_name(name)) is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another process created it in between
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
