@@ -128,9 +128,9 @@ def family_experiment(family: str) -> str | None:
 
 def mark_model_training() -> None:
     """The active run's experiment opens in MLflow's model-training view, not the GenAI one."""
-    experiment = mlflow.active_run().info.experiment_id
-    if MlflowService().client.get_experiment(experiment).tags.get(Tag.EXPERIMENT_KIND) is None:
-        MlflowService().client.set_experiment_tag(experiment, Tag.EXPERIMENT_KIND, "custom_model_development")
+    client, experiment = MlflowService().client, mlflow.active_run().info.experiment_id
+    if client.get_experiment(experiment).tags.get(Tag.EXPERIMENT_KIND) is None:
+        client.set_experiment_tag(experiment, Tag.EXPERIMENT_KIND, "custom_model_development")
 
 
 def log_flat_params(params: dict) -> None:

@@ -54,9 +54,10 @@ def write(client: MlflowClient, mv: ModelVersion, record: dict, key: bytes | Non
     return record
 
 
-def trail(client: MlflowClient, name: str, alias: str | None = None) -> list[dict]:
+def trail(client: MlflowClient, name: str, alias: str | None = None, key: bytes | None = None) -> list[dict]:
     """Every audit record of ``name`` (optionally one alias), oldest first; a tag that is not a
-    record (hand-written, truncated) is left out rather than trusted."""
+    record (hand-written, truncated) is left out rather than trusted, and so, given ``key``, is
+    every record it did not sign."""
     records = []
     for mv in client.search_model_versions(equals("name", name)):
         for tag, value in mv.tags.items():
@@ -66,7 +67,9 @@ def trail(client: MlflowClient, name: str, alias: str | None = None) -> list[dic
                 record = json.loads(value)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("time"), str) and (alias is None or record.get("alias") == alias):
+            if not (isinstance(record, dict) and isinstance(record.get("time"), str)):
+                continue
+            if (alias is None or record.get("alias") == alias) and (key is None or signed_by(record, key)):
                 records.append(record)
     return sorted(records, key=lambda r: r["time"])
 
@@ -79,9 +82,7 @@ def version_history(client: MlflowClient, mv: ModelVersion) -> list[dict]:
 def unaudited_reason(client: MlflowClient, mv: ModelVersion, alias: str, key: bytes | None) -> str | None:
     """Why ``mv`` holding ``alias`` was not put there by the gates, or None when it was: the latest
     record of the alias must name this version (and, with a key, carry a valid signature)."""
-    records = trail(client, mv.name, alias)
-    if key is not None:
-        records = [r for r in records if signed_by(r, key)]
+    records = trail(client, mv.name, alias, key)
     if not records:
         return (f"models:/{mv.name}/{mv.version} holds @{alias} but no {'signed ' if key else ''}promotion record "
                 "exists: the alias was moved outside the gates (e.g. in the MLflow UI)")

@@ -312,7 +312,8 @@ def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str
         holder = alias_holder(client, model, alias)
         if holder is None:
             raise PromotionRefused("rollback", f"@{alias} of {model} is not set; nothing to roll back")
-        promotions = [r for r in audit.trail(client, model, alias)
+        # Only the gates' own records say where to go back to: a forged one would name any version.
+        promotions = [r for r in audit.trail(client, model, alias, audit.audit_key())
                       if r.get("action") == "promote" and r.get("version") == str(holder.version)]
         if not promotions or promotions[-1].get("previous") is None:
             raise PromotionRefused("rollback", f"{model}@{alias} (version {holder.version}) has no previous holder")

@@ -320,6 +320,9 @@ def test_an_alias_moved_outside_the_gates_is_told_apart_and_signatures_cannot_be
                                 "previous": v1, "user": "mallory"}, key=b"guessed")
     assert "the gates last moved it to version 1" in audit.unaudited_reason(client, moved, "production", key)
     assert audit.unaudited_reason(client, moved, "production", None) is None  # an unsigned setup trusts tags
+    # Nor does a forged record steer a rollback: only signed records name a previous holder.
+    with pytest.raises(PromotionRefused, match="version 2\\) has no previous holder"):
+        rollback(client, "s-backbone", "production", "back to what the forger named")
 
 
 def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(client):
