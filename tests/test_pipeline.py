@@ -483,21 +483,33 @@ def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, dem
     assert httpx.post(f"{base}/reload", headers=RELOAD, timeout=120).json()["backbone"] == "models:/demo-backbone/1"
 
 
-def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path):
-    """A researcher's form becomes a real `mlflow run` of the project, linked to its MLflow run."""
+def _portal_running_jobs(demo, tmp_path):
+    """A portal on the demo checkout and its registry that runs its jobs (local backend):
+    (app, signed-in test client, demo dataset id)."""
     from portal.app import Settings
 
-    checkout, client, _ = demo
-    tracking = f"sqlite:///{checkout / 'mlflow.db'}"
-    app, web, dataset = portal_with_demo_dataset(Settings(
-        database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=tracking, project_dir=checkout,
-        run_jobs=True, mlflow_ui_url="http://mlflow.test", job_log_dir=tmp_path / "jobs"))
+    checkout = demo[0]
+    return portal_with_demo_dataset(Settings(
+        database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=f"sqlite:///{checkout / 'mlflow.db'}",
+        project_dir=checkout, run_jobs=True, mlflow_ui_url="http://mlflow.test", job_log_dir=tmp_path / "jobs"))
+
+
+def _job_when(web, job_id: int, until, seconds: float = 400) -> dict:
+    """The job's API answer once ``until`` holds for it."""
+    deadline = time.monotonic() + seconds
+    while not until(state := web.get(f"/api/jobs/{job_id}").json):
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    return state
+
+
+def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path):
+    """A researcher's form becomes a real `mlflow run` of the project, linked to its MLflow run."""
+    app, web, dataset = _portal_running_jobs(demo, tmp_path)
+    client = demo[1]
     job = web.post("/api/jobs", json={"dataset_id": dataset, "name": "portal", "config": "configs/demo.yaml",
                                       "strategy": "freeze", "freeze_blocks": "2", "batch_size": "16", "epochs": "1"}).json
-    deadline = time.monotonic() + 400
-    while (state := web.get(f"/api/jobs/{job['id']}").json)["status"] in ("queued", "starting", "running"):
-        assert time.monotonic() < deadline, state
-        time.sleep(2)
+    state = _job_when(web, job["id"], lambda s: s["status"] not in ("queued", "starting", "running"))
     assert state["status"] == "finished", state["log_tail"]
     experiment = client.get_run(state["mlflow_run_id"]).info.experiment_id
     assert state["mlflow_url"] == f"http://mlflow.test/#/experiments/{experiment}/runs/{state['mlflow_run_id']}"
@@ -512,22 +524,13 @@ def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path
 def test_a_cancelled_portal_job_ends_killed_and_resumes_in_the_same_run(demo, tmp_path):
     """Cancel: the training checkpoints and its run ends KILLED, the job says cancelled. Resume: the
     same MLflow run goes on from that checkpoint to the end, its history continuing, not repeating."""
-    from portal.app import Settings
-
-    checkout, client, _ = demo
-    tracking = f"sqlite:///{checkout / 'mlflow.db'}"
-    app, web, dataset = portal_with_demo_dataset(Settings(
-        database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=tracking, project_dir=checkout,
-        run_jobs=True, mlflow_ui_url="http://mlflow.test", job_log_dir=tmp_path / "jobs"))
+    app, web, dataset = _portal_running_jobs(demo, tmp_path)
+    client = demo[1]
     job = web.post("/api/jobs", json={"dataset_id": dataset, "name": "stopped", "config": "configs/demo.yaml",
                                       "batch_size": "16", "epochs": "3"}).json
 
-    def wait(until, seconds=400):
-        deadline = time.monotonic() + seconds
-        while not until(state := web.get(f"/api/jobs/{job['id']}").json):
-            assert time.monotonic() < deadline, state
-            time.sleep(1)
-        return state
+    def wait(until):
+        return _job_when(web, job["id"], until)
 
     running = wait(lambda s: s["status"] == "running" and s["progress"])
     assert re.fullmatch(r"\d+/90( \(\S+ left\))?", running["progress"]), running["progress"]

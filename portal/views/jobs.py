@@ -80,15 +80,24 @@ def job_page(job_id: int):
     return answer({}, "job.html", job=job, view=_view(job))
 
 
+NO_RUNNER = "this portal process runs no jobs (PORTAL_RUN_JOBS=0)"
+
+
+def _refused(job: Job, action: str, problem: str):
+    """A job action refused: a 409 that says why, and its audit row."""
+    audit(f"job.{action}", f"job {job.id}", outcome="refused", status=job.status, reason=problem)
+    return refuse(problem, 409)
+
+
 @bp.post(f"/jobs/<{ID}:job_id>/cancel")
 @bp.post(f"/api/jobs/<{ID}:job_id>/cancel", endpoint="api_cancel")
 @login_required
 def cancel_job(job_id: int):
-    job = _own(job_id)
-    runner = current_app.extensions.get("vf.jobs")
-    if job.status not in ("queued", *ACTIVE) or runner is None:
-        audit("job.cancel", f"job {job.id}", outcome="refused", status=job.status)
-        return refuse(f"job {job.id} is {job.status}" if runner else "this portal process runs no jobs (PORTAL_RUN_JOBS=0)", 409)
+    job, runner = _own(job_id), current_app.extensions.get("vf.jobs")
+    if runner is None:
+        return _refused(job, "cancel", NO_RUNNER)
+    if job.status not in ("queued", *ACTIVE):
+        return _refused(job, "cancel", f"job {job.id} is {job.status}")
     runner.cancel(job)
     audit("job.cancel", f"job {job.id}", backend=job.backend, scheduler_id=job.scheduler_id)
     return answer(_view(job), to=url_for("jobs.job_page", job_id=job.id))
@@ -99,15 +108,14 @@ def cancel_job(job_id: int):
 @login_required
 def resume_job(job_id: int):
     """A cancelled or failed training goes on from its last checkpoint, in the same MLflow run."""
-    job = _own(job_id)
-    runner = current_app.extensions.get("vf.jobs")
+    job, runner = _own(job_id), current_app.extensions.get("vf.jobs")
+    if runner is None:
+        return _refused(job, "resume", NO_RUNNER)
+    if job.status not in ("cancelled", "failed"):
+        return _refused(job, "resume", f"job {job.id} is {job.status}; only a cancelled or failed job resumes")
     checkpoint = mlflow().client.get_run(job.mlflow_run_id).data.tags.get(Tag.CHECKPOINT) if job.mlflow_run_id else None
-    problem = ("this portal process runs no jobs (PORTAL_RUN_JOBS=0)" if runner is None else
-               f"job {job.id} is {job.status}; only a cancelled or failed job resumes" if job.status not in ("cancelled", "failed")
-               else f"job {job.id} left no checkpoint to resume from" if not checkpoint else None)
-    if problem:
-        audit("job.resume", f"job {job.id}", outcome="refused", reason=problem)
-        return refuse(problem, 409)
+    if not checkpoint:
+        return _refused(job, "resume", f"job {job.id} left no checkpoint to resume from")
     runner.resume(job)
     audit("job.resume", f"job {job.id}", run=job.mlflow_run_id, checkpoint=checkpoint)
     return answer(_view(job), to=url_for("jobs.job_page", job_id=job.id))
