@@ -65,6 +65,14 @@ def _tool(name: str) -> str:
     return found
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    """A part's process group may end between the look that found it alive and the signal."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _pg_bin(name: str) -> str:
     for candidate in [shutil.which(name), *sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)]:
         if candidate:
@@ -176,7 +184,7 @@ class Stack:
                     self._as_postgres([_pg_bin("pg_ctl"), "-D", str(self.root / "pg"), "-m", "fast", "-w", "stop"],
                                       check=False)
             elif self._alive(part):
-                os.killpg(self.pids[part], signal.SIGTERM)
+                _signal_group(self.pids[part], signal.SIGTERM)
                 self._wait_gone(self.pids[part])
             self.pids.pop(part, None)
         self._save()
@@ -374,7 +382,7 @@ class Stack:
             except ChildProcessError:
                 pass
             time.sleep(0.2)
-        os.killpg(pid, signal.SIGKILL)
+        _signal_group(pid, signal.SIGKILL)
 
     def _read(self, name: str) -> dict | None:
         path = self.root / name
