@@ -17,50 +17,23 @@ import re
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
-from data.inputs import CHANNELS
+from data.params import MODALITIES, IngestParams
 from data.versioning import find_repo_root
 from dinomx.errors import MissingInput, UserError, run_command
-
-MODALITIES = ("he", "ct", "rgb", "gray")
 
 
 class DatasetError(UserError, ValueError):
     """A dataset that cannot be added as asked."""
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class IngestParams:
-    modality: str  # he | ct
-    val_fraction: float = 0.2
-    seed: int = 0
-    magnifications: tuple[float, ...] = (20.0, 10.0, 5.0)
-    tile_size: int = 224
-    min_tissue: float = 0.5
-    window: tuple[float, float] = (40.0, 400.0)
-    channels: str = "single"  # ct: single | 2.5d | windows
-    thickness: tuple[float, float] | None = None  # ct: series of this slice thickness only (mm)
-    kernels: tuple[str, ...] = ()  # ct: series of these convolution kernels only
-
-    def __post_init__(self):
-        if self.modality not in MODALITIES:
-            raise DatasetError(f"modality: expected one of {', '.join(repr(m) for m in MODALITIES)}, got {self.modality!r}")
-        if self.channels not in CHANNELS:
-            raise DatasetError(f"channels: expected one of {list(CHANNELS)}, got {self.channels!r}")
-
-    @property
-    def images(self) -> str:
-        """The folder of the dataset that trains: grid tiles at the highest magnification, slices,
-        or the converted image folder (each holding train/ and val/)."""
-        return {"he": f"tiles/{max(self.magnifications):g}x", "ct": "tiles/slices"}.get(self.modality, "tiles")
+# Beside the dataset's dvc.yaml: the case of each slide (``--cases``), a dependency of ingestion.
+CASES = "cases.csv"
 
 
 def _join(args: list) -> str:
@@ -69,29 +42,16 @@ def _join(args: list) -> str:
 
 def pipeline(params: IngestParams) -> dict:
     """The dvc.yaml of one dataset (paths relative to ``data/<name>/``)."""
-    common = ["--val-fraction", params.val_fraction, "--seed", params.seed]
-    if params.modality == "he":
-        mags = [f"{m:g}" for m in params.magnifications]
-        ingest = ["--magnifications", *mags, "--tile-size", params.tile_size, "--min-tissue", params.min_tissue]
-        validate = ["--suite", "he_tiles", "--tile-size", params.tile_size, "--magnifications", *mags,
-                    "--min-tissue", params.min_tissue]
-    elif params.modality == "ct":
-        ingest = ["--window", *params.window, "--channels", params.channels,
-                  *(["--thickness", *params.thickness] if params.thickness else []),
-                  *[a for kernel in params.kernels for a in ("--kernel", kernel)]]
-        validate = ["--suite", "ct_slices" if params.channels == "single" else "ct_slices_stacked"]
-    else:
-        ingest = []
-        validate = ["--suite", f"images_{params.modality}"]
     return {"stages": {
         "ingest": {
-            "cmd": _join(["python", "-m", "data.ingest", params.modality, "--raw", "raw", "--out", "tiles", *ingest, *common]),
-            "deps": ["raw"],
+            "cmd": _join(["python", "-m", "data.ingest", params.modality, "--raw", "raw", "--out", "tiles", *params.argv()]),
+            "deps": ["raw", *([params.cases] if params.cases else [])],
             "outs": ["tiles"],
         },
         "validate": {
             # Exits non-zero when the suite fails, which stops `dvc repro`; the report stays.
-            "cmd": _join(["python", "-m", "data.validate", "--dataset", "tiles", "--report-dir", "validation", *validate]),
+            "cmd": _join(["python", "-m", "data.validate", "--dataset", "tiles", "--report-dir", "validation",
+                          *params.validate_argv()]),
             "deps": ["tiles"],
             "outs": ["validation"],
         },
@@ -108,6 +68,8 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
     folder = root / "data" / name
     if (folder / "dvc.yaml").exists() or (folder / "raw.dvc").exists():
         raise DatasetError(f"{folder}: dataset {name!r} exists; `dvc update {folder / 'raw.dvc'}` takes a new version")
+    if params.cases and not Path(params.cases).is_file():
+        raise MissingInput(f"cases: {params.cases} is not a file (expected a CSV with columns slide and case)")
     if "://" not in source:  # a local folder: imported (copied and pinned) like a remote one
         local = Path(source).expanduser().resolve()
         if not local.is_dir():
@@ -121,12 +83,17 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
     try:
         with Repo(str(root)) as repo:
             repo.imp_url(source, out=str(folder / "raw"), fs_config=fs_config)
-    except DvcException as exc:
+    except Exception as exc:  # DVC, botocore and the network each fail their own way; none may leave a half dataset
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         cause = exc.__cause__ or exc
-        raise DatasetError(f"source: {source} could not be imported ({type(cause).__name__}: {cause}); "
-                           "check the prefix and the endpoint") from None
+        where = f" at {endpoint_url}" if endpoint_url else ""
+        raise DatasetError(f"source: {source}{where} could not be imported ({type(cause).__name__}: "
+                           f"{str(cause).splitlines()[0] if str(cause) else 'no detail'}); check the prefix, "
+                           "the endpoint and the credentials") from None
+    if params.cases:
+        shutil.copy(params.cases, folder / CASES)
+        params = replace(params, cases=CASES)
     (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline(params), sort_keys=False))
     return folder
 
@@ -141,21 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="he (slides), ct (DICOM), rgb or gray (any image folder)")
     add.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, PowerScale, ...)")
     add.add_argument("--repo", default=".", help="repository root")
-    add.add_argument("--val-fraction", type=float, default=0.2)
-    add.add_argument("--magnifications", type=float, nargs="+", default=[20, 10, 5])
-    add.add_argument("--tile-size", type=int, default=224)
-    add.add_argument("--min-tissue", type=float, default=0.5)
-    add.add_argument("--window", type=float, nargs=2, default=[40, 400], metavar=("CENTER", "WIDTH"))
-    add.add_argument("--channels", choices=CHANNELS, default="single", help="ct: grey slices, 2.5d or three windows")
-    add.add_argument("--thickness", type=float, nargs=2, metavar=("MIN", "MAX"), help="ct: keep series of this thickness (mm)")
-    add.add_argument("--kernel", action="append", default=[], help="ct: keep series of this kernel (repeatable)")
+    IngestParams.add_arguments(add)
     args = parser.parse_args(argv)
 
     def add() -> None:
-        params = IngestParams(modality=args.modality, val_fraction=args.val_fraction,
-                              magnifications=tuple(args.magnifications), tile_size=args.tile_size,
-                              min_tissue=args.min_tissue, window=tuple(args.window), channels=args.channels,
-                              thickness=tuple(args.thickness) if args.thickness else None, kernels=tuple(args.kernel))
+        params = IngestParams.from_args(args.modality, args)
         folder = add_dataset(args.repo, args.name, args.source, params, args.endpoint_url)
         print(f"{folder}: raw data imported; build it with `dvc repro {folder / 'dvc.yaml'}`, "
               f"train on {folder / params.images}/train")

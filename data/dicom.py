@@ -3,8 +3,9 @@
 Classic CT carries Rescale Slope/Intercept at the top level; Enhanced CT carries them in the
 Pixel Value Transformation functional group, per frame or shared by all frames. Pixel padding
 (the area outside the reconstruction circle) is set to air, not read as tissue, and so is any
-value below air (a -2000 ring without a Pixel Padding Value, ringing of lossy JPEG 2000): the
-fraction clamped is recorded per slice.
+value below air (a -2000 ring without a Pixel Padding Value, ringing of lossy JPEG 2000); values
+above ``HU_CEILING`` (metal on an extended-scale scanner) are set to it. The fractions clamped
+are recorded per slice.
 
 A hospital export holds more than CT slices: ``describe`` reads headers only and tells images
 from what is skipped (DICOMDIR, structured reports, SEG/RT objects, secondary captures such as
@@ -13,20 +14,26 @@ a compression no installed decoder reads).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from data.inputs import IngestError, Skipped
 from dinomx.errors import DataError
 from dinomx.images import window_hu
 
 AIR_HU = -1024.0
+# The top of the standard 12-bit CT scale. Extended-scale scanners record metal (fillings,
+# implants) up to tens of thousands of HU; above this no window shows anything, so those pixels
+# are clipped here and their fraction recorded, and one implant does not fail a dataset.
+HU_CEILING = 3071.0
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 to .7.4
@@ -77,6 +84,7 @@ class CTFrame:
     hu: np.ndarray  # float32 (rows, columns), Hounsfield units
     padding_fraction: float
     below_air_fraction: float  # values below air set to air
+    above_ceiling_fraction: float  # values above HU_CEILING set to it
 
 
 def _functional_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
@@ -140,6 +148,13 @@ def _dcmread(path: str) -> Dataset:
         if preamble:
             raise IngestError(path, "DICOM file truncated or corrupt: its header ends before SOP Class and Modality")
         raise Skipped(path, "not a DICOM file (no DICOM header, SOP Class or Modality)")
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # Older PACS write the data set alone, without file meta: its encoding is what parsing
+        # found (implicit VR little endian, the DICOM default, in practice); pixel data is native.
+        implicit, little = ds.original_encoding
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     return ds
 
 
@@ -151,6 +166,22 @@ def _floats(value, count: int) -> tuple[float, ...] | None:
     return numbers if len(numbers) == count else None
 
 
+def _values_as_stored(read):
+    """Values are read as stored, unvalidated: anonymisers write UIDs that are not valid DICOM
+    UIDs (hashes), which only group and name slices here, and pydicom would warn and log each one
+    at every read of every file."""
+    @functools.wraps(read)
+    def reading(*args, **kwargs):
+        previous = pydicom.config.settings.reading_validation_mode
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        try:
+            return read(*args, **kwargs)
+        finally:
+            pydicom.config.settings.reading_validation_mode = previous
+    return reading
+
+
+@_values_as_stored
 def describe(path: str | Path) -> list[CTSlice]:
     """The CT frames of a file from its header (pixel data read, not decoded). ``Skipped`` for what is not a CT image to
     train on, ``IngestError`` for a file that should be one and cannot be read."""
@@ -215,6 +246,21 @@ def _check_decoder(ds: Dataset, path: str) -> None:
                                 f"(it needs one of: {'; '.join(decoder.missing_dependencies)})")
 
 
+def _check_length(ds: Dataset, path: str) -> None:
+    """Native pixel data shorter than its header says: the file was cut short (a copy that stopped)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    expected = (int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("BitsAllocated", 16)) // 8)
+    held = len(ds.PixelData)
+    if held < expected:
+        raise IngestError(path, f"pixel data unreadable, file truncated: it holds {held} of the {expected} bytes its "
+                                f"header announces ({ds.get('Rows')}x{ds.get('Columns')} pixels, "
+                                f"{ds.get('BitsAllocated')} bits); copy the file again from the source")
+
+
+@_values_as_stored
 def read_ct(path: str | Path) -> list[CTFrame]:
     """Every frame of a CT DICOM file in Hounsfield units (``describe`` first for what it refuses
     or skips); damaged pixel data and non-finite values are refused with the reason."""
@@ -222,6 +268,7 @@ def read_ct(path: str | Path) -> list[CTFrame]:
     ds = _dcmread(path)
     infos = _slices(ds, path)
     _check_decoder(ds, path)
+    _check_length(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about trailing padding bytes it drops
@@ -238,10 +285,10 @@ def read_ct(path: str | Path) -> list[CTFrame]:
             raise IngestError(path, f"frame {index}: {int(bad.sum())} NaN or infinite pixels")
         padded = _padding(ds, values)
         hu[padded] = AIR_HU
-        below = hu < AIR_HU
-        hu[below] = AIR_HU
+        below, above = hu < AIR_HU, hu > HU_CEILING
+        hu[below], hu[above] = AIR_HU, HU_CEILING
         out.append(CTFrame(info=infos[index], hu=hu, padding_fraction=float(padded.mean()),
-                           below_air_fraction=float(below.mean())))
+                           below_air_fraction=float(below.mean()), above_ceiling_fraction=float(above.mean())))
     return out
 
 

@@ -17,9 +17,14 @@ their range, never clipped).
 Output names come from the whole relative path of their input (``data.inputs.output_stem``), so
 two inputs never share one. Each run writes ``manifest.csv`` (one row per image file, with the
 statistics the validation suites check), ``skipped.csv`` (inputs that are not images of the
-dataset, with the reason) and ``ingest.json`` (inputs = used + skipped). Everything is written to
-a staging folder first and moved into place only when no input was refused; a refused input
-leaves ``<out>`` as it was.
+dataset, hidden files among them, with the reason) and ``ingest.json`` (inputs = used + skipped +
+quarantined). Everything is written to a staging folder first.
+
+What happens to an input that should be an image and cannot be read is ``on_error``'s choice:
+``refuse`` (the default) publishes nothing, leaves ``<out>`` as it was and lists every refused
+file with its own reason in ``<out>.refused.csv`` beside it; ``quarantine`` sets those inputs
+aside (listed in ``<out>/refused.csv``, counted in ``ingest.json``) and builds the dataset from
+the rest. A CT series that loses a slice is dropped whole, never stitched across the gap.
 """
 from __future__ import annotations
 
@@ -46,29 +51,46 @@ from data.dicom import CTFrame, CTSlice, describe, read_ct, window
 from data.inputs import (
     CHANNELS,
     NOT_IMAGES,
+    REFUSED,
     SKIPPED,
+    SUMMARY,
     IngestError,
     Skipped,
     output_stem,
     within,
 )
-from data.metadata import MANIFEST
+from data.metadata import BLANK_STD, MANIFEST
+from data.params import MODALITIES, ON_ERROR, IngestParams
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.errors import DataError, UserError, run_command
 from dinomx.images import IMAGE_SUFFIXES, to_model_mode
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"
-SUMMARY = "ingest.json"
+
+
+SHOWN = 5  # refusals written out in a message; the CSV has them all
 
 
 class IngestFailed(UserError, RuntimeError):
     """Some inputs were refused; nothing was written. ``errors`` holds one IngestError per input."""
 
+    def __init__(self, errors: list[IngestError], listing: Path | None = None, inputs: int | None = None):
+        self.errors, self.listing = errors, listing
+        lines = "\n".join(f"  - {e}" for e in errors[:SHOWN])
+        more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
+        where = f"; every one with its reason in {listing}" if listing else ""
+        of = f" of {inputs}" if inputs is not None else ""
+        super().__init__(f"{len(errors)}{of} input(s) refused, nothing written{where} "
+                         f"(--on-error quarantine builds the dataset from the rest):\n{lines}{more}")
+
+
+class IngestErrors(Exception):
+    """Several inputs of one unit (a CT series) refused at once, each with its own reason."""
+
     def __init__(self, errors: list[IngestError]):
         self.errors = errors
-        lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"{len(errors)} input(s) refused, nothing written:\n{lines}")
+        super().__init__("; ".join(map(str, errors)))
 
 
 def split_of(key: str, val_fraction: float, seed: int) -> str:
@@ -77,21 +99,25 @@ def split_of(key: str, val_fraction: float, seed: int) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def source_files(raw: Path, keep: Callable[[Path], bool] = lambda p: True) -> list[Path]:
-    """Non-hidden files under ``raw`` that ``keep`` accepts; a link that points outside ``raw`` is refused."""
+def source_files(raw: Path) -> tuple[list[Path], list[Skipped]]:
+    """Files under ``raw``, and the hidden ones (a name or folder starting with "."), skipped with
+    the reason: desktop clutter (``.DS_Store``, ``._x``) mostly, but an export's ``.IM0002`` is a
+    slice the user should see was left out. A link that points outside ``raw`` is refused."""
     if not raw.is_dir():
         raise IngestError(raw, "raw data directory not found")
-    files = []
+    files, hidden = [], []
     for path in sorted(raw.rglob("*")):
         relative = path.relative_to(raw)
-        if any(part.startswith(".") for part in relative.parts) or path.is_dir():
+        if path.is_dir():
+            continue
+        if any(part.startswith(".") for part in relative.parts):
+            hidden.append(Skipped(path, "hidden file (a name starting with '.'); rename it to ingest it"))
             continue
         within(raw, relative)
-        if keep(path):
-            files.append(path)
+        files.append(path)
     if not files:
-        raise IngestError(raw, "no input files found")
-    return files
+        raise IngestError(raw, "no input files found" + (f" (only {len(hidden)} hidden file(s))" if hidden else ""))
+    return files, hidden
 
 
 def stain_statistics(tile: Image.Image) -> dict:
@@ -120,6 +146,12 @@ class _Staging:
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target)
+
+    def discard_since(self, mark: int) -> None:
+        """Remove what was written after the ``mark``-th output: a unit that failed halfway leaves nothing."""
+        for relative in list(self.writers)[mark:]:
+            (self.root / relative).unlink(missing_ok=True)
+            del self.writers[relative]
 
 
 # -- whole-slide images ----------------------------------------------------------------------------
@@ -240,35 +272,59 @@ def order_series(slices: list[CTSlice], plan: CTPlan) -> list[CTSlice]:
         duplicate = ordered[int(np.argmin(np.abs(steps))) + 1]
         raise IngestError(duplicate.path, f"series {first.series_uid}: two slices at position {duplicate.along_normal:g} mm "
                                           "(a duplicate, or two series under one UID)")
-    if plan.channels == "2.5d" and len(steps) > 1 and np.max(steps) > 1.5 * np.median(steps):
-        gap = ordered[int(np.argmax(steps)) + 1]
-        raise IngestError(gap.path, f"series {first.series_uid}: a gap of {np.max(steps):g} mm before this slice "
-                                    f"(median spacing {np.median(steps):g} mm); 2.5D stacking needs evenly spaced slices")
+    if plan.channels == "2.5d" and (gap := series_gap(ordered)):
+        raise IngestError(gap[0].path, f"series {first.series_uid}: {gap[1]}; 2.5D stacking needs evenly spaced slices")
     return ordered
+
+
+def series_gap(ordered: list[CTSlice]) -> tuple[CTSlice, str] | None:
+    """The slice after the widest step of an ordered series, when that step is over 1.5 times the
+    median spacing (a slice missing from the export), and what it is."""
+    positions = [s.along_normal for s in ordered]
+    if None in positions or len(positions) < 3:
+        return None
+    steps = np.diff(positions)
+    if np.max(steps) <= 1.5 * np.median(steps):
+        return None
+    after = ordered[int(np.argmax(steps)) + 1]
+    return after, f"a gap of {np.max(steps):g} mm before {Path(after.path).name} (median spacing {np.median(steps):g} mm)"
 
 
 def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPlan, val_fraction: float,
                  seed: int) -> list[dict]:
     cache: dict[str, list[CTFrame]] = {}
+    failed: dict[str, IngestError] = {}
 
     def frame(index: int) -> CTFrame:
         info = series[min(max(index, 0), len(series) - 1)]  # the edges repeat their own slice
+        if info.path in failed:
+            raise failed[info.path]
         if info.path not in cache:
             if len(cache) > 3:
                 cache.pop(next(iter(cache)))
-            cache[info.path] = read_ct(info.path)
+            try:
+                cache[info.path] = read_ct(info.path)
+            except IngestError as exc:
+                failed[info.path] = exc
+                raise
         return cache[info.path][info.frame]
 
     rows = []
     for index, info in enumerate(series):
-        current = frame(index)
+        try:
+            current = frame(index)
+            neighbours = [frame(i) for i in (index - 1, index + 1)] if plan.channels == "2.5d" else []
+        except IngestError:
+            continue  # every slice is read, so that one run names every bad file of the series
+        if failed:
+            continue
         relative = Path(info.path).relative_to(raw)
         label = relative.parts[0] if len(relative.parts) > 1 else UNLABELLED
         split = split_of(info.patient_id or info.series_uid or relative.as_posix(), val_fraction, seed)
         if plan.channels == "single":
             image = Image.fromarray(window(current.hu, *plan.window))
         elif plan.channels == "2.5d":
-            image = Image.fromarray(np.stack([window(frame(i).hu, *plan.window) for i in (index - 1, index, index + 1)], -1))
+            image = Image.fromarray(np.stack([window(f.hu, *plan.window) for f in (neighbours[0], current, neighbours[1])], -1))
         else:
             image = Image.fromarray(np.stack([window(current.hu, c, w) for c, w in plan.windows], -1))
         out = f"slices/{split}/{label}/{output_stem(relative)}_f{info.frame}.png"
@@ -276,54 +332,100 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPl
         rows.append({
             "path": out, "modality": "ct", "source": relative.as_posix(), "split": split, "label": label,
             "frame": info.frame, "series_uid": info.series_uid, "series_index": index, "stacking": plan.channels,
+            # Flat in the window (the air above a skull): kept, so the series stays whole for 2.5D
+            # neighbours and readers; marked, so a sampler or a reviewer can leave it out.
+            "blank": bool(np.asarray(image).std() < BLANK_STD),
             "hu_min": float(current.hu.min()), "hu_max": float(current.hu.max()), "hu_mean": float(current.hu.mean()),
             "padding_fraction": current.padding_fraction, "below_air_fraction": current.below_air_fraction,
+            "above_ceiling_fraction": current.above_ceiling_fraction,
             "pixel_spacing_row": info.pixel_spacing[0] if info.pixel_spacing else None,
             "pixel_spacing_col": info.pixel_spacing[1] if info.pixel_spacing else None,
             "slice_thickness": info.slice_thickness, "kernel": info.kernel,
             "window_center": plan.window[0], "window_width": plan.window[1],
         })
+    if failed:
+        raise IngestErrors(list(failed.values()))
     log.info("series %s: %d slice(s)", series[0].series_uid or series[0].path, len(rows))
     return rows
 
 
 # -- all or nothing --------------------------------------------------------------------------------
+def _listing(raw: Path, entries: list[Skipped | IngestError]) -> pd.DataFrame:
+    def relative(path: str) -> str:
+        try:
+            return Path(path).relative_to(raw).as_posix()
+        except ValueError:
+            return path
+    return pd.DataFrame([{"source": relative(e.path), "reason": getattr(e, "reason", None) or e.problem} for e in entries],
+                        columns=["source", "reason"])
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise DataError(f"on_error: expected one of {list(ON_ERROR)}, got {on_error!r}")
+
+
+def dropped_whole(files: list[str], errors: list[IngestError]) -> list[IngestError]:
+    """``errors`` of some of a unit's ``files`` (a series, a slide's levels or annotations), and
+    the rest of them refused with it: a unit is used whole or not at all."""
+    failed = {e.path for e in errors}
+    first = errors[0]
+    return errors + [IngestError(f, f"goes with {Path(first.path).name}, refused: {first.problem}")
+                     for f in sorted(set(files) - failed)]
+
+
 def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, name_of: Callable,
              errors: list[IngestError], skipped: list[Skipped], extra: dict[str, str] | None = None,
-             val_fraction: float = 0.0, members: dict[str, int] | None = None) -> pd.DataFrame:
-    """Run ``rows_of(unit, staging)`` for every unit (a slide, a CT series); publish ``out`` only if
-    no input was refused. Every unit is tried, so one run reports every bad file; what is skipped
-    is listed with its reason beside the manifest. ``members``: the number of files a source
-    stands for (a DICOM slide's levels), so that inputs = used + skipped counts files."""
+             val_fraction: float = 0.0, members: dict[str, int] | None = None, on_error: str = "refuse",
+             files_of: Callable = lambda unit: [str(unit)], warnings: list[str] | None = None) -> pd.DataFrame:
+    """Run ``rows_of(unit, staging)`` for every unit (a slide, a CT series) and publish ``out``.
+    Every unit is tried, so one run reports every bad file; with ``on_error="refuse"`` nothing is
+    published if any input was refused, with ``"quarantine"`` a failed unit (all of
+    ``files_of(unit)``) is set aside and the rest published. What is skipped or set aside is
+    listed with its reason beside the manifest. ``members``: the number of files a source stands
+    for (a DICOM slide's levels), so that inputs = used + skipped + quarantined counts files."""
+    _check_on_error(on_error)
     out.parent.mkdir(parents=True, exist_ok=True)
+    refused_listing = out.with_name(f"{out.name}.{REFUSED}")
+    refused_listing.unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
     try:
         writer, rows = _Staging(staging), []
         for unit in units:
+            mark = len(writer.writers)
             try:
                 rows += rows_of(unit, writer)
+                continue
             except Skipped as skip:
                 skipped.append(skip)
+            except IngestErrors as many:
+                errors += dropped_whole(files_of(unit), many.errors)
             except IngestError as exc:
-                errors.append(exc)
+                errors += dropped_whole(files_of(unit), [exc])
             except Exception as exc:  # a reader's own failure on one file must not hide the others
                 log.exception("%s: unexpected failure", name_of(unit))
                 errors.append(IngestError(name_of(unit), f"could not be read ({type(exc).__name__}: {exc})"))
-        if not errors and not rows:
-            errors.append(IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT image?)"))
-        if errors:
-            raise IngestFailed(errors)
+            writer.discard_since(mark)
+        if errors and on_error == "refuse":
+            _listing(raw, errors).to_csv(refused_listing, index=False)
+            raise IngestFailed(errors, refused_listing, inputs)
+        if not rows:
+            raise IngestFailed([IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT "
+                                                 "image?)" + (f"; {len(errors)} input(s) set aside" if errors else ""))])
         manifest = pd.DataFrame(rows)
         manifest.to_csv(staging / MANIFEST, index=False)
-        pd.DataFrame([{"source": Path(s.path).relative_to(raw).as_posix(), "reason": s.reason} for s in skipped],
-                     columns=["source", "reason"]).to_csv(staging / SKIPPED, index=False)
-        warnings = [f"split {split!r} is empty" for split in ("train", "val")
-                    if (split == "train" or val_fraction > 0) and not (manifest["split"] == split).any()]
+        _listing(raw, skipped).to_csv(staging / SKIPPED, index=False)
+        _listing(raw, errors).to_csv(staging / REFUSED, index=False)
+        warnings = list(warnings or []) + [f"split {split!r} is empty" for split in ("train", "val")
+                                           if (split == "train" or val_fraction > 0) and not (manifest["split"] == split).any()]
+        if errors:
+            warnings.append(f"{len(errors)} input(s) quarantined (--on-error quarantine), listed in {REFUSED}")
         for warning in warnings:
             log.warning("%s: %s", out, warning)
         used = sum((members or {}).get(source, 1) for source in manifest["source"].unique())
         (staging / SUMMARY).write_text(json.dumps({"inputs": inputs, "used": used, "skipped": len(skipped),
-                                                   "images": len(manifest), "warnings": warnings}, indent=2))
+                                                   "quarantined": len(errors), "images": len(manifest),
+                                                   "on_error": on_error, "warnings": warnings}, indent=2))
         for name, text in (extra or {}).items():
             (staging / name).write_text(text)
         previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
@@ -331,7 +433,8 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
             out.rename(previous)
         staging.rename(out)
         shutil.rmtree(previous, ignore_errors=True)
-        log.info("%s: %d input(s): %d used, %d skipped; %d image file(s)", out, inputs, used, len(skipped), len(manifest))
+        log.info("%s: %d input(s): %d used, %d skipped, %d quarantined; %d image file(s)", out, inputs, used,
+                 len(skipped), len(errors), len(manifest))
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -388,15 +491,17 @@ def dicom_slides(files: list[Path]) -> tuple[list[Path], dict[Path, list[Path]],
 
 
 def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: float = 0.2, seed: int = 0,
-              cases: str | Path | None = None, lenient_annotations: bool = False) -> pd.DataFrame:
+              cases: str | Path | None = None, lenient_annotations: bool = False,
+              on_error: str = "refuse") -> pd.DataFrame:
     """Tiles of every slide under ``raw`` (DICOM whole-slide images too); splits per case
     (``case_ids``). With ``lenient_annotations`` unclassified or non-polygon annotations are left
     out with a warning instead of refusing the slide."""
+    _check_on_error(on_error)
     raw, out = _resolve(raw, out)
-    files = source_files(raw)
-    slides, members, skipped, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])
+    files, hidden = source_files(raw)
+    slides, members, dicom_skipped, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])
     others, not_slides = _sort_out([f for f in files if f.suffix.lower() not in (".geojson", ".dcm")], _is_slide, "slide")
-    slides, skipped = sorted(slides + others), skipped + not_slides
+    slides, skipped = sorted(slides + others), hidden + dicom_skipped + not_slides
     annotations = {}
     stems = {s.with_suffix("") for s in slides}
     for geojson in (f for f in files if f.suffix.lower() == ".geojson"):
@@ -404,31 +509,38 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
             log.warning("%s: no slide of that name beside it (expected <slide name without extension>.geojson); not used",
                         geojson.relative_to(raw))
             skipped.append(Skipped(geojson, "annotation file whose name matches no slide"))
-    for slide in slides:
+    for slide in list(slides):
         geojson = slide.with_suffix(".geojson")
         if geojson.is_file():
             try:
                 annotations[slide] = read_regions(within(raw, geojson.relative_to(raw)), lenient=lenient_annotations)
             except IngestError as exc:
-                errors.append(exc)
+                # Its tiles would be labelled wrong: the slide goes with its annotations.
+                errors += dropped_whole([str(slide), *map(str, members.get(slide, []))], [exc])
+                slides.remove(slide)
     case_of = case_ids(raw, slides, cases)
     classes = sorted({r.name for regions in annotations.values() for r in regions})
     return _publish(
-        raw, out, len(files), slides,
+        raw, out, len(files) + len(hidden), slides,
         lambda slide, staging: _slide_rows(slide, raw, staging, plan, annotations, classes,
                                            split_of(case_of[slide], val_fraction, seed)),
         str, errors, skipped, extra={"classes.json": json.dumps([BACKGROUND, *classes])}, val_fraction=val_fraction,
         members={slide.relative_to(raw).as_posix(): len(parts) for slide, parts in members.items()},
+        on_error=on_error, files_of=lambda slide: [str(p) for p in members.get(slide, [slide])],
     )
 
 
 def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fraction: float = 0.2,
-              seed: int = 0) -> pd.DataFrame:
+              seed: int = 0, on_error: str = "refuse") -> pd.DataFrame:
     """Slices of every CT series under ``raw`` (``<raw>/<label>/...`` or flat), grouped by Series
-    Instance UID and written in anatomical order; what is not a CT image is skipped with a reason."""
+    Instance UID and written in anatomical order; what is not a CT image is skipped with a reason.
+    A series with a gap (a slice missing from the export) is written with a warning naming it;
+    2.5D stacking refuses it."""
+    _check_on_error(on_error)
     raw, out = _resolve(raw, out)
-    files = source_files(raw)
+    files, hidden = source_files(raw)
     candidates, skipped = _sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
+    skipped = hidden + skipped
     errors, by_series, seen = [], {}, {}
     for path in candidates:
         try:
@@ -442,7 +554,7 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
             skipped.append(skip)
         except IngestError as exc:
             errors.append(exc)
-    units = []
+    units, warnings = [], []
     for series in by_series.values():
         reason = plan.select.refusal(series[0])
         if reason:
@@ -451,21 +563,35 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
         try:
             units.append(order_series(series, plan))
         except IngestError as exc:
-            errors.append(exc)
-    return _publish(raw, out, len(files), units,
+            errors += dropped_whole(_series_files(series), [exc])
+            continue
+        if gap := series_gap(units[-1]):
+            warnings.append(f"series {series[0].series_uid}: {gap[1]}: a slice missing from the export?")
+    return _publish(raw, out, len(files) + len(hidden), units,
                     lambda series, staging: _series_rows(series, raw, staging, plan, val_fraction, seed),
-                    lambda series: series[0].path, errors, skipped, val_fraction=val_fraction)
+                    lambda series: series[0].path, errors, skipped, val_fraction=val_fraction, on_error=on_error,
+                    files_of=_series_files, warnings=warnings)
+
+
+def _series_files(series: list[CTSlice]) -> list[str]:
+    return sorted({s.path for s in series})
 
 
 def ingest_images(raw: str | Path, out: str | Path, mode: str = "rgb", val_fraction: float = 0.2,
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0, on_error: str = "refuse",
+                  value_range: tuple[float, float] | None = None) -> pd.DataFrame:
     """Any image folder as a dataset: ``<raw>/<split>/<class>/<image>`` keeps its splits,
-    ``<raw>/<class>/<image>`` (or a flat folder, label ``unlabelled``) is split per image."""
+    ``<raw>/<class>/<image>`` (or a flat folder, label ``unlabelled``) is split per image.
+    Images are turned upright by their EXIF orientation; images of more than 8 bits are scaled by
+    the bits their values use (``dinomx.images.to_model_mode``), or by ``value_range`` if given."""
     if mode not in ("rgb", "gray"):
         raise DataError(f"mode: expected 'rgb' or 'gray', got {mode!r}")
+    if value_range is not None and not value_range[0] < value_range[1]:
+        raise DataError(f"value_range: expected LOW < HIGH, got {value_range[0]:g}:{value_range[1]:g}")
+    _check_on_error(on_error)
     raw, out = _resolve(raw, out)
-    files = source_files(raw)
-    images, skipped = [], []
+    files, hidden = source_files(raw)
+    images, skipped = [], list(hidden)
     for path in files:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
@@ -486,64 +612,48 @@ def ingest_images(raw: str | Path, out: str | Path, mode: str = "rgb", val_fract
         try:
             with Image.open(path) as img:
                 img.load()
-                converted = to_model_mode(img, 3 if mode == "rgb" else 1)
+                converted = to_model_mode(img, 3 if mode == "rgb" else 1, value_range)
         except DataError as exc:
             raise IngestError(path, str(exc)) from None
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise IngestError(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
+            raise IngestError(path, f"not a readable image ({_image_problem(path, exc)})") from None
         out_path = f"{split}/{label}/{output_stem(relative)}.png"
         staging.save(converted, out_path, relative.as_posix())
         return [{"path": out_path, "modality": mode, "source": relative.as_posix(), "split": split, "label": label,
                  "source_mode": img.mode, "source_width": img.width, "source_height": img.height}]
 
-    return _publish(raw, out, len(files), images, rows_of, str, [], skipped, val_fraction=val_fraction)
+    return _publish(raw, out, len(files) + len(hidden), images, rows_of, str, [],
+                    skipped, val_fraction=val_fraction, on_error=on_error,
+                    extra={"value_range.json": json.dumps(value_range)} if value_range else None)
 
 
-def _window(text: str) -> tuple[float, float]:
-    try:
-        center, width = (float(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CENTER:WIDTH in HU, e.g. 40:400, got {text!r}") from None
-    return center, width
+def _image_problem(path: Path, exc: Exception) -> str:
+    """What is wrong with an image file that does not decode, in the user's terms."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"its content is not a {path.suffix.lstrip('.').upper() or 'known'} image (unrecognised header)"
+    if "truncated" in str(exc).lower() or isinstance(exc, SyntaxError):
+        return f"truncated or corrupt after {size} bytes ({exc})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Ingest slides (he), CT DICOM (ct) or an image folder (rgb, gray)")
-    parser.add_argument("kind", choices=["he", "ct", "rgb", "gray"])
+    parser.add_argument("kind", choices=MODALITIES)
     parser.add_argument("--raw", required=True, help="raw data directory")
     parser.add_argument("--out", required=True, help="dataset directory to (re)create")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--magnifications", type=float, nargs="+", default=[20, 10, 5], help="he: highest first")
-    parser.add_argument("--tile-size", type=int, default=224, help="he: tile side in pixels")
-    parser.add_argument("--min-tissue", type=float, default=0.5, help="he: minimum tissue fraction of a tile")
-    parser.add_argument("--cases", help="he: CSV with columns slide (relative to --raw) and case: the split unit")
-    parser.add_argument("--lenient-annotations", action="store_true",
-                        help="he: leave out unclassified or non-polygon annotations with a warning instead of refusing")
-    parser.add_argument("--window", type=float, nargs=2, default=[40, 400], metavar=("CENTER", "WIDTH"),
-                        help="ct: HU window of the written slices")
-    parser.add_argument("--channels", choices=CHANNELS, default="single",
-                        help="ct: single (grey), 2.5d (slices i-1, i, i+1) or windows (three windows of slice i)")
-    parser.add_argument("--windows", type=_window, nargs=3, metavar="C:W", help="ct: the three windows of --channels windows")
-    parser.add_argument("--thickness", type=float, nargs=2, metavar=("MIN", "MAX"), help="ct: keep series of this slice thickness (mm)")
-    parser.add_argument("--kernel", action="append", default=[], help="ct: keep series of this convolution kernel (repeatable)")
+    IngestParams.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     def ingest() -> None:
-        if args.kind == "he":
-            plan = TilePlan(tuple(args.magnifications), args.tile_size, args.min_tissue)
-            manifest = ingest_he(args.raw, args.out, plan, args.val_fraction, args.seed, args.cases, args.lenient_annotations)
-        elif args.kind == "ct":
-            plan = CTPlan(window=tuple(args.window), channels=args.channels,
-                          select=SeriesFilter(tuple(args.thickness) if args.thickness else None, tuple(args.kernel)),
-                          **({"windows": tuple(args.windows)} if args.windows else {}))
-            manifest = ingest_ct(args.raw, args.out, plan, args.val_fraction, args.seed)
-        else:
-            manifest = ingest_images(args.raw, args.out, args.kind, args.val_fraction, args.seed)
+        manifest = IngestParams.from_args(args.kind, args).ingest(args.raw, args.out)
         summary = json.loads((Path(args.out) / SUMMARY).read_text())
-        print(f"{args.out}: {len(manifest)} image files from {summary['used']} inputs "
-              f"({summary['skipped']} skipped, listed in {Path(args.out) / SKIPPED})")
+        print(f"{args.out}: {len(manifest)} image files from {summary['used']} of {summary['inputs']} inputs "
+              f"({summary['skipped']} skipped, listed in {Path(args.out) / SKIPPED}; "
+              f"{summary['quarantined']} quarantined, listed in {Path(args.out) / REFUSED})")
 
     return run_command("ingest", ingest)
 

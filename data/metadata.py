@@ -16,9 +16,13 @@ from dinomx.errors import MissingInput
 from dinomx.images import IMAGE_SUFFIXES
 
 MANIFEST = "manifest.csv"
+# Below this standard deviation (of 0..255 values) an image is flat: no texture to learn from.
+BLANK_STD = 1.0
+# Below this spread between darkest and brightest value (of 0..255) an image is faint.
+FAINT_RANGE = 85.0
 
 COLUMNS = ["path", "split", "label", "readable", "error", "format", "mode", "channels", "dtype",
-           "width", "height", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "has_nan", "bytes"]
+           "width", "height", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "dynamic_range", "has_nan", "bytes"]
 
 
 def image_row(path: Path, root: Path) -> dict:
@@ -52,6 +56,7 @@ def image_row(path: Path, root: Path) -> dict:
         pixel_max=float(np.nanmax(values)),
         pixel_mean=float(np.nanmean(values)),
         pixel_std=float(np.nanstd(values)),
+        dynamic_range=float(np.nanmax(values) - np.nanmin(values)),
     )
     return row
 
@@ -59,6 +64,10 @@ def image_row(path: Path, root: Path) -> dict:
 def _frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame["is_image_file"] = frame["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if "series_uid" in frame:
+        # Measured on the files, not taken from the manifest's own ``blank`` column.
+        flat = frame["pixel_std"].astype(float).fillna(0.0) < BLANK_STD
+        frame["series_blank_fraction"] = flat.groupby(frame["series_uid"].fillna(frame["path"])).transform("mean")
     return frame
 
 

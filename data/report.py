@@ -31,6 +31,18 @@ class ValidationReport:
     data_docs: str | None = None
     # Inputs that ingestion left out as not images of the dataset: [{"source", "reason"}].
     skipped: list[dict] = field(default_factory=list)
+    # Inputs that could not be read and were set aside (``--on-error quarantine``): [{"source", "reason"}].
+    quarantined: list[dict] = field(default_factory=list)
+    # Ingestion's counts (ingest.json): inputs, used, skipped, quarantined, images.
+    ingest: dict = field(default_factory=dict)
+
+    def inputs_line(self) -> str:
+        """What the dataset was built from, for a reviewer: "N inputs: U used, S skipped, Q quarantined"."""
+        counts = self.ingest
+        if not counts:
+            return ""
+        return (f"{counts.get('inputs')} inputs: {counts.get('used')} used, {counts.get('skipped')} skipped, "
+                f"{counts.get('quarantined', 0)} quarantined")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,8 +65,12 @@ class ValidationReport:
             shown = ", ".join(values[:5]) + (f" (+{f.unexpected_count - 5} more)" if f.unexpected_count > 5 else "")
             expected = f" [expected {f.expected}]" if f.expected else ""
             lines.append(f"  - {f.expectation}({f.column or 'table'}){expected}: {f.unexpected_count} unexpected: {shown}")
-        if self.skipped:
-            reasons = Counter(s["reason"] for s in self.skipped)
-            lines.append(f"  {len(self.skipped)} input(s) skipped at ingestion (skipped.csv): "
-                         + "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5)))
+        if self.ingest:
+            lines.append(f"  built from {self.inputs_line()}")
+        for entries, what in ((self.skipped, "skipped at ingestion (skipped.csv)"),
+                              (self.quarantined, "quarantined at ingestion (refused.csv)")):
+            if entries:
+                reasons = Counter(s["reason"] for s in entries)
+                lines.append(f"  {len(entries)} input(s) {what}: "
+                             + "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5)))
         return "\n".join(lines)

@@ -11,12 +11,16 @@ from dataclasses import dataclass
 
 import great_expectations.expectations as gxe
 
+from data.metadata import BLANK_STD, FAINT_RANGE
+
 
 def _param(name: str) -> dict:
     return {"$PARAMETER": name}
 
 
-def _readable_images(mode: str, channels: int, blank_allowed: float = 0.0) -> list[gxe.Expectation]:
+def _readable_images(mode: str, channels: int, blank_allowed: float | None = 0.0) -> list[gxe.Expectation]:
+    """``blank_allowed``: the fraction of flat images tolerated; None where the suite judges
+    flat images otherwise (CT, per series)."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="path"),
@@ -28,9 +32,10 @@ def _readable_images(mode: str, channels: int, blank_allowed: float = 0.0) -> li
         gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[channels]),
         gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
         gxe.ExpectColumnValuesToBeInSet(column="has_nan", value_set=[False]),
+    ] + ([] if blank_allowed is None else [
         # A blank (constant) tile carries no signal and usually means a broken export.
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=1.0, mostly=1.0 - blank_allowed),
-    ]
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=BLANK_STD, mostly=1.0 - blank_allowed),
+    ])
 
 
 def _square(size_param: str) -> list[gxe.Expectation]:
@@ -66,17 +71,28 @@ def images(channels: int) -> list[gxe.Expectation]:
     return _readable_images("RGB" if channels == 3 else "L", channels, blank_allowed=0.01) + [
         gxe.ExpectColumnValuesToBeBetween(column="width", min_value=8),
         gxe.ExpectColumnValuesToBeBetween(column="height", min_value=8),
+        # Less than a third of the 8-bit range is a faint image: a 10-14-bit image divided by the
+        # 16-bit range (0..64), or an underexposed export. Natural sets hold the odd one.
+        gxe.ExpectColumnValuesToBeBetween(column="dynamic_range", min_value=FAINT_RANGE, mostly=0.99),
     ]
 
 
 def ct_slices(channels: int = 1) -> list[gxe.Expectation]:
     """Windowed CT slices: Hounsfield ranges and geometry of the source DICOM. Values below air
-    were set to air at ingestion (``below_air_fraction`` says how much)."""
-    return _readable_images("L" if channels == 1 else "RGB", channels) + [
+    were set to air and values above ``HU_CEILING`` (metal) to it at ingestion
+    (``below_air_fraction``, ``above_ceiling_fraction`` say how much).
+
+    Flat slices are judged per series: the first and last slices of a head or body scan are air
+    and flat in any window, so a slice may be blank, but a series mostly blank is a wrong window
+    or rescale."""
+    return _readable_images("L" if channels == 1 else "RGB", channels, blank_allowed=None) + [
         gxe.ExpectColumnValuesToBeInSet(column="modality", value_set=["ct"]),
-        # Below air or far above dense bone means a wrong or missing rescale, not anatomy.
+        gxe.ExpectColumnValuesToBeBetween(column="series_blank_fraction", max_value=0.5),
+        # Below air or far above dense bone means a wrong or missing rescale, not anatomy; an
+        # implant covers a small part of a slice, a wrong rescale most of it.
         gxe.ExpectColumnValuesToBeBetween(column="hu_min", min_value=-1024.0),
         gxe.ExpectColumnValuesToBeBetween(column="hu_max", max_value=4000.0),
+        gxe.ExpectColumnValuesToBeBetween(column="above_ceiling_fraction", max_value=0.2),
         gxe.ExpectColumnValuesToNotBeNull(column="pixel_spacing_row"),
         gxe.ExpectColumnValuesToBeBetween(column="pixel_spacing_row", min_value=0.05, max_value=5.0),
         gxe.ExpectColumnValuesToBeBetween(column="pixel_spacing_col", min_value=0.05, max_value=5.0),

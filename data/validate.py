@@ -9,6 +9,7 @@ that run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context import FileDataContext
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from data.inputs import SKIPPED
+from data.inputs import REFUSED, SKIPPED, SUMMARY
 from data.metadata import dataset_metadata
 from data.report import Failure, ValidationReport
 from data.suites import SUITES
@@ -113,6 +114,10 @@ def validate_dataset(root: str | Path, suite: str, parameters: dict,
     report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
     if (root / SKIPPED).is_file():
         report.skipped = pd.read_csv(root / SKIPPED, dtype=str).to_dict("records")
+    if (root / REFUSED).is_file():
+        report.quarantined = pd.read_csv(root / REFUSED, dtype=str).to_dict("records")
+    if (root / SUMMARY).is_file():
+        report.ingest = json.loads((root / SUMMARY).read_text())
     if report.data_docs:
         report.data_docs = repo_relative(Path(report.data_docs), root)
     return report, frame

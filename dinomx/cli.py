@@ -15,6 +15,7 @@ from dinomx.config import DinoMXConfig
 from dinomx.errors import run_command
 from dinomx.interrupt import Interrupted, exit_code
 from dinomx.train import make_accelerator, train
+from dinomx.validation_gate import check_validated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +26,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--data) for the online kNN accuracy every train.eval_every iterations")
     parser.add_argument("--overrides", default="", help='space-separated section.key=value, e.g. "train.epochs=2"')
     parser.add_argument("--resume-from", default=None, help="checkpoint file or the output_dir holding it")
+    parser.add_argument("--skip-validation-gate", action="store_true",
+                        help="train although the data's validation report (validation/report.json beside it) failed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     def run() -> None:
+        report = check_validated(args.data, skip=args.skip_validation_gate)
+        if args.skip_validation_gate and report:
+            logging.getLogger(__name__).warning("validation gate skipped: training on %s whatever %s says", args.data, report)
         cfg = DinoMXConfig.from_yaml(args.config, shlex.split(args.overrides))
         accelerator = make_accelerator(cfg)
         if accelerator.is_main_process:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dinomx.errors import DataError, MissingInput
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+# GIF and WebP are read as their first frame.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 
 
 def list_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -32,22 +33,56 @@ def list_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
 # Modes with more than 8 bits per sample, and the full range of each. PIL's own conversion to
 # "L"/"RGB" clips them at 255, so a 16-bit tile of 1000 and one of 40000 would look the same.
 _WIDE_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+# Detectors write 10 to 14 significant bits into 16-bit files: dividing by the container's range
+# turns a 14-bit image (0..16383) nearly black (0..64).
+STORED_BITS = (8, 10, 12, 14, 16)
+EXIF_ORIENTATION = 0x0112
 
 
-def to_model_mode(img: Image.Image, num_channels: int = 3) -> Image.Image:
-    """``img`` as the 8-bit "RGB" or "L" image a backbone takes. Integer images of more than 8
-    bits are scaled by their type's full range (16 bits: value / 257), float images must lie in
-    [0, 1]; values outside the range are refused, never clipped."""
+def stored_bits(high: float) -> int:
+    """The fewest common detector bit depths that hold ``high``."""
+    return next((bits for bits in STORED_BITS if high <= 2**bits - 1), STORED_BITS[-1])
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (phones store pictures sideways and say so)."""
+    return ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``img`` once turned upright, from its header alone."""
+    width, height = img.size
+    return (height, width) if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def to_model_mode(img: Image.Image, num_channels: int = 3, value_range: tuple[float, float] | None = None) -> Image.Image:
+    """``img`` upright, as the 8-bit "RGB" or "L" image a backbone takes.
+
+    Integer images of more than 8 bits are scaled by the bit depth their values need (10, 12, 14
+    or 16: ``stored_bits``), float images must lie in [0, 1]; values outside the range are
+    refused, never clipped. ``value_range`` (low, high) forces the range instead, clipping what
+    lies outside it, for a dataset whose images must share one scale."""
+    img = upright(img)
     mode = "RGB" if num_channels == 3 else "L"
     if img.mode in _WIDE_RANGES:
-        top = _WIDE_RANGES[img.mode]
         values = np.asarray(img, dtype=np.float64)
+        if value_range is not None:
+            low, high = value_range
+            scaled = (values.clip(low, high) - low) * (255.0 / (high - low))
+            return _as_mode(Image.fromarray(np.round(scaled).astype(np.uint8), "L"), mode)
+        top = _WIDE_RANGES[img.mode]
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > top:
             kind = "float" if img.mode == "F" else f"{img.mode} integer"
             raise DataError(f"{kind} image with values in [{low:g}, {high:g}]; expected 0..{top:g} "
                             "(window or rescale it before sending)")
+        if img.mode != "F":
+            top = 2 ** stored_bits(high) - 1
         img = Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8), "L")
+    return _as_mode(img, mode)
+
+
+def _as_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 

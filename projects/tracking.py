@@ -73,6 +73,7 @@ def log_training_data(data: TrainingData, context: str) -> str:
         Tag.DATA_MD5: data.version.md5,
         Tag.VALIDATION_SUITE: data.report.suite,
         Tag.VALIDATION_SUCCESS: str(data.report.success).lower(),
+        **({Tag.DATA_INPUTS: data.report.inputs_line()} if data.report.ingest else {}),
     })
     return f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{data.report_path.name}"
 
@@ -101,6 +102,7 @@ def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, c
         git_dirty=dirty,
         config_sha256=config_sha256,
         teachers=teachers,
+        data_inputs=data.report.inputs_line(),
     )
 
 

@@ -74,6 +74,9 @@ class Lineage:
     config_sha256: str
     # Frozen distillation teachers, comma-separated (models:/..., hf:..., or local paths).
     teachers: str = ""
+    # What ingestion built the data from (ValidationReport.inputs_line): a reviewer sees inputs
+    # that were quarantined.
+    data_inputs: str = ""
 
     def tags(self) -> dict[str, str]:
         return {PREFIX + k: _tag_value(v) for k, v in asdict(self).items()}
@@ -194,6 +197,8 @@ def format_chain(chain: list[dict]) -> str:
             f"{pad}   validation {entry['validation_suite']} {'PASSED' if entry['validation_success'] else 'FAILED'}"
             f"  report {entry['validation_report']}",
         ]
+        if entry["data_inputs"]:
+            lines.append(f"{pad}   built from {entry['data_inputs']}")
         if entry["children"]:
             lines.append(f"{pad}   built on it: {', '.join(entry['children'])}")
         if not entry["parent"].startswith("models:/"):
@@ -224,7 +229,7 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
             f"- data: `{entry['data_path']}`, DVC md5 `{entry['data_md5']}` ({entry['data_source']}"
             + (f", remote `{entry['data_remote']}`" if entry["data_remote"] else "") + ")",
             f"- validation: {entry['validation_suite']} **{'passed' if entry['validation_success'] else 'FAILED'}**"
-            f" ([report]({report_link(entry)}))",
+            f" ([report]({report_link(entry)}))" + (f"; built from {entry['data_inputs']}" if entry["data_inputs"] else ""),
             f"- code: `{entry['git_commit'][:12]}`{dirty}; config sha256 `{entry['config_sha256'][:12]}`",
         ]
         if not entry["parent"].startswith("models:/"):

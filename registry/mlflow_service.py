@@ -66,6 +66,8 @@ class Tag:
     # the data a run read (also its dataset input's tags)
     DATA_PATH = "data.path"
     DATA_MD5 = "data.dvc_md5"
+    # "N inputs: U used, S skipped, Q quarantined": what ingestion built the data from.
+    DATA_INPUTS = "data.inputs"
     VALIDATION_SUITE = "data.validation.suite"
     VALIDATION_SUCCESS = "data.validation.success"
     DVC_MD5 = "dvc.md5"

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.responses import JSONResponse
 
 from dinomx.errors import DataError
+from dinomx.images import upright_size
 from registry.lineage import RegistryUnavailable
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard, ServingState
@@ -77,7 +78,7 @@ def _check_sizes(files: list[Path]) -> list[tuple[int, int]]:
     for index, path in enumerate(files):
         try:
             with Image.open(path) as img:
-                width, height = img.size
+                width, height = upright_size(img)  # /segment answers at the size the image is seen
         except Image.DecompressionBombError as exc:
             raise TooLarge(f"images[{index}]: {exc}") from None
         except (UnidentifiedImageError, OSError) as exc:

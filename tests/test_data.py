@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -129,3 +130,20 @@ def test_untracked_data_is_refused(tmp_path, dvc_repo):
         dataset_version(dvc_repo / "elsewhere")
     with pytest.raises(UntrackedDataError, match="not inside a DVC repository"):
         dataset_version(tmp_path)
+
+
+def test_the_engine_cli_refuses_data_whose_report_beside_it_failed(tmp_path, capsys):
+    from dinomx.cli import main
+
+    train = tmp_path / "data" / "ct" / "tiles" / "slices" / "train"
+    train.mkdir(parents=True)
+    (tmp_path / "data" / "ct" / "validation").mkdir()
+    (tmp_path / "data" / "ct" / "validation" / "report.json").write_text(json.dumps(
+        {"success": False, "failures": [{"expectation": "expect_column_values_to_be_between", "column": "hu_min"}]}))
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--data", str(train)]) == 2
+    err = capsys.readouterr().err
+    assert "failed (1 expectation(s): expect_column_values_to_be_between(hu_min)); nothing trains on it" in err
+    assert "--skip-validation-gate" in err
+    # Told to, it goes on (to the next problem: here, the config).
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--data", str(train), "--skip-validation-gate"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

@@ -253,7 +253,9 @@ def test_truncated_slide_is_refused_and_nothing_is_written(slide, tmp_path):
         ingest_he(raw, tmp_path / "tiles", PLAN)
     [error] = caught.value.errors
     assert error.path == str(raw / "cut.svs") and ("truncated" in error.problem or "not a readable" in error.problem)
-    assert not (tmp_path / "tiles").exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+    # Nothing of a dataset is written; the refusals are listed beside where it would be.
+    assert not (tmp_path / "tiles").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["raw", "tiles.refused.csv"]
+    assert pd.read_csv(tmp_path / "tiles.refused.csv").source.tolist() == ["cut.svs"]
 
 
 def test_a_magnification_above_the_scan_is_refused(slide, tmp_path):
@@ -348,10 +350,14 @@ def test_output_names_never_collide_whatever_the_input_names(tmp_path, slide):
         staging.save(Image.new("L", (4, 4)), "a.png", "two.dcm")
 
 
-def test_jpeg_lossless_ct_decodes_and_a_missing_codec_is_named(tmp_path):
-    lossless = _testdata("bad_sequence.dcm")  # CT, transfer syntax 1.2.840.10008.1.2.4.70
+def test_jpeg_lossless_ct_decodes_and_a_missing_codec_is_named(tmp_path, recwarn, caplog):
+    lossless = _testdata("bad_sequence.dcm")  # CT, transfer syntax 1.2.840.10008.1.2.4.70, hashed (invalid) UIDs
     assert str(pydicom.dcmread(lossless).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    recwarn.clear()
     [frame] = read_ct(lossless)
+    # Its UIDs are read as stored: no warning (nor log line) per UID and read.
+    assert not [w for w in recwarn if "Invalid value for VR UI" in str(w.message)]
+    assert "Invalid value" not in caplog.text
     ds = pydicom.dcmread(lossless)
     np.testing.assert_array_equal(frame.hu, np.maximum(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept), AIR_HU))
     hevc = pydicom.dcmread(lossless)  # a compression pydicom has no decoder for
@@ -428,9 +434,12 @@ def test_ct_series_that_are_not_one_volume_are_refused(tmp_path):
     with pytest.raises(IngestFailed, match=r"s2.dcm: series .*: pixel spacing \(0.5, 0.5\) differs from \(0.66, 0.66\)"):
         ingest_ct(raw, tmp_path / "out", val_fraction=0.0)
     raw = _series(tmp_path / "gap", [0.0, 5.0, 10.0, 40.0])
-    with pytest.raises(IngestFailed, match=r"a gap of 30 mm before this slice \(median spacing 5 mm\)"):
+    with pytest.raises(IngestFailed, match=r"a gap of 30 mm before s3.dcm \(median spacing 5 mm\)"):
         ingest_ct(raw, tmp_path / "gap" / "out", CTPlan(channels="2.5d"), val_fraction=0.0)
     assert len(ingest_ct(raw, tmp_path / "gap" / "grey", val_fraction=0.0)) == 4  # one slice at a time: no neighbours needed
+    # ... but the gap is said, never stitched silently.
+    [warning] = json.loads((tmp_path / "gap" / "grey" / "ingest.json").read_text())["warnings"]
+    assert "a gap of 30 mm before s3.dcm (median spacing 5 mm): a slice missing from the export?" in warning
 
 
 def test_slides_split_per_case_from_folders_or_a_csv(slide, tmp_path):
@@ -467,8 +476,9 @@ def test_every_bad_slide_is_reported_and_the_tissue_mask_is_read_in_bounded_chun
     with pytest.raises(IngestFailed) as caught:
         ingest_he(raw, tmp_path / "tiles", PLAN)
     problems = {Path(e.path).name: e.problem for e in caught.value.errors}
-    assert set(problems) == {"cut.svs", "empty.svs", "good.geojson"}, problems
+    assert set(problems) == {"cut.svs", "empty.svs", "good.geojson", "good.svs"}, problems
     assert problems["empty.svs"] == "empty file (0 bytes)" and "not valid GeoJSON" in problems["good.geojson"]
+    assert problems["good.svs"].startswith("goes with good.geojson, refused: not valid GeoJSON")
     assert not (tmp_path / "tiles").exists()
 
     # A slide with no small level is read a chunk at a time, never a whole level at once.
@@ -592,3 +602,121 @@ def test_dicom_whole_slide_images_are_tiled_like_any_slide(slide, tmp_path):
     assert (summary["inputs"], summary["used"], summary["skipped"], summary["images"]) == (4, 3, 1, len(tiles))
     [(source, reason)] = pd.read_csv(tmp_path / "tiles" / "skipped.csv").values
     assert source == "case1/ct.dcm" and reason.startswith("DICOM, but not a whole-slide image")
+
+
+# -- hospital exports, round 2 -------------------------------------------------------------------
+def test_a_head_series_with_air_slices_and_an_implant_passes_and_a_mostly_blank_series_fails(tmp_path):
+    base = pydicom.dcmread(_testdata("CT_small.dcm")).pixel_array
+    air = np.full_like(base, 24)  # -1000 HU: above the skull, flat in any soft-tissue window
+    filling = base.copy()
+    filling[60:62, 60:62] = 7024  # 6000 HU: metal on an extended-scale scanner
+    raw = _series(tmp_path, [0.0, 5.0, 10.0, 15.0], PixelData=[base.tobytes(), filling.tobytes(), base.tobytes(), air.tobytes()])
+    manifest = ingest_ct(raw, tmp_path / "slices", val_fraction=0.0).set_index("source")
+    assert manifest.blank.tolist() == [False, False, False, True]  # kept, marked
+    assert manifest.loc["chest/s1.dcm", "hu_max"] == 3071.0  # clipped to the top of the standard scale ...
+    assert manifest.loc["chest/s1.dcm", "above_ceiling_fraction"] == pytest.approx(4 / base.size)  # ... and counted
+    report, frame = validate_dataset(tmp_path / "slices", "ct_slices", {}, context_dir=tmp_path)
+    assert report.success, report.summary()
+    assert frame.series_blank_fraction.tolist() == [0.25] * 4
+
+    raw = _series(tmp_path / "wrong", [0.0, 5.0, 10.0], PixelData=[air.tobytes(), air.tobytes(), base.tobytes()])
+    ingest_ct(raw, tmp_path / "wrong" / "slices", val_fraction=0.0)
+    report, _ = validate_dataset(tmp_path / "wrong" / "slices", "ct_slices", {}, context_dir=tmp_path)
+    [failure] = report.failures
+    assert failure.column == "series_blank_fraction" and failure.unexpected_count == 3
+
+
+def _export_with_bad_files(tmp_path: Path) -> Path:
+    """Two series, one of them with two slices cut short; an empty file; a hidden slice; a photo."""
+    raw = _series(tmp_path, [0.0, 5.0, 10.0, 15.0])
+    for name in ("s1.dcm", "s2.dcm"):
+        (raw / "chest" / name).write_bytes((raw / "chest" / name).read_bytes()[:20000])
+    _ct_like().save_as(raw / "chest" / "other.dcm")
+    (raw / "chest" / "empty.dcm").write_bytes(b"")
+    _ct_like().save_as(raw / "chest" / ".IM0002")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(raw / "photo.tif")
+    return raw
+
+
+def test_every_refused_file_is_listed_with_its_reason_and_nothing_is_written(tmp_path, capsys):
+    from data.ingest import main
+
+    raw = _export_with_bad_files(tmp_path)
+    assert main(["ct", "--raw", str(raw), "--out", str(tmp_path / "slices")]) == 2
+    err = capsys.readouterr().err
+    assert "5 of 8 input(s) refused, nothing written; every one with its reason in" in err
+    assert "--on-error quarantine" in err
+    refused = pd.read_csv(tmp_path / "slices.refused.csv").set_index("source").reason
+    assert sorted(refused.index) == ["chest/empty.dcm", "chest/s0.dcm", "chest/s1.dcm", "chest/s2.dcm", "chest/s3.dcm"]
+    assert refused["chest/empty.dcm"] == "empty file (0 bytes)"
+    assert refused["chest/s1.dcm"].startswith("pixel data unreadable, file truncated: it holds")
+    assert "bytes its header announces (128x128 pixels, 16 bits)" in refused["chest/s2.dcm"]
+    assert refused["chest/s0.dcm"].startswith("goes with s1.dcm, refused: pixel data unreadable")
+    assert not (tmp_path / "slices").exists()
+
+
+def test_quarantine_builds_the_rest_drops_a_broken_series_whole_and_tells_the_reviewer(tmp_path):
+    raw = _export_with_bad_files(tmp_path)
+    manifest = ingest_ct(raw, tmp_path / "slices", val_fraction=0.0, on_error="quarantine")
+    assert manifest.source.tolist() == ["chest/other.dcm"]  # chest/s*.dcm lost two slices: never stitched
+    out = tmp_path / "slices"
+    summary = json.loads((out / "ingest.json").read_text())
+    assert {k: summary[k] for k in ("inputs", "used", "skipped", "quarantined")} == \
+        {"inputs": 8, "used": 1, "skipped": 2, "quarantined": 5}
+    assert len(pd.read_csv(out / "refused.csv")) == 5
+    skipped = pd.read_csv(out / "skipped.csv").set_index("source").reason
+    assert skipped["chest/.IM0002"].startswith("hidden file") and skipped["photo.tif"].startswith("not a DICOM file")
+    assert not list((out / "slices").rglob("*s0.dcm*"))  # what the broken series wrote before it broke is gone
+    report, _ = validate_dataset(out, "ct_slices", {}, context_dir=tmp_path)
+    assert report.success and report.inputs_line() == "8 inputs: 1 used, 2 skipped, 5 quarantined"
+    assert "5 input(s) quarantined at ingestion (refused.csv)" in report.summary()
+
+
+def test_an_old_pacs_file_without_preamble_or_file_meta_is_read(tmp_path):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = _ct_like()
+    del ds.file_meta
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "IM0001").write_bytes(buffer.getvalue())
+    ingest_ct(raw, tmp_path / "slices", val_fraction=0.0)
+    [frame] = read_ct(raw / "IM0001")
+    assert np.array_equal(frame.hu, read_ct(_testdata("CT_small.dcm"))[0].hu)
+
+
+def test_image_exports_keep_their_bit_depth_orientation_and_first_frames(tmp_path):
+    raw = tmp_path / "raw" / "cells"
+    raw.mkdir(parents=True)
+    deep = np.random.default_rng(0).integers(0, 16384, (32, 32), dtype=np.uint16)  # a 14-bit detector in a 16-bit PNG
+    deep[0, 0] = 16383
+    Image.fromarray(deep).save(raw / "deep.png")
+    sideways = np.zeros((16, 32, 3), np.uint8)
+    sideways[:, :8] = 255
+    photo = Image.fromarray(sideways)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(raw / "phone.jpg", exif=exif, quality=100)
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).save(raw / "scan.gif")
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).save(raw / "scan.webp", lossless=True)
+    (raw / "cut.png").write_bytes((raw / "deep.png").read_bytes()[:1000])
+    manifest = ingest_images(raw.parent, tmp_path / "images", "gray", val_fraction=0.0, on_error="quarantine").set_index("source")
+    assert sorted(manifest.index) == ["cells/deep.png", "cells/phone.jpg", "cells/scan.gif", "cells/scan.webp"]
+    deep = np.asarray(Image.open(tmp_path / "images" / manifest.loc["cells/deep.png", "path"]))
+    assert deep.max() == 255  # scaled by 14 bits, not 16 (which leaves 0..64)
+    upright = np.asarray(Image.open(tmp_path / "images" / manifest.loc["cells/phone.jpg", "path"]))
+    assert upright.shape == (32, 16) and upright[:8].mean() > 200  # EXIF applied: the left band is on top
+    [refused] = pd.read_csv(tmp_path / "images" / "refused.csv").to_dict("records")
+    assert refused["source"] == "cells/cut.png" and "truncated or corrupt" in refused["reason"]
+    report, _ = validate_dataset(tmp_path / "images", "images_gray", {}, context_dir=tmp_path)
+    assert report.success, report.summary()
+
+    # Forced to the 16-bit container's range the deep image is faint, and validation says so.
+    ingest_images(raw.parent, tmp_path / "faint", "gray", val_fraction=0.0, on_error="quarantine", value_range=(0, 65535))
+    report, _ = validate_dataset(tmp_path / "faint", "images_gray", {}, context_dir=tmp_path)
+    [failure] = report.failures
+    assert failure.column == "dynamic_range" and failure.files == [f"train/cells/{output_stem('cells/deep.png')}.png"]

@@ -15,6 +15,7 @@ from data.dataset import DatasetError, IngestParams, add_dataset, pipeline
 from data.validate import ValidationReport
 from data.versioning import dataset_version
 from projects.tracking import log_training_data, training_data
+from scripts.demo import free_port
 from tests.conftest import BUCKET
 
 pytestmark = pytest.mark.slow
@@ -134,3 +135,35 @@ def test_a_local_image_folder_is_imported_built_validated_and_trainable(repo, tm
     data = training_data(folder / "tiles/train", folder / "validation/report.json")  # what pretrain checks
     assert data.report.success and data.version.source == "data/photos/dvc.lock:ingest"
     assert sum(1 for _ in (folder / "tiles").rglob("*.png")) == 12
+
+
+def test_an_unreachable_endpoint_is_one_line_and_leaves_nothing_behind(repo, capsys, monkeypatch):
+    from data.dataset import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "hospital")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-checked-here")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["add", "far", "--modality", "ct", "--source", "s3://exports/ct", "--endpoint-url", endpoint,
+                 "--repo", str(repo)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"source: s3://exports/ct at {endpoint} could not be imported" in line
+    assert not (repo / "data" / "far").exists()
+
+
+def test_every_ingestion_option_reaches_the_dataset_pipeline(repo, tmp_path):
+    from data.dataset import main
+
+    slides = tmp_path / "slides"
+    (slides / "case1").mkdir(parents=True)
+    (slides / "case1" / "a.svs").write_bytes(b"not opened here")
+    (tmp_path / "cases.csv").write_text("slide,case\ncase1/a.svs,patient-7\n")
+    assert main(["add", "slides", "--modality", "he", "--source", str(slides), "--repo", str(repo),
+                 "--cases", str(tmp_path / "cases.csv"), "--lenient-annotations", "--on-error", "quarantine",
+                 "--magnifications", "20", "5"]) == 0
+    stage = yaml.safe_load((repo / "data" / "slides" / "dvc.yaml").read_text())["stages"]["ingest"]
+    assert "--cases cases.csv --lenient-annotations" in stage["cmd"] and "--on-error quarantine" in stage["cmd"]
+    assert stage["deps"] == ["raw", "cases.csv"] and (repo / "data" / "slides" / "cases.csv").is_file()
+    assert main(["add", "ct", "--modality", "ct", "--source", str(slides), "--repo", str(repo),
+                 "--channels", "windows", "--windows=40:400,-600:1500,400:1800"]) == 0
+    cmd = yaml.safe_load((repo / "data" / "ct" / "dvc.yaml").read_text())["stages"]["ingest"]["cmd"]
+    assert "--channels windows --windows=40:400,-600:1500,400:1800" in cmd
