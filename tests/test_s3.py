@@ -81,6 +81,8 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     assert dataset_input.dataset.digest == version.digest and "s3://" in dataset_input.dataset.source
     assert report_uri.endswith("data_validation/report.json")
     assert logged.data.tags["data.validation.suite"] == "ct_slices"
+    # What the data was built from reaches the run, and so the lineage a reviewer reads.
+    assert logged.data.tags["data.inputs"] == "2 inputs: 2 used, 0 skipped, 0 quarantined"
 
     # New data under the prefix: `dvc update` moves the pinned version and the pipeline rebuilds.
     s3.upload_file(get_testdata_file("CT_small.dcm"), BUCKET, f"{prefix}/chest/ct_small_again.dcm")
@@ -113,7 +115,7 @@ def test_dataset_names_and_pipelines_are_checked(repo):
 
 
 def test_a_missing_prefix_is_one_clear_error_and_leaves_nothing_behind(s3, s3_endpoint, repo):
-    with pytest.raises(DatasetError, match=rf"source: s3://{BUCKET}/no/such/prefix could not be imported"):
+    with pytest.raises(DatasetError, match=rf"source: s3://{BUCKET}/no/such/prefix at {s3_endpoint} could not be imported"):
         add_dataset(repo, "ghost", f"s3://{BUCKET}/no/such/prefix", IngestParams("ct"), endpoint_url=s3_endpoint)
     assert not (repo / "data" / "ghost").exists()
     with pytest.raises(FileNotFoundError, match="source: .* is not a folder"):

@@ -128,3 +128,15 @@ def test_micro_batcher_caps_batches_separates_models_and_fails_only_the_failed_b
     (first, bad, shared, swapped), sizes = asyncio.run(main())
     assert first.shape == (2, 1) and isinstance(bad, ValueError) and isinstance(shared, ValueError)
     assert swapped.tolist() == [[101.0]] and sizes == [2, 2, 1]
+
+
+def test_segment_masks_are_sized_as_the_upright_image(tmp_path):
+    from PIL import Image
+
+    from serving.service import _check_sizes
+
+    photo = Image.fromarray(np.zeros((4, 8, 3), np.uint8))  # stored 8 wide, 4 high ...
+    exif = photo.getexif()
+    exif[0x0112] = 8  # ... and seen turned 90 degrees: 4 wide, 8 high
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert _check_sizes([tmp_path / "phone.jpg"]) == [(4, 8)]
