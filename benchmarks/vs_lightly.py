@@ -2,7 +2,9 @@
 
 Both read the same data pipeline (DINO-MX's multi-crop loader over generated tiles) and train
 the same `transformers` backbone from the same initialisation; what differs is the training step
-(heads, loss, EMA, how views are batched through the backbone). Prints images/s and the ratio.
+(heads, loss, EMA, how views are batched through the backbone). The two alternate in rounds
+(A B A B ...: the machine is shared and drifts); every round is printed, then the median ratio and
+its range over rounds.
 
 lightly needs torchvision, which does not import beside the CPU build of torch 2.13 this
 project pins; run it in an environment whose torch and torchvision match, e.g.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = ["train.epochs=1", f"train.steps_per_epoch={args.steps + WARMUP}", "train.log_every=1",
@@ -108,14 +112,17 @@ def main() -> None:
         size = cfg.student.image_size
         data = generate(Path(tmp) / "tiles", seed=0, image_size=size, train_per_class=64, val_per_class=1) / "train"
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ours = dinomx_images_per_sec(cfg, data)
-        theirs = lightly_images_per_sec(cfg, data, device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name}, torch {torch.__version__}, batch {cfg.train.batch_size}, "
-          f"2x{cfg.crops.global_crops_size}px + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}px crops")
-    print(f"DINO-MX  {ours:8.1f} img/s")
-    print(f"lightly  {theirs:8.1f} img/s")
-    print(f"ratio    {ours / theirs:8.2f}x")
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        print(f"device {name}, torch {torch.__version__}, batch {cfg.train.batch_size}, "
+              f"2x{cfg.crops.global_crops_size}px + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}px crops")
+        ratios = []
+        for round_ in range(args.rounds):
+            ours = dinomx_images_per_sec(cfg, data)
+            theirs = lightly_images_per_sec(cfg, data, device)
+            ratios.append(ours / theirs)
+            print(f"round {round_ + 1}: DINO-MX {ours:8.1f} img/s  lightly {theirs:8.1f} img/s  ratio {ratios[-1]:.2f}x")
+    print(f"ratio DINO-MX/lightly: median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f} "
+          f"over {len(ratios)} rounds)")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,31 @@ def build_models(cfg: DinoMXConfig, teachers: list[FrozenTeacher] = ()) -> tuple
     return student, teacher
 
 
+def share_frozen(student: DINOModel, teacher: DINOModel) -> int:
+    """Point the teacher's copies of the student's frozen weights (the base weights under LoRA,
+    frozen blocks) at the student's own tensors, and return how many elements that saves.
+
+    The EMA leaves a frozen weight where it is, so the teacher's copy is the student's value: one
+    tensor serves both, and with LoRA on a large backbone that is most of the teacher's memory.
+    Not under FSDP, which shards each model's parameters separately."""
+    saved = 0
+    for (name, t_param), (s_name, s_param) in zip(list(teacher.named_parameters()), list(student.named_parameters())):
+        if name != s_name or s_param.requires_grad or t_param.shape != s_param.shape:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = teacher.get_submodule(module_name) if module_name else teacher
+        module._parameters[attr] = s_param
+        saved += s_param.numel()
+    return saved
+
+
+def ema_pairs(teacher: torch.nn.Module, student: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(teacher, student) parameters the EMA moves: those the student trains. A frozen pair stays
+    exactly equal (m x + (1 - m) x would drift it by rounding, in both models where they share it)."""
+    pairs = [(t, s) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
+    return [t for t, _ in pairs], [s for _, s in pairs]
+
+
 def param_groups(model: DINOModel, layerwise_decay: float) -> list[dict]:
     groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     num_layers = model.backbone.model.config.num_hidden_layers

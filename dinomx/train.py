@@ -32,7 +32,7 @@ from dinomx.data import ImageFolderDataset
 from dinomx.diagnostics import CollapseDetector, CollapseError
 from dinomx.distillation import FrozenTeacher
 from dinomx.interrupt import Interrupted, StopRequest, ignore_stop_signals
-from dinomx.model import build_models, ema_update, param_groups, shard
+from dinomx.model import build_models, ema_pairs, ema_update, param_groups, shard, share_frozen
 from dinomx.objective import SSLObjective, StepOutput
 from dinomx.online_eval import KNNMonitor
 from dinomx.sampling import CropDataset, StreamSampler
@@ -98,8 +98,8 @@ class Run:
     start: int
     checkpoint: Path
     fsdp: bool
-    expert_params: list[list[torch.nn.Parameter]]
-    teacher_params: list[torch.nn.Parameter]
+    # Per student (expert): the (teacher, student) parameters the EMA moves, as ``ema_pairs`` gives them.
+    ema: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
 
     @property
     def total(self) -> int:
@@ -152,6 +152,11 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
     frozen = [FrozenTeacher.load(t, cfg.dataset.mean, cfg.dataset.std, cfg.crops.global_crops_size)
               for t in cfg.distillation.teachers]
     student, teacher = build_models(cfg, frozen)
+    fsdp = cfg.distribution.type == "fsdp"
+    if not fsdp:
+        shared = share_frozen(student, teacher)
+        if shared:
+            logger.info("teacher shares %.1fM frozen weights with the student", shared / 1e6)
     objective = SSLObjective(cfg)
     # Multi-expert: experts start equal, each learns from its own data shard, and the EMA teacher
     # aggregates them all into the one model that is saved.
@@ -162,7 +167,6 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
     start = state["step"] if state is not None else 0
     for module in (*students, teacher, objective, *frozen):
         module.to(accelerator.device)
-    fsdp = cfg.distribution.type == "fsdp"
     if fsdp:
         if accelerator.num_processes < 2:
             raise ConfigError("distribution.type: fsdp shards over several processes; launch with torchrun or accelerate launch")
@@ -189,8 +193,7 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
     return Run(cfg=cfg, accelerator=accelerator, students=students, optimizers=optimizers, teacher=teacher,
                objective=objective, frozen=frozen, loader=loader, schedules=Schedules.from_config(cfg), monitor=monitor,
                start=start, checkpoint=Path(cfg.train.output_dir) / CHECKPOINT_NAME, fsdp=fsdp,
-               expert_params=[list(accelerator.unwrap_model(model).parameters()) for model in students],
-               teacher_params=list(teacher.parameters()))
+               ema=[ema_pairs(teacher, accelerator.unwrap_model(model)) for model in students])
 
 
 def train_step(run: Run, it: int, batch) -> Step:
@@ -212,7 +215,7 @@ def train_step(run: Run, it: int, batch) -> Step:
     grad_norm = run.accelerator.clip_grad_norm_(student.parameters(), run.cfg.optim.clip_grad or math.inf)
     optimizer.step()
     run.objective.update_centers(out)
-    ema_update(run.teacher_params, run.expert_params[expert], momentum)
+    ema_update(*run.ema[expert], momentum)
     return Step(it, out, float(grad_norm), lr, wd, momentum, teacher_temp)
 
 

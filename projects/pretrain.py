@@ -103,7 +103,7 @@ def checkpoint_run(resume_from: str) -> str | None:
 
 
 def run(config: str, data: str, validation_report: str, name: str, overrides: list[str], resume_from: str = "",
-        eval_data: str = ""):
+        eval_data: str = "", skip_validation_gate: bool = False):
     """Train and register, on this process or as rank 0 of several (``torchrun``, or ``srun`` under
     the slurm backend). Only rank 0 talks to MLflow.
 
@@ -114,7 +114,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     """
     # The sizes of a pretrained backbone are logged and registered as it has them.
     cfg = pretrained_student(DinoMXConfig.from_yaml(config, overrides))
-    dataset = training_data(data, validation_report)
+    dataset = training_data(data, validation_report, skip_gate=skip_validation_gate)
     eval_root = eval_split(data, eval_data) if cfg.train.eval_every else None
     accelerator = make_accelerator(cfg)
     if not accelerator.is_main_process:
@@ -135,7 +135,8 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
     teachers = f" distilled from {', '.join(cfg.distillation.teachers)}" if cfg.distillation.teachers else ""
     description = (f"DINO-MX {entry_point} of `{name}-backbone` ({cfg.student.arch}, {cfg.student.num_hidden_layers} "
                    f"blocks of {cfg.student.hidden_size}, from `{cfg.student.pretrained}`){teachers} on "
-                   f"`{dataset.version.path}` (DVC md5 `{dataset.version.md5}`, {dataset.report.suite} passed). "
+                   f"`{dataset.version.path}` (DVC md5 `{dataset.version.md5}`, {dataset.report.suite} "
+                   f"{'passed' if dataset.report.success else 'FAILED: validation gate skipped'}). "
                    "Read `knn_top1`, `teacher_entropy` and `prototypes_in_use` to see whether it learns.")
     # Training runs log CPU, memory (and GPU, with nvidia-ml-py installed) as system metrics.
     experiment = family_experiment(name) if owner is None else None
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default="", help="checkpoint (or its directory) of an interrupted run with the same config")
     parser.add_argument("--eval-data", default="", help="labelled split for the online kNN of train.eval_every "
                         "(default: the val folder beside a train folder)")
+    parser.add_argument("--skip-validation-gate", choices=("yes", "no"), default="no",
+                        help="yes: train although the data failed validation (recorded as data.validation.gate=skipped; "
+                             "its models cannot be promoted)")
     parser.add_argument("--processes", type=whole_number, default=1, help="training processes on this machine (DDP/FSDP "
                         "through torchrun); under the slurm backend its config's tasks decide")
     args = parser.parse_args(argv)
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.teachers:
             teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
             overrides.append(f"distillation.teachers={json.dumps(teachers)}")
-        run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from, args.eval_data)
+        run(args.config, args.data, args.validation_report, args.name, overrides, args.resume_from, args.eval_data,
+            args.skip_validation_gate == "yes")
 
     try:
         return run_entry_point("distill" if args.teachers else "pretrain", pretrain)

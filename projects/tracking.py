@@ -35,8 +35,10 @@ class TrainingData:
     report_path: Path
 
 
-def training_data(path: str | Path, report_path: str | Path) -> TrainingData:
-    """Resolve ``path`` to its DVC version and refuse it unless its validation report passed."""
+def training_data(path: str | Path, report_path: str | Path, skip_gate: bool = False) -> TrainingData:
+    """Resolve ``path`` to its DVC version and refuse it unless its validation report passed, or
+    ``skip_gate`` says to train anyway (``log_training_data`` records it, and the promotion gate
+    still refuses a model of such data)."""
     path, report_path = Path(path), Path(report_path)
     version = dataset_version(path)
     if not report_path.is_file():
@@ -49,7 +51,11 @@ def training_data(path: str | Path, report_path: str | Path) -> TrainingData:
     if covered != path.resolve() and covered not in path.resolve().parents:
         raise DataNotValidatedError(f"{report_path}: reports on {report.dataset}, which does not contain {path}")
     if not report.success:
-        raise DataNotValidatedError(f"{path} failed validation; nothing trains on it:\n{report.summary()}")
+        if not skip_gate:
+            raise DataNotValidatedError(f"{path} failed validation; nothing trains on it (--skip-validation-gate "
+                                        f"yes trains anyway, and its models cannot be promoted):\n{report.summary()}")
+        logging.getLogger(__name__).warning("validation gate skipped: training on %s, which failed %s",
+                                            path, report.suite)
     return TrainingData(path=path, version=version, report=report, report_path=report_path)
 
 
@@ -73,6 +79,7 @@ def log_training_data(data: TrainingData, context: str) -> str:
         Tag.DATA_MD5: data.version.md5,
         Tag.VALIDATION_SUITE: data.report.suite,
         Tag.VALIDATION_SUCCESS: str(data.report.success).lower(),
+        Tag.VALIDATION_GATE: "passed" if data.report.success else "skipped",
         **({Tag.DATA_INPUTS: data.report.inputs_line()} if data.report.ingest else {}),
     })
     return f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{data.report_path.name}"

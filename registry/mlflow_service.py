@@ -70,6 +70,8 @@ class Tag:
     DATA_INPUTS = "data.inputs"
     VALIDATION_SUITE = "data.validation.suite"
     VALIDATION_SUCCESS = "data.validation.success"
+    # "passed", or "skipped" when a run trained on data that failed (--skip-validation-gate).
+    VALIDATION_GATE = "data.validation.gate"
     DVC_MD5 = "dvc.md5"
     DVC_SOURCE = "dvc.source"
     DVC_PATH = "dvc.path"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers, UploadFile
@@ -22,31 +23,47 @@ from starlette.requests import Request
 # Per image endpoint, the text fields it takes beside the files under "images".
 IMAGE_ROUTES = {"/embed": (), "/classify": ("head",), "/segment": (), "/regress": (), "/attention": ()}
 RELOAD_ROUTE = "/reload"
+OPENAPI_ROUTE = "/docs.json"
 
 
 @dataclass
 class ServingState:
     """What the service serves and, when it refused to follow its alias, why: ``/readyz`` says so
-    (still ready: the set it serves is unchanged)."""
+    (still ready: the set it serves is unchanged). While the models load, or when they could not
+    be, ``/readyz`` and the image endpoints answer 503 with the reason."""
 
     serving: tuple = ()
     refused: str | None = None
+    loading: str | None = None
+    failed: str | None = None
+
+    @property
+    def unavailable(self) -> str | None:
+        return self.failed or self.loading
 
 
 class RequestGuard:
     def __init__(self, app, max_body_bytes: int, max_images: int, reload_token: str = "", max_error_bytes: int = 2048,
-                 state: ServingState | None = None):
+                 state: ServingState | None = None, describe: Callable[[dict], dict] | None = None):
         self.app, self.max_body_bytes, self.max_images = app, max_body_bytes, max_images
         self.reload_token, self.max_error_bytes, self.state = reload_token, max_error_bytes, state
+        self.describe = describe
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._short_errors(send)
         path, method = scope["path"], scope["method"]
+        if path == "/readyz" and self.state is not None and self.state.unavailable:
+            body = json.dumps({"ready": False, "error": self.state.unavailable})
+            return await _send_json(send, 503, body.encode(), [(b"retry-after", b"5")])
         if path == "/readyz" and self.state is not None and self.state.refused:
             body = json.dumps({"ready": True, "serving": list(self.state.serving), "refused": self.state.refused})
             return await _send_json(send, 200, body.encode())
+        if path == OPENAPI_ROUTE and method == "GET" and self.describe is not None:
+            return await self.app(scope, receive, self._described(send))
+        if path in IMAGE_ROUTES and self.state is not None and self.state.unavailable:
+            return await _answer(send, 503, f"{self.state.unavailable}; retry shortly")
         if path == RELOAD_ROUTE and (problem := self._reload_refusal(Headers(scope=scope))):
             return await _answer(send, *problem)
         if method != "POST" or path not in IMAGE_ROUTES:
@@ -117,6 +134,28 @@ class RequestGuard:
         finally:
             await form.close()
 
+    def _described(self, send):
+        """``/docs.json`` as ``describe`` completes it."""
+        parts: list[bytes] = []
+        held: dict = {}
+
+        async def described(message):
+            if message["type"] == "http.response.start":
+                held["start"] = message
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            start = held.pop("start")
+            body = b"".join(parts)
+            if start["status"] == 200:
+                body = json.dumps(self.describe(json.loads(body))).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return described
+
     def _short_errors(self, send):
         """Cut an error body over ``max_error_bytes`` to its start: a client's mistake never
         becomes a megabyte of echoed detail."""
@@ -157,9 +196,10 @@ def _replay(body: bytes):
     return receive
 
 
-async def _send_json(send, status: int, body: bytes) -> None:
+async def _send_json(send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra_headers]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -1,17 +1,25 @@
-"""Load the models promoted to an alias, and check that they belong together."""
+"""Load the models promoted to an alias, and check that they belong together.
+
+The engine (torch, transformers) loads with the models, in the service's workers: the process
+that only checks the alias before starting them (``check_servable``) does not pay for it.
+"""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from dinomx.embed import Embedder
-from dinomx.probes import TaskHeads
 from registry import audit
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
+
+if TYPE_CHECKING:
+    from dinomx.embed import Embedder
+    from dinomx.probes import TaskHeads
 
 
 class ServingError(RuntimeError):
@@ -46,6 +54,28 @@ def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> 
     client = client or MlflowService().client
     holders = (gated_holder(client, f"{name}-backbone", alias), gated_holder(client, f"{name}-head", alias))
     return tuple(version_uri(mv) if mv else None for mv in holders)
+
+
+def check_servable(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str, str | None]:
+    """The URIs ``load_promoted`` would load, checked without loading them: the alias is held
+    (by versions the gates put there) and each version's files can be read from the artifact
+    store. ``ServingError`` says what is wrong and what to do."""
+    backbone, head = promoted_uris(name, alias, client)
+    if backbone is None:
+        raise ServingError(f"no version of {name}-backbone holds @{alias}: promote one "
+                           f"(python -m registry.promote models:/{name}-backbone/<version> --alias {alias}), "
+                           "or set VF_MODEL_ALIAS to an alias that is held")
+    for uri in (backbone, head):
+        if uri is None:
+            continue
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=folder)
+        except Exception as exc:  # each artifact store (files, S3, the tracking server) fails its own way
+            raise ServingError(f"{uri} (@{alias}) cannot be read from the artifact store "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); check the store's "
+                               "address and credentials, or promote a version whose files exist") from None
+    return backbone, head
 
 
 def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:

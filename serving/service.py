@@ -9,7 +9,14 @@ waiting at most ``VF_BATCH_MAX_WAIT_MS``). A poll every ``VF_RELOAD_INTERVAL_S``
 disable), and ``/reload`` with the operator's ``VF_RELOAD_TOKEN``, pick up a newly promoted
 version without a restart; a set that cannot be served (a head on another backbone, a head
 that is gone) is refused and the old one kept, and so it is while the registry does not answer.
-BentoML adds ``/readyz``, ``/livez`` and ``/metrics``.
+BentoML adds ``/readyz``, ``/livez`` and ``/metrics``; ``/docs`` is the OpenAPI page, its version
+the served model versions.
+
+At start the server checks the alias once, before any worker starts: no version holding it, or
+files the artifact store will not give, and the process exits 2 within seconds with one line
+saying what to do. Workers load the models beside the server, so ``/readyz`` answers 503 with the
+reason while they load (or if loading failed) and never hangs. The engine (torch, transformers)
+is imported by the workers only.
 
 What a request may cost is bounded before it is decoded: ``VF_MAX_REQUEST_BYTES`` of body,
 ``VF_MAX_IMAGES`` images, ``VF_MAX_IMAGE_PIXELS`` per image and ``VF_MAX_REQUEST_PIXELS`` in all
@@ -25,15 +32,17 @@ import base64
 import io
 import logging
 import os
+import sys
 import threading
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import bentoml
 import numpy as np
-import torch
 from bentoml.exceptions import BadInput, BentoMLException
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field
 from starlette.responses import JSONResponse
 
 from dinomx.errors import DataError
@@ -41,7 +50,22 @@ from dinomx.images import upright_size
 from registry.lineage import RegistryUnavailable
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard, ServingState
-from serving.models import PromotedModels, ServingError, load_promoted, promoted_uris
+from serving.models import PromotedModels, ServingError, check_servable, load_promoted, promoted_uris
+from serving.openapi import describe
+from serving.schemas import (
+    Attention,
+    AttentionMaps,
+    Classification,
+    ClassPrediction,
+    Embeddings,
+    Mask,
+    Regression,
+    Reloaded,
+    Segmentation,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_IMAGES = int(os.environ.get("VF_MAX_IMAGES", "64"))
 MAX_IMAGE_PIXELS = int(os.environ.get("VF_MAX_IMAGE_PIXELS", str(4096 * 4096)))
@@ -58,9 +82,12 @@ STATE = ServingState()
 # MLflow's REST client retries a dead server for minutes by default; a service answers sooner.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 log = logging.getLogger("bentoml.vision_foundry")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog())
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+LIMITS = {"VF_MAX_IMAGES": MAX_IMAGES, "VF_MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
+          "VF_MAX_REQUEST_PIXELS": MAX_REQUEST_PIXELS, "VF_MAX_REQUEST_BYTES": MAX_REQUEST_BYTES}
 
 
 class TooLarge(BentoMLException):
@@ -98,6 +125,8 @@ def _check_sizes(files: list[Path]) -> list[tuple[int, int]]:
 def _decode(files: list[Path], preprocess) -> torch.Tensor:
     """The model's input for every upload, decoding one at a time (at most ``DECODE_SLOTS`` in the
     process) and keeping only its reduced pixels, never every full-size image at once."""
+    import torch  # loaded with the models, in the worker; not by the process that only starts them
+
     pixels = []
     for index, path in enumerate(files):
         with _decoding:
@@ -118,17 +147,53 @@ def _png(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+IMAGES = Field(description="Image files (PNG, JPEG, TIFF, BMP, GIF, WebP; 8- or 16-bit), one to VF_MAX_IMAGES per "
+               "request; each is turned upright by its EXIF orientation")
+Images = Annotated[list[Path], IMAGES]
+
+
+def _target() -> tuple[str, str]:
+    return os.environ.get("VF_MODEL_NAME", "demo"), os.environ.get("VF_MODEL_ALIAS", "production")
+
+
 @bentoml.service(name="vision_foundry", traffic={"timeout": 120})
 class VisionFoundry:
+    @bentoml.on_deployment
+    def preflight() -> None:
+        """Once, before any worker starts: the alias must name models that can be served, else the
+        server exits at once with the reason (a worker that cannot load would be restarted forever)."""
+        name, alias = _target()
+        try:
+            uris = check_servable(name, alias)
+        except (ServingError, RegistryUnavailable) as exc:
+            print(f"vision-foundry: cannot serve {name}@{alias}: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        log.info("%s@%s: serving %s", name, alias, uris)
+
     def __init__(self) -> None:
-        self.name = os.environ.get("VF_MODEL_NAME", "demo")
-        self.alias = os.environ.get("VF_MODEL_ALIAS", "production")
-        self.models: PromotedModels = load_promoted(self.name, self.alias)
-        STATE.serving, STATE.refused = self.models.uris, None
-        if self.models.heads is None:
-            log.warning("no %s-head holds @%s: serving /embed and /attention only", self.name, self.alias)
+        self.name, self.alias = _target()
+        self.models: PromotedModels | None = None
         self.batcher = MicroBatcher(BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS)
         self._reloading = threading.Lock()
+        # Loaded beside the server, so that /readyz answers (503, loading) instead of hanging.
+        STATE.loading = f"loading {self.name}@{self.alias}"
+        threading.Thread(target=self._load, daemon=True, name="vf-load").start()
+
+    def __is_ready__(self) -> bool:
+        return self.models is not None
+
+    def _load(self) -> None:
+        try:
+            models = load_promoted(self.name, self.alias)
+        except Exception as exc:  # whatever it is, /readyz says it and nothing is served on a guess
+            STATE.loading, STATE.failed = None, f"cannot serve {self.name}@{self.alias}: {exc}"
+            log.error("%s", STATE.failed)
+            return
+        self.models = models
+        STATE.serving, STATE.refused, STATE.loading = models.uris, None, None
+        if models.heads is None:
+            log.warning("no %s-head holds @%s: serving /embed and /attention only", self.name, self.alias)
+        log.info("ready: %s", models.uris)
         if RELOAD_INTERVAL_S > 0:
             threading.Thread(target=self._poll, daemon=True, name="vf-reload").start()
 
@@ -144,13 +209,13 @@ class VisionFoundry:
             except Exception as exc:  # the poller must outlive a registry outage or a bad promotion
                 log.warning("reload check: %s; still serving %s", exc, self.models.uris)
 
-    def _reload(self) -> dict:
+    def _reload(self) -> Reloaded:
         """Swap in the set holding the alias now (caller holds ``_reloading``). A registry that
         does not answer raises ``RegistryUnavailable``: nothing changes on a guess."""
         current = promoted_uris(self.name, self.alias)
         if current == self.models.uris:
             STATE.refused = None
-            return {"changed": False, "backbone": current[0], "head": current[1]}
+            return Reloaded(changed=False, backbone=current[0], head=current[1])
         if self.models.head_uri and current[1] is None:
             raise ServingError(f"no {self.name}-head holds @{self.alias} any more; serving on without the head "
                                "would answer /classify with errors: promote a head (or restart the service)")
@@ -159,7 +224,7 @@ class VisionFoundry:
         self.models = models
         STATE.serving, STATE.refused = models.uris, None
         log.info("reloaded @%s: %s", self.alias, models.uris)
-        return {"changed": True, "backbone": models.backbone_uri, "head": models.head_uri}
+        return Reloaded(changed=True, backbone=models.backbone_uri, head=models.head_uri)
 
     def _heads(self, models: PromotedModels, endpoint: str, probe: str | None = None):
         if models.heads is None:
@@ -178,14 +243,16 @@ class VisionFoundry:
         return await self.batcher(pixels.cpu().numpy(), models.embedder.embed_pixels)
 
     @bentoml.api
-    async def reload(self) -> dict:
-        """Check the registry now (the guard lets only the operator's token through). 409 while
-        another reload runs, 503 (with the set still served) when the registry does not answer:
-        answered directly, since BentoML hides the message of every 5xx."""
+    async def reload(self) -> Reloaded:
+        """Check the registry now and serve what holds the alias (header `Authorization: Bearer
+        <VF_RELOAD_TOKEN>`). 409 while another reload runs; 503, with the set still served, when the
+        registry does not answer; 400 when the new set cannot be served (the old one is kept)."""
+        if self.models is None:
+            return JSONResponse({"error": STATE.failed or STATE.loading}, HTTPStatus.SERVICE_UNAVAILABLE)
         if not self._reloading.acquire(blocking=False):
             return JSONResponse({"error": "a reload is already running; try again shortly"}, HTTPStatus.CONFLICT)
 
-        def locked_reload() -> dict:
+        def locked_reload() -> Reloaded:
             try:
                 return self._reload()
             finally:
@@ -206,13 +273,20 @@ class VisionFoundry:
         return JSONResponse({"error": message}, HTTPStatus.SERVICE_UNAVAILABLE)
 
     @bentoml.api
-    async def embed(self, images: list[Path]) -> dict:
+    async def embed(self, images: Images) -> Embeddings:
+        """An embedding per image from the promoted backbone (its EMA teacher's CLS token): for
+        search, clustering or a model of your own. Concurrent requests share forward passes."""
         models = self.models
         embeddings = await self._embeddings(models, images)
-        return {"model": models.backbone_uri, "dim": int(embeddings.shape[1]), "embeddings": embeddings.tolist()}
+        return Embeddings(model=models.backbone_uri, dim=int(embeddings.shape[1]), embeddings=embeddings.tolist())
 
     @bentoml.api
-    async def classify(self, images: list[Path], head: str = "") -> dict:
+    async def classify(
+        self, images: Images,
+        head: Annotated[str, Field(description="Which probe answers (`linear`, `knn`, ...); empty for the head's default")] = "",
+    ) -> Classification:
+        """The class of each image, with every class's probability, from the promoted head on the
+        promoted backbone (400 when no head is promoted)."""
         models = self.models
         classifier = self._heads(models, "classify").classifier
         name = head or classifier.default
@@ -220,57 +294,54 @@ class VisionFoundry:
             raise BadInput(f"head: unknown {name[:64]!r}; available: {sorted(classifier.heads)}")
         probabilities = classifier.predict_proba(await self._embeddings(models, images), name)
         predictions = [
-            {
-                "label": classifier.classes[int(np.argmax(p))],
-                "confidence": float(np.max(p)),
-                "probabilities": {c: float(v) for c, v in zip(classifier.classes, p)},
-            }
+            ClassPrediction(label=classifier.classes[int(np.argmax(p))], confidence=float(np.max(p)),
+                            probabilities={c: float(v) for c, v in zip(classifier.classes, p)})
             for p in probabilities
         ]
-        return {"model": models.head_uri, "backbone": models.backbone_uri, "head": name, "predictions": predictions}
+        return Classification(model=models.head_uri, backbone=models.backbone_uri, head=name, predictions=predictions)
 
     @bentoml.api
-    async def regress(self, images: list[Path]) -> dict:
+    async def regress(self, images: Images) -> Regression:
+        """The promoted head's regression target per image (e.g. the fraction of a structure)."""
         models = self.models
         probe = self._heads(models, "regress", "regression").regression
         values = probe.predict(await self._embeddings(models, images))
-        return {"model": models.head_uri, "target": probe.target, "predictions": [float(v) for v in values]}
+        return Regression(model=models.head_uri, target=probe.target, predictions=[float(v) for v in values])
 
     @bentoml.api
-    async def segment(self, images: list[Path]) -> dict:
+    async def segment(self, images: Images) -> Segmentation:
         """Per image: a PNG of class indices at the image's own size, and each class's area fraction."""
         models = self.models
         probe = self._heads(models, "segment", "segmentation").segmentation
         pixels, sizes = await self._pixels(models, images)
 
-        def masks() -> list[dict]:
+        def masks() -> list[Mask]:
             predictions = []
             for (width, height), patches in zip(sizes, models.embedder.tokens(pixels)[1]):
                 mask = probe.predict(patches[None], (height, width))[0].astype(np.uint8)
                 counts = np.bincount(mask.ravel(), minlength=len(probe.classes)) / mask.size
-                predictions.append({"width": width, "height": height, "mask_png": _png(mask),
-                                    "fractions": {c: float(f) for c, f in zip(probe.classes, counts)}})
+                predictions.append(Mask(width=width, height=height, mask_png=_png(mask),
+                                        fractions={c: float(f) for c, f in zip(probe.classes, counts)}))
             return predictions
 
-        return {"model": models.head_uri, "classes": probe.classes, "predictions": await asyncio.to_thread(masks)}
+        return Segmentation(model=models.head_uri, classes=probe.classes, predictions=await asyncio.to_thread(masks))
 
     @bentoml.api
-    async def attention(self, images: list[Path]) -> dict:
-        """Last-layer CLS attention per head on the patch grid (each map sums to 1)."""
+    async def attention(self, images: Images) -> Attention:
+        """Last-layer CLS attention per head on the patch grid (each map sums to 1), and their mean as a PNG."""
         models = self.models
         pixels, _ = await self._pixels(models, images)
         maps = await asyncio.to_thread(models.embedder.attention, pixels)
         maps = maps / maps.sum(dim=(-2, -1), keepdim=True)
         mean = maps.mean(1)
-        return {
-            "model": models.backbone_uri,
-            "grid": list(maps.shape[-2:]),
-            "predictions": [
-                {"maps": m.tolist(), "mean_png": _png((255 * (a / a.max()).numpy()).astype(np.uint8))}
-                for m, a in zip(maps, mean)
-            ],
-        }
+        return Attention(
+            model=models.backbone_uri,
+            grid=list(maps.shape[-2:]),
+            predictions=[AttentionMaps(maps=m.tolist(), mean_png=_png((255 * (a / a.max()).numpy()).astype(np.uint8)))
+                         for m, a in zip(maps, mean)],
+        )
 
 
 VisionFoundry.add_asgi_middleware(RequestGuard, max_body_bytes=MAX_REQUEST_BYTES, max_images=MAX_IMAGES,
-                                  reload_token=os.environ.get("VF_RELOAD_TOKEN", ""), state=STATE)
+                                  reload_token=os.environ.get("VF_RELOAD_TOKEN", ""), state=STATE,
+                                  describe=lambda spec: describe(spec, STATE.serving, _target(), LIMITS))

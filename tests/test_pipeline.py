@@ -297,6 +297,24 @@ def test_service_classifies_validation_tiles(service):
     assert np.asarray(embed["embeddings"]).shape == (1, 96)
     assert httpx.get(f"{base}/livez").status_code == 200
     assert "bentoml_service_request" in httpx.get(f"{base}/metrics").text
+    # The OpenAPI page names what answers, and its form sends `head` as a plain field, as "Try it out" does.
+    docs = httpx.get(f"{base}/docs.json", timeout=30).json()
+    assert docs["info"]["title"] == "Vision Foundry" and docs["info"]["version"] == f"{embed['model']} + {body['model']}"
+    chosen = httpx.post(f"{base}/classify", files=[_png(samples[0])], data={"head": body["head"]}, timeout=60)
+    assert chosen.status_code == 200 and chosen.json()["head"] == body["head"]
+
+
+def test_a_missing_alias_stops_the_service_at_once_with_what_to_do(demo):
+    checkout, _, _ = demo
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo",
+           "VF_MODEL_ALIAS": "canary"}
+    run = subprocess.run(["bentoml", "serve", "serving.service:VisionFoundry", "--host", "127.0.0.1",
+                          "--port", str(free_port())], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    [line] = [text for text in run.stderr.splitlines() if text.strip()]
+    assert line.startswith("vision-foundry: cannot serve demo@canary: no version of demo-backbone holds @canary: "
+                           "promote one (python -m registry.promote models:/demo-backbone/<version> --alias canary)")
+    assert "Traceback" not in run.stdout
 
 
 def _solid_png(width: int, height: int, value=128, mode="RGB") -> tuple:

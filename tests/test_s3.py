@@ -1,5 +1,6 @@
 """Datasets on S3: a real S3 server on loopback (SeaweedFS, which checks signatures), reached by
 boto3 and DVC through an endpoint URL, as MinIO or PowerScale would be."""
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ from pydicom.data import get_testdata_file
 from data.dataset import DatasetError, IngestParams, add_dataset, pipeline
 from data.validate import ValidationReport
 from data.versioning import dataset_version
-from projects.tracking import log_training_data, training_data
+from projects.tracking import DataNotValidatedError, log_training_data, training_data
 from scripts.demo import free_port
 from tests.conftest import BUCKET
 
@@ -136,6 +137,19 @@ def test_a_local_image_folder_is_imported_built_validated_and_trainable(repo, tm
     assert "--suite images_gray" in (folder / "dvc.yaml").read_text()
     data = training_data(folder / "tiles/train", folder / "validation/report.json")  # what pretrain checks
     assert data.report.success and data.version.source == "data/photos/dvc.lock:ingest"
+    assert data.report.inputs_line() == "12 inputs: 12 used, 0 skipped, 0 quarantined"
+
+    # A failed report stops training, unless told to skip the gate, which the run then records.
+    failed = json.loads((folder / "validation/report.json").read_text()) | {"success": False}
+    (folder / "validation/failed.json").write_text(json.dumps(failed))
+    with pytest.raises(DataNotValidatedError, match="failed validation; nothing trains on it"):
+        training_data(folder / "tiles/train", folder / "validation/failed.json")
+    skipped = training_data(folder / "tiles/train", folder / "validation/failed.json", skip_gate=True)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as active:
+        log_training_data(skipped, context="training")
+    tags = mlflow.get_run(active.info.run_id).data.tags
+    assert tags["data.validation.gate"] == "skipped" and tags["data.validation.success"] == "false"
     assert sum(1 for _ in (folder / "tiles").rglob("*.png")) == 12
 
 

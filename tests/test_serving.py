@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.guard import RequestGuard
+from serving.guard import RequestGuard, ServingState
 
 
 async def _endpoint(scope, receive, send):
@@ -24,14 +24,19 @@ async def _endpoint(scope, receive, send):
     await send({"type": "http.response.body", "body": payload})
 
 
-def _post(path: str, token: str = "", **kwargs) -> httpx.Response:
-    app = RequestGuard(_endpoint, max_body_bytes=1000, max_images=2, reload_token=token)
+def _call(method: str, path: str, token: str = "", state: ServingState | None = None, describe=None,
+          **kwargs) -> httpx.Response:
+    app = RequestGuard(_endpoint, max_body_bytes=1000, max_images=2, reload_token=token, state=state, describe=describe)
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guard") as client:
-            return await client.post(path, **kwargs)
+            return await client.request(method, path, **kwargs)
 
     return asyncio.run(go())
+
+
+def _post(path: str, token: str = "", **kwargs) -> httpx.Response:
+    return _call("POST", path, token, **kwargs)
 
 
 PNG = ("images", ("a.png", b"\x89PNG", "image/png"))
@@ -140,3 +145,79 @@ def test_segment_masks_are_sized_as_the_upright_image(tmp_path):
     exif[0x0112] = 8  # ... and seen turned 90 degrees: 4 wide, 8 high
     photo.save(tmp_path / "phone.jpg", exif=exif)
     assert _check_sizes([tmp_path / "phone.jpg"]) == [(4, 8)]
+
+
+def test_while_loading_or_after_a_failed_load_readyz_and_the_endpoints_answer_503_with_the_reason():
+    loading = ServingState(loading="loading demo@production")
+    ready = _call("GET", "/readyz", state=loading)
+    assert ready.status_code == 503 and ready.json() == {"ready": False, "error": "loading demo@production"}
+    assert ready.headers["retry-after"] == "5"
+    embed = _call("POST", "/embed", state=loading, files=[PNG])
+    assert embed.status_code == 503 and "loading demo@production; retry shortly" in embed.json()["error"]
+    failed = ServingState(failed="cannot serve demo@production: models:/demo-backbone/3 cannot be read")
+    assert "cannot be read" in _call("GET", "/readyz", state=failed).json()["error"]
+    served = ServingState(serving=("models:/demo-backbone/3", None))
+    assert _call("POST", "/embed", state=served, files=[PNG]).status_code == 200
+
+
+def test_a_failed_load_is_said_once_and_served_on_no_guess(monkeypatch, caplog):
+    import serving.service as service
+
+    def unreadable(name, alias):
+        raise OSError("models:/demo-backbone/3: no such file in the artifact store")
+
+    monkeypatch.setattr(service, "load_promoted", unreadable)
+    monkeypatch.setattr(service, "STATE", state := ServingState(loading="loading demo@production"))
+    instance = object.__new__(service.VisionFoundry.inner)
+    instance.name, instance.alias, instance.models = "demo", "production", None
+    instance._load()
+    assert instance.models is None and not instance.__is_ready__()
+    assert state.loading is None and state.failed == ("cannot serve demo@production: "
+                                                      "models:/demo-backbone/3: no such file in the artifact store")
+    assert caplog.text.count("cannot serve demo@production") == 1
+
+
+def test_the_openapi_page_says_what_is_served_and_sends_plain_form_fields():
+    from serving.openapi import describe
+    from serving.service import LIMITS, VisionFoundry
+
+    generated = VisionFoundry.openapi_spec.asdict()
+    spec = json.loads(_call("GET", "/docs.json", describe=lambda s: describe(
+        s, ("models:/demo-backbone/3", "models:/demo-head/2"), ("demo", "production"), LIMITS),
+        content=json.dumps(generated)).content)  # the stand-in endpoint echoes what BentoML would answer
+    assert spec["info"]["title"] == "Vision Foundry"
+    assert spec["info"]["version"] == "models:/demo-backbone/3 + models:/demo-head/2"
+    assert "VF_MAX_IMAGES" in spec["info"]["description"] and "BentoML" not in spec["info"]["description"]
+    classify = spec["paths"]["/classify"]["post"]
+    assert "class of each image" in classify["description"]
+    form = classify["requestBody"]["content"]["multipart/form-data"]
+    assert "encoding" not in form  # Swagger UI then sends `head` as a text field, not a JSON "blob" file
+    fields = form["schema"]["properties"]
+    assert "EXIF orientation" in fields["images"]["description"] and "probe" in fields["head"]["description"]
+    for route, schema in (("/embed", "Embeddings"), ("/classify", "Classification"), ("/segment", "Segmentation"),
+                          ("/regress", "Regression"), ("/attention", "Attention")):
+        answer = spec["paths"][route]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer["title"] == f"{schema}IODescriptor" and "model" in answer["required"], (route, answer)
+    classified = spec["paths"]["/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert classified["properties"]["predictions"]["items"]["$ref"] == "#/components/schemas/ClassPrediction"
+    assert spec["components"]["schemas"]["ClassPrediction"]["properties"]["probabilities"]["type"] == "object"
+    embedded = spec["paths"]["/embed"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert embedded["properties"]["model"]["examples"] == ["models:/demo-backbone/3"]
+
+
+def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypatch, tmp_path):
+    import mlflow
+
+    import serving.models as models
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("ct-backbone")
+    client.create_model_version("ct-backbone", str(tmp_path / "gone"))  # its files were deleted from the store
+    monkeypatch.setattr(models, "promoted_uris", lambda name, alias, client=None: ("models:/ct-backbone/1", None))
+    with pytest.raises(models.ServingError, match=r"models:/ct-backbone/1 \(@production\) cannot be read from the "
+                                                  r"artifact store .*check the store's address and credentials"):
+        models.check_servable("ct", "production", client)
+    monkeypatch.setattr(models, "promoted_uris", lambda name, alias, client=None: (None, None))
+    with pytest.raises(models.ServingError, match=r"no version of ct-backbone holds @production: promote one"):
+        models.check_servable("ct", "production", client)

@@ -20,7 +20,7 @@ from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 from dinomx.embed import Embedder
 from dinomx.interrupt import Interrupted
-from dinomx.model import build_models, param_groups
+from dinomx.model import build_models, ema_pairs, ema_update, param_groups, share_frozen
 from dinomx.sampling import StreamSampler
 from dinomx.train import train
 from scripts.demo import free_port
@@ -156,6 +156,27 @@ def test_lora_trains_adapters_only_and_exports_a_merged_automodel(tiles, tmp_pat
     # Adapters were merged into the targeted projections of the unfrozen block, nowhere else.
     assert not torch.equal(trained["encoder.layer.1.attention.q_proj.weight"], initial["encoder.layer.1.attention.q_proj.weight"])
     assert torch.equal(trained["encoder.layer.1.attention.k_proj.weight"], initial["encoder.layer.1.attention.k_proj.weight"])
+
+
+def test_the_teacher_shares_the_students_frozen_weights_and_the_ema_moves_only_trained_ones():
+    cfg = tiny_config(lora_config={"enabled": True, "r": 4, "alpha": 8})
+    student, teacher = build_models(cfg)
+    frozen = [name for name, p in student.named_parameters() if not p.requires_grad]
+    saved = share_frozen(student, teacher)
+    assert frozen and saved == sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    s, t = dict(student.named_parameters()), dict(teacher.named_parameters())
+    assert all(t[name] is s[name] for name in frozen)  # one tensor for both: the teacher's copy is gone
+    assert not any(t[name] is s[name] for name in s if s[name].requires_grad)
+    teacher_params, student_params = ema_pairs(teacher, student)
+    assert len(student_params) == sum(p.requires_grad for p in student.parameters()) < len(s)
+    before = {name: p.detach().clone() for name, p in s.items()}
+    with torch.no_grad():
+        for p in student_params:
+            p.add_(1.0)
+    ema_update(teacher_params, student_params, 0.5)
+    assert all(torch.equal(s[name], before[name]) for name in frozen)  # frozen weights stay bit for bit
+    moved = next(name for name in s if s[name].requires_grad)
+    assert torch.allclose(t[moved], before[moved] + 0.5)
 
 
 def test_unknown_lora_target_names_the_key(tmp_path):

@@ -1,0 +1,42 @@
+"""The service's OpenAPI page as a user of it needs it: what the service is, which models answer
+(the version is the served model versions, so a client can tell a promotion happened), the limits
+a request must keep, and request bodies "Try it out" can send.
+
+BentoML generates the page from the endpoints' signatures, docstrings and typed answers; what it
+cannot know (the served models, the limits) is filled in here when ``/docs.json`` is asked for.
+"""
+from __future__ import annotations
+
+TITLE = "Vision Foundry"
+IMAGE_ROUTES = ("/embed", "/classify", "/segment", "/regress", "/attention")
+
+
+def describe(spec: dict, serving: tuple, target: tuple[str, str], limits: dict[str, int]) -> dict:
+    name, alias = target
+    served = [uri for uri in serving if uri]
+    info = spec.setdefault("info", {})
+    info["title"] = TITLE
+    info["version"] = " + ".join(served) or f"{name}@{alias} (loading)"
+    info["description"] = "\n".join([
+        f"The models of family **{name}** promoted to **@{alias}**: "
+        + (", ".join(f"`{uri}`" for uri in served) or "loading") + ".",
+        "",
+        "Send images as multipart files under the field `images` (several per request are answered in "
+        "order). Answers name the model versions that computed them. A promotion is picked up without a "
+        "restart (`/reload`, or the periodic check); `/readyz` says what is served and why a new set was refused.",
+        "",
+        "Limits per request (413 names the one passed): "
+        + ", ".join(f"`{key}` = {value:,}" for key, value in limits.items()) + ".",
+        "",
+        "Errors are JSON `{\"error\": \"...\"}` naming the field or image at fault (`images[2]: ...`).",
+    ])
+    info.pop("contact", None)
+    for route in IMAGE_ROUTES:
+        operation = spec.get("paths", {}).get(route, {}).get("post")
+        if not operation:
+            continue
+        body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+        # BentoML declares text fields as JSON parts, which Swagger UI sends as a file named
+        # "blob": plain form fields are what a browser, curl -F and the guard take.
+        body.pop("encoding", None)
+    return spec

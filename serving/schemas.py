@@ -1,0 +1,75 @@
+"""What the service answers, typed: the OpenAPI page shows these schemas and their examples."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+def _model():
+    return Field(description="The registered backbone that answered (`models:/<name>/<version>`)",
+                 examples=["models:/demo-backbone/3"])
+
+
+def _head_model():
+    return Field(description="The registered head that answered", examples=["models:/demo-head/2"])
+
+
+class Embeddings(BaseModel):
+    model: str = _model()
+    dim: int = Field(description="Length of each embedding", examples=[384])
+    embeddings: list[list[float]] = Field(description="One CLS embedding of the EMA teacher per image, in order",
+                                          examples=[[[0.12, -0.03, 0.88]]])
+
+
+class ClassPrediction(BaseModel):
+    label: str = Field(examples=["glands"])
+    confidence: float = Field(description="Probability of `label`", examples=[0.93])
+    probabilities: dict[str, float] = Field(description="Every class's probability",
+                                            examples=[{"adipose": 0.01, "glands": 0.93, "stroma": 0.06}])
+
+
+class Classification(BaseModel):
+    model: str = _head_model()
+    backbone: str = _model()
+    head: str = Field(description="The probe that answered (the `head` asked for, else the default)",
+                      examples=["linear"])
+    predictions: list[ClassPrediction] = Field(description="One per image, in order")
+
+
+class Regression(BaseModel):
+    model: str = _head_model()
+    target: str = Field(description="What the values estimate", examples=["structure_fraction"])
+    predictions: list[float] = Field(description="One value per image, in order", examples=[[0.42]])
+
+
+class Mask(BaseModel):
+    width: int = Field(description="Of the image as seen (EXIF orientation applied)", examples=[224])
+    height: int = Field(examples=[224])
+    mask_png: str = Field(description="Class index per pixel, a greyscale PNG at the image's size, base64",
+                          examples=["iVBORw0KGgoAAAANSUhEUgAA..."])
+    fractions: dict[str, float] = Field(description="Area fraction of each class",
+                                        examples=[{"background": 0.7, "structure": 0.3}])
+
+
+class Segmentation(BaseModel):
+    model: str = _head_model()
+    classes: list[str] = Field(description="Class of each mask value", examples=[["background", "structure"]])
+    predictions: list[Mask] = Field(description="One per image, in order")
+
+
+class AttentionMaps(BaseModel):
+    maps: list[list[list[float]]] = Field(description="Per attention head, the CLS token's attention over the "
+                                                      "patch grid (each map sums to 1)")
+    mean_png: str = Field(description="The mean map over heads as a greyscale PNG, base64",
+                          examples=["iVBORw0KGgoAAAANSUhEUgAA..."])
+
+
+class Attention(BaseModel):
+    model: str = _model()
+    grid: list[int] = Field(description="Patch grid (rows, columns)", examples=[[16, 16]])
+    predictions: list[AttentionMaps] = Field(description="One per image, in order")
+
+
+class Reloaded(BaseModel):
+    changed: bool = Field(description="Whether a new set was swapped in")
+    backbone: str | None = _model()
+    head: str | None = _head_model()
