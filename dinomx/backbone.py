@@ -176,7 +176,7 @@ class Backbone(nn.Module):
         kwargs = {"add_pooling_layer": False, "use_mask_token": True} if config.model_type == "vit" else {}
         model = AutoModel.from_config(config, **kwargs) if source is None else AutoModel.from_pretrained(source, **kwargs)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         return cls(model)
 
     @classmethod
