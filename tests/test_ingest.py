@@ -720,3 +720,14 @@ def test_image_exports_keep_their_bit_depth_orientation_and_first_frames(tmp_pat
     report, _ = validate_dataset(tmp_path / "faint", "images_gray", {}, context_dir=tmp_path)
     [failure] = report.failures
     assert failure.column == "dynamic_range" and failure.files == [f"train/cells/{output_stem('cells/deep.png')}.png"]
+
+
+def test_ct_values_come_from_the_stored_bits_only(tmp_path):
+    """Bits above BitsStored carry overlays or garbage in some exports; the HU come from the stored bits."""
+    clean = pydicom.dcmread(_testdata("CT_small.dcm"))
+    stored = clean.pixel_array.astype(np.uint16)  # 128..2191: fits 12 bits
+    ds = _ct_like(PixelRepresentation=0, BitsStored=12, HighBit=11, PixelData=(stored | 0xF000).tobytes())
+    del ds.PixelPaddingValue
+    ds.save_as(tmp_path / "overlay.dcm")
+    [frame] = read_ct(tmp_path / "overlay.dcm")
+    np.testing.assert_array_equal(frame.hu, stored.astype(np.float32) * float(clean.RescaleSlope) + float(clean.RescaleIntercept))
