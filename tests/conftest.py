@@ -21,7 +21,9 @@ for key, value in {
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 import boto3  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from data.synthetic import generate  # noqa: E402
 from deploy.stack import PARTS, Stack  # noqa: E402
@@ -90,6 +92,19 @@ TINY = {"student": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_he
         "dino_head": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 16},
         "crops": {"local_crops_number": 2},
         "train": {"batch_size": 8, "epochs": 2, "steps_per_epoch": 3, "log_every": 2}}
+
+
+def sideways_photo(path: Path, width: int = 8, height: int = 4, orientation: int = 6) -> Path:
+    """A JPEG as phones store one: ``width`` x ``height`` pixels with a white band down its left
+    side, and an EXIF orientation saying how to turn it (6: 90 degrees clockwise, which brings the
+    band to the top)."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 4] = 255
+    stored = Image.fromarray(pixels)
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif, quality=100)
+    return path
 
 
 def tiny_config(**sections) -> DinoMXConfig:

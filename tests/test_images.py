@@ -7,6 +7,7 @@ from PIL import Image
 
 from dinomx.errors import DataError
 from dinomx.images import list_images, load_image, to_model_mode, upright_size, window_hu
+from tests.conftest import sideways_photo
 
 
 def test_hu_window_maps_to_unit_range():
@@ -33,13 +34,7 @@ def test_wide_images_are_scaled_by_the_bits_they_use_never_clipped():
 
 
 def test_exif_orientation_is_applied_and_gif_and_webp_are_read(tmp_path):
-    # A phone picture stored sideways (8 wide, 4 high) whose EXIF says "turn 90 degrees clockwise".
-    pixels = np.zeros((4, 8, 3), np.uint8)
-    pixels[:, :2] = 255
-    stored = Image.fromarray(pixels)
-    exif = stored.getexif()
-    exif[0x0112] = 6
-    stored.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    sideways_photo(tmp_path / "phone.jpg")  # stored 8 wide, 4 high; seen 4 wide, 8 high
     with Image.open(tmp_path / "phone.jpg") as img:
         assert img.size == (8, 4) and upright_size(img) == (4, 8)
     seen = np.asarray(load_image(tmp_path / "phone.jpg"))

@@ -28,6 +28,7 @@ from data.ingest import (
 from data.inputs import IngestError, output_stem
 from data.validate import validate_dataset, validate_frame
 from data.wsi import TilePlan, open_slide
+from tests.conftest import sideways_photo
 
 PLAN = TilePlan(magnifications=(20, 10, 5), tile_size=64, min_tissue=0.5)
 
@@ -695,12 +696,7 @@ def test_image_exports_keep_their_bit_depth_orientation_and_first_frames(tmp_pat
     deep = np.random.default_rng(0).integers(0, 16384, (32, 32), dtype=np.uint16)  # a 14-bit detector in a 16-bit PNG
     deep[0, 0] = 16383
     Image.fromarray(deep).save(raw / "deep.png")
-    sideways = np.zeros((16, 32, 3), np.uint8)
-    sideways[:, :8] = 255
-    photo = Image.fromarray(sideways)
-    exif = photo.getexif()
-    exif[0x0112] = 6
-    photo.save(raw / "phone.jpg", exif=exif, quality=100)
+    sideways_photo(raw / "phone.jpg", width=32, height=16)
     Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).save(raw / "scan.gif")
     Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).save(raw / "scan.webp", lossless=True)
     (raw / "cut.png").write_bytes((raw / "deep.png").read_bytes()[:1000])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from serving.guard import RequestGuard, ServingState
+from tests.conftest import sideways_photo
 
 
 async def _endpoint(scope, receive, send):
@@ -136,15 +137,10 @@ def test_micro_batcher_caps_batches_separates_models_and_fails_only_the_failed_b
 
 
 def test_segment_masks_are_sized_as_the_upright_image(tmp_path):
-    from PIL import Image
-
     from serving.service import _check_sizes
 
-    photo = Image.fromarray(np.zeros((4, 8, 3), np.uint8))  # stored 8 wide, 4 high ...
-    exif = photo.getexif()
-    exif[0x0112] = 8  # ... and seen turned 90 degrees: 4 wide, 8 high
-    photo.save(tmp_path / "phone.jpg", exif=exif)
-    assert _check_sizes([tmp_path / "phone.jpg"]) == [(4, 8)]
+    # Stored 8 wide, 4 high, and seen turned 90 degrees: 4 wide, 8 high.
+    assert _check_sizes([sideways_photo(tmp_path / "phone.jpg", orientation=8)]) == [(4, 8)]
 
 
 def test_while_loading_or_after_a_failed_load_readyz_and_the_endpoints_answer_503_with_the_reason():
