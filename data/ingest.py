@@ -29,14 +29,17 @@ the rest. A CT series that loses a slice is dropped whole, never stitched across
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +66,7 @@ from data.metadata import BLANK_STD, MANIFEST
 from data.params import MODALITIES, ON_ERROR, IngestParams
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.errors import DataError, UserError, run_command
-from dinomx.images import IMAGE_SUFFIXES, to_model_mode
+from dinomx.images import IMAGE_SUFFIXES, stain_means, to_model_mode
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"
@@ -122,14 +125,9 @@ def source_files(raw: Path) -> tuple[list[Path], list[Skipped]]:
 
 def stain_statistics(tile: Image.Image) -> dict:
     """Mean haematoxylin and eosin of an RGB tile, by the engine's HED transform (the one its stain
-    augmentation jitters), which brings torch: loaded when slides are tiled, not for CT or images."""
-    import torch
-
-    from dinomx.augmentations import rgb_to_hed
-
-    rgb = torch.from_numpy(np.asarray(tile, dtype=np.float32) / 255).permute(2, 0, 1)
-    hed = rgb_to_hed(rgb).mean(dim=(1, 2))
-    return {"hematoxylin_mean": float(hed[0]), "eosin_mean": float(hed[1])}
+    augmentation jitters), from per-channel histograms."""
+    hematoxylin, eosin = stain_means(np.asarray(tile.convert("RGB")))
+    return {"hematoxylin_mean": hematoxylin, "eosin_mean": eosin}
 
 
 class _Staging:
@@ -147,11 +145,55 @@ class _Staging:
         target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target)
 
-    def discard_since(self, mark: int) -> None:
-        """Remove what was written after the ``mark``-th output: a unit that failed halfway leaves nothing."""
-        for relative in list(self.writers)[mark:]:
+    def adopt(self, written: dict[str, str]) -> None:
+        """Take in the outputs one unit wrote (in this process or another). One that another unit
+        wrote too was overwritten: a naming fault no input can fix or quarantine, so the whole
+        dataset is refused."""
+        collisions = [IngestError(source, f"its output {relative} is also the output of {self.writers[relative]}; "
+                                          "nothing would tell them apart")
+                      for relative, source in written.items() if self.writers.get(relative, source) != source]
+        if collisions:
+            raise IngestFailed(collisions)
+        self.writers.update(written)
+
+    def discard(self, written: dict[str, str]) -> None:
+        """Remove what a unit that failed halfway wrote: it leaves nothing."""
+        for relative in written:
             (self.root / relative).unlink(missing_ok=True)
             del self.writers[relative]
+
+
+def _run_unit(rows_of: Callable, name_of: Callable, staging: Path, unit) -> tuple[str, object, dict[str, str]]:
+    """One unit's rows, or why it gave none, as plain values (they may cross a process boundary),
+    with the outputs it wrote."""
+    writer = _Staging(staging)
+    try:
+        return "rows", rows_of(unit, writer), writer.writers
+    except Skipped as skip:
+        return "skipped", (skip.path, skip.reason), writer.writers
+    except IngestErrors as many:
+        return "errors", [(e.path, e.problem) for e in many.errors], writer.writers
+    except IngestError as exc:
+        return "errors", [(exc.path, exc.problem)], writer.writers
+    except Exception as exc:  # a reader's own failure on one file must not hide the others
+        log.exception("%s: unexpected failure", name_of(unit))
+        return "errors", [(str(name_of(unit)), f"could not be read ({type(exc).__name__}: {exc})")], writer.writers
+
+
+def _log_like(level: int) -> None:
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+
+
+@contextmanager
+def _units_mapper(workers: int, units: int):
+    """``map`` here, or over a pool of ``workers`` processes when there is more than one unit.
+    Processes are spawned, not forked: the caller may hold threads (a server, a test runner)."""
+    if workers < 2 or units < 2:
+        yield map
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, units), initializer=_log_like, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        yield lambda fn, items: pool.imap(fn, items)
 
 
 # -- whole-slide images ----------------------------------------------------------------------------
@@ -176,10 +218,11 @@ def case_ids(raw: Path, slides: list[Path], cases_csv: str | Path | None) -> dic
     return {s: str(mapping[s.relative_to(raw).as_posix()]) for s in slides}
 
 
-def _slide_rows(slide_path: Path, raw: Path, staging: _Staging, plan: TilePlan, annotations: dict,
-                classes: list[str], split: str) -> list[dict]:
+def _slide_rows(raw: Path, plan: TilePlan, annotations: dict, classes: list[str], splits: dict[Path, str],
+                slide_path: Path, staging: _Staging) -> list[dict]:
+    """Module-level and given plain values, so that slides can be tiled in worker processes."""
     relative = slide_path.relative_to(raw).as_posix()
-    regions = annotations.get(slide_path)
+    regions, split = annotations.get(slide_path), splits[slide_path]
     stem = output_stem(relative)
     rows = []
     slide, info = open_slide(slide_path)
@@ -192,6 +235,9 @@ def _slide_rows(slide_path: Path, raw: Path, staging: _Staging, plan: TilePlan, 
             folder = f"{split}/{label}/{stem}_x{tile.x}_y{tile.y}.png"
             if mask is not None:
                 staging.save(Image.fromarray(mask), f"masks/{folder}", relative)
+            # Once per tile, on the grid tile (the region whose tissue was measured): the stain of
+            # one place does not change with the magnification it is seen at.
+            stains = stain_statistics(tile.images[plan.magnifications[0]])
             for mag, image in tile.images.items():
                 staging.save(image, f"{mag:g}x/{folder}", relative)
                 rows.append({
@@ -201,7 +247,7 @@ def _slide_rows(slide_path: Path, raw: Path, staging: _Staging, plan: TilePlan, 
                     "objective_power": info.objective_power, "x": tile.x, "y": tile.y,
                     "level0_size": tile.size, "tissue_fraction": tile.tissue_fraction,
                     "mask": f"masks/{folder}" if mask is not None else None,
-                    **stain_statistics(image),
+                    **stains,
                 })
     except openslide.OpenSlideError as exc:
         raise IngestError(slide_path, f"slide data is corrupt or truncated ({exc})") from None
@@ -377,13 +423,16 @@ def dropped_whole(files: list[str], errors: list[IngestError]) -> list[IngestErr
 def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, name_of: Callable,
              errors: list[IngestError], skipped: list[Skipped], extra: dict[str, str] | None = None,
              val_fraction: float = 0.0, members: dict[str, int] | None = None, on_error: str = "refuse",
-             files_of: Callable = lambda unit: [str(unit)], warnings: list[str] | None = None) -> pd.DataFrame:
+             files_of: Callable = lambda unit: [str(unit)], warnings: list[str] | None = None,
+             workers: int = 1) -> pd.DataFrame:
     """Run ``rows_of(unit, staging)`` for every unit (a slide, a CT series) and publish ``out``.
     Every unit is tried, so one run reports every bad file; with ``on_error="refuse"`` nothing is
     published if any input was refused, with ``"quarantine"`` a failed unit (all of
     ``files_of(unit)``) is set aside and the rest published. What is skipped or set aside is
     listed with its reason beside the manifest. ``members``: the number of files a source stands
-    for (a DICOM slide's levels), so that inputs = used + skipped + quarantined counts files."""
+    for (a DICOM slide's levels), so that inputs = used + skipped + quarantined counts files.
+    ``workers`` > 1 runs the units in that many processes (``rows_of`` and ``name_of`` must then
+    pickle); results are taken in the units' order, so the manifest is the same either way."""
     _check_on_error(on_error)
     out.parent.mkdir(parents=True, exist_ok=True)
     refused_listing = out.with_name(f"{out.name}.{REFUSED}")
@@ -391,21 +440,18 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
     try:
         writer, rows = _Staging(staging), []
-        for unit in units:
-            mark = len(writer.writers)
-            try:
-                rows += rows_of(unit, writer)
-                continue
-            except Skipped as skip:
-                skipped.append(skip)
-            except IngestErrors as many:
-                errors += dropped_whole(files_of(unit), many.errors)
-            except IngestError as exc:
-                errors += dropped_whole(files_of(unit), [exc])
-            except Exception as exc:  # a reader's own failure on one file must not hide the others
-                log.exception("%s: unexpected failure", name_of(unit))
-                errors.append(IngestError(name_of(unit), f"could not be read ({type(exc).__name__}: {exc})"))
-            writer.discard_since(mark)
+        run = functools.partial(_run_unit, rows_of, name_of, staging)
+        with _units_mapper(workers, len(units)) as mapper:
+            for unit, (kind, payload, written) in zip(units, mapper(run, units)):
+                writer.adopt(written)
+                if kind == "rows":
+                    rows += payload
+                    continue
+                writer.discard(written)
+                if kind == "skipped":
+                    skipped.append(Skipped(*payload))
+                else:
+                    errors += dropped_whole(files_of(unit), [IngestError(*p) for p in payload])
         if errors and on_error == "refuse":
             _listing(raw, errors).to_csv(refused_listing, index=False)
             raise IngestFailed(errors, refused_listing, inputs)
@@ -492,10 +538,11 @@ def dicom_slides(files: list[Path]) -> tuple[list[Path], dict[Path, list[Path]],
 
 def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: float = 0.2, seed: int = 0,
               cases: str | Path | None = None, lenient_annotations: bool = False,
-              on_error: str = "refuse") -> pd.DataFrame:
+              on_error: str = "refuse", workers: int = 0) -> pd.DataFrame:
     """Tiles of every slide under ``raw`` (DICOM whole-slide images too); splits per case
     (``case_ids``). With ``lenient_annotations`` unclassified or non-polygon annotations are left
-    out with a warning instead of refusing the slide."""
+    out with a warning instead of refusing the slide. Slides are tiled ``workers`` at a time, one
+    process each (0: one per core)."""
     _check_on_error(on_error)
     raw, out = _resolve(raw, out)
     files, hidden = source_files(raw)
@@ -520,13 +567,13 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
                 slides.remove(slide)
     case_of = case_ids(raw, slides, cases)
     classes = sorted({r.name for regions in annotations.values() for r in regions})
+    splits = {slide: split_of(case_of[slide], val_fraction, seed) for slide in slides}
     return _publish(
-        raw, out, len(files) + len(hidden), slides,
-        lambda slide, staging: _slide_rows(slide, raw, staging, plan, annotations, classes,
-                                           split_of(case_of[slide], val_fraction, seed)),
+        raw, out, len(files) + len(hidden), slides, functools.partial(_slide_rows, raw, plan, annotations, classes, splits),
         str, errors, skipped, extra={"classes.json": json.dumps([BACKGROUND, *classes])}, val_fraction=val_fraction,
         members={slide.relative_to(raw).as_posix(): len(parts) for slide, parts in members.items()},
         on_error=on_error, files_of=lambda slide: [str(p) for p in members.get(slide, [slide])],
+        workers=workers or os.cpu_count() or 1,
     )
 
 

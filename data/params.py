@@ -52,6 +52,7 @@ class IngestParams:
     thickness: tuple[float, float] | None = None  # ct: series of this slice thickness only (mm)
     kernels: tuple[str, ...] = ()  # ct: series of these convolution kernels only
     value_range: tuple[float, float] | None = None  # rgb/gray: the range of wide images, forced
+    workers: int = 0  # he: slides tiled at once, one process each; 0: one per core
 
     def __post_init__(self):
         for name, value, allowed in (("modality", self.modality, MODALITIES), ("channels", self.channels, CHANNELS),
@@ -62,6 +63,8 @@ class IngestParams:
             raise ParamsError(f"val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
         if self.windows is not None and len(self.windows) != 3:
             raise ParamsError(f"windows: three CENTER:WIDTH pairs make the three channels, got {len(self.windows)}")
+        if self.workers < 0:
+            raise ParamsError(f"workers: expected 0 (one per core) or more, got {self.workers}")
         if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
             raise ParamsError(f"value_range: expected LOW:HIGH with LOW < HIGH, got {self.value_range}")
 
@@ -82,6 +85,8 @@ class IngestParams:
         parser.add_argument("--magnifications", type=float, nargs="+", default=[20, 10, 5], help="he: highest first")
         parser.add_argument("--tile-size", type=int, default=224, help="he: tile side in pixels")
         parser.add_argument("--min-tissue", type=float, default=0.5, help="he: minimum tissue fraction of a tile")
+        parser.add_argument("--workers", type=int, default=0,
+                            help="he: slides tiled at once, one process each (default 0: one per core)")
         parser.add_argument("--cases", help="he: CSV with columns slide (relative to the raw folder) and case: the split unit")
         parser.add_argument("--lenient-annotations", action="store_true",
                             help="he: leave out unclassified or non-polygon annotations with a warning instead of refusing")
@@ -115,6 +120,7 @@ class IngestParams:
                      "--min-tissue", f"{self.min_tissue:g}"]
             args += ["--cases", self.cases] if self.cases else []
             args += ["--lenient-annotations"] if self.lenient_annotations else []
+            args += ["--workers", str(self.workers)] if self.workers else []
         elif self.modality == "ct":
             args += ["--window", *[f"{v:g}" for v in self.window], "--channels", self.channels]
             args += ["--windows=" + ",".join(f"{c:g}:{w:g}" for c, w in self.windows)] if self.windows else []
@@ -141,7 +147,8 @@ class IngestParams:
         common = {"val_fraction": self.val_fraction, "seed": self.seed, "on_error": self.on_error}
         if self.modality == "he":
             plan = TilePlan(tuple(self.magnifications), self.tile_size, self.min_tissue)
-            return ingest_he(raw, out, plan, cases=self.cases, lenient_annotations=self.lenient_annotations, **common)
+            return ingest_he(raw, out, plan, cases=self.cases, lenient_annotations=self.lenient_annotations,
+                             workers=self.workers, **common)
         if self.modality == "ct":
             plan = CTPlan(window=self.window, channels=self.channels, select=SeriesFilter(self.thickness, self.kernels),
                           **({"windows": self.windows} if self.windows else {}))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dinomx.config import ConfigError, CropsConfig
+from dinomx.images import RGB_FROM_HED
 
 # RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q).
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -117,8 +118,7 @@ def solarize(img: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(img >= threshold, 1 - img, img)
 
 
-# Ruifrok & Johnston stain vectors (as in scikit-image): rows are H, E, DAB in optical density.
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = torch.tensor(RGB_FROM_HED)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 

@@ -39,6 +39,24 @@ STORED_BITS = (8, 10, 12, 14, 16)
 EXIF_ORIENTATION = 0x0112
 
 
+# Ruifrok & Johnston stain vectors (as in scikit-image): rows are haematoxylin, eosin and DAB in
+# optical density. The augmentation's stain jitter (torch) and ingestion's stain statistics
+# (NumPy) both use these.
+RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+# Optical density of an 8-bit value, -log(v / 255), floored as the jitter floors it.
+_DENSITY = -np.log(np.maximum(np.arange(256) / 255.0, 1e-6))
+
+
+def stain_means(rgb: np.ndarray) -> tuple[float, float]:
+    """Mean haematoxylin and eosin concentration of an 8-bit RGB image (H, W, 3): the HED
+    transform is linear in optical density, so its mean is the mean density's transform, and the
+    mean density comes from each channel's histogram (no per-pixel float image)."""
+    pixels = rgb.reshape(-1, 3)
+    density = np.array([np.bincount(pixels[:, c], minlength=256) @ _DENSITY for c in range(3)]) / max(len(pixels), 1)
+    hed = density @ np.linalg.inv(np.array(RGB_FROM_HED))
+    return float(hed[0]), float(hed[1])
+
+
 def stored_bits(high: float) -> int:
     """The fewest common detector bit depths that hold ``high``."""
     return next((bits for bits in STORED_BITS if high <= 2**bits - 1), STORED_BITS[-1])

@@ -727,3 +727,30 @@ def test_ct_values_come_from_the_stored_bits_only(tmp_path):
     ds.save_as(tmp_path / "overlay.dcm")
     [frame] = read_ct(tmp_path / "overlay.dcm")
     np.testing.assert_array_equal(frame.hu, stored.astype(np.float32) * float(clean.RescaleSlope) + float(clean.RescaleIntercept))
+
+
+def test_slides_tiled_in_worker_processes_give_the_same_dataset(slide, tmp_path):
+    raw = tmp_path / "raw"
+    for case in ("case1", "case2"):
+        (raw / case).mkdir(parents=True)
+        shutil.copy(slide, raw / case / "HE.svs")
+    (raw / "case2" / "cut.svs").write_bytes(slide.read_bytes()[: slide.stat().st_size // 2])
+    plan = TilePlan(magnifications=(20, 5), tile_size=64, min_tissue=0.5)
+    alone = ingest_he(raw, tmp_path / "one", plan, workers=1, on_error="quarantine")
+    pooled = ingest_he(raw, tmp_path / "two", plan, workers=2, on_error="quarantine")
+    pd.testing.assert_frame_equal(alone, pooled)
+    assert (tmp_path / "one" / "refused.csv").read_text() == (tmp_path / "two" / "refused.csv").read_text()
+    for row in pooled.path[::7]:
+        assert (tmp_path / "one" / row).read_bytes() == (tmp_path / "two" / row).read_bytes()
+
+
+def test_stain_statistics_are_the_engine_hed_transform(slide):
+    import torch
+
+    from dinomx.augmentations import rgb_to_hed
+    from dinomx.images import stain_means
+
+    with openslide.OpenSlide(str(slide)) as wsi_file:
+        tile = np.asarray(wsi_file.read_region((500, 500), 0, (96, 96)).convert("RGB"))
+    hed = rgb_to_hed(torch.from_numpy(tile.astype(np.float32) / 255).permute(2, 0, 1)).mean(dim=(1, 2))
+    np.testing.assert_allclose(stain_means(tile), hed[:2].numpy(), atol=1e-5)
