@@ -25,7 +25,7 @@ from dvc.repo import Repo
 
 from data.params import MODALITIES, IngestParams
 from data.versioning import find_repo_root
-from dinomx.errors import MissingInput, UserError, run_command
+from dinomx.errors import MissingInput, UserError, one_line, run_command
 
 
 class DatasetError(UserError, ValueError):
@@ -89,8 +89,7 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
         cause = exc.__cause__ or exc
         where = f" at {endpoint_url}" if endpoint_url else ""
         raise DatasetError(f"source: {source}{where} could not be imported ({type(cause).__name__}: "
-                           f"{str(cause).splitlines()[0] if str(cause) else 'no detail'}); check the prefix, "
-                           "the endpoint and the credentials") from None
+                           f"{one_line(cause)[:300]}); check the prefix, the endpoint and the credentials") from None
     if params.cases:
         shutil.copy(params.cases, folder / CASES)
         params = replace(params, cases=CASES)

@@ -13,6 +13,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from dinomx.errors import one_line
 from registry import audit
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
@@ -73,7 +74,7 @@ def check_servable(name: str, alias: str, client: MlflowClient | None = None) ->
                 mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=folder)
         except Exception as exc:  # each artifact store (files, S3, the tracking server) fails its own way
             raise ServingError(f"{uri} (@{alias}) cannot be read from the artifact store "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); check the store's "
+                               f"({type(exc).__name__}: {one_line(exc)[:300]}); check the store's "
                                "address and credentials, or promote a version whose files exist") from None
     return backbone, head
 
