@@ -11,7 +11,6 @@ from dinomx.errors import UserError
 
 MODALITIES = ("he", "ct", "rgb", "gray")
 ON_ERROR = ("refuse", "quarantine")
-IMAGE_SUITES = {"he": "he_tiles", "ct": "ct_slices"}
 
 
 class ParamsError(UserError, ValueError):
@@ -127,7 +126,8 @@ class IngestParams:
             args += ["--thickness", *[f"{v:g}" for v in self.thickness]] if self.thickness else []
             args += [a for kernel in self.kernels for a in ("--kernel", kernel)]
         elif self.value_range:
-            args += ["--value-range", f"{self.value_range[0]:g}:{self.value_range[1]:g}"]
+            # One token: argparse would take a negative LOW for an option.
+            args += [f"--value-range={self.value_range[0]:g}:{self.value_range[1]:g}"]
         return args + ["--val-fraction", f"{self.val_fraction:g}", "--seed", str(self.seed), "--on-error", self.on_error]
 
     def validate_argv(self) -> list[str]:

@@ -147,3 +147,20 @@ def test_the_engine_cli_refuses_data_whose_report_beside_it_failed(tmp_path, cap
     # Told to, it goes on (to the next problem: here, the config).
     assert main(["--config", str(tmp_path / "missing.yaml"), "--data", str(train), "--skip-validation-gate"]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("params", [
+    dict(modality="he", magnifications=(20.0, 5.0), tile_size=112, cases="cases.csv", lenient_annotations=True, workers=3),
+    dict(modality="ct", channels="windows", windows=((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0)),
+         thickness=(0.5, 1.5), kernels=("B30f", "FC07"), on_error="quarantine"),
+    dict(modality="gray", value_range=(-100.0, 4000.0), val_fraction=0.3, seed=7),
+])
+def test_ingestion_options_round_trip_through_the_command_line_they_write(params):
+    import argparse
+
+    from data.params import IngestParams
+
+    parser = argparse.ArgumentParser()
+    IngestParams.add_arguments(parser)
+    declared = IngestParams(**params)
+    assert IngestParams.from_args(declared.modality, parser.parse_args(declared.argv())) == declared
