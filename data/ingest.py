@@ -433,7 +433,6 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
     for (a DICOM slide's levels), so that inputs = used + skipped + quarantined counts files.
     ``workers`` > 1 runs the units in that many processes (``rows_of`` and ``name_of`` must then
     pickle); results are taken in the units' order, so the manifest is the same either way."""
-    _check_on_error(on_error)
     out.parent.mkdir(parents=True, exist_ok=True)
     refused_listing = out.with_name(f"{out.name}.{REFUSED}")
     refused_listing.unlink(missing_ok=True)

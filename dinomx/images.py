@@ -43,6 +43,7 @@ EXIF_ORIENTATION = 0x0112
 # optical density. The augmentation's stain jitter (torch) and ingestion's stain statistics
 # (NumPy) both use these.
 RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+_HED_FROM_RGB = np.linalg.inv(np.array(RGB_FROM_HED))
 # Optical density of an 8-bit value, -log(v / 255), floored as the jitter floors it.
 _DENSITY = -np.log(np.maximum(np.arange(256) / 255.0, 1e-6))
 
@@ -53,7 +54,7 @@ def stain_means(rgb: np.ndarray) -> tuple[float, float]:
     mean density comes from each channel's histogram (no per-pixel float image)."""
     pixels = rgb.reshape(-1, 3)
     density = np.array([np.bincount(pixels[:, c], minlength=256) @ _DENSITY for c in range(3)]) / max(len(pixels), 1)
-    hed = density @ np.linalg.inv(np.array(RGB_FROM_HED))
+    hed = density @ _HED_FROM_RGB
     return float(hed[0]), float(hed[1])
 
 

@@ -7,8 +7,9 @@ cannot know (the served models, the limits) is filled in here when ``/docs.json`
 """
 from __future__ import annotations
 
+from serving.guard import IMAGE_ROUTES
+
 TITLE = "Vision Foundry"
-IMAGE_ROUTES = ("/embed", "/classify", "/segment", "/regress", "/attention")
 
 
 def describe(spec: dict, serving: tuple, target: tuple[str, str], limits: dict[str, int]) -> dict:
