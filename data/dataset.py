@@ -46,7 +46,9 @@ def pipeline(params: IngestParams) -> dict:
         "ingest": {
             "cmd": _join(["python", "-m", "data.ingest", params.modality, "--raw", "raw", "--out", "tiles", *params.argv()]),
             "deps": ["raw", *([params.cases] if params.cases else [])],
-            "outs": ["tiles"],
+            # Kept while the stage runs: ingestion keeps the shards of slides and series that did
+            # not change, so a new slide costs that slide.
+            "outs": [{"tiles": {"persist": True}} if params.sharded else "tiles"],
         },
         "validate": {
             # Exits non-zero when the suite fails, which stops `dvc repro`; the report stays.

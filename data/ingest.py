@@ -40,7 +40,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +64,11 @@ from data.inputs import (
 )
 from data.metadata import BLANK_STD, MANIFEST
 from data.params import MODALITIES, ON_ERROR, IngestParams
+from data.shards import SHARDS, Md5Memo, Sample, ShardWriter, png_bytes
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.errors import DataError, UserError, run_command
 from dinomx.images import IMAGE_SUFFIXES, stain_means, to_model_mode
+from dinomx.shards import INDEX, Shard, ShardSet, read_index
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"
@@ -136,11 +138,9 @@ class _Staging:
     def __init__(self, root: Path):
         self.root, self.writers = root, {}
 
-    def save(self, image: Image.Image, relative: str, source: str) -> None:
-        if relative in self.writers:
-            raise IngestError(source, f"its output {relative} is also the output of {self.writers[relative]}; "
-                                      "nothing would tell them apart")
-        self.writers[relative] = source
+    def save(self, image: Image.Image, relative: str, source: str, row: dict | None = None) -> None:
+        """``row``: the image's manifest row (the manifest is written from what units return)."""
+        _claim(self.writers, relative, source)
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target)
@@ -163,12 +163,84 @@ class _Staging:
             del self.writers[relative]
 
 
-def _run_unit(rows_of: Callable, name_of: Callable, staging: Path, unit) -> tuple[str, object, dict[str, str]]:
-    """One unit's rows, or why it gave none, as plain values (they may cross a process boundary),
-    with the outputs it wrote."""
-    writer = _Staging(staging)
+def _claim(writers: dict[str, str], relative: str, source: str) -> None:
+    if relative in writers:
+        raise IngestError(source, f"its output {relative} is also the output of {writers[relative]}; "
+                                  "nothing would tell them apart")
+    writers[relative] = source
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A dataset written as shards (``data.shards``) instead of one file per image."""
+    max_bytes: int
+    image: str  # the component that trains: the highest magnification, or the slice
+    components: tuple[str, ...]  # every image component of a sample
+
+
+def _place(relative: str) -> tuple[str, str, str, str]:
+    """(split, label, sample key, component) of an output named as the folder layout names it
+    (``[<prefix>/]<split>/<label>/<name>.png``): the magnifications and the mask of one place on
+    a slide are one sample."""
+    *prefix, split, label, name = relative.split("/")
+    folder = "/".join(prefix)
+    component = {"masks": "mask.png", "slices": "png", "": "png"}.get(folder, f"{folder}.png")
+    return split, label, name.rsplit(".", 1)[0].replace(".", "_"), component
+
+
+class _ShardStaging:
+    """One unit's outputs as its own shards under ``<staging>/shards/<split>/``: consecutive
+    saves of one place make one sample."""
+
+    def __init__(self, root: Path, layout: ShardLayout, stem: str, unit: str, source: str):
+        self.root, self.layout, self.stem, self.unit, self.source = root, layout, stem, unit, source
+        self.outputs: dict[str, str] = {}  # every image's folder-layout name: two inputs never share one
+        self.splits: dict[str, ShardWriter] = {}
+        self.sample: Sample | None = None
+
+    def save(self, image: Image.Image, relative: str, source: str, row: dict | None = None) -> None:
+        _claim(self.outputs, relative, source)
+        split, label, key, component = _place(relative)
+        if self.sample is None or self.sample.key != key:
+            self._flush()
+            self.sample = Sample(key, split, label)
+        self.sample.images[component] = png_bytes(image)
+        if row is not None:
+            self.sample.rows[component] = {k: v for k, v in row.items() if k != "path"}
+
+    def _flush(self) -> None:
+        if self.sample is None:
+            return
+        sample, self.sample = self.sample, None
+        writer = self.splits.get(sample.split) or self.splits.setdefault(sample.split, ShardWriter(
+            self.root / SHARDS / sample.split, self.stem, self.layout.max_bytes, self.unit, self.source))
+        writer.add(sample.key, sample.parts(), sample.label, images=len(sample.rows))
+
+    def close(self) -> list[tuple[str, Shard]]:
+        self._flush()
+        return [(split, shard) for split, writer in self.splits.items() for shard in writer.close()]
+
+    @property
+    def writers(self) -> dict[str, str]:
+        """The shard files written (or being written), relative to the staging root."""
+        return {f"{SHARDS}/{split}/{name}": self.source for split, writer in self.splits.items()
+                for name in writer.files()}
+
+
+def _run_unit(rows_of: Callable, name_of: Callable, staging: Path, raw: Path, layout: ShardLayout | None,
+              task: tuple[str, object]) -> tuple[str, object, dict[str, str]]:
+    """One unit's rows (or, as shards, the shards it wrote), or why it gave none, as plain values
+    (they may cross a process boundary), with the outputs it wrote. ``task``: (the unit's
+    fingerprint, the unit)."""
+    fingerprint, unit = task
+    if layout is None:
+        writer = _Staging(staging)
+    else:
+        relative = Path(name_of(unit)).relative_to(raw).as_posix()
+        writer = _ShardStaging(staging, layout, output_stem(relative).replace(".", "_"), fingerprint, relative)
     try:
-        return "rows", rows_of(unit, writer), writer.writers
+        rows = rows_of(unit, writer)
+        return "rows", rows if layout is None else writer.close(), writer.writers
     except Skipped as skip:
         return "skipped", (skip.path, skip.reason), writer.writers
     except IngestErrors as many:
@@ -218,11 +290,11 @@ def case_ids(raw: Path, slides: list[Path], cases_csv: str | Path | None) -> dic
     return {s: str(mapping[s.relative_to(raw).as_posix()]) for s in slides}
 
 
-def _slide_rows(raw: Path, plan: TilePlan, annotations: dict, classes: list[str], splits: dict[Path, str],
-                slide_path: Path, staging: _Staging) -> list[dict]:
+def _slide_rows(raw: Path, plan: TilePlan, annotations: dict, classes: list[str], case_of: dict[Path, str],
+                splits: dict[Path, str], slide_path: Path, staging: _Staging) -> list[dict]:
     """Module-level and given plain values, so that slides can be tiled in worker processes."""
     relative = slide_path.relative_to(raw).as_posix()
-    regions, split = annotations.get(slide_path), splits[slide_path]
+    regions, split, case = annotations.get(slide_path), splits[slide_path], case_of[slide_path]
     stem = output_stem(relative)
     rows = []
     slide, info = open_slide(slide_path)
@@ -239,9 +311,8 @@ def _slide_rows(raw: Path, plan: TilePlan, annotations: dict, classes: list[str]
             # one place does not change with the magnification it is seen at.
             stains = stain_statistics(tile.images[plan.magnifications[0]])
             for mag, image in tile.images.items():
-                staging.save(image, f"{mag:g}x/{folder}", relative)
                 rows.append({
-                    "path": f"{mag:g}x/{folder}", "modality": "he", "source": relative, "split": split,
+                    "path": f"{mag:g}x/{folder}", "modality": "he", "source": relative, "case": case, "split": split,
                     "label": label, "magnification": mag,
                     "mpp": info.mpp * info.objective_power / mag if info.mpp else None,
                     "objective_power": info.objective_power, "x": tile.x, "y": tile.y,
@@ -249,6 +320,7 @@ def _slide_rows(raw: Path, plan: TilePlan, annotations: dict, classes: list[str]
                     "mask": f"masks/{folder}" if mask is not None else None,
                     **stains,
                 })
+                staging.save(image, rows[-1]["path"], relative, rows[-1])
     except openslide.OpenSlideError as exc:
         raise IngestError(slide_path, f"slide data is corrupt or truncated ({exc})") from None
     finally:
@@ -374,7 +446,6 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPl
         else:
             image = Image.fromarray(np.stack([window(current.hu, c, w) for c, w in plan.windows], -1))
         out = f"slices/{split}/{label}/{output_stem(relative)}_f{info.frame}.png"
-        staging.save(image, out, relative.as_posix())
         rows.append({
             "path": out, "modality": "ct", "source": relative.as_posix(), "split": split, "label": label,
             "frame": info.frame, "series_uid": info.series_uid, "series_index": index, "stacking": plan.channels,
@@ -388,7 +459,9 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPl
             "pixel_spacing_col": info.pixel_spacing[1] if info.pixel_spacing else None,
             "slice_thickness": info.slice_thickness, "kernel": info.kernel,
             "window_center": plan.window[0], "window_width": plan.window[1],
+            "patient_id": info.patient_id,
         })
+        staging.save(image, out, relative.as_posix(), rows[-1])
     if failed:
         raise IngestErrors(list(failed.values()))
     log.info("series %s: %d slice(s)", series[0].series_uid or series[0].path, len(rows))
@@ -424,7 +497,8 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
              errors: list[IngestError], skipped: list[Skipped], extra: dict[str, str] | None = None,
              val_fraction: float = 0.0, members: dict[str, int] | None = None, on_error: str = "refuse",
              files_of: Callable = lambda unit: [str(unit)], warnings: list[str] | None = None,
-             workers: int = 1) -> pd.DataFrame:
+             workers: int = 1, layout: ShardLayout | None = None,
+             fingerprint_of: Callable | None = None) -> pd.DataFrame:
     """Run ``rows_of(unit, staging)`` for every unit (a slide, a CT series) and publish ``out``.
     Every unit is tried, so one run reports every bad file; with ``on_error="refuse"`` nothing is
     published if any input was refused, with ``"quarantine"`` a failed unit (all of
@@ -432,19 +506,34 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
     listed with its reason beside the manifest. ``members``: the number of files a source stands
     for (a DICOM slide's levels), so that inputs = used + skipped + quarantined counts files.
     ``workers`` > 1 runs the units in that many processes (``rows_of`` and ``name_of`` must then
-    pickle); results are taken in the units' order, so the manifest is the same either way."""
+    pickle); results are taken in the units' order, so the manifest is the same either way.
+
+    With a shard ``layout`` each unit writes its own shards, and a unit whose
+    ``fingerprint_of(memo, unit)`` (its files' content, the options) matches shards of the
+    previous ``out`` keeps them as they are (hard links: same bytes, same file) instead of being
+    tiled again. Returns the manifest, or the table of shards."""
     out.parent.mkdir(parents=True, exist_ok=True)
     refused_listing = out.with_name(f"{out.name}.{REFUSED}")
     refused_listing.unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
     try:
-        writer, rows = _Staging(staging), []
-        run = functools.partial(_run_unit, rows_of, name_of, staging)
-        with _units_mapper(workers, len(units)) as mapper:
-            for unit, (kind, payload, written) in zip(units, mapper(run, units)):
+        writer, rows, shards, used_units = _Staging(staging), [], [], []
+        fingerprints = [""] * len(units)
+        if layout and fingerprint_of:
+            memo = input_hashes(out)
+            fingerprints = [fingerprint_of(memo, u) for u in units]
+            memo.save()
+        kept = _previous_shards(out) if layout else {}
+        fresh = [(f, u) for f, u in zip(fingerprints, units) if f not in kept]
+        run = functools.partial(_run_unit, rows_of, name_of, staging, raw, layout)
+        with _units_mapper(workers, len(fresh)) as mapper:
+            results = iter(mapper(run, fresh))
+            for unit, fingerprint in zip(units, fingerprints):
+                kind, payload, written = _relink(out, staging, kept[fingerprint]) if fingerprint in kept else next(results)
                 writer.adopt(written)
                 if kind == "rows":
-                    rows += payload
+                    (rows if layout is None else shards).extend(payload)
+                    used_units += [unit] if payload else []
                     continue
                 writer.discard(written)
                 if kind == "skipped":
@@ -454,22 +543,29 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
         if errors and on_error == "refuse":
             _listing(raw, errors).to_csv(refused_listing, index=False)
             raise IngestFailed(errors, refused_listing, inputs)
-        if not rows:
+        if not rows and not shards:
             raise IngestFailed([IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT "
                                                  "image?)" + (f"; {len(errors)} input(s) set aside" if errors else ""))])
-        manifest = pd.DataFrame(rows)
-        manifest.to_csv(staging / MANIFEST, index=False)
+        if layout is None:
+            table = pd.DataFrame(rows)
+            table.to_csv(staging / MANIFEST, index=False)
+            splits, images = set(table["split"]), len(table)
+            used = sum((members or {}).get(source, 1) for source in table["source"].unique())
+        else:
+            table = _write_indexes(staging, shards, layout)
+            splits, images = set(table["split"]), int(table["images"].sum())
+            used = sum(len(files_of(unit)) for unit in used_units)
         _listing(raw, skipped).to_csv(staging / SKIPPED, index=False)
         _listing(raw, errors).to_csv(staging / REFUSED, index=False)
         warnings = list(warnings or []) + [f"split {split!r} is empty" for split in ("train", "val")
-                                           if (split == "train" or val_fraction > 0) and not (manifest["split"] == split).any()]
+                                           if (split == "train" or val_fraction > 0) and split not in splits]
         if errors:
             warnings.append(f"{len(errors)} input(s) quarantined (--on-error quarantine), listed in {REFUSED}")
         for warning in warnings:
             log.warning("%s: %s", out, warning)
-        used = sum((members or {}).get(source, 1) for source in manifest["source"].unique())
         (staging / SUMMARY).write_text(json.dumps({"inputs": inputs, "used": used, "skipped": len(skipped),
-                                                   "quarantined": len(errors), "images": len(manifest),
+                                                   "quarantined": len(errors), "images": images,
+                                                   **({"shards": len(table)} if layout else {}),
                                                    "on_error": on_error, "warnings": warnings}, indent=2))
         for name, text in (extra or {}).items():
             (staging / name).write_text(text)
@@ -478,11 +574,62 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
             out.rename(previous)
         staging.rename(out)
         shutil.rmtree(previous, ignore_errors=True)
-        log.info("%s: %d input(s): %d used, %d skipped, %d quarantined; %d image file(s)", out, inputs, used,
-                 len(skipped), len(errors), len(manifest))
-        return manifest
+        log.info("%s: %d input(s): %d used, %d skipped, %d quarantined; %d image file(s)%s", out, inputs, used,
+                 len(skipped), len(errors), images, f" in {len(table)} shard(s)" if layout else "")
+        return table
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _previous_shards(out: Path) -> dict[str, list[tuple[str, Shard]]]:
+    """The shards of the dataset at ``out`` by the fingerprint of the unit that wrote them."""
+    by_unit: dict[str, list[tuple[str, Shard]]] = {}
+    for index in sorted((out / SHARDS).glob(f"*/{INDEX}")):
+        try:
+            listed = read_index(index.parent)
+        except UserError:
+            continue  # an unreadable old index only costs tiling again
+        for shard in listed.shards:
+            if shard.unit and (index.parent / shard.name).is_file():
+                by_unit.setdefault(shard.unit, []).append((index.parent.name, shard))
+    return by_unit
+
+
+def _relink(out: Path, staging: Path, shards: list[tuple[str, Shard]]) -> tuple[str, object, dict[str, str]]:
+    """A unit's unchanged shards taken into the new dataset as the same files."""
+    written = {}
+    for split, shard in shards:
+        relative = f"{SHARDS}/{split}/{shard.name}"
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(out / relative, staging / relative)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(out / relative, staging / relative)
+        written[relative] = shard.source
+    return "rows", shards, written
+
+
+def _write_indexes(staging: Path, shards: list[tuple[str, Shard]], layout: ShardLayout) -> pd.DataFrame:
+    """``shards/<split>/shards.json`` of each split; every split lists the classes of all, so
+    that a validation split's labels index like the training split's."""
+    classes = sorted({label for _, shard in shards for label in shard.labels})
+    for split in sorted({split for split, _ in shards}):
+        listed = [shard for s, shard in shards if s == split]
+        index = ShardSet(".", listed, classes, layout.image, list(layout.components))
+        (staging / SHARDS / split / INDEX).write_text(index.to_json())
+    return pd.DataFrame([{"split": split, **asdict(shard)} for split, shard in shards])
+
+
+def _fingerprint(memo: Md5Memo, raw: Path, files: list[str | Path], *settings) -> str:
+    """What a unit's shards depend on: the content of its files and the options that tile them."""
+    contents = [[path.relative_to(raw).as_posix(), memo.md5(path)] for path in sorted(map(Path, files))]
+    return hashlib.sha256(json.dumps([contents, [repr(s) for s in settings]]).encode()).hexdigest()[:32]
+
+
+def input_hashes(out: Path) -> Md5Memo:
+    """The md5 of the inputs a dataset at ``out`` was built from, kept beside it (not in it: the
+    dataset's own bytes do not change with where and when its inputs were copied)."""
+    return Md5Memo(out.with_name(f".{out.name}.inputs-md5.json"))
 
 
 def _resolve(raw: str | Path, out: str | Path) -> tuple[Path, Path]:
@@ -537,11 +684,12 @@ def dicom_slides(files: list[Path]) -> tuple[list[Path], dict[Path, list[Path]],
 
 def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: float = 0.2, seed: int = 0,
               cases: str | Path | None = None, lenient_annotations: bool = False,
-              on_error: str = "refuse", workers: int = 0) -> pd.DataFrame:
+              on_error: str = "refuse", workers: int = 0, shard_mb: int = 0) -> pd.DataFrame:
     """Tiles of every slide under ``raw`` (DICOM whole-slide images too); splits per case
     (``case_ids``). With ``lenient_annotations`` unclassified or non-polygon annotations are left
     out with a warning instead of refusing the slide. Slides are tiled ``workers`` at a time, one
-    process each (0: one per core)."""
+    process each (0: one per core). ``shard_mb`` > 0 writes each slide as shards of up to that
+    size, a sample per place holding every magnification (the highest trains)."""
     _check_on_error(on_error)
     raw, out = _resolve(raw, out)
     files, hidden = source_files(raw)
@@ -567,22 +715,37 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
     case_of = case_ids(raw, slides, cases)
     classes = sorted({r.name for regions in annotations.values() for r in regions})
     splits = {slide: split_of(case_of[slide], val_fraction, seed) for slide in slides}
+    layout = None
+    if shard_mb:
+        components = [f"{m:g}x.png" for m in plan.magnifications] + (["mask.png"] if annotations else [])
+        layout = ShardLayout(shard_mb << 20, f"{max(plan.magnifications):g}x.png", tuple(components))
+
+    def files_of(slide: Path) -> list[str]:
+        return [str(p) for p in members.get(slide, [slide])]
+
+    def fingerprint(memo: Md5Memo, slide: Path) -> str:
+        geojson = [slide.with_suffix(".geojson")] if slide in annotations else []
+        return _fingerprint(memo, raw, files_of(slide) + geojson, plan, classes, case_of[slide], splits[slide], layout,
+                            lenient_annotations)
+
     return _publish(
-        raw, out, len(files) + len(hidden), slides, functools.partial(_slide_rows, raw, plan, annotations, classes, splits),
+        raw, out, len(files) + len(hidden), slides,
+        functools.partial(_slide_rows, raw, plan, annotations, classes, case_of, splits),
         str, errors, skipped, extra={"classes.json": json.dumps([BACKGROUND, *classes])}, val_fraction=val_fraction,
         members={slide.relative_to(raw).as_posix(): len(parts) for slide, parts in members.items()},
-        on_error=on_error, files_of=lambda slide: [str(p) for p in members.get(slide, [slide])],
-        workers=workers or os.cpu_count() or 1,
+        on_error=on_error, files_of=files_of, workers=workers or os.cpu_count() or 1, layout=layout,
+        fingerprint_of=fingerprint,
     )
 
 
 def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fraction: float = 0.2,
-              seed: int = 0, on_error: str = "refuse") -> pd.DataFrame:
+              seed: int = 0, on_error: str = "refuse", shard_mb: int = 0) -> pd.DataFrame:
     """Slices of every CT series under ``raw`` (``<raw>/<label>/...`` or flat), grouped by Series
     Instance UID and written in anatomical order; what is not a CT image is skipped with a reason.
     A series with a gap (a slice missing from the export) is written with a warning naming it;
-    2.5D stacking refuses it."""
+    2.5D stacking refuses it. ``shard_mb`` > 0 writes each series as shards of up to that size."""
     _check_on_error(on_error)
+    layout = ShardLayout(shard_mb << 20, "png", ("png",)) if shard_mb else None
     raw, out = _resolve(raw, out)
     files, hidden = source_files(raw)
     candidates, skipped = _sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
@@ -616,7 +779,9 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
     return _publish(raw, out, len(files) + len(hidden), units,
                     lambda series, staging: _series_rows(series, raw, staging, plan, val_fraction, seed),
                     lambda series: series[0].path, errors, skipped, val_fraction=val_fraction, on_error=on_error,
-                    files_of=_series_files, warnings=warnings)
+                    files_of=_series_files, warnings=warnings, layout=layout,
+                    fingerprint_of=lambda memo, series: _fingerprint(memo, raw, _series_files(series), plan, val_fraction,
+                                                                     seed, layout))
 
 
 def _series_files(series: list[CTSlice]) -> list[str]:
@@ -695,9 +860,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     def ingest() -> None:
-        manifest = IngestParams.from_args(args.kind, args).ingest(args.raw, args.out)
+        IngestParams.from_args(args.kind, args).ingest(args.raw, args.out)
         summary = json.loads((Path(args.out) / SUMMARY).read_text())
-        print(f"{args.out}: {len(manifest)} image files from {summary['used']} of {summary['inputs']} inputs "
+        shards = f" in {summary['shards']} shards" if "shards" in summary else ""
+        print(f"{args.out}: {summary['images']} images{shards} from {summary['used']} of {summary['inputs']} inputs "
               f"({summary['skipped']} skipped, listed in {Path(args.out) / SKIPPED}; "
               f"{summary['quarantined']} quarantined, listed in {Path(args.out) / REFUSED})")
 

@@ -5,6 +5,7 @@ manifest (magnification, mpp, tissue fraction, stain statistics, Hounsfield rang
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from data.inputs import IngestError, within
 from dinomx.errors import MissingInput
 from dinomx.images import IMAGE_SUFFIXES
+from dinomx.shards import METADATA, metadata, read_shard
 
 MANIFEST = "manifest.csv"
 # Below this standard deviation (of 0..255 values) an image is flat: no texture to learn from.
@@ -28,16 +30,17 @@ COLUMNS = ["path", "split", "label", "readable", "error", "format", "mode", "cha
 def image_row(path: Path, root: Path) -> dict:
     """Describe one file; an unreadable file yields a row saying why rather than an exception."""
     relative = path.relative_to(root)
+    return pixel_row(path, relative.as_posix(), path.stat().st_size,
+                     split=relative.parts[0] if len(relative.parts) == 3 else None,
+                     label=relative.parts[-2] if len(relative.parts) >= 2 else None)
+
+
+def pixel_row(source, name: str, size: int, **known) -> dict:
+    """The row of one image (a path or a file object) named ``name``."""
     row = dict.fromkeys(COLUMNS)
-    row.update(
-        path=relative.as_posix(),
-        split=relative.parts[0] if len(relative.parts) == 3 else None,
-        label=relative.parts[-2] if len(relative.parts) >= 2 else None,
-        readable=False,
-        bytes=path.stat().st_size,
-    )
+    row.update(path=name, readable=False, bytes=size, **known)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             pixels = np.asarray(img)
             row.update(format=img.format, mode=img.mode)
@@ -59,6 +62,25 @@ def image_row(path: Path, root: Path) -> dict:
         dynamic_range=float(np.nanmax(values) - np.nanmin(values)),
     )
     return row
+
+
+def shard_metadata(path: Path, name: str) -> pd.DataFrame:
+    """Rows for every image of a shard (``name``: its path in the dataset): the metadata row the
+    sample carries plus the pixel statistics of the image, named ``<shard>:<member>``."""
+    rows = []
+    for key, parts in read_shard(path):
+        entries = metadata(parts)
+        for component, data in parts.items():
+            if component == METADATA:
+                continue
+            entry = entries.get(component)
+            if entry is None and component != "mask.png":
+                entry = {}  # an image without its metadata row: the suite's null checks name it
+            if entry is not None:
+                rows.append({**pixel_row(io.BytesIO(data), f"{name}:{key}.{component}", len(data)), **entry})
+    if not rows:
+        return pd.DataFrame(columns=COLUMNS + ["is_image_file"])
+    return _frame(rows)
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

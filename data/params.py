@@ -11,6 +11,10 @@ from dinomx.errors import UserError
 
 MODALITIES = ("he", "ct", "rgb", "gray")
 ON_ERROR = ("refuse", "quarantine")
+LAYOUTS = ("shards", "folder")
+# Slides and CT series make millions of tiles: they are written as shards unless told otherwise.
+SHARDED = ("he", "ct")
+DEFAULT_SHARD_MB = 1024
 
 
 class ParamsError(UserError, ValueError):
@@ -52,6 +56,8 @@ class IngestParams:
     kernels: tuple[str, ...] = ()  # ct: series of these convolution kernels only
     value_range: tuple[float, float] | None = None  # rgb/gray: the range of wide images, forced
     workers: int = 0  # he: slides tiled at once, one process each; 0: one per core
+    layout: str | None = None  # shards | folder; None: shards for he and ct, folder for rgb and gray
+    shard_mb: int = DEFAULT_SHARD_MB  # largest shard (MiB)
 
     def __post_init__(self):
         for name, value, allowed in (("modality", self.modality, MODALITIES), ("channels", self.channels, CHANNELS),
@@ -66,11 +72,24 @@ class IngestParams:
             raise ParamsError(f"workers: expected 0 (one per core) or more, got {self.workers}")
         if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
             raise ParamsError(f"value_range: expected LOW:HIGH with LOW < HIGH, got {self.value_range}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ParamsError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}")
+        if self.layout == "shards" and self.modality not in SHARDED:
+            raise ParamsError(f"layout: shards are written for slides and CT series (he, ct); {self.modality} "
+                              "image folders stay folders")
+        if self.shard_mb < 1:
+            raise ParamsError(f"shard_mb: expected a size in MiB of 1 or more, got {self.shard_mb}")
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout == "shards" or (self.layout is None and self.modality in SHARDED)
 
     @property
     def images(self) -> str:
-        """The folder of the dataset that trains: grid tiles at the highest magnification, slices,
-        or the converted image folder (each holding train/ and val/)."""
+        """The folder of the dataset that trains: its shards, grid tiles at the highest
+        magnification, slices, or the converted image folder (each holding train/ and val/)."""
+        if self.sharded:
+            return "tiles/shards"
         return {"he": f"tiles/{max(self.magnifications):g}x", "ct": "tiles/slices"}.get(self.modality, "tiles")
 
     @staticmethod
@@ -99,6 +118,10 @@ class IngestParams:
                             help="ct: keep series of this slice thickness (mm)")
         parser.add_argument("--kernel", action="append", default=[], dest="kernels",
                             help="ct: keep series of this convolution kernel (repeatable)")
+        parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                            help="he/ct: shards (the default: tar files of up to --shard-mb, a few per slide or "
+                                 "series) or folder (one PNG per image)")
+        parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_MB, help="he/ct: largest shard in MiB")
         parser.add_argument("--value-range", type=_pair, metavar="LOW:HIGH",
                             help="rgb/gray: scale images of more than 8 bits from this range (clipping outside it) "
                                  "instead of by the bits their values use")
@@ -128,6 +151,8 @@ class IngestParams:
         elif self.value_range:
             # One token: argparse would take a negative LOW for an option.
             args += [f"--value-range={self.value_range[0]:g}:{self.value_range[1]:g}"]
+        args += ["--layout", self.layout] if self.layout else []
+        args += ["--shard-mb", str(self.shard_mb)] if self.sharded and self.shard_mb != DEFAULT_SHARD_MB else []
         return args + ["--val-fraction", f"{self.val_fraction:g}", "--seed", str(self.seed), "--on-error", self.on_error]
 
     def validate_argv(self) -> list[str]:
@@ -144,7 +169,8 @@ class IngestParams:
         from data.ingest import CTPlan, SeriesFilter, ingest_ct, ingest_he, ingest_images
         from data.wsi import TilePlan
 
-        common = {"val_fraction": self.val_fraction, "seed": self.seed, "on_error": self.on_error}
+        common = {"val_fraction": self.val_fraction, "seed": self.seed, "on_error": self.on_error,
+                  **({"shard_mb": self.shard_mb} if self.sharded else {})}
         if self.modality == "he":
             plan = TilePlan(tuple(self.magnifications), self.tile_size, self.min_tissue)
             return ingest_he(raw, out, plan, cases=self.cases, lenient_annotations=self.lenient_annotations,

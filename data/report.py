@@ -35,6 +35,8 @@ class ValidationReport:
     quarantined: list[dict] = field(default_factory=list)
     # Ingestion's counts (ingest.json): inputs, used, skipped, quarantined, images.
     ingest: dict = field(default_factory=dict)
+    # A sharded dataset: shards, and how many were checked now or unchanged since (cached).
+    shards: dict = field(default_factory=dict)
 
     def inputs_line(self) -> str:
         """What the dataset was built from, for a reviewer: "N inputs: U used, S skipped, Q quarantined"."""
@@ -53,9 +55,11 @@ class ValidationReport:
 
     @classmethod
     def read(cls, path: str | Path) -> "ValidationReport":
-        data = json.loads(Path(path).read_text())
-        data["failures"] = [Failure(**f) for f in data["failures"]]
-        return cls(**data)
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ValidationReport":
+        return cls(**{**data, "failures": [Failure(**f) for f in data["failures"]]})
 
     def summary(self) -> str:
         head = f"{self.suite} on {self.dataset}: {'PASSED' if self.success else 'FAILED'} ({self.rows} files)"
@@ -67,6 +71,9 @@ class ValidationReport:
             lines.append(f"  - {f.expectation}({f.column or 'table'}){expected}: {f.unexpected_count} unexpected: {shown}")
         if self.ingest:
             lines.append(f"  built from {self.inputs_line()}")
+        if self.shards:
+            lines.append(f"  {self.shards['shards']} shard(s), each checked by itself: {self.shards['checked']} now, "
+                         f"{self.shards['cached']} unchanged since their last check")
         for entries, what in ((self.skipped, "skipped at ingestion (skipped.csv)"),
                               (self.quarantined, "quarantined at ingestion (refused.csv)")):
             if entries:
@@ -74,3 +81,27 @@ class ValidationReport:
                 lines.append(f"  {len(entries)} input(s) {what}: "
                              + "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5)))
         return "\n".join(lines)
+
+
+# Files a merged failure names; its count stays the true number.
+FILES_SHOWN = 1000
+
+
+def merge_reports(reports: list[ValidationReport], suite: str, dataset: str) -> ValidationReport:
+    """One report of parts checked separately (the shards of a dataset): the failures of one
+    expectation on one column are one failure naming the files of every part."""
+    merged: dict[tuple, Failure] = {}
+    for report in reports:
+        for f in report.failures:
+            key = (f.expectation, f.column, f.expected)
+            if key not in merged:
+                merged[key] = Failure(f.expectation, f.column, 0, [], f.expected, [])
+            into = merged[key]
+            into.unexpected_count += f.unexpected_count
+            room = FILES_SHOWN - len(into.files)
+            into.files += f.files[:room]
+            into.observed += f.observed[:room]
+    return ValidationReport(suite=suite, dataset=dataset, success=all(r.success for r in reports),
+                            rows=sum(r.rows for r in reports),
+                            evaluated_expectations=max((r.evaluated_expectations for r in reports), default=0),
+                            failures=list(merged.values()))

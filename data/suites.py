@@ -6,6 +6,7 @@ values come from ``params.yaml`` at validation time, never from the data being c
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,6 +106,10 @@ def ct_slices(channels: int = 1) -> list[gxe.Expectation]:
 class Suite:
     build: Callable[[], list[gxe.Expectation]]
     parameters: tuple[str, ...]  # suite parameters a run must supply
+
+    def fingerprint(self) -> str:
+        """What the suite checks: results kept from an older suite are not this one's."""
+        return json.dumps([e.configuration.to_json_dict() for e in self.build()], sort_keys=True, default=str)
 
 
 SUITES = {

@@ -9,9 +9,13 @@ that run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import great_expectations as gx
@@ -21,11 +25,13 @@ from great_expectations.data_context import FileDataContext
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from data.inputs import REFUSED, SKIPPED, SUMMARY
-from data.metadata import dataset_metadata
-from data.report import Failure, ValidationReport
+from data.metadata import dataset_metadata, shard_metadata
+from data.report import Failure, ValidationReport, merge_reports
+from data.shards import SHARDS, Md5Memo
 from data.suites import SUITES
 from data.versioning import UntrackedDataError, find_repo_root
 from dinomx.errors import DataError, run_command
+from dinomx.shards import INDEX, read_index
 
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
@@ -38,13 +44,14 @@ def context_root(dataset: Path) -> Path:
     return dataset.parent
 
 
-def file_context(root: Path) -> FileDataContext:
-    context = gx.get_context(mode="file", project_root_dir=str(root))
+def file_context(root: Path | None) -> FileDataContext:
+    """The file context at ``root``; None: one in memory, without Data Docs (a shard's check)."""
+    context = gx.get_context(mode="file", project_root_dir=str(root)) if root is not None else gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return context
 
 
-def _checkpoint(context: FileDataContext, suite_name: str) -> gx.Checkpoint:
+def _checkpoint(context, suite_name: str, docs: bool = True) -> gx.Checkpoint:
     """Suite, validation definition and checkpoint of ``suite_name`` as the code defines them."""
     source = context.data_sources.add_or_update_pandas("datasets")
     asset = next((a for a in source.assets if a.name == "metadata"), None) or source.add_dataframe_asset("metadata")
@@ -56,22 +63,28 @@ def _checkpoint(context: FileDataContext, suite_name: str) -> gx.Checkpoint:
     return context.checkpoints.add_or_update(gx.Checkpoint(
         name=suite_name,
         validation_definitions=[definition],
-        actions=[UpdateDataDocsAction(name="data_docs")],
+        actions=[UpdateDataDocsAction(name="data_docs")] if docs else [],
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
     ))
 
 
-def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, dataset: str,
-                   context_dir: Path) -> ValidationReport:
+def _check_suite(suite_name: str, parameters: dict) -> None:
     if suite_name not in SUITES:
         raise DataError(f"suite: expected one of {sorted(SUITES)}, got {suite_name!r}")
     missing = [p for p in SUITES[suite_name].parameters if p not in parameters]
     if missing:
         raise DataError(f"suite {suite_name} needs parameter(s) {missing} (--{missing[0].replace('_', '-')})")
+
+
+def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, dataset: str,
+                   context_dir: Path | None) -> ValidationReport:
+    """``context_dir`` None: an in-memory context, without Data Docs (a shard's check)."""
+    _check_suite(suite_name, parameters)
     context = file_context(context_dir)
-    run = _checkpoint(context, suite_name).run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
+    checkpoint = _checkpoint(context, suite_name, docs=context_dir is not None)
+    run = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
     result = next(iter(run.run_results.values()))
-    docs = context.get_docs_sites_urls()
+    docs = context.get_docs_sites_urls() if context_dir is not None else []
     failures = []
     for r in result.results:
         if r.success:
@@ -101,17 +114,89 @@ def validate_frame(frame: pd.DataFrame, suite_name: str, parameters: dict, datas
     )
 
 
+def check_shard(task: tuple[str, str, int, str, dict]) -> dict:
+    """A shard's report (one process's work; plain values cross back). A shard cut at a member
+    boundary reads as a shorter tar: its sample count against the index's says so."""
+    path, name, samples, suite, parameters = task
+    try:
+        frame = shard_metadata(Path(path), name)
+    except DataError as exc:
+        return ValidationReport(suite=suite, dataset=name, success=False, rows=0, evaluated_expectations=1, failures=[
+            Failure(expectation="shard_is_readable", column=None, unexpected_count=1, files=[name],
+                    expected="a tar of samples", observed=[str(exc).split(": ", 1)[-1]])]).to_dict()
+    report = validate_frame(frame, suite, parameters, name, None)
+    found = frame["path"].str.split(":").str[1].str.split(".").str[0].nunique() if len(frame) else 0
+    if found != samples:
+        report.success = False
+        report.failures.append(Failure(expectation="shard_holds_its_indexed_samples", column=None,
+                                       unexpected_count=abs(samples - found), files=[name],
+                                       expected=f"{samples} samples", observed=[found]))
+    return report.to_dict()
+
+
+def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path, workers: int) -> ValidationReport:
+    """Every shard of a sharded dataset checked by itself against the suite, ``workers`` at a
+    time: a shard is a slide or a series, and must pass as one (a tolerance such as "95 % of the
+    tiles" holds per slide). A shard's result is kept under ``<context>/shards/`` by its md5 and
+    name, the suite and the parameters, so checking the dataset again after a slide was added
+    checks only that slide's shards."""
+    _check_suite(suite, parameters)
+    cache = context_dir / "shards"
+    key = hashlib.sha256(json.dumps([suite, parameters, SUITES[suite].fingerprint()], sort_keys=True).encode()).hexdigest()[:16]
+    hashes = Md5Memo(cache / "md5.json")
+    tasks, missing = [], []
+    for index in sorted((root / SHARDS).glob(f"*/{INDEX}")):
+        for shard in read_index(index.parent).shards:
+            path, name = index.parent / shard.name, f"{SHARDS}/{index.parent.name}/{shard.name}"
+            if not path.is_file():
+                missing.append(name)
+                continue
+            result = cache / f"{hashes.md5(path)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}-{key}.json"
+            tasks.append((path, name, shard.samples, result))
+    hashes.save()
+    if not tasks and not missing:
+        raise DataError(f"{root / SHARDS}: no shard index ({INDEX}) in any split folder")
+    todo = [(str(path), name, samples, suite, parameters) for path, name, samples, result in tasks if not result.is_file()]
+    results = {name: result for _, name, _, result in tasks}
+    cache.mkdir(parents=True, exist_ok=True)
+    with _pool(workers, len(todo)) as mapper:
+        for task, report in zip(todo, mapper(check_shard, todo)):
+            results[task[1]].write_text(json.dumps(report))
+    reports = [ValidationReport.from_dict(json.loads(result.read_text())) for result in results.values()]
+    merged = merge_reports(reports, suite, repo_relative(root, root))
+    if missing:
+        merged.success = False
+        merged.failures.append(Failure(expectation="shard_exists", column=None, unexpected_count=len(missing),
+                                       files=missing, expected="every shard its index lists"))
+    merged.shards = {"shards": len(tasks) + len(missing), "checked": len(todo), "cached": len(tasks) - len(todo)}
+    return merged
+
+
+@contextmanager
+def _pool(workers: int, tasks: int):
+    if workers < 2 or tasks < 2:
+        yield map
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, tasks)) as pool:
+        yield pool.imap
+
+
 def _plain(value):
     """A JSON-ready value (numpy scalars from the metadata frame are not)."""
     return value.item() if hasattr(value, "item") else value
 
 
-def validate_dataset(root: str | Path, suite: str, parameters: dict,
-                     context_dir: str | Path | None = None) -> tuple[ValidationReport, pd.DataFrame]:
+def validate_dataset(root: str | Path, suite: str, parameters: dict, context_dir: str | Path | None = None,
+                     workers: int = 0) -> tuple[ValidationReport, pd.DataFrame | None]:
+    """The report, and the metadata frame it judged (None for shards, checked one by one)."""
     root = Path(root)
-    frame = dataset_metadata(root)
     context_dir = Path(context_dir) if context_dir else context_root(root.resolve())
-    report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
+    if (root / SHARDS).is_dir():
+        frame = None
+        report = validate_shards(root, suite, parameters, context_dir, workers or os.cpu_count() or 1)
+    else:
+        frame = dataset_metadata(root)
+        report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
     if (root / SKIPPED).is_file():
         report.skipped = pd.read_csv(root / SKIPPED, dtype=str).to_dict("records")
     if (root / REFUSED).is_file():
@@ -150,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         report, frame = validate_dataset(args.dataset, args.suite, parameters, args.context_root)
         out = Path(args.report_dir)
         report.write(out / "report.json")
-        frame.to_csv(out / "metadata.csv", index=False)
+        if frame is not None:
+            frame.to_csv(out / "metadata.csv", index=False)
         print(report.summary())
         if report.data_docs:
             print(f"Data Docs (this run is the newest of suite {report.suite}): {report.data_docs}")

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from dinomx.backbone import Backbone, load_image_processor
-from dinomx.images import load_image
+from dinomx.images import to_model_mode
 
 
 def eager_twin(model: PreTrainedModel) -> PreTrainedModel:
@@ -99,7 +99,9 @@ def _strip(panels: list[Image.Image]) -> Image.Image:
     return strip
 
 
-def write_attention_pngs(model_dir: str | Path, images: list[Path], out: str | Path, k: int = 3, scale: int = 4) -> list[Path]:
+def write_attention_pngs(model_dir: str | Path, images: list[tuple[str, Image.Image]], out: str | Path, k: int = 3,
+                         scale: int = 4) -> list[Path]:
+    """``<name>_heads.png`` and ``<name>_pca.png`` of each named image."""
     backbone = Backbone.from_pretrained(model_dir).eval()
     eager = eager_twin(backbone.model)
     processor = load_image_processor(model_dir)
@@ -107,14 +109,14 @@ def write_attention_pngs(model_dir: str | Path, images: list[Path], out: str | P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in images:
-        image = load_image(path, channels)
+    for name, image in images:
+        image = to_model_mode(image, channels)
         pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
         maps = cls_attention(eager, pixels)[0]
         shown = image.resize((pixels.shape[-1] * scale, pixels.shape[-2] * scale), Image.BILINEAR)
         heads, pca = render(shown, maps, k)
         for suffix, picture in (("heads", heads), ("pca", pca)):
-            target = out / f"{Path(path).stem}_{suffix}.png"
+            target = out / f"{name}_{suffix}.png"
             picture.save(target)
             written.append(target)
     return written
@@ -129,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.k <= 3:
         parser.error("--k: expected 1, 2 or 3")
-    for path in write_attention_pngs(args.model, args.images, args.out, args.k):
+    images = []
+    for path in args.images:
+        with Image.open(path) as img:
+            img.load()
+            images.append((path.stem, img))
+    for path in write_attention_pngs(args.model, images, args.out, args.k):
         print(path)
     return 0
 

@@ -150,6 +150,13 @@ class DatasetConfig(Section):
     # (dinomx.augmentations).
     augmentation: Literal["rgb", "gray", "ct", "he"] = "rgb"
     num_workers: int = 0
+    # Streaming from shards (dinomx.stream): shards each reader interleaves, and the samples it
+    # shuffles among. A shard is one slide or series, so several open at once mix slides; the
+    # buffer holds encoded tiles (about 1000 x 100 kB per reader at the defaults).
+    open_shards: int = Field(default=4, ge=1)
+    shuffle_buffer: int = Field(default=1000, ge=1)
+    # The image of a sample that trains (e.g. "10x.png"); empty: the one the shard index names.
+    shard_image: str = ""
 
 
 class DistillationConfig(Section):

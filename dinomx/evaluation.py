@@ -27,10 +27,12 @@ from sklearn.metrics import (
 )
 
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
+from dinomx.data import labelled_images
 from dinomx.embed import Embedder
 from dinomx.errors import DataError, MissingInput
-from dinomx.images import list_images, load_image
+from dinomx.images import load_image
 from dinomx.probes import RegressionProbe, SegmentationProbe, TaskHeads, dice
+from dinomx.shards import is_sharded
 
 
 @dataclass
@@ -52,8 +54,7 @@ class Evaluation:
 
 def _embed(embedder: Embedder, root: Path, with_patches: bool) -> tuple[Split, list[str]]:
     """The split's CLS embeddings and, for segmentation, its patch tokens, from one forward pass."""
-    paths, labels, classes = list_images(root)
-    images = [load_image(p, embedder.num_channels) for p in paths]
+    paths, images, labels, classes = labelled_images(root, embedder.num_channels)
     if with_patches:
         embeddings, patches = embedder.features(images)
         return Split(paths, np.asarray(labels), embeddings, patches), classes
@@ -106,6 +107,9 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
     """Fit on ``<data>/train``, score on ``<data>/val``; optional masks (segmentation) and a targets
     CSV (regression) add their probes and metrics."""
     data = Path(data)
+    if (masks or targets) and is_sharded(data / "train"):
+        raise DataError(f"{data}: segmentation masks and regression targets are read beside image folders; "
+                        "ingest with --layout folder to fit those heads")
     train, classes = _embed(embedder, data / "train", with_patches=bool(masks))
     val, val_classes = _embed(embedder, data / "val", with_patches=bool(masks))
     if val_classes != classes:

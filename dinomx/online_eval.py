@@ -18,22 +18,26 @@ from PIL import Image
 from dinomx.classifiers import KNNClassifier
 from dinomx.config import ConfigError
 from dinomx.images import list_images, load_image
+from dinomx.shards import is_sharded, labelled_sample, read_index
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _subset(root: Path, limit: int, seed: int) -> tuple[list[Path], list[str]]:
+def _subset(root: str | Path, limit: int, seed: int, num_channels: int) -> tuple[list[Image.Image], list[str]]:
+    """Up to ``limit`` labelled images of an image folder or a split of shards, and their class names."""
+    if is_sharded(root):
+        return labelled_sample(read_index(root), limit, seed, num_channels)
     paths, labels, classes = list_images(root)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return [paths[i] for i in order], [classes[labels[i]] for i in order]
+    return [load_image(paths[i], num_channels) for i in order], [classes[labels[i]] for i in order]
 
 
 class KNNMonitor:
     def __init__(self, train_root: str | Path, eval_root: str | Path, num_channels: int, size: int,
                  mean: tuple[float, ...], std: tuple[float, ...], max_images: int = 1000, k: int = 20,
                  seed: int = 0, batch_size: int = 256):
-        bank_paths, bank_names = _subset(Path(train_root), max_images, seed)
-        query_paths, query_names = _subset(Path(eval_root), max_images, seed + 1)
+        bank_images, bank_names = _subset(train_root, max_images, seed, num_channels)
+        query_images, query_names = _subset(eval_root, max_images, seed + 1, num_channels)
         classes = sorted(set(bank_names))
         unknown = sorted(set(query_names) - set(classes))
         if len(classes) < 2:
@@ -45,16 +49,15 @@ class KNNMonitor:
         self.size, self.num_channels = size, num_channels
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
-        self.bank_images = self._read(bank_paths)
-        self.query_images = self._read(query_paths)
+        self.bank_images = self._stack(bank_images)
+        self.query_images = self._stack(query_images)
         self.bank_labels = torch.tensor([classes.index(n) for n in bank_names])
         self.query_labels = torch.tensor([classes.index(n) for n in query_names])
 
-    def _read(self, paths: list[Path]) -> torch.Tensor:
+    def _stack(self, loaded: list[Image.Image]) -> torch.Tensor:
         mode = "RGB" if self.num_channels == 3 else "L"
         images = []
-        for path in paths:
-            img = load_image(path, self.num_channels)
+        for img in loaded:
             if img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)  # as the exported processor
             array = np.array(img.convert(mode), dtype=np.uint8)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from dinomx.augmentations import DataAugmentationDINO
@@ -49,9 +50,10 @@ class StreamSampler(Sampler):
 
 
 class CropDataset(Dataset):
-    """Multi-crop views (and iBOT masks of the global crops) of an image folder."""
+    """Multi-crop views (and iBOT masks of the global crops) of an image folder, or (``views``) of
+    images streamed from shards, which have neither label masks nor paired tiles here."""
 
-    def __init__(self, images: ImageFolderDataset, cfg: DinoMXConfig):
+    def __init__(self, images: ImageFolderDataset | None, cfg: DinoMXConfig):
         self.images = images
         self.augment = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, cfg.dataset.augmentation)
         self.seed = cfg.train.seed
@@ -73,8 +75,13 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, list[torch.Tensor]]:
         position, index = key
+        return self._views(self.images[index][0], position, index)
+
+    def views(self, img: Image.Image, position: int) -> dict[str, list[torch.Tensor]]:
+        return self._views(to_tensor(img), position, None)
+
+    def _views(self, img: torch.Tensor, position: int, index: int | None) -> dict[str, list[torch.Tensor]]:
         generator = torch.Generator().manual_seed(mix(self.seed, position))
-        img, _ = self.images[index]
         label_mask = None
         if self.masks is not None:
             label_mask = to_tensor(load_image(self.masks[index], num_channels=1))[0]

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,6 +37,8 @@ from dinomx.objective import SSLObjective, StepOutput
 from dinomx.online_eval import KNNMonitor
 from dinomx.sampling import CropDataset, StreamSampler
 from dinomx.schedules import Schedules
+from dinomx.shards import is_sharded, read_index
+from dinomx.stream import ShardOrder, ShardStream
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +141,7 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
     cfg = pretrained_student(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    batch_size, experts = cfg.train.batch_size, cfg.train.num_experts
-    per_step = batch_size * accelerator.num_processes
-    images = ImageFolderDataset(data_root, cfg.student.num_channels)
-    if len(images) < batch_size:
-        raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
+    experts = cfg.train.num_experts
     monitor = None
     if cfg.train.eval_every and eval_root is not None:
         monitor = KNNMonitor(data_root, eval_root, cfg.student.num_channels, cfg.crops.global_crops_size,
@@ -178,15 +176,7 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
         restore_optimizers(state, students, optimizers)
         logger.info("resumed from %s at iteration %d/%d", resume_from, start, cfg.total_steps)
 
-    loader = accelerator.prepare(DataLoader(
-        CropDataset(images, cfg),
-        batch_size=batch_size,
-        sampler=StreamSampler(len(images), start * per_step, cfg.total_steps * per_step, cfg.train.seed, experts, per_step),
-        collate_fn=collate_crops,
-        num_workers=cfg.dataset.num_workers,
-        worker_init_fn=ignore_stop_signals,
-        drop_last=True,
-    ))
+    loader = data_loader(cfg, data_root, accelerator, start)
     if not fsdp:  # FSDP modules are already distributed; DDP wraps the rest
         prepared = [accelerator.prepare(model, opt) for model, opt in zip(students, optimizers)]
         students, optimizers = [m for m, _ in prepared], [o for _, o in prepared]
@@ -194,6 +184,50 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
                objective=objective, frozen=frozen, loader=loader, schedules=Schedules.from_config(cfg), monitor=monitor,
                start=start, checkpoint=Path(cfg.train.output_dir) / CHECKPOINT_NAME, fsdp=fsdp,
                ema=[ema_pairs(teacher, accelerator.unwrap_model(model)) for model in students])
+
+
+def data_loader(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator, start: int):
+    """The batches of iterations ``start`` on: from an image folder through a seeded sampler, or
+    streamed from shards (``dinomx.stream``), each process reading its own."""
+    batch_size, per_step = cfg.train.batch_size, cfg.train.batch_size * accelerator.num_processes
+    loading = {"batch_size": batch_size, "collate_fn": collate_crops, "num_workers": cfg.dataset.num_workers,
+               "worker_init_fn": ignore_stop_signals}
+    if is_sharded(data_root):
+        shards = read_index(data_root)
+        shards.image = cfg.dataset.shard_image or shards.image
+        for key, used in (("train.num_experts", cfg.train.num_experts > 1), ("crops.label_masks_root", cfg.crops.label_masks_root),
+                          ("distillation.paired_root", cfg.distillation.paired_root)):
+            if used:
+                raise ConfigError(f"{key}: not available when streaming shards ({data_root}); ingest with "
+                                  "--layout folder to use it")
+        if shards.samples < batch_size:
+            raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({shards.samples} samples)")
+        order = ShardOrder(shards, cfg.train.seed, cfg.dataset.open_shards, cfg.dataset.shuffle_buffer)
+        stream = ShardStream(order, CropDataset(None, cfg).views, cfg.student.num_channels, batch_size, start,
+                             cfg.total_steps, accelerator.process_index, accelerator.num_processes)
+        # Not through accelerate, whose loaders for iterable data read on one process and dispatch.
+        return OnDevice(DataLoader(stream, **loading), accelerator.device)
+    images = ImageFolderDataset(data_root, cfg.student.num_channels)
+    if len(images) < batch_size:
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
+    sampler = StreamSampler(len(images), start * per_step, cfg.total_steps * per_step, cfg.train.seed,
+                            cfg.train.num_experts, per_step)
+    return accelerator.prepare(DataLoader(CropDataset(images, cfg), sampler=sampler, drop_last=True, **loading))
+
+
+@dataclass
+class OnDevice:
+    loader: DataLoader
+    device: torch.device
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        try:
+            for batch in batches:
+                yield send_to_device(batch, self.device)
+        finally:
+            # Workers end with the loop (see _train), not when the collector reaches the iterator.
+            getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def train_step(run: Run, it: int, batch) -> Step:

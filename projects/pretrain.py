@@ -19,13 +19,14 @@ import numpy as np
 from accelerate.utils import broadcast_object_list
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
+from PIL import Image
 
 from dinomx.attention import write_attention_pngs
 from dinomx.backbone import pretrained_student
 from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import DinoMXConfig
+from dinomx.data import labelled_images, split_classes
 from dinomx.errors import MissingInput
-from dinomx.images import list_images, load_image
 from dinomx.interrupt import Interrupted, exit_code, wants_requeue
 from dinomx.train import duration, make_accelerator, train
 from projects.tracking import (
@@ -54,14 +55,15 @@ def backbone_signature(num_channels: int, embed_dim: int) -> ModelSignature:
     )
 
 
-def one_image_per_class(paths: list[Path], labels: list[int]) -> list[Path]:
-    return [paths[labels.index(label)] for label in sorted(set(labels))]
-
-
-def example_images(paths: list[Path], num_channels: int) -> np.ndarray:
+def example_images(data: Path, num_channels: int) -> np.ndarray:
     """Two real training images as the model's input example, (2, H, W, C) uint8."""
-    arrays = [np.asarray(load_image(p, num_channels)) for p in paths[:2]]
+    arrays = [np.asarray(image) for image in labelled_images(data, num_channels, limit=2)[1]]
     return np.stack([a if a.ndim == 3 else a[..., None] for a in arrays])
+
+
+def one_image_per_class(data: Path, num_channels: int) -> list[tuple[str, Image.Image]]:
+    names, images, _, _ = labelled_images(data, num_channels, first_of_each_class=True)
+    return [(Path(name).stem, image) for name, image in zip(names, images)]
 
 
 def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:
@@ -80,12 +82,13 @@ def eval_split(data: str, eval_data: str) -> Path | None:
     """The labelled split for online kNN: as given, else the ``val`` beside a ``train`` folder."""
     if eval_data:
         if not Path(eval_data).is_dir():
-            raise MissingInput(f"eval_data: {eval_data} is not a directory (expected <root>/<class>/<image>)")
+            raise MissingInput(f"eval_data: {eval_data} is not a directory (expected <root>/<class>/<image>, or a "
+                               "split of shards)")
         return Path(eval_data)
     sibling = Path(data).parent / "val"
     if Path(data).name != "train" or not sibling.is_dir():
         return None
-    train_classes, val_classes = set(list_images(data)[2]), set(list_images(sibling)[2])
+    train_classes, val_classes = set(split_classes(data)), set(split_classes(sibling))
     if len(train_classes) < 2 or not val_classes <= train_classes:
         logging.getLogger(__name__).warning("no online kNN: %s is not labelled like %s (class folders)", sibling, data)
         return None
@@ -129,7 +132,6 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         return None
 
     commit, dirty = project_code_version()
-    paths, labels, _ = list_images(dataset.path)
     owner = checkpoint_run(resume_from) if resume_from else None
     entry_point = "distill" if cfg.distillation.teachers else "pretrain"
     teachers = f" distilled from {', '.join(cfg.distillation.teachers)}" if cfg.distillation.teachers else ""
@@ -187,7 +189,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         record_learning(run_id, description)
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:
-            write_attention_pngs(result.backbone_dir, one_image_per_class(paths, labels), tmp)
+            write_attention_pngs(result.backbone_dir, one_image_per_class(dataset.path, cfg.student.num_channels), tmp)
             mlflow.log_artifacts(tmp, "attention")
 
         lineage = build_lineage("backbone", cfg.student.pretrained, dataset, report_uri, cfg.sha256(),
@@ -198,7 +200,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             {BACKBONE_ARTIFACT: str(result.backbone_dir)},
             lineage,
             backbone_signature(cfg.student.num_channels, cfg.student.hidden_size),
-            example_images(paths, cfg.student.num_channels),
+            example_images(dataset.path, cfg.student.num_channels),
         )
     print(f"registered models:/{version.name}/{version.version} from run {run_id}")
     accelerator.wait_for_everyone()

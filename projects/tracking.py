@@ -17,6 +17,7 @@ from data.report import ValidationReport
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from dinomx.errors import UserError, one_line, run_command
 from dinomx.online_eval import learning_verdict
+from dinomx.shards import is_sharded, read_index
 from registry.lineage import Lineage, code_version
 from registry.mlflow_service import MlflowService, Outcome, Tag
 
@@ -33,6 +34,14 @@ class TrainingData:
     version: DatasetVersion
     report: ValidationReport
     report_path: Path
+
+    @property
+    def shards(self) -> str:
+        """"N shards, M tiles" of a split of shards; empty for an image folder."""
+        if not is_sharded(self.path):
+            return ""
+        index = read_index(self.path)
+        return f"{len(index.shards)} shards, {index.samples} tiles"
 
 
 def training_data(path: str | Path, report_path: str | Path, skip_gate: bool = False) -> TrainingData:
@@ -68,10 +77,12 @@ def log_training_data(data: TrainingData, context: str) -> str:
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         resolved = resolve_dataset_source(source)
     dataset = MetaDataset(source=resolved, name=data.version.path, digest=data.version.digest)
+    shards = {Tag.DATA_SHARDS: data.shards} if data.shards else {}
     mlflow.log_input(
         dataset,
         context=context,
-        tags={Tag.DVC_MD5: data.version.md5, Tag.DVC_SOURCE: data.version.source, Tag.DVC_PATH: data.version.tracked_path},
+        tags={Tag.DVC_MD5: data.version.md5, Tag.DVC_SOURCE: data.version.source, Tag.DVC_PATH: data.version.tracked_path,
+              **shards},
     )
     mlflow.log_artifact(str(data.report_path), VALIDATION_ARTIFACT_DIR)
     mlflow.set_tags({
@@ -81,6 +92,7 @@ def log_training_data(data: TrainingData, context: str) -> str:
         Tag.VALIDATION_SUCCESS: str(data.report.success).lower(),
         Tag.VALIDATION_GATE: "passed" if data.report.success else "skipped",
         **({Tag.DATA_INPUTS: data.report.inputs_line()} if data.report.ingest else {}),
+        **shards,
     })
     return f"{mlflow.get_artifact_uri(VALIDATION_ARTIFACT_DIR)}/{data.report_path.name}"
 
@@ -110,6 +122,7 @@ def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, c
         config_sha256=config_sha256,
         teachers=teachers,
         data_inputs=data.report.inputs_line(),
+        data_shards=data.shards,
     )
 
 

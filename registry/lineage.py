@@ -77,6 +77,8 @@ class Lineage:
     # What ingestion built the data from (ValidationReport.inputs_line): a reviewer sees inputs
     # that were quarantined.
     data_inputs: str = ""
+    # "N shards, M tiles" when the data was a split of shards.
+    data_shards: str = ""
 
     def tags(self) -> dict[str, str]:
         return {PREFIX + k: _tag_value(v) for k, v in asdict(self).items()}
@@ -193,7 +195,8 @@ def format_chain(chain: list[dict]) -> str:
             f"{pad}{'└─ ' if depth else ''}{entry['model']}{aliases} ({entry['kind']})",
             f"{pad}   run {entry['source_run_id']}  code {entry['git_commit'][:12]}{' (dirty)' if entry['git_dirty'] else ''}"
             f"  config sha256 {entry['config_sha256'][:12]}",
-            f"{pad}   data {entry['data_path']} md5 {entry['data_md5']} ({entry['data_source']}, remote {entry['data_remote']})",
+            f"{pad}   data {entry['data_path']} md5 {entry['data_md5']} ({entry['data_source']}, remote {entry['data_remote']})"
+            + (f", {entry['data_shards']}" if entry.get("data_shards") else ""),
             f"{pad}   validation {entry['validation_suite']} {'PASSED' if entry['validation_success'] else 'FAILED'}"
             f"  report {entry['validation_report']}",
         ]
@@ -227,7 +230,8 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
             f"**{step}** ({entry['kind']}, run `{entry['source_run_id']}`)",
             "",
             f"- data: `{entry['data_path']}`, DVC md5 `{entry['data_md5']}` ({entry['data_source']}"
-            + (f", remote `{entry['data_remote']}`" if entry["data_remote"] else "") + ")",
+            + (f", remote `{entry['data_remote']}`" if entry["data_remote"] else "")
+            + (f", {entry['data_shards']}" if entry.get("data_shards") else "") + ")",
             f"- validation: {entry['validation_suite']} **{'passed' if entry['validation_success'] else 'FAILED'}**"
             f" ([report]({report_link(entry)}))" + (f"; built from {entry['data_inputs']}" if entry["data_inputs"] else ""),
             f"- code: `{entry['git_commit'][:12]}`{dirty}; config sha256 `{entry['config_sha256'][:12]}`",

@@ -68,6 +68,8 @@ class Tag:
     DATA_MD5 = "data.dvc_md5"
     # "N inputs: U used, S skipped, Q quarantined": what ingestion built the data from.
     DATA_INPUTS = "data.inputs"
+    # "N shards, M tiles" when the data is a split of shards.
+    DATA_SHARDS = "data.shards"
     VALIDATION_SUITE = "data.validation.suite"
     VALIDATION_SUCCESS = "data.validation.success"
     # "passed", or "skipped" when a run trained on data that failed (--skip-validation-gate).

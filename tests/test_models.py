@@ -86,6 +86,7 @@ def test_cls_attention_per_head_and_pngs(tmp_path, tiles, arch):
     assert torch.allclose(maps.flatten(2).sum(-1), torch.ones(2, 2), atol=0.2)  # CLS row minus its self-attention
     cfg = tiny_config()
     backbone.save_pretrained(tmp_path / "model", cfg.dataset, 32)
-    written = write_attention_pngs(tmp_path / "model", [next((tiles / "val/glands").iterdir())], tmp_path / "png", scale=2)
+    first = next((tiles / "val/glands").iterdir())
+    written = write_attention_pngs(tmp_path / "model", [(first.stem, Image.open(first))], tmp_path / "png", scale=2)
     assert [p.name for p in written] == ["glands_0000_heads.png", "glands_0000_pca.png"]
     assert Image.open(written[0]).size == (64 * 3, 64)  # input + one panel per head

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pydicom
 import pytest
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from data.dataset import DatasetError, IngestParams, add_dataset, pipeline
 from data.validate import ValidationReport
 from data.versioning import dataset_version
+from dinomx.shards import read_index
 from projects.tracking import DataNotValidatedError, log_training_data, training_data
 from scripts.demo import free_port
 from tests.conftest import BUCKET
@@ -49,13 +52,15 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
 
     run = _dvc(repo, "repro", "data/chest-ct/dvc.yaml")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(list((folder / "tiles/slices/train/chest").glob("*.png"))) == 3
+    train = folder / "tiles/shards/train"
+    # One shard per series: the single slice, and the two frames of the enhanced CT.
+    assert sorted(s.samples for s in read_index(train).shards) == [1, 2]
     report = ValidationReport.read(folder / "validation/report.json")
-    assert report.success and report.suite == "ct_slices"
-    assert report.data_docs == "data/gx/uncommitted/data_docs/local_site/index.html"
+    assert report.success and report.suite == "ct_slices" and report.rows == 3
+    assert report.shards == {"shards": 2, "checked": 2, "cached": 0}
 
     # The exact version a run names: the md5 of the ingest stage's output in dvc.lock.
-    version = dataset_version(folder / "tiles/slices/train")
+    version = dataset_version(train)
     lock = yaml.safe_load((folder / "dvc.lock").read_text())
     assert version.md5 == lock["stages"]["ingest"]["outs"][0]["md5"]
     assert version.source == "data/chest-ct/dvc.lock:ingest"
@@ -70,11 +75,11 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     assert f"dvc-store/files/md5/{version.digest[:2]}/{version.digest[2:]}.dir" in keys
     shutil.rmtree(folder / "tiles")
     assert _dvc(repo, "pull", "data/chest-ct/dvc.yaml").returncode == 0
-    assert len(list((folder / "tiles/slices/train/chest").glob("*.png"))) == 3
+    assert read_index(train).samples == 3 and len(list(train.glob("*.tar"))) == 2
 
     # Training refers to that version and its validation; the report is logged to MLflow.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    data = training_data(folder / "tiles/slices/train", folder / "validation/report.json")
+    data = training_data(train, folder / "validation/report.json")
     with mlflow.start_run() as active:
         report_uri = log_training_data(data, context="training")
     logged = mlflow.get_run(active.info.run_id)
@@ -84,12 +89,23 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     assert logged.data.tags["data.validation.suite"] == "ct_slices"
     # What the data was built from reaches the run, and so the lineage a reviewer reads.
     assert logged.data.tags["data.inputs"] == "2 inputs: 2 used, 0 skipped, 0 quarantined"
+    assert logged.data.tags["data.shards"] == "2 shards, 3 tiles"
+    assert {t.key: t.value for t in dataset_input.tags}["data.shards"] == "2 shards, 3 tiles"
 
-    # New data under the prefix: `dvc update` moves the pinned version and the pipeline rebuilds.
-    s3.upload_file(get_testdata_file("CT_small.dcm"), BUCKET, f"{prefix}/chest/ct_small_again.dcm")
+    # A new series under the prefix: `dvc update` moves the pinned version, and the pipeline
+    # tiles and checks that series alone (the others keep their shard files and checks).
+    before = {p.name: p.stat().st_ino for p in train.glob("*.tar")}
+    another = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    another.SOPInstanceUID, another.SeriesInstanceUID = generate_uid(), generate_uid()
+    another.save_as(tmp_path / "another.dcm")
+    s3.upload_file(str(tmp_path / "another.dcm"), BUCKET, f"{prefix}/chest/another.dcm")
     assert _dvc(repo, "update", "data/chest-ct/raw.dvc").returncode == 0
-    assert _dvc(repo, "repro", "data/chest-ct/dvc.yaml").returncode == 0
-    assert dataset_version(folder / "tiles/slices/train").md5 != version.md5
+    rebuilt = _dvc(repo, "repro", "data/chest-ct/dvc.yaml")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    after = {p.name: p.stat().st_ino for p in train.glob("*.tar")}
+    assert {name: after[name] for name in before} == before and len(after) == 3
+    assert ValidationReport.read(folder / "validation/report.json").shards == {"shards": 3, "checked": 1, "cached": 2}
+    assert dataset_version(train).md5 != version.md5
 
 
 def test_mr_under_a_ct_prefix_stops_the_pipeline_and_writes_nothing(s3, s3_endpoint, repo):
@@ -112,7 +128,13 @@ def test_dataset_names_and_pipelines_are_checked(repo):
     stages = pipeline(IngestParams("he", magnifications=(20.0, 5.0), tile_size=112))["stages"]
     assert stages["ingest"]["cmd"].startswith("python -m data.ingest he --raw raw --out tiles --magnifications 20 5 ")
     assert "--suite he_tiles --tile-size 112 --magnifications 20 5 --min-tissue 0.5" in stages["validate"]["cmd"]
-    assert IngestParams("he", magnifications=(20.0, 5.0)).images == "tiles/20x"
+    # Slides and series are sharded unless told otherwise; their shards stay when an unchanged
+    # slide is ingested again, so DVC must not delete the output before the stage runs.
+    assert IngestParams("he").images == "tiles/shards" and stages["ingest"]["outs"] == [{"tiles": {"persist": True}}]
+    assert IngestParams("he", magnifications=(20.0, 5.0), layout="folder").images == "tiles/20x"
+    assert pipeline(IngestParams("rgb"))["stages"]["ingest"]["outs"] == ["tiles"]
+    with pytest.raises(ValueError, match="layout: shards are written for slides and CT series"):
+        IngestParams("rgb", layout="shards")
 
 
 def test_a_missing_prefix_is_one_clear_error_and_leaves_nothing_behind(s3, s3_endpoint, repo):

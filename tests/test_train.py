@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from PIL import Image
 from transformers import AutoModel
 
+from data.shards import pack_folder
 from dinomx.backbone import Backbone
 from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import DatasetConfig, StudentConfig
@@ -188,9 +189,14 @@ def test_unknown_lora_target_names_the_key(tmp_path):
 @pytest.mark.slow  # two torchrun processes
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_two_process_cpu_run_saves_one_backbone(tiles, tmp_path, kind):
+    """DDP reads shards (each process its own, two DataLoader workers each), FSDP the folder."""
     cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4}, distribution={"type": kind},
-                      lora_config={"enabled": kind == "fsdp"})
-    run = subprocess.run(_torchrun(tmp_path, cfg, "--data", str(tiles / "train")), capture_output=True, text=True,
+                      lora_config={"enabled": kind == "fsdp"}, dataset={"num_workers": 2 if kind == "ddp" else 0})
+    data = tiles / "train"
+    if kind == "ddp":
+        data = tmp_path / "shards"
+        assert len(pack_folder(tiles / "train", data, max_bytes=4 << 10).shards) >= 4
+    run = subprocess.run(_torchrun(tmp_path, cfg, "--data", str(data)), capture_output=True, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     log = run.stdout + run.stderr

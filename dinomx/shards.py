@@ -1,0 +1,180 @@
+"""Tile datasets as shards: WebDataset-style tar files, read sequentially from a folder or a URL.
+
+A shard holds whole samples, each a run of consecutive members named ``<key>.<component>``: the
+images of one place (``20x.png``, ``10x.png`` for the magnifications of a slide tile, ``png`` for
+a CT slice, ``mask.png`` for its annotation mask) and ``json``, one metadata row per image
+component (source slide or series, case/patient, split, label, magnification, coordinates, ...).
+Keys hold no dot, so the component is everything after the first one, as WebDataset reads it.
+
+A split of a dataset is a folder (or URL prefix) of shards with an index, ``shards.json``: the
+shards with their sample counts, bytes and md5, the class names, and the image component that
+trains. Tar because it is read front to back in large requests (one GET per shard from an object
+store), needs no library to write or inspect (``tar tf``), and is what WebDataset, the streaming
+loaders of large vision pretraining, read. Nothing here loads torch: the data side writes and
+validates shards with it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dinomx.errors import DataError, MissingInput
+
+INDEX = "shards.json"
+FORMAT = "vision-foundry-shards/1"
+METADATA = "json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # file name in the split's folder
+    samples: int
+    bytes: int
+    md5: str
+    labels: tuple[str, ...] = ()
+    # What made it (a slide or series with its file sizes and times, and the ingestion options):
+    # an unchanged unit keeps its shards when the dataset is ingested again.
+    unit: str = ""
+    source: str = ""  # the unit's input, relative to the raw folder
+    images: int = 0  # image files (a sample holds one per magnification)
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split and where they are (a local folder, or a URL prefix)."""
+
+    root: str
+    shards: list[Shard]
+    classes: list[str]
+    image: str  # the component that trains, e.g. "20x.png"
+    components: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def url(self, shard: Shard) -> str:
+        return f"{self.root.rstrip('/')}/{shard.name}"
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "image": self.image, "components": self.components,
+                           "classes": self.classes, "shards": [asdict(s) for s in self.shards]}, indent=1)
+
+
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def is_sharded(location: str | Path) -> bool:
+    """A split given as a URL is read as shards (only shards stream); a local folder is one when
+    it holds an index."""
+    return is_url(location) or (Path(location) / INDEX).is_file()
+
+
+def open_stream(url: str | Path, block_size: int = 8 << 20):
+    """A binary file at a local path or any URL fsspec reads (``s3://`` through the endpoint and
+    credentials of the environment: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...)."""
+    if not is_url(url):
+        return open(url, "rb")
+    from fsspec.core import url_to_fs  # only for URLs: a local dataset needs no filesystem layer
+
+    fs, path = url_to_fs(str(url))
+    return fs.open(path, "rb", block_size=block_size)
+
+
+def read_index(location: str | Path) -> ShardSet:
+    """The index of a split of shards at a folder or URL prefix."""
+    where = f"{str(location).rstrip('/')}/{INDEX}"
+    try:
+        with open_stream(where) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise MissingInput(f"{location}: no {INDEX} (expected a split of a sharded dataset, e.g. tiles/shards/train)") from None
+    except ValueError as exc:
+        raise DataError(f"{where}: not a shard index ({exc})") from None
+    if raw.get("format") != FORMAT:
+        raise DataError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
+    shards = [Shard(**{**s, "labels": tuple(s.get("labels", ()))}) for s in raw["shards"]]
+    if not shards:
+        raise DataError(f"{where}: lists no shards")
+    return ShardSet(str(location), shards, list(raw["classes"]), raw["image"], list(raw.get("components", [])))
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, component) of a member name."""
+    key, dot, component = name.partition(".")
+    if not dot:
+        raise DataError(f"tar member {name!r}: expected <key>.<component>")
+    return key, component
+
+
+def samples(stream, source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {component: bytes}) of each sample of a tar stream, in order, reading it once front
+    to back."""
+    key, parts = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name_key, component = split_member(member.name)
+                if name_key != key and key is not None:
+                    yield key, parts
+                    parts = {}
+                key = name_key
+                parts[component] = tar.extractfile(member).read()
+    except tarfile.TarError as exc:
+        raise DataError(f"{source}: not a readable shard ({exc})") from None
+    if key is not None:
+        yield key, parts
+
+
+def read_shard(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    try:
+        stream = open_stream(url)
+    except FileNotFoundError:
+        raise MissingInput(f"{url}: shard not found (its index lists it)") from None
+    with stream:
+        yield from samples(stream, str(url))
+
+
+def metadata(parts: dict[str, bytes]) -> dict[str, dict]:
+    """The sample's metadata rows, by image component."""
+    return json.loads(parts[METADATA]) if METADATA in parts else {}
+
+
+def label_of(parts: dict[str, bytes], image: str) -> str | None:
+    return metadata(parts).get(image, {}).get("label")
+
+
+def labelled_sample(shards: ShardSet, limit: int, seed: int, num_channels: int) -> tuple[list, list[str]]:
+    """Up to ``limit`` images of a split and their labels, read front to back from shards in a
+    seeded order, at most an eighth of them from any one shard (a shard is one slide or series)."""
+    from dinomx.images import to_model_mode
+
+    order = list(range(len(shards.shards)))
+    random.Random(seed).shuffle(order)
+    per_shard = max(1, -(-limit // min(8, len(order))))
+    images, labels = [], []
+    for j in order:
+        for taken, (_, parts) in enumerate(read_shard(shards.url(shards.shards[j]))):
+            if len(images) >= limit or taken >= per_shard:
+                break
+            images.append(to_model_mode(decode(parts[shards.image]), num_channels))
+            labels.append(label_of(parts, shards.image))
+        if len(images) >= limit:
+            break
+    return images, labels
+
+
+def decode(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
