@@ -147,7 +147,7 @@ def main() -> None:
     results: dict[int, dict[str, dict[str, list[tuple[float, float]]]]] = {}
     try:
         for size in args.sizes:
-            tiles = work / f"tiles-{size}"
+            tiles = work / f"tiles-{size}" / "train"
             generate(tiles, size)
             results[size] = {"files": {}, "shards": {}}
             for round_ in range(args.rounds):
@@ -157,7 +157,7 @@ def main() -> None:
                         results[size][variant].setdefault(step, []).append(figures)
                 print(f"N={size:,} round {round_ + 1}: " + ", ".join(
                     f"{v} {results[size][v]['dvc add'][-1][0]:.1f}s dvc add" for v in ("files", "shards")), flush=True)
-            shutil.rmtree(tiles)
+            shutil.rmtree(tiles.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, args.rounds)
@@ -192,10 +192,9 @@ def report(results: dict, rounds: int) -> None:
         for variant in ("files", "shards"):
             a = [statistics.median(s for s, _ in results[n][variant][step]) for n in (small, large)]
             m = [max(x for _, x in results[n][variant][step]) for n in (small, large)]
-            if step.startswith("add"):  # the cost of adding 1k tiles to a dataset of N
-                seconds = a[1] + (a[1] - a[0]) / (large - small) * (TEN_MILLION - large)
-            else:
-                seconds = a[1] / large * TEN_MILLION if a[1] > a[0] else a[1]
+            # What grows with N grows at the slope between the two sizes; the rest is fixed cost.
+            # For "add 1k" N is the size of the dataset the thousand tiles join.
+            seconds = a[1] + max(0.0, (a[1] - a[0]) / (large - small)) * (TEN_MILLION - large)
             memory = m[1] + max(0.0, (m[1] - m[0]) / (large - small)) * (TEN_MILLION - large)
             line += f"  {variant} {seconds / 60:>8.1f} min {memory / 1024:>6.1f} GiB"
         print(line)

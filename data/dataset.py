@@ -24,6 +24,7 @@ import yaml
 from dvc.repo import Repo
 
 from data.params import MODALITIES, IngestParams
+from data.shards import inputs_memo
 from data.versioning import find_repo_root
 from dinomx.errors import MissingInput, UserError, one_line, run_command
 
@@ -96,6 +97,9 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
         shutil.copy(params.cases, folder / CASES)
         params = replace(params, cases=CASES)
     (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline(params), sort_keys=False))
+    if params.sharded:  # this machine's memory of the inputs' md5, not the dataset's
+        with open(folder / ".gitignore", "a") as ignore:
+            ignore.write(f"/{inputs_memo(Path('tiles')).name}\n")
     return folder
 
 

@@ -64,7 +64,7 @@ from data.inputs import (
 )
 from data.metadata import BLANK_STD, MANIFEST
 from data.params import MODALITIES, ON_ERROR, IngestParams
-from data.shards import SHARDS, Md5Memo, Sample, ShardWriter, png_bytes
+from data.shards import SHARDS, Md5Memo, Sample, ShardWriter, inputs_memo, png_bytes
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.errors import DataError, UserError, run_command
 from dinomx.images import IMAGE_SUFFIXES, stain_means, to_model_mode
@@ -520,7 +520,7 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
         writer, rows, shards, used_units = _Staging(staging), [], [], []
         fingerprints = [""] * len(units)
         if layout and fingerprint_of:
-            memo = input_hashes(out)
+            memo = Md5Memo(inputs_memo(out))
             fingerprints = [fingerprint_of(memo, u) for u in units]
             memo.save()
         kept = _previous_shards(out) if layout else {}
@@ -626,10 +626,7 @@ def _fingerprint(memo: Md5Memo, raw: Path, files: list[str | Path], *settings) -
     return hashlib.sha256(json.dumps([contents, [repr(s) for s in settings]]).encode()).hexdigest()[:32]
 
 
-def input_hashes(out: Path) -> Md5Memo:
-    """The md5 of the inputs a dataset at ``out`` was built from, kept beside it (not in it: the
-    dataset's own bytes do not change with where and when its inputs were copied)."""
-    return Md5Memo(out.with_name(f".{out.name}.inputs-md5.json"))
+
 
 
 def _resolve(raw: str | Path, out: str | Path) -> tuple[Path, Path]:

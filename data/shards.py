@@ -84,6 +84,12 @@ class Md5Memo:
         os.replace(partial, self.path)
 
 
+def inputs_memo(out: Path) -> Path:
+    """Where ingestion remembers the md5 of the inputs of the dataset at ``out``: beside it, not in
+    it (the dataset's bytes do not change with where and when its inputs were copied)."""
+    return out.with_name(f".{out.name}.inputs-md5.json")
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

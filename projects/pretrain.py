@@ -62,8 +62,9 @@ def example_images(data: Path, num_channels: int) -> np.ndarray:
 
 
 def one_image_per_class(data: Path, num_channels: int) -> list[tuple[str, Image.Image]]:
-    names, images, _, _ = labelled_images(data, num_channels, first_of_each_class=True)
-    return [(Path(name).stem, image) for name, image in zip(names, images)]
+    """The first training image of each class, named by its class."""
+    _, images, labels, classes = labelled_images(data, num_channels, first_of_each_class=True)
+    return [(classes[label], image) for label, image in zip(labels, images)]
 
 
 def resolve_teachers(cfg: DinoMXConfig) -> DinoMXConfig:

@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 from PIL import Image
 from werkzeug.serving import make_server
 
+from data.report import Failure, ValidationReport
+from data.shards import pack_folder
 from portal.app import Settings, create_app
 from portal.db import Group, Job, ModelFamily, SignInFailures, User, db
 from tests.conftest import BUCKET, REPO
@@ -21,13 +23,25 @@ PASSWORD = "correct horse"
 EVALUATED = {"knn.accuracy": 0.9, "linear.accuracy": 0.9, "random_init.knn.accuracy": 0.5}
 
 
+@pytest.fixture(scope="module")
+def project(tiles, tmp_path_factory) -> Path:
+    """The project jobs run in: the repository's configs, and the demo dataset where the README
+    puts it, built and validated."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "configs").symlink_to(REPO / "configs")
+    (root / "data" / "demo").mkdir(parents=True)
+    (root / "data" / "demo" / "images").symlink_to(tiles)
+    ValidationReport("image_tiles_rgb", "data/demo/images", True, 64, 12).write(root / "data/demo/validation/report.json")
+    return root
+
+
 @pytest.fixture()
-def app(tmp_path, s3, s3_endpoint, monkeypatch):
+def app(tmp_path, s3, s3_endpoint, monkeypatch, project):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="test", bucket=BUCKET,
                         s3_endpoint_url=s3_endpoint, presign_expires_s=120, tracking_uri=tracking,
-                        mlflow_ui_url="http://mlflow.test", project_dir=REPO, run_jobs=False)
+                        mlflow_ui_url="http://mlflow.test", project_dir=project, run_jobs=False)
     app = create_app(settings)
     with app.app_context():
         users = {name: User(username=name, is_admin=name == "ana", can_promote=name == "dan")
@@ -148,6 +162,31 @@ def test_dataset_names_and_prefixes_fit_their_columns(app):
                         ({"name": "deep", "prefix": "/".join(["segment"] * 70)}, "prefix")]:
         response = admin.post("/api/datasets", json=body)
         assert response.status_code == 400 and response.json["error"].startswith(f"{field}:"), response.json
+
+
+def test_a_dataset_is_registered_only_with_data_that_exists_and_passed_validation(app, project):
+    admin = signed_in(app, "ana")
+    report = "data/demo/validation/report.json"
+    failed = ValidationReport("image_tiles_rgb", "data/demo/images", False, 64, 12, failures=[
+        Failure("expect_column_values_to_be_between", "pixel_std", 2, ["a.png", "b.png"])])
+    failed.write(project / "data/demo/validation/failed.json")
+    for fields, field, error in (
+        ({"train_path": "data/nowhere/train", "validation_report": report}, "train_path",
+         f"{project}/data/nowhere/train: dataset directory not found"),
+        ({"train_path": "data/demo/images/train"}, "train_path", "data/demo/images/train needs its validation_report"),
+        ({"train_path": "data/demo/images/train", "validation_report": "data/demo/validation/none.json"},
+         "validation_report", "data/demo/validation/none.json is not a readable report"),
+        ({"train_path": "data/demo/images/train", "validation_report": "data/demo/validation/failed.json"},
+         "validation_report", "says the data failed (expect_column_values_to_be_between(pixel_std))"),
+        ({"validation_report": report}, "train_path", "a validation report belongs to a training path"),
+    ):
+        response = admin.post("/api/datasets", json={"name": "colon", "prefix": "datasets/colon", **fields})
+        message = response.json["error"]
+        assert response.status_code == 400 and message.startswith(f"{field}: ") and error in message, message
+    assert admin.post("/api/datasets", json={"name": "colon", "prefix": "datasets/colon"}).status_code == 201
+    # A split of shards is a training path like a folder.
+    pack_folder(project / "data/demo/images/train", project / "data/shards/train", max_bytes=8 << 10)
+    assert make_dataset(admin, "sharded", "datasets/sharded", train_path="data/shards/train", validation_report=report)
 
 
 def test_dataset_prefixes_cannot_nest(app):

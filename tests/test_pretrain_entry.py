@@ -5,6 +5,8 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
+from data.shards import pack_folder
+from data.validate import validate_dataset
 from projects.pretrain import eval_split
 from tests.conftest import tiny_overrides
 
@@ -28,13 +30,31 @@ def test_a_val_split_unlike_the_training_classes_is_not_guessed(tiles, tmp_path)
     assert eval_split(str(tmp_path / "train"), "") is None  # one class: nothing to classify
 
 
+def _sharded_demo(checkout, root):
+    """The demo tiles packed into shards, validated and versioned in a DVC repository of their own."""
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True)
+    dataset = root / "data" / "sharded"
+    for split in ("train", "val"):
+        pack_folder(checkout / "data/demo/images" / split, dataset / "shards" / split, max_bytes=64 << 10)
+    report, _ = validate_dataset(dataset, "image_tiles_rgb", {"tile_size": 32}, root / "gx")
+    assert report.success and report.shards["checked"] > 4
+    report.write(dataset / "validation" / "report.json")
+    subprocess.run(["dvc", "add", "-q", "data/sharded/shards"], cwd=root, check=True)
+    return dataset / "shards" / "train", dataset / "validation" / "report.json"
+
+
 def test_a_stopped_local_run_resumes_in_the_same_mlflow_run(validated_checkout, tmp_path):
-    """Two processes (torchrun) stopped by SIGTERM mid-run; `resume_from` continues that MLflow run."""
+    """Two processes (torchrun) stopped by SIGTERM mid-run, streaming shards; `resume_from`
+    continues that MLflow run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     overrides = tiny_overrides(epochs=1, steps_per_epoch=10, log_every=1)
+    (tmp_path / "data").mkdir()
+    train, report = _sharded_demo(validated_checkout, tmp_path / "data")
     launch = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "resume", "-e", "pretrain",
-              "-P", "name=resumed", "-P", f"overrides={overrides}"]
+              "-P", "name=resumed", "-P", f"overrides={overrides}", "-P", f"data={train}",
+              "-P", f"validation_report={report}"]
     first = subprocess.Popen([*launch, "-P", "processes=2"], cwd=validated_checkout, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
@@ -60,6 +80,8 @@ def test_a_stopped_local_run_resumes_in_the_same_mlflow_run(validated_checkout, 
     launcher = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
     assert [r.data.tags["vf.continued_in"] for r in launcher] == [run.info.run_id]
     assert client.get_model_version("resumed-backbone", "1").run_id == run.info.run_id
+    assert run.data.tags["data.shards"].endswith(" shards, 400 tiles")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "attention")} >= {"attention/glands_pca.png"}
 
 
 def test_a_user_error_after_the_run_started_is_one_line_and_fails_the_run(validated_checkout, tmp_path):

@@ -1,12 +1,18 @@
 """Datasets: S3 prefixes with per-user and per-group grants, and presigned one-object transfers."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from flask import Blueprint, abort, redirect, request, url_for
 from flask_login import current_user, login_required
 
+from dinomx.errors import UserError
+from dinomx.images import list_images
+from dinomx.shards import is_sharded, read_index
 from portal.access import AccessDenied, BadPath, clean_prefix, level_of, object_key, visible_datasets
 from portal.db import LEVELS, Dataset, Grant, Group, User, db
-from portal.web import ID, answer, audit, dataset_for, payload, storage, text, wants_json
+from portal.web import ID, answer, audit, dataset_for, payload, settings, storage, text, wants_json
 
 bp = Blueprint("datasets", __name__)
 
@@ -24,9 +30,10 @@ def datasets():
             raise BadPath(f"name: expected 1 to 64 printable characters, got {name[:80]!r}")
         if db.session.scalar(db.select(Dataset).where(Dataset.name == name)):
             raise BadPath(f"name: {name!r} is taken")
+        train_path, report = text(data, "train_path")[:512] or None, text(data, "validation_report")[:512] or None
+        check_training_data(settings().project_dir, train_path, report)
         dataset = Dataset(name=name, prefix=clean_prefix(text(data, "prefix")), created_by=current_user.username,
-                          train_path=text(data, "train_path")[:512] or None,
-                          validation_report=text(data, "validation_report")[:512] or None)
+                          train_path=train_path, validation_report=report)
         db.session.add(dataset)
         db.session.commit()
         audit("dataset.create", dataset.name, prefix=dataset.prefix)
@@ -35,6 +42,31 @@ def datasets():
     rows = visible_datasets(current_user)
     return answer([{"id": d.id, "name": d.name, "prefix": d.prefix, "level": level} for d, level in rows],
                   "datasets.html", rows=rows)
+
+
+def check_training_data(project: Path, train_path: str | None, report: str | None) -> None:
+    """What jobs will train on exists where they run (paths relative to the project) and passed
+    its validation: found out now, not when the first job fails."""
+    if report and not train_path:
+        raise BadPath("train_path: a validation report belongs to a training path; give both")
+    if not train_path:
+        return
+    data = project / train_path
+    try:
+        read_index(data) if is_sharded(data) else list_images(data)
+    except UserError as exc:
+        raise BadPath(f"train_path: {exc}") from None
+    if not report:
+        raise BadPath(f"train_path: {train_path} needs its validation_report (validation/report.json beside the "
+                      "dataset); nothing trains on unvalidated data")
+    try:
+        verdict = json.loads((project / report).read_text())
+    except (OSError, ValueError) as exc:
+        raise BadPath(f"validation_report: {report} is not a readable report ({type(exc).__name__}); run "
+                      "`dvc repro` (stage validate)") from None
+    if verdict.get("success") is not True:
+        failures = ", ".join(f"{f.get('expectation')}({f.get('column') or 'table'})" for f in verdict.get("failures", [])[:3])
+        raise BadPath(f"validation_report: {report} says the data failed ({failures or 'no detail'}); fix the data first")
 
 
 @bp.get(f"/datasets/<{ID}:dataset_id>")
