@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from dinomx.errors import DataError, MissingInput
 INDEX = "shards.json"
 FORMAT = "vision-foundry-shards/1"
 METADATA = "json"
+SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.=+-]*\.tar")
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,23 @@ def read_index(location: str | Path) -> ShardSet:
         raise MissingInput(f"{location}: no {INDEX} (expected a split of a sharded dataset, e.g. tiles/shards/train)") from None
     except ValueError as exc:
         raise DataError(f"{where}: not a shard index ({exc})") from None
-    if raw.get("format") != FORMAT:
-        raise DataError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
-    shards = [Shard(**{**s, "labels": tuple(s.get("labels", ()))}) for s in raw["shards"]]
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise DataError(f"{where}: format {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}")
+    try:
+        shards = [Shard(**{**s, "labels": tuple(s.get("labels", ()))}) for s in raw["shards"]]
+        index = ShardSet(str(location), shards, [str(c) for c in raw["classes"]], str(raw["image"]),
+                         [str(c) for c in raw.get("components", [])])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{where}: not a shard index ({type(exc).__name__}: {exc}); expected the keys shards, "
+                        "classes and image, and name, samples, bytes and md5 for each shard") from None
     if not shards:
         raise DataError(f"{where}: lists no shards")
-    return ShardSet(str(location), shards, list(raw["classes"]), raw["image"], list(raw.get("components", [])))
+    for shard in shards:
+        # A name is a file beside the index: never a path that leads elsewhere.
+        if not SHARD_NAME.fullmatch(shard.name) or not isinstance(shard.samples, int) or shard.samples < 1:
+            raise DataError(f"{where}: shard {shard.name!r} with {shard.samples!r} samples; expected a file name "
+                            "<name>.tar beside the index and a positive count")
+    return index
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -145,7 +158,15 @@ def read_shard(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 def metadata(parts: dict[str, bytes]) -> dict[str, dict]:
     """The sample's metadata rows, by image component."""
-    return json.loads(parts[METADATA]) if METADATA in parts else {}
+    if METADATA not in parts:
+        return {}
+    try:
+        rows = json.loads(parts[METADATA])
+    except ValueError as exc:
+        raise DataError(f"a sample's {METADATA} is not JSON ({exc})") from None
+    if not isinstance(rows, dict) or not all(isinstance(row, dict) for row in rows.values()):
+        raise DataError(f"a sample's {METADATA} is not one row per image component")
+    return rows
 
 
 def label_of(parts: dict[str, bytes], image: str) -> str | None:

@@ -195,6 +195,9 @@ def data_loader(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerat
     if is_sharded(data_root):
         shards = read_index(data_root)
         shards.image = cfg.dataset.shard_image or shards.image
+        if shards.components and shards.image not in shards.components:
+            raise ConfigError(f"dataset.shard_image: {data_root} holds {', '.join(shards.components)}, "
+                              f"not {shards.image!r}")
         for key, used in (("train.num_experts", cfg.train.num_experts > 1), ("crops.label_masks_root", cfg.crops.label_masks_root),
                           ("distillation.paired_root", cfg.distillation.paired_root)):
             if used:

@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -269,3 +270,21 @@ def test_a_truncated_shard_is_named(tmp_path):
     order = ShardOrder(index, seed=0, open_shards=1, buffer=2)
     with pytest.raises(DataError, match="1 samples, its index says 6"):
         list(itertools.islice(order(Reader(0, 1), 0), 7))
+
+
+def test_a_hostile_or_broken_index_is_refused_by_name(tmp_path):
+    index = _synthetic_shards(tmp_path, [3])
+    good = json.loads(index.to_json())
+    for change, expected in (
+        ({"shards": [{**good["shards"][0], "name": "../../etc/passwd.tar"}]}, "shard '../../etc/passwd.tar'"),
+        ({"shards": [{**good["shards"][0], "samples": 0}]}, "a positive count"),
+        ({"shards": [{"name": "x.tar"}]}, "not a shard index (TypeError"),
+        ({"image": None, "classes": None}, "not a shard index"),
+        ({"format": "webdataset"}, "format 'webdataset', expected 'vision-foundry-shards/1'"),
+    ):
+        (tmp_path / INDEX).write_text(json.dumps({**good, **change}))
+        with pytest.raises(DataError, match=re.escape(expected)):
+            read_index(tmp_path)
+    (tmp_path / INDEX).write_text(json.dumps(good))
+    with pytest.raises(ConfigError, match=r"dataset.shard_image: .* holds png, not '20x.png'"):
+        train(tiny_config(train={"output_dir": str(tmp_path / "out")}, dataset={"shard_image": "20x.png"}), tmp_path)
