@@ -14,6 +14,11 @@ channels (adjacent slices, or three windows) for an RGB backbone. Splits are per
 ``<out>/<split>/<label>/<name>.png`` as 8-bit RGB or greyscale (16-bit and float images scaled by
 their range, never clipped).
 
+With ``shard_mb`` (the command line's default for ``he`` and ``ct``) the same images go into
+shards instead, ``<out>/shards/<split>/<slide or series>-00000.tar`` with an index per split
+(``data.shards``, ``dinomx.shards``): one sample per place holding its magnifications, its mask and
+its metadata rows. A slide or series whose files and options did not change keeps its shards.
+
 Output names come from the whole relative path of their input (``data.inputs.output_stem``), so
 two inputs never share one. Each run writes ``manifest.csv`` (one row per image file, with the
 statistics the validation suites check), ``skipped.csv`` (inputs that are not images of the
@@ -33,13 +38,11 @@ import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +66,7 @@ from data.inputs import (
     within,
 )
 from data.metadata import BLANK_STD, MANIFEST
+from data.parallel import units_mapper
 from data.params import MODALITIES, ON_ERROR, IngestParams
 from data.shards import SHARDS, Md5Memo, Sample, ShardWriter, inputs_memo, png_bytes
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
@@ -250,22 +254,6 @@ def _run_unit(rows_of: Callable, name_of: Callable, staging: Path, raw: Path, la
     except Exception as exc:  # a reader's own failure on one file must not hide the others
         log.exception("%s: unexpected failure", name_of(unit))
         return "errors", [(str(name_of(unit)), f"could not be read ({type(exc).__name__}: {exc})")], writer.writers
-
-
-def _log_like(level: int) -> None:
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-
-
-@contextmanager
-def _units_mapper(workers: int, units: int):
-    """``map`` here, or over a pool of ``workers`` processes when there is more than one unit.
-    Processes are spawned, not forked: the caller may hold threads (a server, a test runner)."""
-    if workers < 2 or units < 2:
-        yield map
-        return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, units), initializer=_log_like, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
-        yield lambda fn, items: pool.imap(fn, items)
 
 
 # -- whole-slide images ----------------------------------------------------------------------------
@@ -526,7 +514,7 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
         kept = _previous_shards(out) if layout else {}
         fresh = [(f, u) for f, u in zip(fingerprints, units) if f not in kept]
         run = functools.partial(_run_unit, rows_of, name_of, staging, raw, layout)
-        with _units_mapper(workers, len(fresh)) as mapper:
+        with units_mapper(workers, len(fresh)) as mapper:
             results = iter(mapper(run, fresh))
             for unit, fingerprint in zip(units, fingerprints):
                 kind, payload, written = _relink(out, staging, kept[fingerprint]) if fingerprint in kept else next(results)

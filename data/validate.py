@@ -12,10 +12,8 @@ import argparse
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import great_expectations as gx
@@ -26,6 +24,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from data.inputs import REFUSED, SKIPPED, SUMMARY
 from data.metadata import dataset_metadata, shard_metadata
+from data.parallel import units_mapper
 from data.report import Failure, ValidationReport, merge_reports
 from data.shards import SHARDS, Md5Memo
 from data.suites import SUITES
@@ -137,11 +136,11 @@ def check_shard(task: tuple[str, str, int, str, dict]) -> dict:
 def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path, workers: int) -> ValidationReport:
     """Every shard of a sharded dataset checked by itself against the suite, ``workers`` at a
     time: a shard is a slide or a series, and must pass as one (a tolerance such as "95 % of the
-    tiles" holds per slide). A shard's result is kept under ``<context>/shards/`` by its md5 and
+    tiles" holds per slide). A shard's result is kept under ``<context>/gx/uncommitted/shards/`` by its md5 and
     name, the suite and the parameters, so checking the dataset again after a slide was added
     checks only that slide's shards."""
     _check_suite(suite, parameters)
-    cache = context_dir / "shards"
+    cache = context_dir / "gx" / "uncommitted" / "shards"
     key = hashlib.sha256(json.dumps([suite, parameters, SUITES[suite].fingerprint()], sort_keys=True).encode()).hexdigest()[:16]
     hashes = Md5Memo(cache / "md5.json")
     tasks, missing = [], []
@@ -159,7 +158,7 @@ def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path,
     todo = [(str(path), name, samples, suite, parameters) for path, name, samples, result in tasks if not result.is_file()]
     results = {name: result for _, name, _, result in tasks}
     cache.mkdir(parents=True, exist_ok=True)
-    with _pool(workers, len(todo)) as mapper:
+    with units_mapper(workers, len(todo)) as mapper:
         for task, report in zip(todo, mapper(check_shard, todo)):
             results[task[1]].write_text(json.dumps(report))
     reports = [ValidationReport.from_dict(json.loads(result.read_text())) for result in results.values()]
@@ -170,15 +169,6 @@ def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path,
                                        files=missing, expected="every shard its index lists"))
     merged.shards = {"shards": len(tasks) + len(missing), "checked": len(todo), "cached": len(tasks) - len(todo)}
     return merged
-
-
-@contextmanager
-def _pool(workers: int, tasks: int):
-    if workers < 2 or tasks < 2:
-        yield map
-        return
-    with multiprocessing.get_context("spawn").Pool(min(workers, tasks)) as pool:
-        yield pool.imap
 
 
 def _plain(value):

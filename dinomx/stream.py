@@ -12,7 +12,9 @@ sample counts of the index and re-reads (without decoding) only the start of one
 from __future__ import annotations
 
 import itertools
+import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dinomx.errors import DataError
 from dinomx.images import to_model_mode
 from dinomx.shards import ShardSet, decode, read_shard
+
+logger = logging.getLogger(__name__)
 
 
 def mix(*values: int) -> int:
@@ -52,8 +56,9 @@ class ShardOrder:
     bytes), from any starting count."""
 
     def __init__(self, shards: ShardSet, seed: int, open_shards: int, buffer: int,
-                 read: Callable[[str], Iterator] = read_shard):
+                 read: Callable[[str], Iterator] = read_shard, retries: int = 3, wait_s: float = 1.0):
         self.shards, self.seed, self.open_shards, self.buffer, self.read = shards, seed, open_shards, buffer, read
+        self.retries, self.wait_s = retries, wait_s
 
     def groups(self, reader: Reader, epoch: int) -> tuple[list[list[int]], bool]:
         order = torch.randperm(len(self.shards.shards), generator=torch.Generator().manual_seed(mix(self.seed, epoch)))
@@ -95,14 +100,31 @@ class ShardOrder:
         yield from buffer
 
     def _kept(self, reader: Reader, j: int, dealt: bool) -> Iterator[dict[str, bytes]]:
-        shard = self.shards.shards[j]
-        count = 0
-        for member, (_, parts) in enumerate(self.read(self.shards.url(shard))):
-            count += 1
-            if dealt or (member + j) % reader.count == reader.index:
-                yield parts
+        """The samples of shard ``j`` this reader keeps. A read that breaks off (a dropped
+        connection to the store) is tried again ``retries`` times, going on after the last sample
+        already given: a long run does not die of one network hiccup."""
+        shard, url = self.shards.shards[j], self.shards.url(self.shards.shards[j])
+        count, failures = 0, 0
+        while True:
+            try:
+                for member, (_, parts) in enumerate(self.read(url)):
+                    if member < count:
+                        continue
+                    count += 1
+                    if dealt or (member + j) % reader.count == reader.index:
+                        yield parts
+                break
+            except FileNotFoundError:
+                raise
+            except (OSError, DataError) as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise
+                logger.warning("%s: read failed after %d sample(s) (%s); trying again (%d/%d)", url, count, exc,
+                               failures, self.retries)
+                time.sleep(self.wait_s * 2 ** (failures - 1))
         if count != shard.samples:
-            raise DataError(f"{self.shards.url(shard)}: {count} samples, its index says {shard.samples}; "
+            raise DataError(f"{url}: {count} samples, its index says {shard.samples}; "
                             "the shard changed after it was indexed (ingest again)")
 
 

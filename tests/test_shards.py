@@ -176,6 +176,31 @@ def test_a_stream_continues_exactly_from_any_position_and_readers_share_nothing(
     assert streams[0][:epoch] != sorted(streams[0][:epoch])  # shuffled
 
 
+def test_a_read_that_breaks_off_goes_on_where_it_stopped(tmp_path, caplog):
+    index = _synthetic_shards(tmp_path, [6, 6, 6])
+    clean = ShardOrder(index, seed=1, open_shards=2, buffer=3)
+    broken = set()
+
+    def flaky(url):  # each shard's first read drops the connection after its third sample
+        for n, sample in enumerate(read_shard(url)):
+            if n == 3 and url not in broken:
+                broken.add(url)
+                raise ConnectionResetError("connection reset by peer")
+            yield sample
+
+    retried = ShardOrder(index, seed=1, open_shards=2, buffer=3, read=flaky, wait_s=0.0)
+    assert [_number(p) for p in itertools.islice(retried(Reader(0, 1), 0), 18)] == [
+        _number(p) for p in itertools.islice(clean(Reader(0, 1), 0), 18)]
+    assert len(broken) == 3 and "read failed after 3 sample(s) (connection reset by peer); trying again" in caplog.text
+
+    def dead(url):
+        raise ConnectionRefusedError("no route to the store")
+        yield
+
+    with pytest.raises(ConnectionRefusedError):
+        list(itertools.islice(ShardOrder(index, 1, 2, 3, read=dead, retries=2, wait_s=0.0)(Reader(0, 1), 0), 1))
+
+
 def _ids(img, position):
     return torch.tensor([_number({"png": png_bytes(img)})])
 
