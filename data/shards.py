@@ -62,7 +62,10 @@ class Md5Memo:
 
     def __init__(self, path: Path):
         self.path = path
-        self.known = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            self.known = json.loads(path.read_text())
+        except (OSError, ValueError):  # a cache: missing or damaged, it is built again
+            self.known = {}
         self.used: dict[str, str] = {}
 
     def md5(self, file: Path) -> str:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinomx.images import list_images, load_image, to_model_mode
-from dinomx.shards import decode, is_sharded, label_of, read_index, read_shard
+from dinomx.shards import decode, is_sharded, label_index, read_index, read_shard
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -52,7 +52,7 @@ def labelled_images(root: str | Path, num_channels: int, limit: int | None = Non
     if is_sharded(root):
         shards = read_index(root)
         items = ((key, parts) for shard in shards.shards for key, parts in read_shard(shards.url(shard)))
-        found = ((key, shards.classes.index(label_of(parts, shards.image)), parts[shards.image]) for key, parts in items)
+        found = ((key, label_index(shards, key, parts), parts[shards.image]) for key, parts in items)
         load, classes = (lambda data: to_model_mode(decode(data), num_channels)), shards.classes
     else:
         paths, labels, classes = list_images(root)

@@ -30,6 +30,8 @@ INDEX = "shards.json"
 FORMAT = "vision-foundry-shards/1"
 METADATA = "json"
 SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.=+-]*\.tar")
+# No image or metadata row of a tile comes near this; a member that claims more is not read.
+MAX_MEMBER_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ class Shard:
     bytes: int
     md5: str
     labels: tuple[str, ...] = ()
-    # What made it (a slide or series with its file sizes and times, and the ingestion options):
-    # an unchanged unit keeps its shards when the dataset is ingested again.
+    # What made it (a slide or series: the content of its files and the ingestion options): an
+    # unchanged unit keeps its shards when the dataset is ingested again.
     unit: str = ""
     source: str = ""  # the unit's input, relative to the raw folder
     images: int = 0  # image files (a sample holds one per magnification)
@@ -122,8 +124,16 @@ def split_member(name: str) -> tuple[str, str]:
     """(key, component) of a member name."""
     key, dot, component = name.partition(".")
     if not dot:
-        raise DataError(f"tar member {name!r}: expected <key>.<component>")
+        raise DataError(f"member {name!r}: expected <key>.<component>")
     return key, component
+
+
+def _member_part(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[str, str, bytes]:
+    key, component = split_member(member.name)
+    if member.size > MAX_MEMBER_BYTES:
+        raise DataError(f"member {member.name!r} claims {member.size:,} bytes; a tile's image or metadata is under "
+                        f"{MAX_MEMBER_BYTES:,}")
+    return key, component, tar.extractfile(member).read()
 
 
 def samples(stream, source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -135,14 +145,16 @@ def samples(stream, source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             for member in tar:
                 if not member.isfile():
                     continue
-                name_key, component = split_member(member.name)
+                name_key, component, data = _member_part(tar, member)
                 if name_key != key and key is not None:
                     yield key, parts
                     parts = {}
                 key = name_key
-                parts[component] = tar.extractfile(member).read()
+                parts[component] = data
     except tarfile.TarError as exc:
         raise DataError(f"{source}: not a readable shard ({exc})") from None
+    except DataError as exc:
+        raise DataError(f"{source}: {exc}") from None
     if key is not None:
         yield key, parts
 
@@ -169,8 +181,13 @@ def metadata(parts: dict[str, bytes]) -> dict[str, dict]:
     return rows
 
 
-def label_of(parts: dict[str, bytes], image: str) -> str | None:
-    return metadata(parts).get(image, {}).get("label")
+def label_index(shards: ShardSet, key: str, parts: dict[str, bytes]) -> int:
+    """The class of a sample, as an index into the split's classes."""
+    label = metadata(parts).get(shards.image, {}).get("label")
+    if label not in shards.classes:
+        raise DataError(f"{shards.root}: sample {key} is labelled {label!r}, not one of its index's classes "
+                        f"{shards.classes}")
+    return shards.classes.index(label)
 
 
 def labelled_sample(shards: ShardSet, limit: int, seed: int, num_channels: int) -> tuple[list, list[str]]:
@@ -183,11 +200,11 @@ def labelled_sample(shards: ShardSet, limit: int, seed: int, num_channels: int) 
     per_shard = max(1, -(-limit // min(8, len(order))))
     images, labels = [], []
     for j in order:
-        for taken, (_, parts) in enumerate(read_shard(shards.url(shards.shards[j]))):
+        for taken, (key, parts) in enumerate(read_shard(shards.url(shards.shards[j]))):
             if len(images) >= limit or taken >= per_shard:
                 break
+            labels.append(shards.classes[label_index(shards, key, parts)])
             images.append(to_model_mode(decode(parts[shards.image]), num_channels))
-            labels.append(label_of(parts, shards.image))
         if len(images) >= limit:
             break
     return images, labels

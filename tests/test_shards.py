@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from data.validate import validate_dataset
 from data.wsi import TilePlan
 from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import ConfigError
+from dinomx.data import labelled_images
 from dinomx.errors import DataError, MissingInput
 from dinomx.shards import INDEX, ShardSet, read_index, read_shard
 from dinomx.stream import Reader, ShardOrder, ShardStream
@@ -292,6 +294,13 @@ def test_a_truncated_shard_is_named(tmp_path):
     report, _ = validate_dataset(tmp_path / "ds", "image_tiles_rgb", {"tile_size": 8}, tmp_path / "context")
     [failure] = [f for f in report.failures if f.expectation == "shard_holds_its_indexed_samples"]
     assert failure.files == ["shards/train/part0-00000.tar"] and failure.observed == [1] and not report.success
+    # A member that claims a size no tile has is not read into memory.
+    header = tarfile.TarInfo("s00000.png")
+    header.size = 1 << 40
+    path.write_bytes(header.tobuf() + b"\0" * 512)
+    with pytest.raises(DataError, match=r"part0-00000.tar: member 's00000.png' claims 1,099,511,627,776 bytes"):
+        list(read_shard(path))
+    path.write_bytes(whole[:1500])
     order = ShardOrder(index, seed=0, open_shards=1, buffer=2)
     with pytest.raises(DataError, match="1 samples, its index says 6"):
         list(itertools.islice(order(Reader(0, 1), 0), 7))
@@ -310,6 +319,9 @@ def test_a_hostile_or_broken_index_is_refused_by_name(tmp_path):
         (tmp_path / INDEX).write_text(json.dumps({**good, **change}))
         with pytest.raises(DataError, match=re.escape(expected)):
             read_index(tmp_path)
+    (tmp_path / INDEX).write_text(json.dumps({**good, "classes": ["cats", "dogs"]}))
+    with pytest.raises(DataError, match=r"sample s00000 is labelled 'even', not one of its index's classes"):
+        labelled_images(tmp_path, 3)
     (tmp_path / INDEX).write_text(json.dumps(good))
     with pytest.raises(ConfigError, match=r"dataset.shard_image: .* holds png, not '20x.png'"):
         train(tiny_config(train={"output_dir": str(tmp_path / "out")}, dataset={"shard_image": "20x.png"}), tmp_path)
