@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import mlflow
@@ -35,9 +36,10 @@ class TrainingData:
     report: ValidationReport
     report_path: Path
 
-    @property
+    @cached_property
     def shards(self) -> str:
-        """"N shards, M tiles" of a split of shards; empty for an image folder."""
+        """"N shards, M tiles" of a split of shards; empty for an image folder (the index is read
+        once, however many tags and lineage fields name it)."""
         if not is_sharded(self.path):
             return ""
         index = read_index(self.path)
