@@ -1,5 +1,5 @@
-"""Training jobs from the portal: a validated form becomes a run of the project's MLflow entry point
-through an MLflow project backend, ``local`` (an ``mlflow run`` process on this machine) or
+"""Jobs from the portal: a validated form becomes a run of one of the project's MLflow entry points
+(pretrain or distill; heads or evaluate on a registered backbone) through an MLflow project backend, ``local`` (an ``mlflow run`` process on this machine) or
 ``slurm`` (an sbatch job, ``projects.slurm``), as the portal is configured. The MLflow run is
 created first, so the job links to it and its live metrics from the start. A job's state is read
 back from the scheduler and MLflow, never kept only in this process: a restarted portal finds its
@@ -16,7 +16,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dinomx.backbone import hub_snapshot
 from dinomx.config import ConfigError, DinoMXConfig
@@ -36,6 +36,13 @@ LOG_TAIL = 6000
 # directory would load whatever the portal's machine holds there.
 _HUB_PART = r"[A-Za-z0-9](?:[\w-]|\.(?!\.))*"
 TEACHER = re.compile(rf"models:/[\w.-]+(?:/\d+|@\w+)|hf:{_HUB_PART}(?:/{_HUB_PART})?")
+# What a job does: train a backbone, or fit probes on a registered one (the entry point's name).
+TASKS = {"train": "pretrain or distill a backbone (registers <name>-backbone)",
+         "heads": "fit classification heads on a frozen backbone (registers <family>-head)",
+         "evaluate": "score a backbone against its random init, for the promotion gate"}
+FAMILY = r"[a-z0-9][a-z0-9-]{0,39}"
+BACKBONE = re.compile(rf"models:/({FAMILY})-backbone(?:/\d+|@\w+)")
+TIME_LIMIT = re.compile(r"(\d{1,3}-)?\d{1,2}:\d{2}:\d{2}")
 
 
 class FormErrors(ValueError):
@@ -80,25 +87,10 @@ class TrainingRequest:
     def from_form(cls, form: Mapping[str, str], project: Path, backend: str = "local") -> "TrainingRequest":
         """Every field checked, every problem reported at once under its field name."""
         errors, values = {}, {}
-
-        def number(field, kind, low, high, default):
-            raw = str(form.get(field, "") or "").strip()
-            if raw == "":
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                errors[field] = f"expected {'a whole number' if kind is int else 'a number'}, got {raw!r}"
-                return default
-            if not low <= value <= high:
-                errors[field] = f"expected {low}..{high}, got {raw}"
-            return value
-
-        values["dataset_id"] = number("dataset_id", int, 1, 2**31, 0)
-        if "dataset_id" not in form:
-            errors["dataset_id"] = "choose a dataset"
+        number = _Numbers(form, errors)
+        values["dataset_id"] = number.dataset_id()
         name = str(form.get("name", "")).strip()
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", name):
+        if not re.fullmatch(FAMILY, name):
             errors["name"] = "lowercase letters, digits and '-', at most 40 (it names the registered models)"
         values["name"] = name
         config = str(form.get("config", ""))
@@ -134,10 +126,7 @@ class TrainingRequest:
         values["nodes"] = number("nodes", int, 1, 64, 1)
         values["gpus_per_node"] = number("gpus_per_node", int, 0, 16, 0)
         values["processes_per_node"] = number("processes_per_node", int, 1, 64, 1)
-        time_limit = str(form.get("time_limit", "") or "").strip()
-        if time_limit and not re.fullmatch(r"(\d{1,3}-)?\d{1,2}:\d{2}:\d{2}", time_limit):
-            errors["time_limit"] = f"expected HH:MM:SS or D-HH:MM:SS, got {time_limit!r}"
-        values["time_limit"] = time_limit
+        values["time_limit"] = _time_limit(form, errors)
         if backend == "local" and values["nodes"] > 1:
             errors["nodes"] = "this portal runs jobs on its own machine (local backend): one node"
         if not errors:
@@ -195,7 +184,114 @@ class TrainingRequest:
         return asdict(self)
 
 
-def submit(request: TrainingRequest, dataset: Dataset, owner: str) -> Job:
+class _Numbers:
+    """Numeric form fields, each problem recorded under its field name."""
+
+    def __init__(self, form: Mapping[str, str], errors: dict[str, str]):
+        self.form, self.errors = form, errors
+
+    def __call__(self, field: str, kind: type, low, high, default):
+        raw = str(self.form.get(field, "") or "").strip()
+        if raw == "":
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            self.errors[field] = f"expected {'a whole number' if kind is int else 'a number'}, got {raw!r}"
+            return default
+        if not low <= value <= high:
+            self.errors[field] = f"expected {low}..{high}, got {raw}"
+        return value
+
+    def dataset_id(self) -> int:
+        if "dataset_id" not in self.form:
+            self.errors["dataset_id"] = "choose a dataset"
+        return self("dataset_id", int, 1, 2**31, 0)
+
+
+def _time_limit(form: Mapping[str, str], errors: dict[str, str]) -> str:
+    time_limit = str(form.get("time_limit", "") or "").strip()
+    if time_limit and not TIME_LIMIT.fullmatch(time_limit):
+        errors["time_limit"] = f"expected HH:MM:SS or D-HH:MM:SS, got {time_limit!r}"
+    return time_limit
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """A ``heads`` or ``evaluate`` job: probes fitted on a registered backbone, frozen, in one
+    process, on the dataset's train split and scored on the val split beside it. Classification
+    only: masks and targets for the dense heads are not part of a portal dataset."""
+
+    dataset_id: int
+    task: str
+    backbone: str
+    knn_k: int = 20
+    time_limit: str = ""
+    processes = 1
+
+    @classmethod
+    def from_form(cls, form: Mapping[str, str]) -> "ProbeRequest":
+        errors = {}
+        number = _Numbers(form, errors)
+        dataset_id = number.dataset_id()
+        backbone = str(form.get("backbone", "")).strip()
+        if not BACKBONE.fullmatch(backbone):
+            errors["backbone"] = (f"expected a registered backbone, models:/<family>-backbone/<version> or "
+                                  f"models:/<family>-backbone@<alias>, got {backbone!r}")
+        knn_k = number("knn_k", int, 1, 1000, 20)
+        time_limit = _time_limit(form, errors)
+        if errors:
+            raise FormErrors(errors)
+        return cls(dataset_id, str(form["task"]), backbone, knn_k, time_limit)
+
+    @property
+    def name(self) -> str:
+        """The backbone's family: its experiment, and the ``-head`` a heads job registers."""
+        return BACKBONE.fullmatch(self.backbone).group(1)
+
+    @property
+    def entry_point(self) -> str:
+        return self.task
+
+    @staticmethod
+    def splits(dataset: Dataset) -> str:
+        """The folder holding the dataset's ``train`` split and the ``val`` beside it."""
+        train = PurePosixPath(dataset.train_path or "")
+        if train.name != "train":
+            raise FormErrors({"dataset_id": f"dataset {dataset.name}: heads and evaluate fit on a train split and "
+                                            f"score on the val split beside it; its train_path {str(train)!r} is not "
+                                            "a folder named train"})
+        return str(train.parent)
+
+    def parameters(self, dataset: Dataset) -> dict[str, str]:
+        params = {"data": self.splits(dataset), "validation_report": dataset.validation_report,
+                  "knn_k": str(self.knn_k), "masks": "", "targets": "", "target_column": ""}
+        if self.task == "heads":
+            return params | {"name": self.name, "backbone": self.backbone}
+        return params | {"model": self.backbone}
+
+    def slurm_resources(self) -> dict:
+        return {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1} | ({"time": self.time_limit} if self.time_limit else {})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def request_from_form(form: Mapping[str, str], project: Path, backend: str) -> TrainingRequest | ProbeRequest:
+    task = str(form.get("task", "train") or "train")
+    if task not in TASKS:
+        raise FormErrors({"task": f"expected one of {list(TASKS)}, got {task!r}"})
+    if task == "train":
+        return TrainingRequest.from_form(form, project, backend)
+    return ProbeRequest.from_form(form)
+
+
+def job_request(job: Job) -> TrainingRequest | ProbeRequest:
+    """The request a queued job was made from."""
+    return (TrainingRequest if job.entry_point in ("pretrain", "distill") else ProbeRequest)(**job.parameters)
+
+
+def submit(request: TrainingRequest | ProbeRequest, dataset: Dataset, owner: str) -> Job:
     job = Job(owner=owner, dataset_id=dataset.id, entry_point=request.entry_point, parameters=request.to_dict(),
               command=[], status="queued")
     db.session.add(job)
@@ -222,11 +318,13 @@ class LocalLauncher:
         self.project, self.tracking_uri, self.log_dir = project, tracking_uri, log_dir
         self._children: dict[str, subprocess.Popen] = {}
 
-    def submit(self, request: TrainingRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
+    def submit(self, request: TrainingRequest | ProbeRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
         """(command, scheduler id, log path)."""
         command = ["mlflow", "run", str(self.project), "--env-manager", "local", "-e", request.entry_point,
                    "--run-id", run_id]
-        for key, value in (request.parameters(dataset) | {"processes": str(request.processes)}).items():
+        # Only the training entry points take ``processes``; MLflow would pass it to the others as an option.
+        local = {"processes": str(request.processes)} if request.processes > 1 else {}
+        for key, value in (request.parameters(dataset) | local).items():
             command += ["-P", f"{key}={value}"]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{run_id}.log"
@@ -285,7 +383,7 @@ class SlurmLauncher:
         self.project, self.tracking_uri, self.site_config = project, tracking_uri, site_config
         self._submitted: dict[str, SlurmSubmittedRun] = {}
 
-    def submit(self, request: TrainingRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
+    def submit(self, request: TrainingRequest | ProbeRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
         config = self.site_config | request.slurm_resources() | {"run_id": run_id}
         client = MlflowService(self.tracking_uri).client
         submitted = SlurmBackend().run(str(self.project), request.entry_point, request.parameters(dataset), None,
@@ -393,7 +491,7 @@ class JobRunner:
 
     def _start_queued(self) -> None:
         while (job := claim_next(self.slots)) is not None:
-            request = TrainingRequest(**job.parameters)
+            request = job_request(job)
             service = MlflowService(self.tracking_uri)
             client = service.client
             if job.mlflow_run_id is None:

@@ -1,5 +1,6 @@
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,26 @@ from dinomx.config import DinoMXConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "hospital"
+
+
+def readme_blocks() -> list[tuple[str, str | None, list[str]]]:
+    """The README's bash blocks: (the heading above, why no test runs it or None, its commands with
+    continuation lines joined)."""
+    blocks, heading = [], ""
+    text = (REPO / "README.md").read_text()
+    for match in re.finditer(r"^(#{2,3} [^\n]+)$|(?:<!-- not run by the tests: ([^\n]+?) -->\n)?```bash\n(.*?)```", text, re.M | re.S):
+        if match.group(1):
+            heading = match.group(1).lstrip("# ")
+            continue
+        lines = re.sub(r"\\\n\s*", "", match.group(3)).splitlines()
+        blocks.append((heading, match.group(2), [line for line in lines if line.strip()]))
+    return blocks
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the bash block under ``heading``."""
+    (commands,) = [commands for title, _, commands in readme_blocks() if title == heading]
+    return commands
 
 
 def copy_checkout(checkout: Path) -> Path:

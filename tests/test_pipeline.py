@@ -34,7 +34,7 @@ from registry.lineage import Lineage, format_chain, lineage_chain
 from registry.mlflow_service import EVAL_RUN_ID, Tag
 from registry.promote import PromotionRefused, promote
 from scripts.demo import free_port, wait_ready
-from tests.conftest import copy_checkout, portal_with_demo_dataset
+from tests.conftest import copy_checkout, portal_with_demo_dataset, readme_commands
 
 pytestmark = pytest.mark.slow
 
@@ -231,20 +231,50 @@ def test_the_mlflow_ui_shows_what_ran_and_where_a_version_came_from(demo, tmp_pa
         assert pixels.shape[1] == 1400 and pixels.std() > 10  # a rendered page, not a blank one
 
 
-def test_student_distilled_from_the_registered_backbone_names_its_teacher(demo):
+# Appended to the README's training commands so that they train briefly; nothing else changes.
+BRIEFLY = {"-e pretrain": ("overrides=\"", "overrides=\"train.steps_per_epoch=4 "),
+           "-e distill": ("teachers=models:/ct-backbone@staging",
+                          "teachers=models:/ct-backbone@staging -P overrides=\"train.epochs=1 train.steps_per_epoch=10 "
+                          "student.hidden_size=48\"")}
+
+
+def test_the_readme_commands_run_as_written(demo, tmp_path):
+    """"Using the parts", command by command in a demo checkout, as a reader pastes it into a shell:
+    train, evaluate, fit heads, promote to staging, distill from it, show the lineage, serve the
+    staging pair and classify a tile with curl."""
     checkout, client, _ = demo
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
-    run = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "distill", "-e", "distill",
-                          "-P", "name=student", "-P", "teachers=models:/demo-backbone/1",
-                          "-P", "overrides=train.epochs=1 train.steps_per_epoch=10 student.hidden_size=48"],
-                         cwd=checkout, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    mv = client.get_model_version("student-backbone", "1")
-    lineage = Lineage.from_tags(mv.tags)
-    assert lineage.teachers == "models:/demo-backbone/1" and lineage.parent == "scratch"
-    pretrain = client.get_run(lineage.source_run_id)
-    assert "distill_loss" in pretrain.data.metrics
-    assert "distilled from models:/demo-backbone/1" in format_chain(lineage_chain(client, "models:/student-backbone/1"))
+    (checkout / ".venv").unlink(missing_ok=True)
+    (checkout / ".venv").symlink_to(sys.prefix)
+    (checkout / "tile.png").write_bytes(next((checkout / "data/demo/images/val").rglob("*.png")).read_bytes())
+    with (checkout / ".git/info/exclude").open("a") as exclude:
+        exclude.write(".venv\ntile.png\nserve.log\n")
+    script = ["set -euo pipefail"]
+    for command in readme_commands("Using the parts"):
+        for marker, (old, new) in BRIEFLY.items():
+            if marker in command:
+                assert old in command, f"the README's {marker} command changed: {command}"
+                command = command.replace(old, new)
+        if command.split("#")[0].rstrip().endswith("bentoml serve serving.service:VisionFoundry"):
+            # The one command that does not end: the README's reader runs the next one in another shell.
+            command = (f"{command.split('#')[0]} > serve.log 2>&1 & server=$!\n"
+                       "for _ in $(seq 180); do curl -sf localhost:3000/readyz >/dev/null && break; "
+                       "kill -0 $server; sleep 1; done")
+        script += [f"echo '>>> {command.splitlines()[0][:60]}'", command]
+    script.append("echo; kill $server")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV"))}
+    run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    log = run.stdout[-4000:] + run.stderr[-4000:] + (checkout / "serve.log").read_text()[-3000:]
+    assert run.returncode == 0, log
+    answer = json.loads(run.stdout.split(">>> curl")[1].splitlines()[1])
+    assert answer["model"] == "models:/ct-head/1" and answer["predictions"][0]["label"], answer
+    assert "models:/ct-head/1" in run.stdout.split(">>> python -m registry.lineage")[1]
+    for name in ("ct-backbone", "ct-head"):
+        assert str(client.get_model_version_by_alias(name, "staging").version) == "1"
+    student = Lineage.from_tags(client.get_model_version("ct-small-backbone", "1").tags)
+    assert student.teachers.startswith("models:/ct-backbone") and student.parent == "scratch"
+    assert "distill_loss" in client.get_run(student.source_run_id).data.metrics
+    assert "distilled from models:/ct-backbone" in format_chain(lineage_chain(client, "models:/ct-small-backbone/1"))
 
 
 def test_head_cannot_be_promoted_before_its_backbone(demo):
@@ -536,6 +566,19 @@ def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path
     assert run.data.params["student.freeze_blocks"] == "2" and run.data.params["train.batch_size"] == "16"
     assert run.data.tags["vf.portal.owner"] == "ana"
     assert Lineage.from_tags(client.get_model_version("portal-backbone", "1").tags).source_run_id == state["mlflow_run_id"]
+
+    # The backbone evaluated and given heads from the same form, in the family's experiment.
+    backbone, runs = {"dataset_id": dataset, "backbone": "models:/portal-backbone/1", "knn_k": "5"}, {}
+    for task in ("evaluate", "heads"):
+        job = web.post("/api/jobs", json=backbone | {"task": task}).json
+        done = _job_when(web, job["id"], lambda s: s["status"] not in ("queued", "starting", "running"))
+        assert done["status"] == "finished", done["log_tail"]
+        runs[task] = client.get_run(done["mlflow_run_id"])
+        assert runs[task].info.experiment_id == experiment and runs[task].data.tags["vf.entry_point"] == task
+        assert re.fullmatch(rf"portal-(v1-)?{task}-\S+", runs[task].info.run_name), runs[task].info.run_name
+    assert client.get_model_version("portal-backbone", "1").tags[EVAL_RUN_ID] == runs["evaluate"].info.run_id
+    head = client.get_model_version("portal-head", "1")
+    assert Lineage.from_tags(head.tags).parent == "models:/portal-backbone/1" and head.run_id == runs["heads"].info.run_id
     app.extensions["vf.jobs"].stop()
 
 

@@ -1,5 +1,6 @@
 """The portal's JSON API with Flask's test client, against a real S3 server (SeaweedFS, which checks
 signatures) and a real SQLite registry; the pages in headless Chromium (Playwright) with checked screenshots."""
+import re
 import threading
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from werkzeug.serving import make_server
 from data.report import Failure, ValidationReport
 from data.shards import pack_folder
 from portal.app import Settings, create_app
-from portal.db import Group, Job, ModelFamily, SignInFailures, User, db
+from portal.db import Dataset, Group, Job, ModelFamily, SignInFailures, User, db
+from portal.jobs import FormErrors, ProbeRequest, job_request
 from tests.conftest import BUCKET, REPO
 from tests.test_registry import register
 
@@ -222,6 +224,43 @@ def test_training_form_is_validated_field_by_field_and_queued(app):
     assert job.json["parameters"] | expected == job.json["parameters"]
     assert [j["id"] for j in admin.get("/api/jobs").json] == [job.json["id"]]
     assert signed_in(app, "bob").get(f"/api/jobs/{job.json['id']}").status_code == 404  # not bob's job
+
+
+def test_heads_and_evaluate_jobs_name_a_registered_backbone_of_a_family_their_owner_shares(app):
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    with app.app_context():
+        db.session.add(ModelFamily(name="colon", owner="dan"))
+        db.session.commit()
+    version = register(MlflowClient(), "colon-backbone", eval_tags=EVALUATED)
+    for user in ("bob", "dan"):
+        admin.post(f"/api/datasets/{colon}/grants", json={"user": user, "level": "read"})
+    dan = signed_in(app, "dan")
+    bad = dan.post("/api/jobs", json={"task": "heads", "dataset_id": colon, "backbone": "/data/weights", "knn_k": "0",
+                                      "time_limit": "soon"})
+    assert bad.status_code == 400 and set(bad.json["errors"]) == {"backbone", "knn_k", "time_limit"}
+    assert dan.post("/api/jobs", json={"task": "fit", "dataset_id": colon}).json["errors"] == {
+        "task": "expected one of ['train', 'heads', 'evaluate'], got 'fit'"}
+    missing = dan.post("/api/jobs", json={"task": "evaluate", "dataset_id": colon, "backbone": "models:/colon-backbone/9"})
+    assert missing.status_code == 400 and "models:/colon-backbone/9" in missing.json["errors"]["backbone"]
+    # bob shares nothing of colon: he may not write a head into it, nor evaluation tags on its backbone.
+    for task in ("heads", "evaluate"):
+        form = {"task": task, "dataset_id": colon, "backbone": f"models:/colon-backbone/{version}"}
+        refused = signed_in(app, "bob").post("/api/jobs", json=form)
+        assert refused.status_code == 403 and "'colon' belongs to dan" in refused.json["error"]
+        job = dan.post("/api/jobs", json=form | {"knn_k": "5"})
+        assert job.status_code == 201 and job.json["entry_point"] == task, job.json
+        assert job.json["parameters"] == {"dataset_id": colon, "task": task, "backbone": f"models:/colon-backbone/{version}",
+                                          "knn_k": 5, "time_limit": ""}
+    with app.app_context():
+        heads, evaluate = db.session.scalars(db.select(Job).where(Job.owner == "dan").order_by(Job.id)).all()
+        assert job_request(heads).parameters(heads.dataset) == {
+            "data": "data/demo/images", "validation_report": "data/demo/validation/report.json", "knn_k": "5",
+            "masks": "", "targets": "", "target_column": "", "name": "colon",
+            "backbone": f"models:/colon-backbone/{version}"}
+        assert job_request(evaluate).parameters(evaluate.dataset)["model"] == f"models:/colon-backbone/{version}"
+    with pytest.raises(FormErrors, match="its train_path 'data/flat' is not a folder named train"):
+        ProbeRequest.splits(Dataset(name="flat", train_path="data/flat"))
 
 
 def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(app):
@@ -448,6 +487,17 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         assert "expected a number, got 'fast'" in page.inner_text("[data-field=lr]")
         assert "lowercase letters" in page.inner_text("[data-field=name]")
         page.screenshot(path=shots / "new_job_errors.png")
+
+        page.goto(f"{live_portal}/jobs/new")  # the form shows the chosen task's fields only
+        assert page.is_visible("input[name=lr]") and page.is_hidden("input[name=backbone]")
+        assert page.is_hidden("input[name=lora_rank]")  # LoRA's, not the standard strategy's
+        page.check("input[name=task][value=evaluate]")
+        assert page.is_hidden("input[name=lr]") and page.is_hidden("input[name=name]")
+        page.fill("input[name=backbone]", "models:/ui-backbone/1")
+        page.click("#submit")
+        page.wait_for_url(re.compile(r".*/jobs/\d+$"))
+        assert page.inner_text("h1").startswith("Job") and "models:/ui-backbone/1" in page.inner_text("h1")
+        assert page.inner_text("#status") == "queued" and "evaluate on colon" in page.inner_text("body")
 
         page.goto(f"{live_portal}/registry")
         page.click("text=ui-backbone")

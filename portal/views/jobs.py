@@ -6,9 +6,9 @@ from flask_login import current_user, login_required
 
 from portal.access import BadPath, claim_family, visible_datasets
 from portal.db import Job, db
-from portal.jobs import ACTIVE, FormErrors, TrainingRequest, submit, training_configs
+from portal.jobs import ACTIVE, TASKS, FormErrors, ProbeRequest, request_from_form, submit, training_configs
 from portal.web import ID, answer, audit, dataset_for, mlflow, payload, refuse, settings
-from registry.lineage import equals
+from registry.lineage import RegistryError, equals, resolve_version
 from registry.mlflow_service import Tag
 
 bp = Blueprint("jobs", __name__)
@@ -44,21 +44,29 @@ def _in_registry(family: str) -> bool:
 def new_job():
     config = settings()
     form = {"datasets": [(d, lvl) for d, lvl in visible_datasets(current_user) if d.train_path],
-            "configs": training_configs(config.project_dir), "backend": config.job_backend}
+            "configs": training_configs(config.project_dir), "backend": config.job_backend, "tasks": TASKS}
     if request.method == "GET":
         return answer({}, "new_job.html", errors={}, form={}, **form)
     data = payload()
     try:
-        training = TrainingRequest.from_form(data, config.project_dir, config.job_backend)
+        job_request = request_from_form(data, config.project_dir, config.job_backend)
+        dataset = dataset_for(job_request.dataset_id, "read")
+        if not dataset.train_path:
+            raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
+        if isinstance(job_request, ProbeRequest):
+            job_request.splits(dataset)
+            try:
+                resolve_version(mlflow().client, job_request.backbone)
+            except RegistryError as exc:
+                raise FormErrors({"backbone": str(exc)}) from None
     except FormErrors as exc:
         audit("job.submit", "", outcome="refused", errors=exc.errors)
         return answer({"error": str(exc), "errors": exc.errors}, "new_job.html", 400, errors=exc.errors, form=data, **form)
-    dataset = dataset_for(training.dataset_id, "read")
-    if not dataset.train_path:
-        raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
-    claim_family(current_user, training.name, registered=_in_registry(training.name))
-    job = submit(training, dataset, current_user.username)
-    audit("job.submit", f"job {job.id}", dataset=dataset.name, parameters=training.to_dict())
+    # Heads and evaluate write into the backbone's family (a head; the evaluation tags): its members only.
+    claim_family(current_user, job_request.name,
+                 registered=isinstance(job_request, ProbeRequest) or _in_registry(job_request.name))
+    job = submit(job_request, dataset, current_user.username)
+    audit("job.submit", f"job {job.id}", dataset=dataset.name, parameters=job_request.to_dict())
     return answer(_view(job), status=201, to=url_for("jobs.job_page", job_id=job.id))
 
 
