@@ -1,8 +1,11 @@
+import hashlib
+import re
+
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from data.samples import digits
+from data.samples import PATCH, PER_CLASS, PHOTOGRAPHS, digits, faces, textures
 from dinomx.images import list_images
 
 
@@ -18,3 +21,31 @@ def test_digits_are_written_whole_as_a_fixed_rgb_split(tmp_path):
         assert img.mode == "RGB" and img.size == (24, 24)
         pixels = np.asarray(img)
     assert (pixels[..., 0] == pixels[..., 1]).all() and pixels.max() > 200  # grey in every channel, full range
+
+
+def _digest(root):
+    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+
+def test_texture_patches_of_train_and_val_share_no_pixel_and_are_the_same_each_time(tmp_path):
+    root = textures(tmp_path / "a", size=32)
+    _, train_labels, classes = list_images(root / "train")
+    _, val_labels, _ = list_images(root / "val")
+    assert classes == sorted(PHOTOGRAPHS)
+    assert (np.bincount(train_labels) == PER_CLASS["train"]).all() and (np.bincount(val_labels) >= 40).all()
+    for label in classes:
+        rows = {split: [int(re.match(r"y(\d+)x", p.stem).group(1)) for p in (root / split / label).glob("*.png")]
+                for split in ("train", "val")}
+        # Train patches end above the first row any val patch starts on: no pixel is in both.
+        assert max(rows["train"]) + PATCH <= min(rows["val"]), label
+    assert _digest(root) == _digest(textures(tmp_path / "b", size=32))
+
+
+def test_faces_are_lfw_faces_against_other_photographs_in_a_fixed_split(tmp_path):
+    root = faces(tmp_path / "faces", size=32)
+    train_paths, train_labels, classes = list_images(root / "train")
+    val_paths, val_labels, _ = list_images(root / "val")
+    assert classes == ["face", "other"]
+    assert np.bincount(train_labels).tolist() == [75, 75] and np.bincount(val_labels).tolist() == [25, 25]
+    with Image.open(val_paths[0]) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
