@@ -1,9 +1,9 @@
 """Jobs from the portal: a validated form becomes a run of one of the project's MLflow entry points
-(pretrain or distill; heads or evaluate on a registered backbone) through an MLflow project backend, ``local`` (an ``mlflow run`` process on this machine) or
-``slurm`` (an sbatch job, ``projects.slurm``), as the portal is configured. The MLflow run is
-created first, so the job links to it and its live metrics from the start. A job's state is read
-back from the scheduler and MLflow, never kept only in this process: a restarted portal finds its
-jobs where they are.
+(pretrain or distill; heads or evaluate on a registered backbone) through an MLflow project
+backend, ``local`` (an ``mlflow run`` process on this machine) or ``slurm`` (an sbatch job,
+``projects.slurm``), as the portal is configured. The MLflow run is created first, so the job
+links to it and its live metrics from the start. A job's state is read back from the scheduler and
+MLflow, never kept only in this process: a restarted portal finds its jobs where they are.
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ class ProbeRequest:
     backbone: str
     knn_k: int = 20
     time_limit: str = ""
-    processes = 1
+    processes = 1  # not a field: probes fit in one process
 
     @classmethod
     def from_form(cls, form: Mapping[str, str]) -> "ProbeRequest":

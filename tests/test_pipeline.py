@@ -2,11 +2,14 @@
 promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow store."""
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -259,16 +262,20 @@ def test_the_readme_commands_run_as_written(demo, tmp_path):
             command = (f"{command.split('#')[0]} > serve.log 2>&1 & server=$!\n"
                        "for _ in $(seq 180); do curl -sf localhost:3000/readyz >/dev/null && break; "
                        "kill -0 $server; sleep 1; done")
-        script += [f"echo '>>> {command.splitlines()[0][:60]}'", command]
-    script.append("echo; kill $server")
+        script += [f"echo {shlex.quote('>>> ' + command.splitlines()[0][:60])}", command]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV"))}
-    run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, capture_output=True, text=True,
-                         timeout=1200)
-    log = run.stdout[-4000:] + run.stderr[-4000:] + (checkout / "serve.log").read_text()[-3000:]
-    assert run.returncode == 0, log
-    answer = json.loads(run.stdout.split(">>> curl")[1].splitlines()[1])
+    shell = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = shell.communicate(timeout=1200)
+    finally:  # the server too, whether the block got to the end or not
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGTERM)
+    log = stdout[-4000:] + stderr[-4000:] + (checkout / "serve.log").read_text()[-3000:]
+    assert shell.returncode == 0, log
+    answer = json.loads(stdout.split(">>> curl")[1].splitlines()[1])
     assert answer["model"] == "models:/ct-head/1" and answer["predictions"][0]["label"], answer
-    assert "models:/ct-head/1" in run.stdout.split(">>> python -m registry.lineage")[1]
+    assert "models:/ct-head/1" in stdout.split(">>> python -m registry.lineage")[1]
     for name in ("ct-backbone", "ct-head"):
         assert str(client.get_model_version_by_alias(name, "staging").version) == "1"
     student = Lineage.from_tags(client.get_model_version("ct-small-backbone", "1").tags)
