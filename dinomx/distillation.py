@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig
 
-from dinomx.backbone import Backbone, load_image_processor, resolve_pretrained
+from dinomx.backbone import Backbone, load_image_processor
 from dinomx.config import ConfigError
+from dinomx.hub import resolve_pretrained
 
 
 class FrozenTeacher(nn.Module):

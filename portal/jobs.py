@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from dinomx.backbone import hub_snapshot
 from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.errors import MissingInput
+from dinomx.hub import HUB_PART, hub_snapshot
 from portal.db import Dataset, Job, db, now
 from projects.slurm import SlurmBackend, SlurmConfig, SlurmSubmittedRun
 from registry.mlflow_service import MlflowService, Outcome, Tag, run_name
@@ -34,8 +34,7 @@ JOB_STATUS = {Outcome.FINISHED.status: "finished", Outcome.FAILED.status: "faile
 LOG_TAIL = 6000
 # A registered model, or a Hugging Face hub id (``org/name``): never a path, since ``hf:`` of a
 # directory would load whatever the portal's machine holds there.
-_HUB_PART = r"[A-Za-z0-9](?:[\w-]|\.(?!\.))*"
-TEACHER = re.compile(rf"models:/[\w.-]+(?:/\d+|@\w+)|hf:{_HUB_PART}(?:/{_HUB_PART})?")
+TEACHER = re.compile(rf"models:/[\w.-]+(?:/\d+|@\w+)|hf:{HUB_PART}(?:/{HUB_PART})?")
 # What a job does: train a backbone, or fit probes on a registered one (the entry point's name).
 TASKS = {"train": "pretrain or distill a backbone (registers <name>-backbone)",
          "heads": "fit classification heads on a frozen backbone (registers <family>-head)",

@@ -11,11 +11,16 @@ ALLOWED = ("torch", "transformers", "peft", "accelerate", "numpy", "PIL", "yaml"
 PLATFORM = ("mlflow", "boto3", "botocore", "dvc", "bentoml", "great_expectations", "flask")
 
 
-def _loaded_platform_packages(modules: list[str]) -> set[str]:
+def _loaded(modules: list[str], packages) -> set[str]:
+    """Which of ``packages`` a fresh interpreter holds after importing ``modules``."""
     code = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-            f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & set({list(PLATFORM)!r}))))")
+            f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & set({list(packages)!r}))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
     return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def _loaded_platform_packages(modules: list[str]) -> set[str]:
+    return _loaded(modules, PLATFORM)
 
 
 def test_the_engine_imports_no_platform_package():
@@ -31,7 +36,11 @@ def test_the_data_side_loads_neither_torch_nor_the_platform_for_checking_data():
     every training start: importing them loads no torch (tiling slides loads it for the engine's
     HED transform, when stain statistics are computed)."""
     modules = sorted(f"data.{p.stem}" for p in (REPO / "data").glob("*.py") if p.stem != "__init__")
-    code = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'mlflow', 'bentoml', 'flask'})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
-    assert len(modules) >= 10 and json.loads(out.strip().splitlines()[-1]) == []
+    assert len(modules) >= 10 and _loaded(modules, ("torch", "mlflow", "bentoml", "flask")) == set()
+
+
+def test_the_portal_loads_no_engine():
+    """Every gunicorn worker and every `python -m portal` command imports the portal: checking a
+    config or a teacher's name must not cost it torch, transformers and peft (6 s of imports)."""
+    modules = ["portal.app", "portal.__main__", *sorted(f"portal.views.{p.stem}" for p in (REPO / "portal/views").glob("*.py"))]
+    assert _loaded(modules, ("torch", "transformers", "peft", "accelerate", "bentoml")) == set()
