@@ -14,8 +14,9 @@ inside wheels the project installs, so they are on every machine and need no dow
 
     python -m data.samples textures out/textures --size 32
 
-Layout: ``<out>/{train,val}/<class>/<index>.png``, RGB (the grey value in every channel), resized
-to ``size`` with bicubic interpolation. The splits are fixed.
+Layout: ``<out>/{train,val}/<class>/<index>.png`` (textures: ``y<row>x<column>.png``, where the
+patch was cut), RGB (the grey value in every channel), resized to ``size`` with bicubic
+interpolation. The splits are fixed.
 """
 from __future__ import annotations
 
