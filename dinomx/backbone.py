@@ -4,10 +4,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+import sys
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -99,6 +98,11 @@ class Backbone(nn.Module):
 
     def add_lora(self, lora: LoRAConfig) -> None:
         """Wrap the model with LoRA adapters; only the adapters stay trainable."""
+        # peft is imported here, not with the module: a service loading exported backbones never
+        # needs it, and it costs half a second of every worker's start.
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
         config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
         try:
             self.model = get_peft_model(self.model, config)
@@ -115,7 +119,8 @@ class Backbone(nn.Module):
 
     def export_model(self) -> PreTrainedModel:
         """A plain ``transformers`` model: LoRA adapters merged into a copy of the weights."""
-        if isinstance(self.model, PeftModel):
+        peft = sys.modules.get("peft")  # without it imported, nothing can have been wrapped
+        if peft is not None and isinstance(self.model, peft.PeftModel):
             return copy.deepcopy(self.model).merge_and_unload()
         return self.model
 

@@ -69,7 +69,8 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) of ``img`` once turned upright, from its header alone."""
+    """(width, height) of ``img`` once turned upright: from the header of a JPEG or TIFF; a PNG
+    may keep its orientation after the pixels, so an unloaded one is decoded to find it."""
     width, height = img.size
     return (height, width) if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
 

@@ -6,24 +6,36 @@ with a traceback. ``RequestGuard`` sits in front: bodies are bounded, image endp
 multipart uploads whose fields are known (files under ``images``, the few text options), error
 bodies are short, and ``/reload`` needs the operator's token. ``ClientErrorLog`` turns BentoML's
 log of a 4xx into one WARNING line.
+
+Once the service has put its ``endpoints`` in the state, the guard hands them the form it has
+checked, so each upload is parsed once: BentoML's own parse of the same body (spooling every
+file to disk for a ``Path`` argument) and its response machinery cost more per one-image request
+than the forward pass. BentoML's middleware around the guard (metrics, tracing, access log,
+time-out, concurrency limit) still sees every request.
 """
 from __future__ import annotations
 
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
-from starlette.datastructures import Headers, UploadFile
+from pydantic import BaseModel
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
+
+from serving import log
 
 # Per image endpoint, the text fields it takes beside the files under "images".
 IMAGE_ROUTES = {"/embed": (), "/classify": ("head",), "/segment": (), "/regress": (), "/attention": ()}
 RELOAD_ROUTE = "/reload"
 OPENAPI_ROUTE = "/docs.json"
+# An image route's answer from the uploads under "images" and the text options, by route.
+Endpoints = Callable[[str, list[BinaryIO], dict[str, str]], Awaitable[BaseModel]]
 
 
 @dataclass
@@ -36,6 +48,7 @@ class ServingState:
     refused: str | None = None
     loading: str | None = None
     failed: str | None = None
+    endpoints: Endpoints | None = None
 
     @property
     def unavailable(self) -> str | None:
@@ -78,9 +91,16 @@ class RequestGuard:
         body = await self._read(receive)
         if body is None:
             return await _answer(send, 413, f"request body over {self.max_body_bytes} bytes (VF_MAX_REQUEST_BYTES)")
-        if problem := await self._field_problem(scope, body, IMAGE_ROUTES[path]):
-            return await _answer(send, 400, problem)
-        return await self.app(scope, _replay(body), send)
+        form, problem = await self._checked_form(scope, body, IMAGE_ROUTES[path])
+        try:
+            if problem:
+                return await _answer(send, 400, problem)
+            if self.state is None or self.state.endpoints is None:
+                return await self.app(scope, _replay(body), send)
+            return await self._respond(send, path, form, self.state.endpoints)
+        finally:
+            if form is not None:
+                await form.close()
 
     def _reload_refusal(self, headers: Headers) -> tuple[int, str] | None:
         if not self.reload_token:
@@ -105,7 +125,8 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _field_problem(self, scope, body: bytes, options: tuple[str, ...]) -> str | None:
+    async def _checked_form(self, scope, body: bytes, options: tuple[str, ...]) -> tuple[FormData | None, str | None]:
+        """The parsed form, and what is wrong with its fields if anything (the caller closes it)."""
         expected = "files under 'images'" + "".join(f", text '{o}'" for o in options)
         try:
             # One file over the limit is let through to be counted below, with the limit named.
@@ -113,26 +134,38 @@ class RequestGuard:
         except (MultiPartException, HTTPException) as exc:
             detail = str(getattr(exc, "detail", None) or getattr(exc, "message", exc))
             if detail.startswith("Too many files"):
-                return f"images: at most {self.max_images} per request"
-            return f"malformed multipart body: {detail}"
+                return None, f"images: at most {self.max_images} per request"
+            return None, f"malformed multipart body: {detail}"
+        images = 0
+        for key, value in form.multi_items():
+            if key == "images":
+                if not isinstance(value, UploadFile):
+                    # BentoML would fetch a string here as a URL: the service never fetches what a client names.
+                    return form, "images: expected image files, got a text value (URLs are not fetched)"
+                images += 1
+            elif key in options:
+                if isinstance(value, UploadFile):
+                    return form, f"{key}: expected a text value, got a file"
+            else:
+                return form, f"unknown field {key[:64]!r}; expected {expected}"
+        if images > self.max_images:
+            return form, f"images: at most {self.max_images} per request, got {images}"
+        return form, None if images else f"images: send at least one image file (expected {expected})"
+
+    @staticmethod
+    async def _respond(send, path: str, form: FormData, endpoints: Endpoints) -> None:
+        images = [value.file for key, value in form.multi_items() if key == "images"]
+        options = {key: value for key, value in form.multi_items() if key != "images"}
         try:
-            images = 0
-            for key, value in form.multi_items():
-                if key == "images":
-                    if not isinstance(value, UploadFile):
-                        # BentoML would fetch a string here as a URL: the service never fetches what a client names.
-                        return "images: expected image files, got a text value (URLs are not fetched)"
-                    images += 1
-                elif key in options:
-                    if isinstance(value, UploadFile):
-                        return f"{key}: expected a text value, got a file"
-                else:
-                    return f"unknown field {key[:64]!r}; expected {expected}"
-            if images > self.max_images:
-                return f"images: at most {self.max_images} per request, got {images}"
-            return None if images else f"images: send at least one image file (expected {expected})"
-        finally:
-            await form.close()
+            answer = await endpoints(path, images, options)
+        except Exception as exc:
+            # BentoML's errors carry their status (BadInput 400, a too-large image 413).
+            status = getattr(getattr(exc, "error_code", None), "value", 500)
+            if status < 500:
+                return await _answer(send, status, str(exc))
+            log.exception("%s failed", path)
+            return await _send_json(send, 500, b'{"error": "an unexpected error; the server log says what"}')
+        await _send_json(send, 200, answer.model_dump_json().encode())
 
     def _described(self, send):
         """``/docs.json`` as ``describe`` completes it."""
@@ -205,7 +238,7 @@ async def _send_json(send, status: int, body: bytes, extra_headers: list[tuple[b
 
 async def _answer(send, status: int, error: str) -> None:
     await _send_json(send, status, json.dumps({"error": error}).encode())
-    logging.getLogger("bentoml.vision_foundry").warning("refused with %d: %s", status, error)
+    log.warning("refused with %d: %s", status, error)
 
 
 class ClientErrorLog(logging.Filter):

@@ -1,12 +1,19 @@
 """Load the models promoted to an alias, and check that they belong together.
 
-The engine (torch, transformers) loads with the models, in the service's workers: the process
-that only checks the alias before starting them (``check_servable``) does not pay for it.
+The process that starts the service's workers checks the alias and downloads the models' files
+once (``prefetch``); each worker then loads that copy (``load_at_start``) without opening the
+registry, and follows later promotions from the registry itself. The engine (torch,
+transformers) loads with the models, in the workers only.
 """
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
@@ -17,10 +24,15 @@ from dinomx.errors import one_line
 from registry import audit
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
+from serving import log
 
 if TYPE_CHECKING:
     from dinomx.embed import Embedder
     from dinomx.probes import TaskHeads
+
+# Set by ``prefetch`` for the workers it starts: the set it checked and where its files are.
+PREFETCHED = "VF_PREFETCHED"
+Uris = tuple[str, str | None]
 
 
 class ServingError(RuntimeError):
@@ -57,26 +69,56 @@ def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> 
     return tuple(version_uri(mv) if mv else None for mv in holders)
 
 
-def check_servable(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str, str | None]:
-    """The URIs ``load_promoted`` would load, checked without loading them: the alias is held
-    (by versions the gates put there) and each version's files can be read from the artifact
-    store. ``ServingError`` says what is wrong and what to do."""
-    backbone, head = promoted_uris(name, alias, client)
+def servable_uris(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
+    """``models:/`` URIs of the backbone and head (if any) holding ``alias``, put there by the
+    gates. A head only makes sense on the embeddings it was trained on, so a head whose parent is
+    not the promoted backbone version is refused rather than served with wrong answers.
+    ``ServingError`` says what is wrong and what to do."""
+    client = client or MlflowService().client
+    backbone = gated_holder(client, f"{name}-backbone", alias)
     if backbone is None:
         raise ServingError(f"no version of {name}-backbone holds @{alias}: promote one "
                            f"(python -m registry.promote models:/{name}-backbone/<version> --alias {alias}), "
                            "or set VF_MODEL_ALIAS to an alias that is held")
-    for uri in (backbone, head):
-        if uri is None:
-            continue
+    backbone_uri = version_uri(backbone)
+    head = gated_holder(client, f"{name}-head", alias)
+    if head is None:
+        return backbone_uri, None
+    parent = Lineage.from_tags(head.tags).parent
+    if parent != backbone_uri:
+        raise ServingError(
+            f"{version_uri(head)} (@{alias}) was trained on {parent}, but @{alias} of {name}-backbone is "
+            f"{backbone_uri}; promote a head trained on that backbone"
+        )
+    return backbone_uri, version_uri(head)
+
+
+def download(uris: Uris, folder: Path) -> dict[str, str]:
+    """Each model's files under ``folder``, by URI; ``ServingError`` names a version whose files
+    the artifact store will not give."""
+    paths = {}
+    for index, uri in enumerate(u for u in uris if u):
         try:
-            with tempfile.TemporaryDirectory() as folder:
-                mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=folder)
+            paths[uri] = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder / str(index)))
+            # A store that has nothing at the version's source answers with an empty folder.
+            if not (Path(paths[uri]) / "MLmodel").is_file():
+                raise FileNotFoundError("no MLmodel file at the version's source")
         except Exception as exc:  # each artifact store (files, S3, the tracking server) fails its own way
-            raise ServingError(f"{uri} (@{alias}) cannot be read from the artifact store "
-                               f"({type(exc).__name__}: {one_line(exc)[:300]}); check the store's "
-                               "address and credentials, or promote a version whose files exist") from None
-    return backbone, head
+            raise ServingError(f"{uri} cannot be read from the artifact store ({type(exc).__name__}: "
+                               f"{one_line(exc)[:300]}); check the store's address and credentials, "
+                               "or promote a version whose files exist") from None
+    return paths
+
+
+def prefetch(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
+    """In the process that starts the workers, before it does: the set holding ``alias``, checked,
+    and its files downloaded once for every worker (``PREFETCHED`` in the environment says where;
+    the copy goes when this process exits)."""
+    uris = servable_uris(name, alias, client)
+    folder = Path(tempfile.mkdtemp(prefix="vision-foundry-models-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ[PREFETCHED] = json.dumps({"uris": uris, "paths": download(uris, folder)})
+    return uris
 
 
 def _load(uri: str):
@@ -86,26 +128,24 @@ def _load(uri: str):
     return mlflow.pyfunc.load_model(uri, suppress_warnings=True).unwrap_python_model()
 
 
-def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:
-    """``<name>-backbone@alias`` and, if one is promoted, ``<name>-head@alias``.
+def load(uris: Uris, paths: dict[str, str] | None = None) -> PromotedModels:
+    """The checked set ``uris``, from the local copies in ``paths`` where given."""
+    backbone_uri, head_uri = uris
+    paths = paths or {}
+    embedder = _load(paths.get(backbone_uri, backbone_uri)).embedder
+    heads = _load(paths.get(head_uri, head_uri)).heads if head_uri else None
+    return PromotedModels(backbone_uri, embedder, head_uri, heads)
 
-    A head only makes sense on the embeddings it was trained on, so a head whose parent is not
-    the promoted backbone version is refused rather than served with wrong answers.
-    """
-    client = client or MlflowService().client
-    backbone = gated_holder(client, f"{name}-backbone", alias)
-    if backbone is None:
-        raise ServingError(f"no version of {name}-backbone holds @{alias}")
-    backbone_uri = version_uri(backbone)
-    embedder = _load(backbone_uri).embedder
-    head = gated_holder(client, f"{name}-head", alias)
-    if head is None:
-        return PromotedModels(backbone_uri, embedder, None, None)
-    parent = Lineage.from_tags(head.tags).parent
-    if parent != backbone_uri:
-        raise ServingError(
-            f"{version_uri(head)} (@{alias}) was trained on {parent}, but @{alias} of {name}-backbone is "
-            f"{backbone_uri}; promote a head trained on that backbone"
-        )
-    heads = _load(version_uri(head)).heads
-    return PromotedModels(backbone_uri, embedder, version_uri(head), heads)
+
+def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:
+    """``<name>-backbone@alias`` and, if one is promoted, ``<name>-head@alias``."""
+    return load(servable_uris(name, alias, client))
+
+
+def load_at_start(name: str, alias: str) -> PromotedModels:
+    """The set the starting process fetched (``prefetch``), else the one holding ``alias`` now."""
+    if fetched := os.environ.get(PREFETCHED):
+        held = json.loads(fetched)
+        log.info("loading %s from the copy fetched at start", held["uris"])
+        return load(tuple(held["uris"]), held["paths"])
+    return load_promoted(name, alias)

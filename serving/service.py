@@ -12,11 +12,14 @@ that is gone) is refused and the old one kept, and so it is while the registry d
 BentoML adds ``/readyz``, ``/livez`` and ``/metrics``; ``/docs`` is the OpenAPI page, its version
 the served model versions.
 
-At start the server checks the alias once, before any worker starts: no version holding it, or
-files the artifact store will not give, and the process exits 2 within seconds with one line
-saying what to do. Workers load the models beside the server, so ``/readyz`` answers 503 with the
-reason while they load (or if loading failed) and never hangs. The engine (torch, transformers)
-is imported by the workers only.
+At start the server checks the alias once, before any worker starts, and fetches the models'
+files once for all workers: no version holding it, or files the artifact store will not give,
+and the process exits 2 within seconds with one line saying what to do. Workers load that copy
+beside the server, so ``/readyz`` answers 503 with the reason while they load (or if loading
+failed) and never hangs. The engine (torch, transformers) is imported by the workers only.
+
+Image requests are answered from the form the guard parsed and checked (``serving.guard``): one
+parse per upload, in memory.
 
 What a request may cost is bounded before it is decoded: ``VF_MAX_REQUEST_BYTES`` of body,
 ``VF_MAX_IMAGES`` images, ``VF_MAX_IMAGE_PIXELS`` per image and ``VF_MAX_REQUEST_PIXELS`` in all
@@ -29,14 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import logging
 import os
 import sys
 import threading
+import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
 import bentoml
 import numpy as np
@@ -48,9 +53,10 @@ from starlette.responses import JSONResponse
 from dinomx.errors import DataError
 from dinomx.images import upright_size
 from registry.lineage import RegistryUnavailable
+from serving import log
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard, ServingState
-from serving.models import PromotedModels, ServingError, check_servable, load_promoted, promoted_uris
+from serving.models import PromotedModels, ServingError, load_at_start, load_promoted, prefetch, promoted_uris
 from serving.openapi import describe
 from serving.schemas import (
     Attention,
@@ -77,13 +83,17 @@ RELOAD_INTERVAL_S = float(os.environ.get("VF_RELOAD_INTERVAL_S", "60"))
 REGISTRY_TIMEOUT_S = float(os.environ.get("VF_REGISTRY_TIMEOUT_S", "20"))
 BATCH_MAX_SIZE = int(os.environ.get("VF_BATCH_MAX_SIZE", "64"))
 BATCH_MAX_WAIT_MS = float(os.environ.get("VF_BATCH_MAX_WAIT_MS", "0"))
+# Intra-op threads of a worker's forward passes. One core is left to the event loop, which parses
+# requests and decodes images: a pool on every core makes them queue behind it, and OpenMP's
+# spin-waiting between passes burns the core they need (a one-worker service on 2 cores answered
+# ~13 % more one-image requests per second with 1 thread than with 2). Several workers: set it.
+TORCH_THREADS = int(os.environ.get("VF_TORCH_THREADS", "0")) or max(1, len(os.sched_getaffinity(0)) - 1)
 # Shared with the request guard, which answers /readyz with it while a moved alias is refused.
 STATE = ServingState()
 # MLflow's REST client retries a dead server for minutes by default; a service answers sooner.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-log = logging.getLogger("bentoml.vision_foundry")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog())
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 LIMITS = {"VF_MAX_IMAGES": MAX_IMAGES, "VF_MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
@@ -94,9 +104,17 @@ class TooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
-def _check_sizes(files: list[Path]) -> list[tuple[int, int]]:
-    """(width, height) of every upload from its header alone, refused before anything is decoded
-    when one image or the request as a whole would exceed the pixel limits."""
+def _open(upload: Path | BinaryIO) -> Image.Image:
+    """An upload (a file BentoML saved, or the guard's in-memory one) opened from its start."""
+    if hasattr(upload, "seek"):
+        upload.seek(0)
+    return Image.open(upload)
+
+
+def _check_sizes(files: list[Path | BinaryIO]) -> None:
+    """Every upload's size from its header alone, refused before anything is decoded when one
+    image or the request as a whole would exceed the pixel limits. (Not its upright size: a PNG's
+    orientation may lie after its pixels, and turning does not change the count.)"""
     if not files:
         raise BadInput("images: send at least one image")
     if len(files) > MAX_IMAGES:
@@ -104,8 +122,8 @@ def _check_sizes(files: list[Path]) -> list[tuple[int, int]]:
     sizes = []
     for index, path in enumerate(files):
         try:
-            with Image.open(path) as img:
-                width, height = upright_size(img)  # /segment answers at the size the image is seen
+            with _open(path) as img:
+                width, height = img.size
         except Image.DecompressionBombError as exc:
             raise TooLarge(f"images[{index}]: {exc}") from None
         except (UnidentifiedImageError, OSError) as exc:
@@ -119,26 +137,27 @@ def _check_sizes(files: list[Path]) -> list[tuple[int, int]]:
     total = sum(w * h for w, h in sizes)
     if total > MAX_REQUEST_PIXELS:
         raise TooLarge(f"images: {total} pixels in all; at most {MAX_REQUEST_PIXELS} per request (VF_MAX_REQUEST_PIXELS)")
-    return sizes
 
 
-def _decode(files: list[Path], preprocess) -> torch.Tensor:
-    """The model's input for every upload, decoding one at a time (at most ``DECODE_SLOTS`` in the
-    process) and keeping only its reduced pixels, never every full-size image at once."""
+def _decode(files: list[Path | BinaryIO], preprocess) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The model's input for every upload, and each one's upright (width, height), decoding one
+    at a time (at most ``DECODE_SLOTS`` in the process) and keeping only its reduced pixels, never
+    every full-size image at once."""
     import torch  # loaded with the models, in the worker; not by the process that only starts them
 
-    pixels = []
+    pixels, sizes = [], []
     for index, path in enumerate(files):
         with _decoding:
             try:
-                with Image.open(path) as img:
+                with _open(path) as img:
                     img.load()
+                    sizes.append(upright_size(img))  # /segment answers at the size the image is seen
                     pixels.append(preprocess([img]))
             except DataError as exc:
                 raise BadInput(f"images[{index}]: {exc}") from None
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
                 raise BadInput(f"images[{index}]: not a readable image ({type(exc).__name__})") from None
-    return torch.cat(pixels)
+    return torch.cat(pixels), sizes
 
 
 def _png(array: np.ndarray) -> str:
@@ -149,6 +168,7 @@ def _png(array: np.ndarray) -> str:
 
 IMAGES = Field(description="Image files (PNG, JPEG, TIFF, BMP, GIF, WebP; 8- or 16-bit), one to VF_MAX_IMAGES per "
                "request; each is turned upright by its EXIF orientation")
+# As BentoML declares them (the OpenAPI page, its clients); the guard passes its in-memory uploads.
 Images = Annotated[list[Path], IMAGES]
 
 
@@ -161,10 +181,11 @@ class VisionFoundry:
     @bentoml.on_deployment
     def preflight() -> None:
         """Once, before any worker starts: the alias must name models that can be served, else the
-        server exits at once with the reason (a worker that cannot load would be restarted forever)."""
+        server exits at once with the reason (a worker that cannot load would be restarted forever).
+        Their files are fetched here, once for all workers, which load them without the registry."""
         name, alias = _target()
         try:
-            uris = check_servable(name, alias)
+            uris = prefetch(name, alias)
         except (ServingError, RegistryUnavailable) as exc:
             print(f"vision-foundry: cannot serve {name}@{alias}: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -178,17 +199,29 @@ class VisionFoundry:
         # Loaded beside the server, so that /readyz answers (503, loading) instead of hanging.
         STATE.loading = f"loading {self.name}@{self.alias}"
         threading.Thread(target=self._load, daemon=True, name="vf-load").start()
+        STATE.endpoints = self._answer
+
+    async def _answer(self, path: str, images: list[BinaryIO], options: dict[str, str]):
+        """An image route answered from the guard's parsed form (see ``serving.guard``). The
+        method's own function: in the worker, BentoML's attribute is a client of the HTTP route."""
+        return await getattr(type(self), path.removeprefix("/")).func(self, images=images, **options)
 
     def __is_ready__(self) -> bool:
         return self.models is not None
 
     def _load(self) -> None:
+        import torch
+
+        torch.set_num_threads(TORCH_THREADS)
         try:
-            models = load_promoted(self.name, self.alias)
+            models = load_at_start(self.name, self.alias)
         except Exception as exc:  # whatever it is, /readyz says it and nothing is served on a guess
             STATE.loading, STATE.failed = None, f"cannot serve {self.name}@{self.alias}: {exc}"
             log.error("%s", STATE.failed)
             return
+        # The libraries and weights just loaded live as long as the process: kept out of the
+        # collector's full passes, which would otherwise walk them all and stall requests.
+        gc.freeze()
         self.models = models
         STATE.serving, STATE.refused, STATE.loading = models.uris, None, None
         if models.heads is None:
@@ -198,8 +231,9 @@ class VisionFoundry:
             threading.Thread(target=self._poll, daemon=True, name="vf-reload").start()
 
     def _poll(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(RELOAD_INTERVAL_S):
+        """Follows the alias; the first check is at once, since a worker restarted long after the
+        server started loads the set the server fetched then."""
+        while True:
             try:
                 with self._reloading:
                     self._reload()
@@ -208,6 +242,7 @@ class VisionFoundry:
                 log.warning("reload check: %s; still serving %s", exc, self.models.uris)
             except Exception as exc:  # the poller must outlive a registry outage or a bad promotion
                 log.warning("reload check: %s; still serving %s", exc, self.models.uris)
+            time.sleep(RELOAD_INTERVAL_S)
 
     def _reload(self) -> Reloaded:
         """Swap in the set holding the alias now (caller holds ``_reloading``). A registry that
@@ -234,11 +269,11 @@ class VisionFoundry:
                            f"(train one with `heads --{'masks' if probe == 'segmentation' else 'targets'}`)")
         return models.heads
 
-    async def _pixels(self, models: PromotedModels, images: list[Path]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        sizes = _check_sizes(images)
-        return await asyncio.to_thread(_decode, images, models.embedder.preprocess), sizes
+    async def _pixels(self, models: PromotedModels, images: list[Path | BinaryIO]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        _check_sizes(images)
+        return await asyncio.to_thread(_decode, images, models.embedder.preprocess)
 
-    async def _embeddings(self, models: PromotedModels, images: list[Path]) -> np.ndarray:
+    async def _embeddings(self, models: PromotedModels, images: list[Path | BinaryIO]) -> np.ndarray:
         pixels, _ = await self._pixels(models, images)
         return await self.batcher(pixels.cpu().numpy(), models.embedder.embed_pixels)
 

@@ -334,6 +334,8 @@ def test_service_classifies_validation_tiles(service):
     assert np.asarray(embed["embeddings"]).shape == (1, 96)
     assert httpx.get(f"{base}/livez").status_code == 200
     assert "bentoml_service_request" in httpx.get(f"{base}/metrics").text
+    # The server fetched the models once; its worker loaded that copy, not the registry's.
+    assert "from the copy fetched at start" in service[2].read_text()
     # The OpenAPI page names what answers, and its form sends `head` as a plain field, as "Try it out" does.
     docs = httpx.get(f"{base}/docs.json", timeout=30).json()
     assert docs["info"]["title"] == "Vision Foundry" and docs["info"]["version"] == f"{embed['model']} + {body['model']}"

@@ -136,11 +136,30 @@ def test_micro_batcher_caps_batches_separates_models_and_fails_only_the_failed_b
     assert swapped.tolist() == [[101.0]] and sizes == [2, 2, 1]
 
 
+def test_pixel_limits_are_checked_from_the_header_before_anything_is_decoded(tmp_path, monkeypatch):
+    from PIL import Image, PngImagePlugin
+
+    import serving.service as service
+
+    Image.new("L", (300, 200)).save(big := tmp_path / "big.png")
+    monkeypatch.setattr(service, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+
+    def decoded(self):
+        raise AssertionError("decoded before its size was checked")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", decoded)
+    with pytest.raises(service.TooLarge, match=r"images\[0\]: 300x200 = 60000 pixels; at most 59999 per image"):
+        service._check_sizes([big.open("rb")])
+
+
 def test_segment_masks_are_sized_as_the_upright_image(tmp_path):
-    from serving.service import _check_sizes
+    import torch
+
+    from serving.service import _decode
 
     # Stored 8 wide, 4 high, and seen turned 90 degrees: 4 wide, 8 high.
-    assert _check_sizes([sideways_photo(tmp_path / "phone.jpg", orientation=8)]) == [(4, 8)]
+    pixels, sizes = _decode([sideways_photo(tmp_path / "phone.jpg", orientation=8)], lambda images: torch.zeros(1, 3))
+    assert sizes == [(4, 8)] and pixels.shape == (1, 3)
 
 
 def test_while_loading_or_after_a_failed_load_readyz_and_the_endpoints_answer_503_with_the_reason():
@@ -162,7 +181,7 @@ def test_a_failed_load_is_said_once_and_served_on_no_guess(monkeypatch, caplog):
     def unreadable(name, alias):
         raise OSError("models:/demo-backbone/3: no such file in the artifact store")
 
-    monkeypatch.setattr(service, "load_promoted", unreadable)
+    monkeypatch.setattr(service, "load_at_start", unreadable)
     monkeypatch.setattr(service, "STATE", state := ServingState(loading="loading demo@production"))
     instance = object.__new__(service.VisionFoundry.inner)
     instance.name, instance.alias, instance.models = "demo", "production", None
@@ -210,10 +229,8 @@ def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypat
     client = mlflow.MlflowClient()
     client.create_registered_model("ct-backbone")
     client.create_model_version("ct-backbone", str(tmp_path / "gone"))  # its files were deleted from the store
-    monkeypatch.setattr(models, "promoted_uris", lambda name, alias, client=None: ("models:/ct-backbone/1", None))
-    with pytest.raises(models.ServingError, match=r"models:/ct-backbone/1 \(@production\) cannot be read from the "
+    with pytest.raises(models.ServingError, match=r"models:/ct-backbone/1 cannot be read from the "
                                                   r"artifact store .*check the store's address and credentials"):
-        models.check_servable("ct", "production", client)
-    monkeypatch.setattr(models, "promoted_uris", lambda name, alias, client=None: (None, None))
+        models.download(("models:/ct-backbone/1", None), tmp_path / "fetched")
     with pytest.raises(models.ServingError, match=r"no version of ct-backbone holds @production: promote one"):
-        models.check_servable("ct", "production", client)
+        models.servable_uris("ct", "production", client)
