@@ -16,7 +16,11 @@ raw pixels) met or not.
    blocks frozen. The DINO-MX paper's ordering: LoRA and freezing come close to full fine-tuning
    with a fraction of the trainable parameters.
 3. A half-size student (hidden 48, 2 blocks): trained alone, and distilled from the full-size
-   model trained on all ten digits. The paper's ordering: distillation helps the small student.
+   model adapted to all ten digits (pretrained, then fine-tuned: twice the steps, and stronger
+   than the student alone). The paper's ordering: distillation helps the small student.
+
+Each run spreads its steps over 10 epochs, so its schedules keep the recipe's shape at any length
+(one epoch of warm-up, then cosine decay), rather than one epoch-long warm-up that never decays.
 
 Rows also give the same architecture at random init and raw pixels. Online kNN is the weighted
 kNN of the teacher during training (dinomx.online_eval); the last column is scikit-learn's kNN
@@ -44,6 +48,7 @@ from dinomx.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 HALF = ["student.hidden_size=48", "student.num_hidden_layers=2", "student.num_attention_heads=2"]
+EPOCHS = 10  # of every adapt run, whatever its length
 
 
 def knn(train_x, train_y, val_x, val_y, k: int = 20) -> float:
@@ -85,7 +90,7 @@ class Runner:
 
     def config(self, name: str, overrides: list[str]) -> DinoMXConfig:
         cfg = DinoMXConfig.from_yaml(REPO / "configs" / "small-cpu.yaml", [
-            f"train.steps_per_epoch={self.steps}", "train.epochs=1", f"train.eval_every={self.eval_every}",
+            f"train.steps_per_epoch={self.steps // EPOCHS}", f"train.epochs={EPOCHS}", f"train.eval_every={self.eval_every}",
             f"train.log_every={self.eval_every}", f"train.output_dir={self.work / name}", *overrides])
         return cfg
 
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=100, help="adapt: online kNN every so many iterations")
     parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     args = parser.parse_args(argv)
+    if args.steps % EPOCHS:
+        parser.error(f"--steps: a multiple of {EPOCHS} (each run has {EPOCHS} epochs), got {args.steps}")
     work = Path(args.work or tempfile.mkdtemp(prefix="dinomx-learning-"))
     if args.part == "sets":
         print(f"\n{args.config.name} {' '.join(args.overrides)}: kNN (k=20, cosine) on real images, 32 px\n")

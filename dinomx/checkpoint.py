@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinomx.config import DinoMXConfig, DistributionConfig
-from dinomx.errors import MissingInput, UserError
+from dinomx.errors import MissingInput, UserError, one_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -63,10 +63,14 @@ def read_checkpoint(source: str | Path, cfg: DinoMXConfig) -> dict:
 
 def restore(state: dict, students, teacher, objective) -> None:
     """Model and loss states; optimisers follow once they exist (``restore_optimizers``)."""
-    for model, model_state in zip(students, state["students"]):
-        model.load_state_dict(model_state)
-    teacher.load_state_dict(state["teacher"])
-    objective.load_state_dict(state["losses"])
+    try:
+        for model, model_state in zip(students, state["students"]):
+            model.load_state_dict(model_state)
+        teacher.load_state_dict(state["teacher"])
+        objective.load_state_dict(state["losses"])
+    except RuntimeError as exc:  # e.g. distillation's projection heads, gone since neighbourhoods replaced them
+        raise ResumeError(f"resume_from: the checkpoint holds other modules than this version of DINO-MX builds "
+                          f"({one_line(exc)[:300]}); resume with the version that wrote it, or start again") from None
 
 
 def restore_optimizers(state: dict, students, optimizers) -> None:

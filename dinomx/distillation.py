@@ -58,7 +58,3 @@ class FrozenTeacher(nn.Module):
         cls, _ = self.backbone(pixels * self.scale + self.shift)
         return F.normalize(cls.float(), dim=-1)
 
-
-def projection_heads(student_dim: int, teachers: list[FrozenTeacher]) -> nn.ModuleList:
-    """One linear map from the student's CLS to each teacher's feature space."""
-    return nn.ModuleList(nn.Linear(student_dim, t.embed_dim) for t in teachers)

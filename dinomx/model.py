@@ -1,4 +1,4 @@
-"""The student/teacher pair: backbone + DINO head (+ iBOT head, + distillation projections),
+"""The student/teacher pair: backbone + DINO head (+ iBOT head),
 built from the config, with its optimiser parameter groups and FSDP2 sharding."""
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch.distributed.tensor import DTensor
 from dinomx.backbone import Backbone, layer_depth
 from dinomx.config import DinoMXConfig
 from dinomx.dino_head import DINOHead
-from dinomx.distillation import FrozenTeacher, projection_heads
 
 # A transformer block module: Dinov2 `encoder.layer.3`, ViT `layers.3`.
 _BLOCK_MODULE = re.compile(r"(?:^|\.)layers?\.\d+$")
@@ -24,13 +23,11 @@ class DINOModel(nn.Module):
     """Backbone + DINO head (+ iBOT head, possibly the same module). One forward per training
     step so that DDP sees every pass."""
 
-    def __init__(self, backbone: Backbone, dino_head: DINOHead, ibot_head: DINOHead | None = None,
-                 distill_heads: nn.ModuleList | None = None):
+    def __init__(self, backbone: Backbone, dino_head: DINOHead, ibot_head: DINOHead | None = None):
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
         self.ibot_head = ibot_head
-        self.distill_heads = distill_heads
 
     def forward(
         self,
@@ -47,8 +44,6 @@ class DINOModel(nn.Module):
         if not heads:
             return {"global_cls": cls}
         out = {"global_cls": cls, "global_logits": self.dino_head(cls)}
-        if self.distill_heads is not None:
-            out["distill"] = [head(cls) for head in self.distill_heads]
         if masks is not None and self.ibot_head is not None:
             out["masked_patch_logits"] = self.ibot_head(patches[masks])
         if local_crops is not None:
@@ -61,7 +56,7 @@ def _head(in_dim: int, section, norm_last_layer: bool = True) -> DINOHead:
                     norm_last_layer, section.use_bn)
 
 
-def build_models(cfg: DinoMXConfig, teachers: list[FrozenTeacher] = ()) -> tuple[DINOModel, DINOModel]:
+def build_models(cfg: DinoMXConfig) -> tuple[DINOModel, DINOModel]:
     backbone = Backbone.from_config(cfg.student)
     # Adapters and freezing go in before the teacher is copied, so teacher and student have the
     # same parameters and the EMA pairs them one to one (frozen ones stay equal).
@@ -76,8 +71,7 @@ def build_models(cfg: DinoMXConfig, teachers: list[FrozenTeacher] = ()) -> tuple
     ibot_head = None
     if cfg.ibot.loss_weight > 0:
         ibot_head = _head(backbone.embed_dim, cfg.ibot, cfg.dino_head.norm_last_layer) if cfg.ibot.separate_head else dino_head
-    distill_heads = projection_heads(backbone.embed_dim, list(teachers)) if teachers else None
-    student = DINOModel(backbone, dino_head, ibot_head, distill_heads)
+    student = DINOModel(backbone, dino_head, ibot_head)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     teacher.eval()

@@ -16,7 +16,7 @@ from torch import nn
 from dinomx.config import DinoMXConfig
 from dinomx.diagnostics import batch_diagnostics
 from dinomx.distillation import FrozenTeacher
-from dinomx.loss import CosineDistillationLoss, DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, RelationalDistillationLoss
 from dinomx.model import DINOModel
 
 
@@ -39,7 +39,7 @@ class SSLObjective(nn.Module):
         self.koleo = KoLeoLoss()
         ibot_dim = cfg.ibot.out_dim if cfg.ibot.separate_head else h.out_dim
         self.ibot = IBOTPatchLoss(ibot_dim, h.student_temp, h.center_momentum, h.centering)
-        self.distillation = CosineDistillationLoss()
+        self.distillation = RelationalDistillationLoss()
         self.n_local = cfg.crops.local_crops_number
         self.dino_weight, self.koleo_weight = h.loss_weight, h.koleo_loss_weight
         self.ibot_weight, self.distill_weight = cfg.ibot.loss_weight, cfg.distillation.loss_weight
@@ -69,7 +69,7 @@ class SSLObjective(nn.Module):
                 # MAD: both student crops of the high-magnification tile face its low-magnification pair.
                 seen = batch["paired"].repeat(2, 1, 1, 1) if "paired" in batch else global_crops
                 targets = [t(seen) for t in frozen]
-            parts["distill_loss"] = self.distillation(out["distill"], targets)
+            parts["distill_loss"] = self.distillation(out["global_cls"], targets)
             loss = loss + self.distill_weight * parts["distill_loss"]
         if self.ibot_weight > 0 and masks.any():
             patch_probs = self.ibot.teacher_probs(teacher_out["masked_patch_logits"].float(), teacher_temp)

@@ -149,7 +149,7 @@ def build_run(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerator
 
     frozen = [FrozenTeacher.load(t, cfg.dataset.mean, cfg.dataset.std, cfg.crops.global_crops_size)
               for t in cfg.distillation.teachers]
-    student, teacher = build_models(cfg, frozen)
+    student, teacher = build_models(cfg)
     fsdp = cfg.distribution.type == "fsdp"
     if not fsdp:
         shared = share_frozen(student, teacher)
@@ -390,7 +390,7 @@ def export(run: Run) -> Path:
     if accelerator.is_main_process:
         teacher = run.teacher
         if run.fsdp:  # rebuild an unsharded teacher from the gathered weights
-            teacher = build_models(cfg, run.frozen)[1]
+            teacher = build_models(cfg)[1]
             teacher.load_state_dict(final["teacher"])
         teacher.backbone.save_pretrained(backbone_dir, cfg.dataset, cfg.crops.global_crops_size)
         cfg.to_yaml(Path(cfg.train.output_dir) / "config.yaml")

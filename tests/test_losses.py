@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, TeacherCentering
+from dinomx.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, RelationalDistillationLoss, TeacherCentering
 
 
 def test_dino_loss_is_cross_entropy_and_skips_same_view():
@@ -62,3 +62,31 @@ def test_ibot_loss_weights_each_image_equally():
     student = torch.tensor([[50.0, 0, 0], [0, 50.0, 0], [0, 50.0, 0], [0, 50.0, 0]])
     value = loss(student, teacher, masks)
     assert value.item() == pytest.approx((0.0 + 50.0) / 2, abs=1e-3)
+
+
+def test_relational_distillation_is_the_kl_of_neighbourhoods_and_ignores_width_and_rotation():
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 32)
+    loss = RelationalDistillationLoss()
+    # The published form, image by image: KL(p_i || q_i) over the other images, softmax of cosine / 0.1.
+    student = torch.randn(6, 8, requires_grad=True)
+
+    def neighbours(x, i):
+        x = torch.nn.functional.normalize(x, dim=-1)
+        others = [j for j in range(len(x)) if j != i]
+        return torch.softmax(torch.stack([x[i] @ x[j] for j in others]) / 0.1, dim=0)
+
+    expected = sum((neighbours(teacher, i) * (neighbours(teacher, i) / neighbours(student, i)).log()).sum()
+                   for i in range(6)) / 6
+    value = loss(student, [teacher])
+    assert torch.allclose(value, expected, atol=1e-5)
+    value.backward()
+    assert student.grad.abs().sum() > 0
+    # A student of another width whose space is the teacher's, rotated and scaled: nothing to learn.
+    rotation = torch.linalg.qr(torch.randn(48, 48))[0][:, :32]
+    assert loss(3 * teacher @ rotation.T, [teacher]).item() < 1e-5
+    # Several teachers: the mean of their divergences.
+    other = torch.randn(6, 16)
+    assert torch.allclose(loss(teacher, [teacher, other]), loss(teacher, [other]) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="teachers' features for the student's 6 images"):
+        loss(teacher, [other[:4]])
