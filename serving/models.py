@@ -62,13 +62,6 @@ def gated_holder(client: MlflowClient, model: str, alias: str) -> ModelVersion |
     return holder
 
 
-def promoted_uris(name: str, alias: str, client: MlflowClient | None = None) -> tuple[str | None, str | None]:
-    """``models:/`` URIs of the backbone and head holding ``alias`` now (None where none does)."""
-    client = client or MlflowService().client
-    holders = (gated_holder(client, f"{name}-backbone", alias), gated_holder(client, f"{name}-head", alias))
-    return tuple(version_uri(mv) if mv else None for mv in holders)
-
-
 def servable_uris(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
     """``models:/`` URIs of the backbone and head (if any) holding ``alias``, put there by the
     gates. A head only makes sense on the embeddings it was trained on, so a head whose parent is

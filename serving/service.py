@@ -56,7 +56,7 @@ from registry.lineage import RegistryUnavailable
 from serving import log
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard, ServingState
-from serving.models import PromotedModels, ServingError, load_at_start, load_promoted, prefetch, promoted_uris
+from serving.models import PromotedModels, ServingError, load, load_at_start, prefetch, servable_uris
 from serving.openapi import describe
 from serving.schemas import (
     Attention,
@@ -247,14 +247,14 @@ class VisionFoundry:
     def _reload(self) -> Reloaded:
         """Swap in the set holding the alias now (caller holds ``_reloading``). A registry that
         does not answer raises ``RegistryUnavailable``: nothing changes on a guess."""
-        current = promoted_uris(self.name, self.alias)
+        current = servable_uris(self.name, self.alias)
         if current == self.models.uris:
             STATE.refused = None
             return Reloaded(changed=False, backbone=current[0], head=current[1])
         if self.models.head_uri and current[1] is None:
             raise ServingError(f"no {self.name}-head holds @{self.alias} any more; serving on without the head "
                                "would answer /classify with errors: promote a head (or restart the service)")
-        models = load_promoted(self.name, self.alias)
+        models = load(current)
         # Swapped in one assignment: a request sees either the old set or the new one.
         self.models = models
         STATE.serving, STATE.refused = models.uris, None
