@@ -9,15 +9,20 @@ digits, textures and faces: kNN (k=20, cosine) on raw pixels, on the same ViT at
 on the trained export, with the recipe's target (at least 0.20 over random init, within 0.05 of
 raw pixels) met or not.
 
-``adapt``: kNN against training steps for the ways DINO-MX trains, on the digits:
+``adapt``: kNN against training steps for the ways DINO-MX trains, on the digits, with a
+full-size model (hidden 96, 4 blocks) so that a half-size student has room below it:
 
-1. ``base``: configs/small-cpu.yaml pretrained on digits 0-4 only: the foundation model.
-2. Adapting ``base`` to all ten digits: full fine-tuning, LoRA (r=8 on q/v), the first two
-   blocks frozen. The DINO-MX paper's ordering: LoRA and freezing come close to full fine-tuning
-   with a fraction of the trainable parameters.
+1. Two foundation models, each pretrained for ``PRETRAIN`` times the steps of an adaptation, as a
+   foundation model is trained far longer than it is adapted: one on digits 0-4 only, one on
+   another set (the textures).
+2. Adapting each to all ten digits: full fine-tuning, LoRA (r=8 on q/v, at the recipe's lr and
+   at ``LORA_LR_SCALE`` times it: adapters start at zero and move only through a rank-8 path),
+   the first two blocks frozen; against the same steps from scratch. The DINO-MX paper's
+   ordering: LoRA and freezing come close to full fine-tuning with a fraction of the trainable
+   parameters.
 3. A half-size student (hidden 48, 2 blocks): trained alone, and distilled from the full-size
-   model adapted to all ten digits (pretrained, then fine-tuned: twice the steps, and stronger
-   than the student alone). The paper's ordering: distillation helps the small student.
+   model adapted to all ten digits (pretrained, then fine-tuned: stronger than the student
+   alone). The paper's ordering: distillation helps the small student.
 
 Each run spreads its steps over 10 epochs, so its schedules keep the recipe's shape at any length
 (one epoch of warm-up, then cosine decay), rather than one epoch-long warm-up that never decays.
@@ -39,7 +44,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from sklearn.neighbors import KNeighborsClassifier
 
-from data.samples import SETS, digits
+from data.samples import SETS, digits, textures
 from dinomx.config import DinoMXConfig
 from dinomx.embed import Embedder
 from dinomx.images import list_images, load_image
@@ -47,8 +52,13 @@ from dinomx.model import build_models
 from dinomx.train import train
 
 REPO = Path(__file__).resolve().parents[1]
+FULL = ["student.hidden_size=96", "student.num_hidden_layers=4", "student.num_attention_heads=4"]
 HALF = ["student.hidden_size=48", "student.num_hidden_layers=2", "student.num_attention_heads=2"]
 EPOCHS = 10  # of every adapt run, whatever its length
+PRETRAIN = 4  # a foundation model's steps, in adaptation runs
+LORA_LR_SCALE = 5
+LORA = ["lora_config.enabled=true", "lora_config.r=8", "lora_config.alpha=16"]
+SCRATCH, ALONE, DISTILLED = "scratch: all ten digits", "half-size student, alone", "half-size student, distilled"
 
 
 def knn(train_x, train_y, val_x, val_y, k: int = 20) -> float:
@@ -88,14 +98,15 @@ class Runner:
         self.work, self.steps, self.eval_every = work, steps, eval_every
         self.rows: list[dict] = []
 
-    def config(self, name: str, overrides: list[str]) -> DinoMXConfig:
-        cfg = DinoMXConfig.from_yaml(REPO / "configs" / "small-cpu.yaml", [
-            f"train.steps_per_epoch={self.steps // EPOCHS}", f"train.epochs={EPOCHS}", f"train.eval_every={self.eval_every}",
-            f"train.log_every={self.eval_every}", f"train.output_dir={self.work / name}", *overrides])
-        return cfg
+    def config(self, name: str, overrides: list[str], steps: int | None = None) -> DinoMXConfig:
+        return DinoMXConfig.from_yaml(REPO / "configs" / "small-cpu.yaml", [
+            *FULL, f"train.steps_per_epoch={(steps or self.steps) // EPOCHS}", f"train.epochs={EPOCHS}",
+            f"train.eval_every={self.eval_every}", f"train.log_every={self.eval_every}",
+            f"train.output_dir={self.work / name}", *overrides])
 
-    def run(self, name: str, data: Path, overrides: list[str] = (), evaluate_on: Path | None = None) -> Path:
-        cfg = self.config(re.sub(r"[^\w-]+", "-", name), list(overrides))
+    def run(self, name: str, data: Path, overrides: list[str] = (), evaluate_on: Path | None = None,
+            steps: int | None = None) -> Path:
+        cfg = self.config(re.sub(r"[^\w-]+", "-", name), list(overrides), steps)
         curve: dict[int, float] = {}
         start = time.perf_counter()
         result = train(cfg, data / "train", eval_root=data / "val",
@@ -109,7 +120,7 @@ class Runner:
         return result.backbone_dir
 
     def table(self, baselines: dict[str, float]) -> str:
-        steps = sorted({s for row in self.rows for s in row["curve"]})
+        steps = sorted({s for row in self.rows for s in row["curve"] if s <= self.steps})
         header = ["method", "trainable", *[f"knn@{s}" for s in steps], "export kNN", "loss", "time"]
         lines = [" | ".join(header), " | ".join("---" for _ in header)]
         for row in self.rows:
@@ -154,14 +165,22 @@ def adapt(work: Path, steps: int, eval_every: int) -> None:
     first_half = subset(data, [str(d) for d in range(5)], work / "digits0-4")
     runner = Runner(work / "runs", steps, eval_every)
 
-    base = runner.run("base: pretrain on 0-4 (online kNN on 0-4)", first_half, evaluate_on=data)
+    lora_lr = f"optim.lr={runner.config('lr', []).optim.lr * LORA_LR_SCALE}"
+    pretrain = PRETRAIN * steps
+    base = runner.run(f"base: digits 0-4, {pretrain} steps (online kNN on 0-4)", first_half, evaluate_on=data, steps=pretrain)
     adapt = [f"student.pretrained={base}"]
-    full = runner.run("adapt: full fine-tuning", data, adapt)
-    runner.run("adapt: LoRA r=8", data, [*adapt, "lora_config.enabled=true", "lora_config.r=8", "lora_config.alpha=16"])
-    runner.run("adapt: freeze 2 blocks", data, [*adapt, "student.freeze_blocks=2"])
-    runner.run("scratch: all ten digits", data)
-    runner.run("half-size student, alone", data, HALF)
-    runner.run("half-size student, distilled", data, [*HALF, f'distillation.teachers=["{full}"]'])
+    full = runner.run("digits 0-4 base, adapted: full fine-tuning", data, adapt)
+    runner.run("digits 0-4 base, adapted: LoRA r=8", data, [*adapt, *LORA])
+    runner.run(f"digits 0-4 base, adapted: LoRA r=8, lr x{LORA_LR_SCALE}", data, [*adapt, *LORA, lora_lr])
+    runner.run("digits 0-4 base, adapted: freeze 2 blocks", data, [*adapt, "student.freeze_blocks=2"])
+    other = runner.run(f"base: textures, {pretrain} steps (online kNN on textures)", textures(work / "textures", size=32),
+                       evaluate_on=data, steps=pretrain)
+    across = [f"student.pretrained={other}"]
+    runner.run("textures base, adapted: full fine-tuning", data, across)
+    runner.run(f"textures base, adapted: LoRA r=8, lr x{LORA_LR_SCALE}", data, [*across, *LORA, lora_lr])
+    runner.run(SCRATCH, data)
+    runner.run(ALONE, data, HALF)
+    runner.run(DISTILLED, data, [*HALF, f'distillation.teachers=["{full}"]'])
 
     cfg = runner.config("random", [])
     baselines = {
@@ -170,8 +189,15 @@ def adapt(work: Path, steps: int, eval_every: int) -> None:
         "raw pixels": pixels_knn(data),
     }
     print(f"\nkNN accuracy on scikit-learn's digits (32 px, {len(list_images(data / 'train')[0])} train / "
-          f"{len(list_images(data / 'val')[0])} val), {steps} iterations each, configs/small-cpu.yaml\n")
+          f"{len(list_images(data / 'val')[0])} val), {steps} iterations each (the bases {pretrain}), configs/small-cpu.yaml at full size\n")
     print(runner.table(baselines))
+    export = {row["name"]: row["export"] for row in runner.rows}
+    print("\nMargins of the export kNN: each adaptation against the same steps from scratch, the distilled "
+          "student against the student alone")
+    for name, value in export.items():
+        if "adapted:" in name:
+            print(f"{name}: {value - export[SCRATCH]:+.3f}")
+    print(f"{DISTILLED}: {export[DISTILLED] - export[ALONE]:+.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
