@@ -94,15 +94,15 @@ def subset(data: Path, classes: list[str], out: Path) -> Path:
 
 
 class Runner:
-    def __init__(self, work: Path, steps: int, eval_every: int):
-        self.work, self.steps, self.eval_every = work, steps, eval_every
+    def __init__(self, work: Path, steps: int, eval_every: int, overrides: list[str]):
+        self.work, self.steps, self.eval_every, self.overrides = work, steps, eval_every, overrides
         self.rows: list[dict] = []
 
     def config(self, name: str, overrides: list[str], steps: int | None = None) -> DinoMXConfig:
         return DinoMXConfig.from_yaml(REPO / "configs" / "small-cpu.yaml", [
             *FULL, f"train.steps_per_epoch={(steps or self.steps) // EPOCHS}", f"train.epochs={EPOCHS}",
             f"train.eval_every={self.eval_every}", f"train.log_every={self.eval_every}",
-            f"train.output_dir={self.work / name}", *overrides])
+            f"train.output_dir={self.work / name}", *self.overrides, *overrides])
 
     def run(self, name: str, data: Path, overrides: list[str] = (), evaluate_on: Path | None = None,
             steps: int | None = None) -> Path:
@@ -160,10 +160,10 @@ def every_set(work: Path, config: Path, overrides: list[str], sets: list[str]) -
     return "\n".join(lines)
 
 
-def adapt(work: Path, steps: int, eval_every: int) -> None:
+def adapt(work: Path, steps: int, eval_every: int, overrides: list[str]) -> None:
     data = digits(work / "digits", size=32)
     first_half = subset(data, [str(d) for d in range(5)], work / "digits0-4")
-    runner = Runner(work / "runs", steps, eval_every)
+    runner = Runner(work / "runs", steps, eval_every, overrides)
 
     lora_lr = f"optim.lr={runner.config('lr', []).optim.lr * LORA_LR_SCALE}"
     pretrain = PRETRAIN * steps
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["sets", "adapt"])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "small-cpu.yaml", help="sets: the recipe")
-    parser.add_argument("--overrides", nargs="*", default=[], help="sets: key=value on top of the recipe")
+    parser.add_argument("--overrides", nargs="*", default=[], help="key=value on top of the recipe (adapt: of every run)")
     parser.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS), help="sets: which")
     parser.add_argument("--steps", type=int, default=300, help="adapt: iterations of each run")
     parser.add_argument("--eval-every", type=int, default=100, help="adapt: online kNN every so many iterations")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{args.config.name} {' '.join(args.overrides)}: kNN (k=20, cosine) on real images, 32 px\n")
         print(every_set(work, args.config, args.overrides, args.sets))
     else:
-        adapt(work, args.steps, args.eval_every)
+        adapt(work, args.steps, args.eval_every, args.overrides)
 
 
 if __name__ == "__main__":

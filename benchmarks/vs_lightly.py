@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from data.synthetic import generate
-from dinomx.augmentations import collate_crops
 from dinomx.backbone import Backbone
 from dinomx.config import DinoMXConfig
 from dinomx.data import ImageFolderDataset
@@ -70,9 +69,10 @@ def lightly_images_per_sec(cfg: DinoMXConfig, data: Path, device: torch.device) 
         return model["head"](model["backbone"](x)[0])
 
     images = ImageFolderDataset(data, cfg.student.num_channels)
+    crops = CropDataset(images, cfg)
     total = cfg.total_steps
     loader = torch.utils.data.DataLoader(
-        CropDataset(images, cfg), batch_size=cfg.train.batch_size, collate_fn=collate_crops, drop_last=True,
+        crops, batch_size=cfg.train.batch_size, collate_fn=crops.augment.collate, drop_last=True,
         sampler=StreamSampler(len(images), 0, total * cfg.train.batch_size, cfg.train.seed),
         num_workers=cfg.dataset.num_workers,
     )

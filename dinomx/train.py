@@ -24,7 +24,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dinomx.augmentations import collate_crops
 from dinomx.backbone import pretrained_student
 from dinomx.checkpoint import CHECKPOINT_NAME, read_checkpoint, restore, restore_optimizers, save_checkpoint
 from dinomx.config import ConfigError, DinoMXConfig
@@ -190,7 +189,7 @@ def data_loader(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerat
     """The batches of iterations ``start`` on: from an image folder through a seeded sampler, or
     streamed from shards (``dinomx.stream``), each process reading its own."""
     batch_size, per_step = cfg.train.batch_size, cfg.train.batch_size * accelerator.num_processes
-    loading = {"batch_size": batch_size, "collate_fn": collate_crops, "num_workers": cfg.dataset.num_workers,
+    loading = {"batch_size": batch_size, "num_workers": cfg.dataset.num_workers,
                "worker_init_fn": ignore_stop_signals}
     if is_sharded(data_root):
         shards = read_index(data_root)
@@ -206,16 +205,18 @@ def data_loader(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerat
         if shards.samples < batch_size:
             raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({shards.samples} samples)")
         order = ShardOrder(shards, cfg.train.seed, cfg.dataset.open_shards, cfg.dataset.shuffle_buffer)
-        stream = ShardStream(order, CropDataset(None, cfg).views, cfg.student.num_channels, batch_size, start,
+        crops = CropDataset(None, cfg)
+        stream = ShardStream(order, crops.views, cfg.student.num_channels, batch_size, start,
                              cfg.total_steps, accelerator.process_index, accelerator.num_processes)
         # Not through accelerate, whose loaders for iterable data read on one process and dispatch.
-        return OnDevice(DataLoader(stream, **loading), accelerator.device)
+        return OnDevice(DataLoader(stream, collate_fn=crops.augment.collate, **loading), accelerator.device)
     images = ImageFolderDataset(data_root, cfg.student.num_channels)
     if len(images) < batch_size:
         raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({len(images)} images)")
     sampler = StreamSampler(len(images), start * per_step, cfg.total_steps * per_step, cfg.train.seed,
                             cfg.train.num_experts, per_step)
-    return accelerator.prepare(DataLoader(CropDataset(images, cfg), sampler=sampler, drop_last=True, **loading))
+    crops = CropDataset(images, cfg)
+    return accelerator.prepare(DataLoader(crops, sampler=sampler, drop_last=True, collate_fn=crops.augment.collate, **loading))
 
 
 @dataclass

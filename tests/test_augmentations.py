@@ -5,11 +5,11 @@ import torch
 
 from dinomx.augmentations import (
     DataAugmentationDINO,
-    collate_crops,
     crop_box,
     gaussian_blur,
     hed_jitter,
     random_resized_crop,
+    stack_views,
 )
 from dinomx.config import ConfigError
 from dinomx.masking import block_mask, sample_mask
@@ -20,8 +20,9 @@ def test_random_resized_crop_and_blur_shapes():
     img = torch.rand(3, 40, 30)
     crop = random_resized_crop(img, 16, (0.2, 0.5), generator=torch.Generator().manual_seed(0))
     assert crop.shape == (3, 16, 16)
-    blurred = gaussian_blur(img, 1.5)
-    assert blurred.shape == img.shape and blurred.std() < img.std()
+    pair = torch.stack([img, img])
+    blurred = gaussian_blur(pair, torch.tensor([0.0, 1.5]))
+    assert blurred.shape == pair.shape and torch.equal(blurred[0], img) and blurred[1].std() < img.std()
 
 
 def test_multicrop_views_and_view_major_collate():
@@ -29,20 +30,35 @@ def test_multicrop_views_and_view_major_collate():
     aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
     samples = [aug(torch.rand(3, 32, 32), torch.Generator().manual_seed(i)) for i in range(3)]
     assert len(samples[0]["global_crops"]) == 2 and len(samples[0]["local_crops"]) == 2
-    batch = collate_crops(samples)
+    stacked = stack_views(samples)
+    assert torch.equal(stacked["global_crops"][1], samples[1]["global_crops"][0])
+    assert torch.equal(stacked["global_crops"][3], samples[0]["global_crops"][1])
+    batch = aug.collate(samples)
+    assert set(batch) == {"global_crops", "local_crops"}  # the parameters are spent
     assert batch["global_crops"].shape == (6, 3, 32, 32)
     assert batch["local_crops"].shape == (6, 3, 16, 16)
-    assert torch.equal(batch["global_crops"][1], samples[1]["global_crops"][0])
-    assert torch.equal(batch["global_crops"][3], samples[0]["global_crops"][1])
+
+
+@pytest.mark.parametrize("table", ["rgb", "gray", "ct", "he"])
+def test_a_crop_looks_the_same_whatever_batch_it_is_in(table):
+    """The photometric pass runs on whole batches; no crop's result may depend on the others."""
+    cfg = tiny_config(dataset={"augmentation": table})
+    aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, table)
+    samples = [aug(torch.rand(3, 32, 32), torch.Generator().manual_seed(i)) for i in range(6)]
+    together = aug.collate(samples)
+    for i, sample in enumerate(samples):
+        alone = aug.collate([sample])
+        for key in ("global_crops", "local_crops"):
+            assert torch.allclose(together[key][i::len(samples)], alone[key], atol=1e-6), (key, i)
 
 
 def test_views_are_a_function_of_the_generator_seed():
     cfg = tiny_config()
     aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std)
     img = torch.rand(3, 32, 32)
-    a, b = (aug(img, torch.Generator().manual_seed(7)) for _ in range(2))
-    c = aug(img, torch.Generator().manual_seed(8))
-    assert all(torch.equal(x, y) for x, y in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"]))
+    a, b = (aug.collate([aug(img, torch.Generator().manual_seed(7))]) for _ in range(2))
+    c = aug.collate([aug(img, torch.Generator().manual_seed(8))])
+    assert all(torch.equal(a[key], b[key]) for key in a)
     assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
@@ -50,8 +66,8 @@ def test_views_are_a_function_of_the_generator_seed():
 def test_single_channel_views(table):
     cfg = tiny_config(student={"num_channels": 1}, dataset={"mean": [0.5], "std": [0.25], "augmentation": table})
     aug = DataAugmentationDINO(cfg.crops, cfg.dataset.mean, cfg.dataset.std, cfg.dataset.augmentation)
-    views = aug(torch.rand(1, 32, 32), torch.Generator().manual_seed(0))
-    assert views["global_crops"][0].shape == (1, 32, 32) and views["local_crops"][0].shape == (1, 16, 16)
+    views = aug.collate([aug(torch.rand(1, 32, 32), torch.Generator().manual_seed(0))])
+    assert views["global_crops"].shape == (2, 1, 32, 32) and views["local_crops"].shape == (2, 1, 16, 16)
 
 
 def _keeps_channel_order(table: str, seeds: int = 30) -> bool:
@@ -59,11 +75,8 @@ def _keeps_channel_order(table: str, seeds: int = 30) -> bool:
     cfg = tiny_config()
     aug = DataAugmentationDINO(cfg.crops, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), table)
     tile = torch.tensor([0.6, 0.35, 0.45]).view(3, 1, 1) + torch.rand(1, 32, 32) * 0.05
-    for seed in range(seeds):
-        for view in aug(tile, torch.Generator().manual_seed(seed))["global_crops"]:
-            if not (view[0] > view[1]).all():
-                return False
-    return True
+    views = aug.collate([aug(tile, torch.Generator().manual_seed(seed)) for seed in range(seeds)])["global_crops"]
+    return bool((views[:, 0] > views[:, 1]).all())
 
 
 def test_ct_table_never_invents_colour_while_rgb_does():
@@ -77,10 +90,10 @@ def test_rgb_table_is_refused_for_single_channel_configs():
 
 
 def test_hed_jitter_is_identity_at_rest_and_moves_stain_otherwise():
-    img = torch.rand(3, 8, 8) * 0.8 + 0.1
-    same = hed_jitter(img, torch.ones(3), torch.zeros(3))
+    img = torch.rand(1, 3, 8, 8) * 0.8 + 0.1
+    same = hed_jitter(img, torch.ones(1, 3), torch.zeros(1, 3))
     assert torch.allclose(same, img, atol=1e-4)
-    more_hematoxylin = hed_jitter(img, torch.tensor([1.3, 1.0, 1.0]), torch.zeros(3))
+    more_hematoxylin = hed_jitter(img, torch.tensor([[1.3, 1.0, 1.0]]), torch.zeros(1, 3))
     assert more_hematoxylin.mean() < img.mean()  # more stain absorbs more light
 
 
