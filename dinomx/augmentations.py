@@ -130,9 +130,10 @@ def intensity_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.
 
 
 def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
-    """Stain concentrations (haematoxylin, eosin, DAB) of RGB images in [0, 1], shape (N, 3, H, W)."""
+    """Stain concentrations (haematoxylin, eosin, DAB) of RGB images in [0, 1], shape (..., 3, H, W)
+    (``dinomx.images.stain_means`` reads slides' stains the same way)."""
     density = -torch.log(x.clamp_min(1e-6))
-    return torch.einsum("nchw,cs->nshw", density, _HED_FROM_RGB)
+    return torch.einsum("...chw,cs->...shw", density, _HED_FROM_RGB)
 
 
 def hed_jitter(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
