@@ -51,7 +51,8 @@ class StreamSampler(Sampler):
 
 class CropDataset(Dataset):
     """Multi-crop views (and iBOT masks of the global crops) of an image folder, or (``views``) of
-    images streamed from shards, which have neither label masks nor paired tiles here."""
+    images streamed from shards, which have neither label masks nor paired tiles here. The crops
+    come with their photometric parameters; ``augment.collate`` applies them to a whole batch."""
 
     def __init__(self, images: ImageFolderDataset | None, cfg: DinoMXConfig):
         self.images = images
