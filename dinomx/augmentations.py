@@ -165,6 +165,19 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def gaussian_noise(x: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Each image plus a noise field of its own ``scale`` (0: left as is), drawn from its own
+    ``seed`` so that it does not depend on the batch; one field for all channels."""
+    noisy = torch.nonzero(scale > 0).flatten().tolist()
+    if not noisy:
+        return x
+    x = x.clone()
+    for i in noisy:
+        field = torch.randn((1, *x.shape[2:]), generator=torch.Generator().manual_seed(int(seed[i])))
+        x[i] = (x[i] + field * scale[i]).clamp(0, 1)
+    return x
+
+
 def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(x >= threshold, 1 - x, x)
 
@@ -241,11 +254,7 @@ class DataAugmentationDINO:
             x = _where(p["jitter"], hed_jitter(x, alpha, beta), x)
         else:  # gray, ct
             x = _where(p["jitter"], intensity_jitter(x, p["brightness"], p["contrast"]), x)
-            if (p["noise"] > 0).any():
-                noise = torch.stack([
-                    torch.randn((1, *x.shape[2:]), generator=torch.Generator().manual_seed(int(seed))) * scale
-                    for seed, scale in zip(p["noise_seed"].tolist(), p["noise"].tolist())])
-                x = (x + noise).clamp(0, 1)
+            x = gaussian_noise(x, p["noise"], p["noise_seed"])
         x = gaussian_blur(x, p["blur_sigma"])
         x = _where(p["solarize"], solarize(x), x)
         return (x - self.mean) / self.std

@@ -7,6 +7,7 @@ from dinomx.augmentations import (
     DataAugmentationDINO,
     crop_box,
     gaussian_blur,
+    gaussian_noise,
     hed_jitter,
     random_resized_crop,
     stack_views,
@@ -95,6 +96,17 @@ def test_hed_jitter_is_identity_at_rest_and_moves_stain_otherwise():
     assert torch.allclose(same, img, atol=1e-4)
     more_hematoxylin = hed_jitter(img, torch.tensor([[1.3, 1.0, 1.0]]), torch.zeros(1, 3))
     assert more_hematoxylin.mean() < img.mean()  # more stain absorbs more light
+
+
+def test_gaussian_noise_leaves_quiet_rows_alone_and_draws_each_field_from_its_seed():
+    x = torch.full((3, 2, 64, 64), 0.5)
+    out = gaussian_noise(x, torch.tensor([0.0, 0.03, 0.03]), torch.tensor([0.0, 7.0, 7.0]))
+    assert torch.equal(out[0], x[0])
+    assert torch.equal(out[1], out[2])  # same seed, same field, wherever the row is
+    assert torch.equal(out[1, 0], out[1, 1])  # one field for every channel
+    assert abs((out[1] - 0.5).std().item() - 0.03) < 0.003
+    other = gaussian_noise(x[:1], torch.tensor([0.03]), torch.tensor([8.0]))
+    assert not torch.equal(other[0], out[1])
 
 
 def test_label_guided_crop_boxes_contain_the_annotated_pixel():
