@@ -50,7 +50,7 @@ import numpy as np
 import openslide
 import pandas as pd
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from data.annotations import BACKGROUND, majority_label, read_regions, tile_mask
 from data.dicom import CTFrame, CTSlice, describe, read_ct, window
@@ -71,7 +71,7 @@ from data.params import MODALITIES, ON_ERROR, IngestParams
 from data.shards import SHARDS, Md5Memo, Sample, ShardWriter, inputs_memo, png_bytes
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.errors import DataError, UserError, run_command
-from dinomx.images import IMAGE_SUFFIXES, stain_means, to_model_mode
+from dinomx.images import IMAGE_SUFFIXES, UNREADABLE, image_problem, stain_means, to_model_mode
 from dinomx.shards import INDEX, Shard, ShardSet, read_index
 
 log = logging.getLogger(__name__)
@@ -811,8 +811,8 @@ def ingest_images(raw: str | Path, out: str | Path, mode: str = "rgb", val_fract
                 converted = to_model_mode(img, 3 if mode == "rgb" else 1, value_range)
         except DataError as exc:
             raise IngestError(path, str(exc)) from None
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise IngestError(path, f"not a readable image ({_image_problem(path, exc)})") from None
+        except UNREADABLE as exc:
+            raise IngestError(path, f"not a readable image ({image_problem(path, exc)})") from None
         out_path = f"{split}/{label}/{output_stem(relative)}.png"
         staging.save(converted, out_path, relative.as_posix())
         return [{"path": out_path, "modality": mode, "source": relative.as_posix(), "split": split, "label": label,
@@ -821,18 +821,6 @@ def ingest_images(raw: str | Path, out: str | Path, mode: str = "rgb", val_fract
     return _publish(raw, out, len(files) + len(hidden), images, rows_of, str, [],
                     skipped, val_fraction=val_fraction, on_error=on_error,
                     extra={"value_range.json": json.dumps(value_range)} if value_range else None)
-
-
-def _image_problem(path: Path, exc: Exception) -> str:
-    """What is wrong with an image file that does not decode, in the user's terms."""
-    size = path.stat().st_size
-    if size == 0:
-        return "empty file (0 bytes)"
-    if isinstance(exc, UnidentifiedImageError):
-        return f"its content is not a {path.suffix.lstrip('.').upper() or 'known'} image (unrecognised header)"
-    if "truncated" in str(exc).lower() or isinstance(exc, SyntaxError):
-        return f"truncated or corrupt after {size} bytes ({exc})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,16 +53,16 @@ def labelled_images(root: str | Path, num_channels: int, limit: int | None = Non
         shards = read_index(root)
         items = ((key, parts) for shard in shards.shards for key, parts in read_shard(shards.url(shard)))
         found = ((key, label_index(shards, key, parts), parts[shards.image]) for key, parts in items)
-        load, classes = (lambda data: to_model_mode(decode(data), num_channels)), shards.classes
+        load, classes = (lambda key, data: to_model_mode(decode(data, f"{root}: sample {key}"), num_channels)), shards.classes
     else:
         paths, labels, classes = list_images(root)
-        found, load = zip(paths, labels, paths), (lambda path: load_image(path, num_channels))
+        found, load = zip(paths, labels, paths), (lambda _, path: load_image(path, num_channels))
     names, images, labels, seen = [], [], [], set()
     for name, label, source in found:
         if first_of_each_class and label in seen:
             continue
         seen.add(label)
-        names.append(name), images.append(load(source)), labels.append(label)
+        names.append(name), images.append(load(name, source)), labels.append(label)
         if len(images) == limit or (first_of_each_class and len(seen) == len(classes)):
             break
     return names, images, labels, classes

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dinomx.errors import DataError, MissingInput
 
@@ -106,13 +106,34 @@ def _as_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
+# What PIL raises for a file it cannot decode: an unknown header (UnidentifiedImageError, an
+# OSError), a stream that ends early (OSError), a corrupt chunk (SyntaxError), or a size no tile has.
+UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def image_problem(path: Path, exc: BaseException) -> str:
+    """What is wrong with an image file that does not decode (one of ``UNREADABLE``), in the user's terms."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (removed after the folder was listed?)"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"its content is not a {path.suffix.lstrip('.').upper() or 'known'} image (unrecognised header)"
+    if "truncated" in str(exc).lower() or isinstance(exc, SyntaxError):
+        return f"truncated or corrupt after {size} bytes ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def load_image(path: str | Path, num_channels: int = 3) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        try:
+    try:
+        with Image.open(path) as img:
+            img.load()
             return to_model_mode(img, num_channels)
-        except DataError as exc:
-            raise DataError(f"{path}: {exc}") from None
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except UNREADABLE as exc:
+        raise DataError(f"{path}: not a readable image ({image_problem(Path(path), exc)})") from None
 
 
 def window_hu(hu, center: float, width: float):

@@ -204,15 +204,21 @@ def labelled_sample(shards: ShardSet, limit: int, seed: int, num_channels: int) 
             if len(images) >= limit or taken >= per_shard:
                 break
             labels.append(shards.classes[label_index(shards, key, parts)])
-            images.append(to_model_mode(decode(parts[shards.image]), num_channels))
+            images.append(to_model_mode(decode(parts[shards.image], f"{shards.url(shards.shards[j])}: sample {key}"), num_channels))
         if len(images) >= limit:
             break
     return images, labels
 
 
-def decode(data: bytes):
+def decode(data: bytes, sample: str):
+    """A sample's image; ``sample`` names it when the bytes do not decode."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    from dinomx.images import UNREADABLE
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UNREADABLE as exc:
+        raise DataError(f"{sample}: not a readable image ({type(exc).__name__}: {exc})") from None
     return img

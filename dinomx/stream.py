@@ -166,5 +166,5 @@ class ShardStream(IterableDataset):
             if image not in parts:
                 raise DataError(f"{self.order.shards.root}: a sample has no {image!r} (it has {sorted(parts)}); "
                                 "set dataset.shard_image to one of its images")
-            img = to_model_mode(decode(parts[image]), self.num_channels)
+            img = to_model_mode(decode(parts[image], f"{self.order.shards.root}: a sample's {image!r}"), self.num_channels)
             yield self.views(img, mix(reader.index, first + n))

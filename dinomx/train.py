@@ -12,10 +12,11 @@ import math
 import os
 import sys
 import time
+import traceback
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +31,7 @@ from dinomx.config import ConfigError, DinoMXConfig
 from dinomx.data import ImageFolderDataset
 from dinomx.diagnostics import CollapseDetector, CollapseError
 from dinomx.distillation import FrozenTeacher
+from dinomx.errors import UserError
 from dinomx.interrupt import Interrupted, StopRequest, ignore_stop_signals
 from dinomx.model import build_models, ema_pairs, ema_update, param_groups, shard, share_frozen
 from dinomx.objective import SSLObjective, StepOutput
@@ -230,8 +232,33 @@ class OnDevice:
             for batch in batches:
                 yield send_to_device(batch, self.device)
         finally:
-            # Workers end with the loop (see _train), not when the collector reaches the iterator.
+            # Workers end with the loop (see `batches`), not when the collector reaches the iterator.
             getattr(batches, "_shutdown_workers", lambda: None)()
+
+
+def batches(loader: Iterable):
+    """The loader's batches, its workers ended with the loop however it ends.
+
+    Workers ignore the stop signals, so they must end here, not at interpreter exit, where
+    multiprocessing's exit handler sends them SIGTERM and waits forever while anything holds their
+    iterator: a notebook or a test holding an exception, or the interpreter itself, which keeps an
+    uncaught one as ``sys.last_traceback``. When the model's step raises, closing the loader's
+    generator releases it. When fetching a batch raises (an unreadable image), the generator has
+    already ended and the frames of the error's traceback hold the iterator: those frames, the
+    loader's own, are cleared. A worker's ``UserError`` comes back with the worker's traceback as
+    its message, and is raised again with its own."""
+    with closing(iter(loader)) as source:
+        while True:
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            except BaseException as exc:
+                traceback.clear_frames(exc.__traceback__)
+                if isinstance(exc, UserError) and str(exc).startswith("Caught "):
+                    raise type(exc)(str(exc).rsplit(f"{type(exc).__name__}: ", 1)[-1].strip()) from None
+                raise
+            yield batch
 
 
 def train_step(run: Run, it: int, batch) -> Step:
@@ -369,14 +396,10 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     reporting.baseline(run)
     for model in run.students:
         model.train()
-    # Workers ignore the stop signals and end with the loop: ended here, whatever ends the loop, not
-    # at interpreter exit, where a held exception (a notebook, a test) keeps them alive and
-    # multiprocessing's exit handler, whose SIGTERM they ignore, waits for them forever.
-    with closing(iter(run.loader)) as batches:
-        for it, batch in enumerate(batches, start=run.start):
-            step = train_step(run, it, batch)
-            for hook in hooks:
-                hook(run, step)
+    for it, batch in enumerate(batches(run.loader), start=run.start):
+        step = train_step(run, it, batch)
+        for hook in hooks:
+            hook(run, step)
     reporting.progress.close()
     return TrainResult(backbone_dir=export(run), checkpoint=run.checkpoint, steps=run.total, metrics=reporting.metrics,
                        collapse=reporting.collapse)

@@ -47,3 +47,15 @@ def test_exif_orientation_is_applied_and_gif_and_webp_are_read(tmp_path):
     paths, _, _ = list_images(tmp_path)
     assert [p.name for p in paths] == ["a.gif", "b.webp"]
     assert [int(np.asarray(load_image(p)).mean()) for p in paths] == [200, 200]  # a GIF's first frame
+
+
+def test_a_file_that_does_not_decode_is_named_with_what_is_wrong(tmp_path):
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(whole)
+    (tmp_path / "cut.png").write_bytes(whole.read_bytes()[:100])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    for name, problem in (("cut.png", r"truncated or corrupt after 100 bytes"), ("empty.png", r"empty file \(0 bytes\)"),
+                          ("notes.jpg", r"its content is not a JPG image"), ("gone.png", "no such file")):
+        with pytest.raises(DataError, match=rf"{tmp_path / name}: not a readable image \({problem}"):
+            load_image(tmp_path / name)

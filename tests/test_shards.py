@@ -325,3 +325,14 @@ def test_a_hostile_or_broken_index_is_refused_by_name(tmp_path):
     (tmp_path / INDEX).write_text(json.dumps(good))
     with pytest.raises(ConfigError, match=r"dataset.shard_image: .* holds png, not '20x.png'"):
         train(tiny_config(train={"output_dir": str(tmp_path / "out")}, dataset={"shard_image": "20x.png"}), tmp_path)
+
+
+def test_a_sample_whose_image_does_not_decode_is_named(tmp_path):
+    root = tmp_path / "shards" / "train"
+    _synthetic_shards(root, [4], side=32)
+    path = root / "part0-00000.tar"
+    whole = path.read_bytes()
+    second = whole.index(b"IDAT", whole.index(b"s00001.png"))  # the second sample's pixel data
+    path.write_bytes(whole[:second + 8] + bytes(64) + whole[second + 72:])  # same length: the tar still reads
+    with pytest.raises(DataError, match=rf"{root}: sample s00001: not a readable image \("):
+        labelled_images(root, 3)

@@ -3,6 +3,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 from dinomx.embed import Embedder
+from dinomx.errors import DataError
 from dinomx.interrupt import Interrupted
 from dinomx.model import build_models, ema_pairs, ema_update, param_groups, share_frozen
 from dinomx.sampling import StreamSampler
@@ -269,6 +271,21 @@ def test_stop_signal_checkpoints_at_that_iteration_and_resumes_there(tiles, tmp_
     steps = []
     train(cfg, tiles / "train", on_log=lambda step, m: steps.append(step), resume_from=stopped.value.checkpoint)
     assert steps == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_named_and_the_workers_end(tiles, tmp_path, workers):
+    data = shutil.copytree(tiles / "train", tmp_path / "train")
+    for path in data.glob("*/*.png"):
+        path.write_bytes(path.read_bytes()[:100])
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "run")}, dataset={"num_workers": workers})
+    with pytest.raises(DataError) as refused:
+        train(cfg, data)
+    # One line naming the file, not the worker's traceback that torch re-raises it with.
+    assert re.fullmatch(rf"{data}/\w+/\w+\.png: not a readable image \(truncated or corrupt after 100 bytes .*\)",
+                        str(refused.value)), str(refused.value)
+    # The held error does not keep the worker alive (interpreter exit would wait for it forever).
+    assert not multiprocessing.active_children()
 
 
 def test_fsdp_needs_several_processes(tiles, tmp_path):
