@@ -3,6 +3,7 @@ processes loads under any number of processes and either distribution type."""
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -53,7 +54,13 @@ def read_checkpoint(source: str | Path, cfg: DinoMXConfig) -> dict:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise MissingInput(f"resume_from: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as exc:  # empty, cut short, or no torch file
+        raise ResumeError(f"resume_from: {path} is not a readable checkpoint ({one_line(exc)[:200]})") from None
+    if not isinstance(state, dict) or not {"step", "config_sha256"} <= state.keys():
+        raise ResumeError(f"resume_from: {path} is a torch file but not a DINO-MX checkpoint "
+                          f"(expected the {CHECKPOINT_NAME} that training writes)")
     if state["config_sha256"] != resume_key(cfg):
         raise ResumeError(f"resume_from: {path} was written with a different config; resume with the same one")
     if state["step"] >= cfg.total_steps:

@@ -17,7 +17,7 @@ from transformers import AutoModel
 
 from data.shards import pack_folder
 from dinomx.backbone import Backbone
-from dinomx.checkpoint import CHECKPOINT_NAME
+from dinomx.checkpoint import CHECKPOINT_NAME, ResumeError, read_checkpoint
 from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 from dinomx.embed import Embedder
@@ -124,6 +124,18 @@ def test_resume_refuses_another_config(tiles, tmp_path):
     other = tiny_config(train={"output_dir": str(tmp_path), "epochs": 3}, optim={"lr": 0.01})
     with pytest.raises(ValueError, match="written with a different config"):
         train(other, tiles / "train", resume_from=tmp_path)
+
+
+def test_resume_from_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    whole = (tmp_path / "weights.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(tmp_path / "tile.png")
+    for name, problem in (("cut.pt", "is not a readable checkpoint"), ("empty.pt", "is not a readable checkpoint"),
+                          ("tile.png", "is not a readable checkpoint"), ("weights.pt", "is a torch file but not a DINO-MX")):
+        with pytest.raises(ResumeError, match=rf"resume_from: {tmp_path / name} {problem}"):
+            read_checkpoint(tmp_path / name, tiny_config())
 
 
 def _backbone_params(model_dir):
