@@ -51,8 +51,9 @@ def pretrained_student(cfg: DinoMXConfig) -> DinoMXConfig:
     source = cfg.student.pretrained
     if source == "scratch":
         return cfg
+    path = resolve_pretrained(source)
     try:
-        hf = AutoConfig.from_pretrained(resolve_pretrained(source))
+        hf = AutoConfig.from_pretrained(path)
     except OSError as exc:
         raise ConfigError(f"student.pretrained: cannot read the config of {source!r}: {exc}") from None
     if hf.model_type not in ("dinov2", "vit", "dinov2_with_registers"):

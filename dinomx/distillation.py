@@ -33,7 +33,7 @@ class FrozenTeacher(nn.Module):
     @classmethod
     def load(cls, source: str, student_mean: tuple[float, ...], student_std: tuple[float, ...],
              crop_size: int) -> "FrozenTeacher":
-        path = resolve_pretrained(source)
+        path = resolve_pretrained(source, "distillation.teachers")
         config = AutoConfig.from_pretrained(path)
         if crop_size % config.patch_size:
             raise ConfigError(

@@ -27,16 +27,18 @@ def hub_snapshot(repo_id: str) -> str:
                            f"once on a machine with hub access (`hf download {repo_id}`) and copy the cache") from None
 
 
-def resolve_pretrained(pretrained: str) -> str:
+def resolve_pretrained(pretrained: str, key: str = "student.pretrained") -> str:
     """``hf:<repo id>`` names a hub model that must already be in the local Hugging Face cache: it
     resolves to that snapshot and never to a folder of the working directory, which
     ``from_pretrained`` would otherwise prefer for a two-part id such as ``hf:outputs/pretrain``.
-    Anything else is a local directory written by ``save_pretrained``."""
+    Anything else is a local directory written by ``save_pretrained``. ``key``: the config key
+    that named it (a student, or one of ``distillation.teachers``), for the error."""
     if pretrained.startswith("hf:"):
-        return hub_snapshot(pretrained[3:])
+        try:
+            return hub_snapshot(pretrained[3:])
+        except MissingInput as exc:
+            raise MissingInput(f"{key}: {exc}") from None
     if not (Path(pretrained) / "config.json").is_file():
-        raise MissingInput(
-            f"student.pretrained: {pretrained!r} is neither 'scratch', 'hf:<repo id>' "
-            "nor a directory containing config.json"
-        )
+        named = "'scratch', 'hf:<repo id>'" if key == "student.pretrained" else "'hf:<repo id>'"
+        raise MissingInput(f"{key}: {pretrained!r} is neither {named} nor a directory containing config.json")
     return pretrained

@@ -16,12 +16,12 @@ from PIL import Image
 from transformers import AutoModel
 
 from data.shards import pack_folder
-from dinomx.backbone import Backbone
+from dinomx.backbone import Backbone, pretrained_student
 from dinomx.checkpoint import CHECKPOINT_NAME, ResumeError, read_checkpoint
 from dinomx.config import DatasetConfig, StudentConfig
 from dinomx.distillation import FrozenTeacher
 from dinomx.embed import Embedder
-from dinomx.errors import DataError
+from dinomx.errors import DataError, MissingInput
 from dinomx.interrupt import Interrupted
 from dinomx.model import build_models, ema_pairs, ema_update, param_groups, share_frozen
 from dinomx.sampling import StreamSampler
@@ -198,6 +198,14 @@ def test_unknown_lora_target_names_the_key(tmp_path):
     cfg = tiny_config(lora_config={"enabled": True, "target_modules": ["qkv"]})
     with pytest.raises(ValueError, match="lora_config.target_modules"):
         build_models(cfg)
+
+
+def test_a_pretrained_source_that_is_not_there_names_the_key_that_named_it(tmp_path):
+    with pytest.raises(MissingInput, match=r"^student.pretrained: 'org/name' is neither 'scratch', 'hf:<repo id>' nor a directory"):
+        pretrained_student(tiny_config(student={"pretrained": "org/name"}))
+    gone = str(tmp_path / "gone")
+    with pytest.raises(MissingInput, match=rf"^distillation.teachers: '{gone}' is neither 'hf:<repo id>' nor a directory"):
+        FrozenTeacher.load(gone, (0.5,) * 3, (0.25,) * 3, 32)
 
 
 @pytest.mark.slow  # two torchrun processes
