@@ -21,7 +21,8 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from dinomx.backbone import Backbone, load_image_processor
-from dinomx.images import to_model_mode
+from dinomx.errors import run_command
+from dinomx.images import load_image, to_model_mode
 
 
 def eager_twin(model: PreTrainedModel) -> PreTrainedModel:
@@ -131,14 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.k <= 3:
         parser.error("--k: expected 1, 2 or 3")
-    images = []
-    for path in args.images:
-        with Image.open(path) as img:
-            img.load()
-            images.append((path.stem, img))
-    for path in write_attention_pngs(args.model, images, args.out, args.k):
-        print(path)
-    return 0
+
+    def run() -> None:
+        images = [(path.stem, load_image(path)) for path in args.images]
+        for path in write_attention_pngs(args.model, images, args.out, args.k):
+            print(path)
+
+    return run_command("dinomx.attention", run)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import copy
 import os
 import re
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from transformers import (
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from dinomx.config import ConfigError, DatasetConfig, DinoMXConfig, LoRAConfig, StudentConfig, check_model_fit
+from dinomx.errors import MissingInput
 from dinomx.hub import resolve_pretrained
 
 # Transformer block index in a parameter name: Dinov2 `encoder.layer.3.`, ViT `layers.3.`.
@@ -153,6 +155,8 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Backbone":
+        if not (Path(directory) / "config.json").is_file():  # else transformers reads it as a hub id
+            raise MissingInput(f"{directory}: no saved backbone (expected the config.json and weights of save_pretrained)")
         return cls(AutoModel.from_pretrained(directory))
 
     def save_pretrained(self, directory: str | os.PathLike, dataset: DatasetConfig, image_size: int) -> None:

@@ -114,7 +114,7 @@ UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
 def image_problem(path: Path, exc: BaseException) -> str:
     """What is wrong with an image file that does not decode (one of ``UNREADABLE``), in the user's terms."""
     if isinstance(exc, FileNotFoundError):
-        return "no such file (removed after the folder was listed?)"
+        return "no such file"
     size = path.stat().st_size
     if size == 0:
         return "empty file (0 bytes)"

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from dinomx.attention import attention_mask, cls_attention, eager_twin, pca_channels, write_attention_pngs
+from dinomx.attention import main as attention_command
 from dinomx.backbone import Backbone
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
 from dinomx.config import StudentConfig
@@ -90,3 +91,17 @@ def test_cls_attention_per_head_and_pngs(tmp_path, tiles, arch):
     written = write_attention_pngs(tmp_path / "model", [(first.stem, Image.open(first))], tmp_path / "png", scale=2)
     assert [p.name for p in written] == ["glands_0000_heads.png", "glands_0000_pca.png"]
     assert Image.open(written[0]).size == (64 * 3, 64)  # input + one panel per head
+
+
+def test_the_attention_command_names_an_unreadable_image_and_a_missing_model(tmp_path, capsys):
+    student = StudentConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    Backbone.from_config(student).save_pretrained(tmp_path / "model", tiny_config().dataset, 32)
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (32, 32)).save(tmp_path / "tile.png")
+    for model, image, said in (("model", "notes.png", f"{tmp_path / 'notes.png'}: not a readable image"),
+                               ("gone", "tile.png", f"{tmp_path / 'gone'}: no saved backbone")):
+        args = ["--model", str(tmp_path / model), "--out", str(tmp_path / "png"), str(tmp_path / image)]
+        assert attention_command(args) == 2
+        assert said in capsys.readouterr().err
+    assert attention_command(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "png"), str(tmp_path / "tile.png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["tile_heads.png", "tile_pca.png"]
