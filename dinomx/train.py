@@ -396,10 +396,11 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
     reporting.baseline(run)
     for model in run.students:
         model.train()
-    for it, batch in enumerate(batches(run.loader), start=run.start):
-        step = train_step(run, it, batch)
-        for hook in hooks:
-            hook(run, step)
+    with closing(batches(run.loader)) as loaded:
+        for it, batch in enumerate(loaded, start=run.start):
+            step = train_step(run, it, batch)
+            for hook in hooks:
+                hook(run, step)
     reporting.progress.close()
     return TrainResult(backbone_dir=export(run), checkpoint=run.checkpoint, steps=run.total, metrics=reporting.metrics,
                        collapse=reporting.collapse)
