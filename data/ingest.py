@@ -84,14 +84,16 @@ SHOWN = 5  # refusals written out in a message; the CSV has them all
 class IngestFailed(UserError, RuntimeError):
     """Some inputs were refused; nothing was written. ``errors`` holds one IngestError per input."""
 
-    def __init__(self, errors: list[IngestError], listing: Path | None = None, inputs: int | None = None):
+    def __init__(self, errors: list[IngestError], listing: Path | None = None, inputs: int | None = None,
+                 quarantined: bool = False):
         self.errors, self.listing = errors, listing
         lines = "\n".join(f"  - {e}" for e in errors[:SHOWN])
         more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
         where = f"; every one with its reason in {listing}" if listing else ""
         of = f" of {inputs}" if inputs is not None else ""
-        super().__init__(f"{len(errors)}{of} input(s) refused, nothing written{where} "
-                         f"(--on-error quarantine builds the dataset from the rest):\n{lines}{more}")
+        then = ("; --on-error quarantine left no input to build from" if quarantined
+                else " (--on-error quarantine builds the dataset from the rest)")
+        super().__init__(f"{len(errors)}{of} input(s) refused, nothing written{where}{then}:\n{lines}{more}")
 
 
 class IngestErrors(Exception):
@@ -532,8 +534,10 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
             _listing(raw, errors).to_csv(refused_listing, index=False)
             raise IngestFailed(errors, refused_listing, inputs)
         if not rows and not shards:
-            raise IngestFailed([IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT "
-                                                 "image?)" + (f"; {len(errors)} input(s) set aside" if errors else ""))])
+            if errors:  # quarantine set everything aside: the reasons are the answer
+                _listing(raw, errors).to_csv(refused_listing, index=False)
+                raise IngestFailed(errors, refused_listing, inputs, quarantined=True)
+            raise IngestFailed([IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT image?)")])
         if layout is None:
             table = pd.DataFrame(rows)
             table.to_csv(staging / MANIFEST, index=False)

@@ -673,6 +673,22 @@ def test_quarantine_builds_the_rest_drops_a_broken_series_whole_and_tells_the_re
     assert "5 input(s) quarantined at ingestion (refused.csv)" in report.summary()
 
 
+def test_quarantine_that_leaves_nothing_says_why_each_input_was_set_aside(tmp_path, capsys):
+    from data.ingest import main
+
+    raw = _series(tmp_path, [0.0, 5.0, 10.0])
+    (raw / "chest" / "s1.dcm").write_bytes((raw / "chest" / "s1.dcm").read_bytes()[:20000])
+    (raw / "chest" / "empty.dcm").write_bytes(b"")
+    assert main(["ct", "--raw", str(raw), "--out", str(tmp_path / "slices"), "--on-error", "quarantine"]) == 2
+    err = capsys.readouterr().err
+    assert "4 of 4 input(s) refused, nothing written; every one with its reason in" in err
+    assert "quarantine left no input to build from" in err and "empty file (0 bytes)" in err
+    refused = pd.read_csv(tmp_path / "slices.refused.csv").set_index("source").reason
+    assert sorted(refused.index) == ["chest/empty.dcm", "chest/s0.dcm", "chest/s1.dcm", "chest/s2.dcm"]
+    assert refused["chest/s0.dcm"].startswith("goes with s1.dcm, refused:")
+    assert not (tmp_path / "slices").exists()
+
+
 def test_an_old_pacs_file_without_preamble_or_file_meta_is_read(tmp_path):
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
