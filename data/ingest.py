@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -81,19 +82,33 @@ UNLABELLED = "unlabelled"
 SHOWN = 5  # refusals written out in a message; the CSV has them all
 
 
+def _shown(entries: list[IngestError | Skipped]) -> str:
+    lines = "\n".join(f"  - {e}" for e in entries[:SHOWN])
+    more = f"\n  ... and {len(entries) - SHOWN} more" if len(entries) > SHOWN else ""
+    return f":\n{lines}{more}"
+
+
 class IngestFailed(UserError, RuntimeError):
     """Some inputs were refused; nothing was written. ``errors`` holds one IngestError per input."""
 
     def __init__(self, errors: list[IngestError], listing: Path | None = None, inputs: int | None = None,
                  quarantined: bool = False):
         self.errors, self.listing = errors, listing
-        lines = "\n".join(f"  - {e}" for e in errors[:SHOWN])
-        more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
         where = f"; every one with its reason in {listing}" if listing else ""
         of = f" of {inputs}" if inputs is not None else ""
         then = ("; --on-error quarantine left no input to build from" if quarantined
                 else " (--on-error quarantine builds the dataset from the rest)")
-        super().__init__(f"{len(errors)}{of} input(s) refused, nothing written{where}{then}:\n{lines}{more}")
+        super().__init__(f"{len(errors)}{of} input(s) refused, nothing written{where}{then}{_shown(errors)}")
+
+
+class NothingToIngest(UserError, RuntimeError):
+    """No input is an image of the kind asked for (a folder of reports, MR where CT was asked):
+    nothing was written, and ``listing`` says why each was skipped."""
+
+    def __init__(self, raw: Path, skipped: list[Skipped], listing: Path):
+        self.skipped, self.listing = skipped, listing
+        super().__init__(f"{raw}: no images among its {len(skipped)} input(s), nothing written; every one was skipped, "
+                         f"with its reason in {listing}{_shown(skipped)}")
 
 
 class IngestErrors(Exception):
@@ -488,7 +503,7 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
              val_fraction: float = 0.0, members: dict[str, int] | None = None, on_error: str = "refuse",
              files_of: Callable = lambda unit: [str(unit)], warnings: list[str] | None = None,
              workers: int = 1, layout: ShardLayout | None = None,
-             fingerprint_of: Callable | None = None) -> pd.DataFrame:
+             fingerprint_of: Callable | None = None, empty: str = "") -> pd.DataFrame:
     """Run ``rows_of(unit, staging)`` for every unit (a slide, a CT series) and publish ``out``.
     Every unit is tried, so one run reports every bad file; with ``on_error="refuse"`` nothing is
     published if any input was refused, with ``"quarantine"`` a failed unit (all of
@@ -501,13 +516,15 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
     With a shard ``layout`` each unit writes its own shards, and a unit whose
     ``fingerprint_of(memo, unit)`` (its files' content, the options) matches shards of the
     previous ``out`` keeps them as they are (hard links: same bytes, same file) instead of being
-    tiled again. Returns the manifest, or the table of shards."""
+    tiled again. ``empty`` says why units may give no image. Returns the manifest, or the table of
+    shards."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    refused_listing = out.with_name(f"{out.name}.{REFUSED}")
+    refused_listing, skipped_listing = (out.with_name(f"{out.name}.{name}") for name in (REFUSED, SKIPPED))
     refused_listing.unlink(missing_ok=True)
+    skipped_listing.unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
     try:
-        writer, rows, shards, used_units = _Staging(staging), [], [], []
+        writer, rows, shards, used_units, skipped_units = _Staging(staging), [], [], [], 0
         fingerprints = [""] * len(units)
         if layout and fingerprint_of:
             memo = Md5Memo(inputs_memo(out))
@@ -528,6 +545,7 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
                 writer.discard(written)
                 if kind == "skipped":
                     skipped.append(Skipped(*payload))
+                    skipped_units += 1
                 else:
                     errors += dropped_whole(files_of(unit), [IngestError(*p) for p in payload])
         if errors and on_error == "refuse":
@@ -537,7 +555,10 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
             if errors:  # quarantine set everything aside: the reasons are the answer
                 _listing(raw, errors).to_csv(refused_listing, index=False)
                 raise IngestFailed(errors, refused_listing, inputs, quarantined=True)
-            raise IngestFailed([IngestError(raw, "no images produced (is there tissue above min_tissue, or any CT image?)")])
+            if skipped_units == len(units):
+                _listing(raw, skipped).to_csv(skipped_listing, index=False)
+                raise NothingToIngest(raw, skipped, skipped_listing)
+            raise IngestError(raw, f"no images produced from {len(units)} input(s){empty}")
         if layout is None:
             table = pd.DataFrame(rows)
             table.to_csv(staging / MANIFEST, index=False)
@@ -723,7 +744,8 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
         str, errors, skipped, extra={"classes.json": json.dumps([BACKGROUND, *classes])}, val_fraction=val_fraction,
         members={slide.relative_to(raw).as_posix(): len(parts) for slide, parts in members.items()},
         on_error=on_error, files_of=files_of, workers=workers or os.cpu_count() or 1, layout=layout,
-        fingerprint_of=fingerprint,
+        fingerprint_of=fingerprint, empty=f": no {plan.tile_size} px tile at {max(plan.magnifications):g}x has tissue above "
+                                              f"min_tissue={plan.min_tissue:g}",
     )
 
 
@@ -739,19 +761,25 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
     files, hidden = source_files(raw)
     candidates, skipped = _sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
     skipped = hidden + skipped
-    errors, by_series, seen = [], {}, {}
+    errors, objects = [], {}
     for path in candidates:
         try:
             infos = describe(path)
-            first = seen.setdefault(infos[0].sop_uid, path) if infos[0].sop_uid else path
-            if first != path:  # exports repeat objects (two studies, two media)
-                raise Skipped(path, f"duplicate of {first.relative_to(raw)} (same SOP Instance UID)")
-            for info in infos:
-                by_series.setdefault(info.series_uid or info.path, []).append(info)
         except Skipped as skip:
             skipped.append(skip)
+            continue
         except IngestError as exc:
             errors.append(exc)
+            continue
+        uid = infos[0].sop_uid or str(path)
+        if uid in objects:
+            objects[uid], copy = _one_copy(raw, objects[uid], infos)
+            skipped.append(copy)
+        else:
+            objects[uid] = infos
+    by_series = {}
+    for info in itertools.chain.from_iterable(objects.values()):
+        by_series.setdefault(info.series_uid or info.path, []).append(info)
     units, warnings = [], []
     for series in by_series.values():
         reason = plan.select.refusal(series[0])
@@ -771,6 +799,26 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
                     files_of=_series_files, warnings=warnings, layout=layout,
                     fingerprint_of=lambda memo, series: _fingerprint(memo, raw, _series_files(series), plan, val_fraction,
                                                                      seed, layout))
+
+
+def _one_copy(raw: Path, first: list[CTSlice], second: list[CTSlice]) -> tuple[list[CTSlice], Skipped]:
+    """Of two files holding one SOP Instance UID (exports repeat objects: two studies, two media),
+    the one to keep and the other as skipped: the first found, unless only the second's pixels read,
+    so that a damaged copy does not cost the series its good original."""
+    def problem(infos: list[CTSlice]) -> str | None:
+        try:
+            read_ct(infos[0].path)
+        except IngestError as exc:
+            return exc.problem
+        return None
+
+    kept, dropped = first, second
+    if (damage := problem(first)) and not problem(second):
+        kept, dropped = second, first
+        why = f", whose pixels read where these do not: {damage}"
+    else:
+        why = ""
+    return kept, Skipped(dropped[0].path, f"duplicate of {Path(kept[0].path).relative_to(raw)} (same SOP Instance UID){why}")
 
 
 def _series_files(series: list[CTSlice]) -> list[str]:

@@ -329,6 +329,24 @@ def test_a_hospital_export_keeps_its_ct_images_and_skips_the_rest_with_reasons(t
     assert report.success and len(report.skipped) == 10 and "10 input(s) skipped at ingestion" in report.summary()
 
 
+def test_of_two_copies_of_one_slice_the_one_that_reads_is_kept(tmp_path):
+    good = _testdata("CT_small.dcm").read_bytes()
+    raw = _ct_raw(tmp_path, ("chest/ct.dcm", _testdata("CT_small.dcm")))
+    (raw / "chest/a_cut.dcm").write_bytes(good[:20000])  # found first, header whole, pixels cut short
+    out = tmp_path / "slices"
+    manifest = ingest_ct(raw, out, val_fraction=0.0)
+    assert list(manifest.source) == ["chest/ct.dcm"]
+    [(source, reason)] = pd.read_csv(out / "skipped.csv").values
+    assert source == "chest/a_cut.dcm"
+    assert reason.startswith("duplicate of chest/ct.dcm (same SOP Instance UID), whose pixels read where these do not: "
+                             "pixel data unreadable")
+    # Neither copy reads: the slice is refused, named by the copy found first.
+    (raw / "chest/ct.dcm").write_bytes(good[:20000])
+    with pytest.raises(IngestFailed) as caught:
+        ingest_ct(raw, out, val_fraction=0.0)
+    assert [e.path for e in caught.value.errors] == [str(raw / "chest/a_cut.dcm")]
+
+
 def test_output_names_never_collide_whatever_the_input_names(tmp_path, slide):
     # PACS exports name files by SOP Instance UID: dots, no extension, differing after the last dot.
     uid = "1.2.826.0.1.3680043.8.1055.1.20111103111148288.98361414.7937963"
@@ -687,6 +705,32 @@ def test_quarantine_that_leaves_nothing_says_why_each_input_was_set_aside(tmp_pa
     assert sorted(refused.index) == ["chest/empty.dcm", "chest/s0.dcm", "chest/s1.dcm", "chest/s2.dcm"]
     assert refused["chest/s0.dcm"].startswith("goes with s1.dcm, refused:")
     assert not (tmp_path / "slices").exists()
+
+
+def test_an_export_with_no_image_of_the_kind_asked_says_why_each_input_was_skipped(tmp_path, slide, capsys):
+    from data.ingest import main
+
+    raw = _ct_raw(tmp_path, ("DICOMDIR", _testdata("dicomdirtests/DICOMDIR")),
+                  ("chest/seg.dcm", _ct_like(Modality="SEG")))
+    (raw / "chest/report.pdf").write_bytes(b"%PDF-1.4")
+    out = tmp_path / "slices"
+    assert main(["ct", "--raw", str(raw), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{raw}: no images among its 3 input(s), nothing written; every one was skipped, with its reason in " \
+           f"{tmp_path / 'slices.skipped.csv'}" in err
+    assert "refused" not in err and "quarantine" not in err  # nothing was wrong with the files themselves
+    assert f"{raw / 'chest/seg.dcm'}: modality SEG (a segmentation), not an image" in err
+    listing = pd.read_csv(tmp_path / "slices.skipped.csv").set_index("source").reason
+    assert sorted(listing.index) == ["DICOMDIR", "chest/report.pdf", "chest/seg.dcm"] and not out.exists()
+    shutil.copy(_testdata("CT_small.dcm"), raw / "chest/ct.dcm")
+    ingest_ct(raw, out, val_fraction=0.0)
+    assert not (tmp_path / "slices.skipped.csv").exists() and len(pd.read_csv(out / "skipped.csv")) == 3
+    # Slides that are read but give no tile: what the plan asked for is the reason.
+    (tmp_path / "he").mkdir()
+    shutil.copy(slide, tmp_path / "he" / "cmu.svs")
+    with pytest.raises(IngestError, match="no images produced from 1 input.s.: no 4096 px tile at 20x has tissue "
+                                          "above min_tissue=0.5"):
+        ingest_he(tmp_path / "he", tmp_path / "tiles", TilePlan(magnifications=(20, 5), tile_size=4096, min_tissue=0.5))
 
 
 def test_an_old_pacs_file_without_preamble_or_file_meta_is_read(tmp_path):
