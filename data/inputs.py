@@ -13,9 +13,10 @@ NOT_IMAGES = {".pdf", ".xml", ".txt", ".json", ".csv", ".md", ".html", ".htm", "
               ".rtf", ".doc", ".docx", ".xls", ".xlsx", ".geojson", ".ds_store", ".lnk", ".sh", ".bat", ".exe"}
 
 
-# Beside a dataset's manifest: the inputs left out as not images of it, with the reason; the
-# inputs refused (``<out>.refused.csv`` beside the dataset) or quarantined (inside it), with theirs;
-# and the counts (inputs = used + skipped + quarantined).
+# Beside a dataset's manifest: the inputs left out as not images of it, with the reason
+# (``<out>.skipped.csv`` beside the dataset when none was an image); the inputs refused
+# (``<out>.refused.csv`` beside the dataset) or quarantined (inside it), with theirs; and the counts
+# (inputs = used + skipped + quarantined).
 SKIPPED = "skipped.csv"
 REFUSED = "refused.csv"
 SUMMARY = "ingest.json"
