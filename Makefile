@@ -61,7 +61,7 @@ stack: $(STAMP) $(INITDB)
 stack-down: $(STAMP)
 	$(BIN)/python -m deploy.stack down
 
-# The demo's six steps against the team stack over HTTP, as a researcher and the promotion service.
+# The demo's seven steps against the team stack over HTTP, as a researcher and the promotion service.
 demo-team: $(STAMP) $(INITDB)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py --team
 
@@ -71,7 +71,7 @@ test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD) $(INITDB)
 
 # The developer's lane: unit tests only (no mlflow run, DVC pipeline, BentoML, Slurm, browser or
 # team stack), a few minutes on two cores. CI runs `make test`, which runs everything.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TEST_SLIDE)
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not cluster and not browser and not team"
 

@@ -1,5 +1,7 @@
 """GeoJSON region annotations (QuPath / GeoJSON exports in level-0 pixel coordinates) to dense
-per-tile masks and a majority label per tile."""
+per-tile masks and a majority label per tile, and back: predicted regions as a FeatureCollection
+QuPath imports. A pixel belongs to a region when its centre lies inside it (``data.vectorize``),
+so regions written from a mask read back as the same mask."""
 from __future__ import annotations
 
 import json
@@ -9,12 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from data.inputs import IngestError
+from data.tiling import dataset_root
+from data.vectorize import Polygon, fill
 
 log = logging.getLogger(__name__)
 BACKGROUND = "background"
+# Beside a dataset built from corrected annotations: which file annotated each slide, and the
+# model versions that proposed them (the ``proposed_by`` of their features, or of PROVENANCE).
+ANNOTATIONS = "annotations.json"
+PROVENANCE = "provenance.json"
 # Class names become folder names of the tile dataset, so they must be plain names.
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
 
@@ -84,23 +91,79 @@ def read_regions(path: str | Path, lenient: bool = False) -> list[Region]:
 
 def tile_mask(regions: list[Region], classes: list[str], x: int, y: int, size: int, tile_size: int) -> np.ndarray:
     """uint8 mask of the level-0 square (x, y, size) at ``tile_size`` pixels: 0 is background,
-    ``i + 1`` is ``classes[i]``. Later features paint over earlier ones."""
+    ``i + 1`` is ``classes[i]``; a pixel takes the class of the region its centre lies in (a hole
+    is not part of its region). Later features paint over earlier ones."""
     scale = tile_size / size
-    canvas = Image.new("L", (tile_size, tile_size), 0)
-    draw = ImageDraw.Draw(canvas)
+    canvas = np.zeros((tile_size, tile_size), np.uint8)
     for region in regions:
-        index = classes.index(region.name) + 1
-
-        def local(ring):
-            return [((px - x) * scale, (py - y) * scale) for px, py in ring]
-
-        draw.polygon(local(region.exterior), fill=index)
-        for hole in region.holes:
-            draw.polygon(local(hole), fill=0)
-    return np.asarray(canvas)
+        xs = [px for ring in (region.exterior, *region.holes) for px, _ in ring]
+        ys = [py for ring in (region.exterior, *region.holes) for _, py in ring]
+        if max(xs) <= x or min(xs) >= x + size or max(ys) <= y or min(ys) >= y + size:
+            continue
+        rings = [[((px - x) * scale, (py - y) * scale) for px, py in ring] for ring in (region.exterior, *region.holes)]
+        canvas[fill(rings, canvas.shape)] = classes.index(region.name) + 1
+    return canvas
 
 
 def majority_label(mask: np.ndarray, classes: list[str]) -> str:
     counts = np.bincount(mask.ravel(), minlength=len(classes) + 1)
     winner = int(counts.argmax())
     return BACKGROUND if winner == 0 else classes[winner - 1]
+
+
+def feature_collection(regions: dict[str, list[Polygon]], colours: dict[str, tuple[int, int, int]],
+                       properties: dict | None = None, object_type: str = "annotation") -> dict:
+    """A GeoJSON FeatureCollection of named regions, as QuPath imports it (File > Import objects):
+    one Feature per polygon, its class under ``properties.classification``; ``properties`` is added
+    to every feature (QuPath keeps a feature's properties, not the collection's)."""
+    features = []
+    for name, found in regions.items():
+        for polygon in found:
+            rings = [_closed(polygon.exterior), *(_closed(hole) for hole in polygon.holes)]
+            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": rings},
+                             "properties": {"objectType": object_type, "isLocked": False,
+                                            "classification": {"name": name, "color": list(colours[name])},
+                                            **(properties or {})}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _closed(ring: list[tuple[float, float]]) -> list[list[float]]:
+    return [[x, y] for x, y in [*ring, ring[0]]]
+
+
+def proposers(path: Path) -> set[str]:
+    """The model versions named as ``proposed_by`` on a GeoJSON's features (and the collection)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    found = set()
+    if isinstance(doc, dict):
+        found.add((doc.get("properties") or {}).get("proposed_by"))
+        for feature in doc.get("features") or []:
+            if isinstance(feature, dict) and isinstance(feature.get("properties"), dict):
+                found.add(feature["properties"].get("proposed_by"))
+    return {f for f in found if isinstance(f, str) and f}
+
+
+def annotation_record(raw: Path, geojson_of: dict[Path, Path], folder: str | Path) -> str:
+    """``annotations.json``: each slide's annotation file and who proposed the masks in them."""
+    folder = Path(folder)
+    proposed = set()
+    if (folder / PROVENANCE).is_file():
+        value = json.loads((folder / PROVENANCE).read_text()).get("proposed_by")
+        proposed.update(value if isinstance(value, list) else [value] if value else [])
+    for geojson in geojson_of.values():
+        proposed |= proposers(geojson)
+    files = {slide.relative_to(raw).as_posix(): geojson.resolve().relative_to(folder.resolve()).as_posix()
+             for slide, geojson in sorted(geojson_of.items())}
+    return json.dumps({"files": files, "proposed_by": sorted(proposed)}, indent=2)
+
+
+def proposed_by_of(data: str | Path) -> str:
+    """The model versions that proposed the annotations of the dataset holding ``data`` (a split),
+    comma-separated; empty when its annotations came from no model."""
+    root = dataset_root(Path(data).resolve()) if "://" not in str(data) else None
+    if root is None or not (root / ANNOTATIONS).is_file():
+        return ""
+    return ",".join(json.loads((root / ANNOTATIONS).read_text()).get("proposed_by", []))

@@ -13,6 +13,7 @@ the ``.dvc`` file so ``dvc update`` finds it again) or ``AWS_ENDPOINT_URL``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
@@ -23,6 +24,9 @@ from pathlib import Path
 import yaml
 from dvc.repo import Repo
 
+from data.annotations import PROVENANCE, read_regions
+from data.annotations import proposers as annotated_by
+from data.inputs import IngestError
 from data.params import MODALITIES, IngestParams
 from data.shards import inputs_memo
 from data.versioning import find_repo_root
@@ -103,6 +107,63 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
     return folder
 
 
+ANNOTATIONS_FOLDER = "annotations"
+
+
+def _feature_collection(path: Path) -> None:
+    """A file QuPath exported as a FeatureCollection, whose regions read: else one error naming it."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid GeoJSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(doc.get("features"), list):
+        kind = doc.get("type") if isinstance(doc, dict) else type(doc).__name__
+        raise DatasetError(f"{path}: expected a GeoJSON FeatureCollection (QuPath: File > Export objects as GeoJSON, "
+                           f"'Export as FeatureCollection'), got {kind!r}")
+    try:
+        read_regions(path, lenient=True)
+    except IngestError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def annotate(repo_root: str | Path, name: str, source: str | Path, proposed_by: str = "") -> Path:
+    """Corrected annotations (``<slide path>.geojson`` files, as ``predict`` wrote them and
+    annotators fixed them) become the annotations of dataset ``name``: copied to
+    ``data/<name>/annotations/`` under DVC, read by its ingest stage, so ``dvc repro`` builds the
+    new version, whose ``annotations.json`` (and the lineage of models trained on it) names the
+    model versions that proposed the masks. Nothing changes unless every file reads."""
+    root = find_repo_root(Path(repo_root).resolve())
+    folder = root / "data" / name
+    if not (folder / "dvc.yaml").is_file():
+        raise DatasetError(f"{folder}: no dataset {name!r} (add it first: python -m data.dataset add {name} ...)")
+    source = Path(source)
+    files = sorted(p for p in source.rglob("*.geojson") if p.is_file()) if source.is_dir() else []
+    if not files:
+        raise MissingInput(f"annotations: {source} holds no .geojson file (expected <slide path>.geojson per slide)")
+    for path in files:
+        _feature_collection(path)
+    proposers = sorted({proposed_by} if proposed_by else set().union(*(annotated_by(p) for p in files)))
+    staging = folder / f".{ANNOTATIONS_FOLDER}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    for path in files:
+        target = staging / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    (staging / PROVENANCE).write_text(json.dumps({"proposed_by": proposers}, indent=2))
+    shutil.rmtree(folder / ANNOTATIONS_FOLDER, ignore_errors=True)
+    staging.rename(folder / ANNOTATIONS_FOLDER)
+    pipeline_file = folder / "dvc.yaml"
+    stages = yaml.safe_load(pipeline_file.read_text())
+    ingest = stages["stages"]["ingest"]
+    if "--annotations" not in ingest["cmd"]:
+        ingest["cmd"] += f" --annotations {ANNOTATIONS_FOLDER}"
+        ingest["deps"] = [*ingest.get("deps", []), ANNOTATIONS_FOLDER]
+        pipeline_file.write_text(yaml.safe_dump(stages, sort_keys=False))
+    with Repo(str(root)) as repo:
+        repo.add(str(folder / ANNOTATIONS_FOLDER))
+    return folder / ANNOTATIONS_FOLDER
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Add an S3-hosted dataset with its DVC pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, PowerScale, ...)")
     add.add_argument("--repo", default=".", help="repository root")
     IngestParams.add_arguments(add)
+    notes = sub.add_parser("annotate", help="corrected GeoJSON annotations as the dataset's new annotations (dvc add)")
+    notes.add_argument("name")
+    notes.add_argument("--annotations", required=True, help="folder of <slide path>.geojson FeatureCollections")
+    notes.add_argument("--proposed-by", default="", help="the model version that proposed the masks (default: the "
+                       "proposed_by property predict wrote on their features)")
+    notes.add_argument("--repo", default=".", help="repository root")
     args = parser.parse_args(argv)
 
     def add() -> None:
@@ -122,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{folder}: raw data imported; build it with `dvc repro {folder / 'dvc.yaml'}`, "
               f"train on {folder / params.images}/train")
 
-    return run_command("dataset", add)
+    def annotated() -> None:
+        folder = annotate(args.repo, args.name, args.annotations, args.proposed_by)
+        print(f"{folder}: {len(list(folder.rglob('*.geojson')))} annotation file(s) under DVC; build the new version "
+              f"with `dvc repro {folder.parent / 'dvc.yaml'}`")
+
+    return run_command("dataset", add if args.command == "add" else annotated)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import pandas as pd
 import pydicom
 from PIL import Image
 
-from data.annotations import BACKGROUND, majority_label, read_regions, tile_mask
+from data.annotations import ANNOTATIONS, BACKGROUND, annotation_record, majority_label, read_regions, tile_mask
 from data.dicom import CTFrame, CTSlice, describe, read_ct, window
 from data.inputs import (
     CHANNELS,
@@ -70,6 +70,7 @@ from data.metadata import BLANK_STD, MANIFEST
 from data.parallel import units_mapper
 from data.params import MODALITIES, ON_ERROR, IngestParams
 from data.shards import SHARDS, Md5Memo, Sample, ShardWriter, inputs_memo, png_bytes
+from data.tiling import TILING, series_record, slide_record
 from data.wsi import SLIDE_SUFFIXES, WHOLE_SLIDE_IMAGE, TilePlan, open_slide, tile_slide
 from dinomx.errors import DataError, UserError, run_command
 from dinomx.images import IMAGE_SUFFIXES, UNREADABLE, image_problem, stain_means, to_model_mode
@@ -370,6 +371,16 @@ class CTPlan:
             raise DataError("window width must be positive")
 
 
+def slice_image(plan: CTPlan, hu: np.ndarray, before: np.ndarray | None = None, after: np.ndarray | None = None) -> Image.Image:
+    """Slice ``hu`` as the plan writes it: grey through its window, or three channels (``before``,
+    ``hu``, ``after`` for 2.5D; three windows of ``hu``). Inference cuts a new series with it too."""
+    if plan.channels == "single":
+        return Image.fromarray(window(hu, *plan.window))
+    if plan.channels == "2.5d":
+        return Image.fromarray(np.stack([window(f, *plan.window) for f in (before, hu, after)], -1))
+    return Image.fromarray(np.stack([window(hu, c, w) for c, w in plan.windows], -1))
+
+
 def _close(a, b, tolerance: float) -> bool:
     return (a is None) == (b is None) and (a is None or np.allclose(a, b, atol=tolerance))
 
@@ -444,12 +455,7 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPl
         relative = Path(info.path).relative_to(raw)
         label = relative.parts[0] if len(relative.parts) > 1 else UNLABELLED
         split = split_of(info.patient_id or info.series_uid or relative.as_posix(), val_fraction, seed)
-        if plan.channels == "single":
-            image = Image.fromarray(window(current.hu, *plan.window))
-        elif plan.channels == "2.5d":
-            image = Image.fromarray(np.stack([window(f.hu, *plan.window) for f in (neighbours[0], current, neighbours[1])], -1))
-        else:
-            image = Image.fromarray(np.stack([window(current.hu, c, w) for c, w in plan.windows], -1))
+        image = slice_image(plan, current.hu, *(f.hu for f in neighbours))
         out = f"slices/{split}/{label}/{output_stem(relative)}_f{info.frame}.png"
         rows.append({
             "path": out, "modality": "ct", "source": relative.as_posix(), "split": split, "label": label,
@@ -694,19 +700,26 @@ def dicom_slides(files: list[Path]) -> tuple[list[Path], dict[Path, list[Path]],
 
 def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: float = 0.2, seed: int = 0,
               cases: str | Path | None = None, lenient_annotations: bool = False,
-              on_error: str = "refuse", workers: int = 0, shard_mb: int = 0) -> pd.DataFrame:
+              on_error: str = "refuse", workers: int = 0, shard_mb: int = 0,
+              annotations_dir: str | Path | None = None) -> pd.DataFrame:
     """Tiles of every slide under ``raw`` (DICOM whole-slide images too); splits per case
     (``case_ids``). With ``lenient_annotations`` unclassified or non-polygon annotations are left
     out with a warning instead of refusing the slide. Slides are tiled ``workers`` at a time, one
     process each (0: one per core). ``shard_mb`` > 0 writes each slide as shards of up to that
-    size, a sample per place holding every magnification (the highest trains)."""
+    size, a sample per place holding every magnification (the highest trains).
+    ``annotations_dir``: a slide's regions are ``<annotations_dir>/<slide path>.geojson`` (the same
+    relative path, ``.geojson`` for the slide's ending) rather than a file beside the slide:
+    corrected masks brought back from annotators (``data.dataset annotate``); who proposed them
+    goes into ``annotations.json``."""
     _check_on_error(on_error)
     raw, out = _resolve(raw, out)
+    if annotations_dir is not None and not Path(annotations_dir).is_dir():
+        raise IngestError(annotations_dir, "annotations: not a folder (expected <slide path>.geojson files)")
     files, hidden = source_files(raw)
     slides, members, dicom_skipped, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])
     others, not_slides = _sort_out([f for f in files if f.suffix.lower() not in (".geojson", ".dcm")], _is_slide, "slide")
     slides, skipped = sorted(slides + others), hidden + dicom_skipped + not_slides
-    annotations = {}
+    annotations, geojson_of = {}, {}
     stems = {s.with_suffix("") for s in slides}
     for geojson in (f for f in files if f.suffix.lower() == ".geojson"):
         if geojson.with_suffix("") not in stems:
@@ -714,10 +727,12 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
                         geojson.relative_to(raw))
             skipped.append(Skipped(geojson, "annotation file whose name matches no slide"))
     for slide in list(slides):
-        geojson = slide.with_suffix(".geojson")
+        relative = slide.relative_to(raw).with_suffix(".geojson")
+        geojson = within(annotations_dir, relative) if annotations_dir else within(raw, relative)
         if geojson.is_file():
+            geojson_of[slide] = geojson
             try:
-                annotations[slide] = read_regions(within(raw, geojson.relative_to(raw)), lenient=lenient_annotations)
+                annotations[slide] = read_regions(geojson, lenient=lenient_annotations)
             except IngestError as exc:
                 # Its tiles would be labelled wrong: the slide goes with its annotations.
                 errors += dropped_whole([str(slide), *map(str, members.get(slide, []))], [exc])
@@ -734,14 +749,17 @@ def ingest_he(raw: str | Path, out: str | Path, plan: TilePlan, val_fraction: fl
         return [str(p) for p in members.get(slide, [slide])]
 
     def fingerprint(memo: Md5Memo, slide: Path) -> str:
-        geojson = [slide.with_suffix(".geojson")] if slide in annotations else []
-        return _fingerprint(memo, raw, files_of(slide) + geojson, plan, classes, case_of[slide], splits[slide], layout,
-                            lenient_annotations)
+        regions = memo.md5(geojson_of[slide]) if slide in annotations else None
+        return _fingerprint(memo, raw, files_of(slide), plan, classes, case_of[slide], splits[slide], layout,
+                            lenient_annotations, regions)
 
     return _publish(
         raw, out, len(files) + len(hidden), slides,
         functools.partial(_slide_rows, raw, plan, annotations, classes, case_of, splits),
-        str, errors, skipped, extra={"classes.json": json.dumps([BACKGROUND, *classes])}, val_fraction=val_fraction,
+        str, errors, skipped, val_fraction=val_fraction,
+        extra={"classes.json": json.dumps([BACKGROUND, *classes]),
+               TILING: slide_record(plan.magnifications, plan.tile_size, plan.min_tissue),
+               **({ANNOTATIONS: annotation_record(raw, geojson_of, annotations_dir)} if annotations_dir else {})},
         members={slide.relative_to(raw).as_posix(): len(parts) for slide, parts in members.items()},
         on_error=on_error, files_of=files_of, workers=workers or os.cpu_count() or 1, layout=layout,
         fingerprint_of=fingerprint, empty=f": no {plan.tile_size} px tile at {max(plan.magnifications):g}x has tissue above "
@@ -797,6 +815,7 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
                     lambda series, staging: _series_rows(series, raw, staging, plan, val_fraction, seed),
                     lambda series: series[0].path, errors, skipped, val_fraction=val_fraction, on_error=on_error,
                     files_of=_series_files, warnings=warnings, layout=layout,
+                    extra={TILING: series_record(plan.window, plan.channels, plan.windows)},
                     fingerprint_of=lambda memo, series: _fingerprint(memo, raw, _series_files(series), plan, val_fraction,
                                                                      seed, layout))
 

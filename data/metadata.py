@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from data.inputs import IngestError, within
+from data.tiling import TILING
 from dinomx.errors import MissingInput
 from dinomx.images import IMAGE_SUFFIXES
 from dinomx.shards import METADATA, metadata, read_shard
@@ -94,8 +95,10 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def image_folder_metadata(root: Path) -> pd.DataFrame:
-    """Rows for every file under ``root`` (``<split>/<class>/<image>``), images or not."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Rows for every file under ``root`` (``<split>/<class>/<image>``), images or not; its own
+    record of how the images were cut (``tiling.json`` at the top) is not one of them."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and not (p.parent == root and p.name == TILING))
     return _frame([image_row(p, root) for p in files])
 
 

@@ -49,6 +49,7 @@ class IngestParams:
     min_tissue: float = 0.5  # he
     cases: str | None = None  # he: CSV of slide -> case
     lenient_annotations: bool = False  # he
+    annotations: str | None = None  # he: folder of <slide path>.geojson (corrected masks), instead of beside each slide
     window: tuple[float, float] = (40.0, 400.0)  # ct: center, width (HU)
     channels: str = "single"  # ct: single | 2.5d | windows
     windows: tuple[tuple[float, float], ...] | None = None  # ct: the three of channels=windows
@@ -106,6 +107,8 @@ class IngestParams:
         parser.add_argument("--workers", type=int, default=0,
                             help="he: slides tiled at once, one process each (default 0: one per core)")
         parser.add_argument("--cases", help="he: CSV with columns slide (relative to the raw folder) and case: the split unit")
+        parser.add_argument("--annotations", help="he: folder of <slide path>.geojson annotations (corrected masks back "
+                                                   "from annotators), read instead of a .geojson beside each slide")
         parser.add_argument("--lenient-annotations", action="store_true",
                             help="he: leave out unclassified or non-polygon annotations with a warning instead of refusing")
         parser.add_argument("--window", type=float, nargs=2, default=[40, 400], metavar=("CENTER", "WIDTH"),
@@ -142,6 +145,7 @@ class IngestParams:
                      "--min-tissue", f"{self.min_tissue:g}"]
             args += ["--cases", self.cases] if self.cases else []
             args += ["--lenient-annotations"] if self.lenient_annotations else []
+            args += ["--annotations", self.annotations] if self.annotations else []
             args += ["--workers", str(self.workers)] if self.workers else []
         elif self.modality == "ct":
             args += ["--window", *[f"{v:g}" for v in self.window], "--channels", self.channels]
@@ -174,6 +178,7 @@ class IngestParams:
         if self.modality == "he":
             plan = TilePlan(tuple(self.magnifications), self.tile_size, self.min_tissue)
             return ingest_he(raw, out, plan, cases=self.cases, lenient_annotations=self.lenient_annotations,
+                             annotations_dir=self.annotations,
                              workers=self.workers, **common)
         if self.modality == "ct":
             plan = CTPlan(window=self.window, channels=self.channels, select=SeriesFilter(self.thickness, self.kernels),

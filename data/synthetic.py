@@ -4,7 +4,9 @@ The class lives in the *structure* (stripes, nuclei, glands, a fat-cell mesh); s
 brightness vary a little from tile to tile. Self-supervised training has to learn the structure,
 which is what the demo's kNN evaluation measures.
 
-Output layout: ``<out>/<split>/<class>/<class>_<index>.png`` (an image folder per split). With
+Output layout: ``<out>/<split>/<class>/<class>_<index>.png`` (an image folder per split), and
+``tiling.json``: the tiles stand for fields of ``image_size`` px at ``magnification`` of a slide with
+at least half tissue, which is how a model trained on them cuts a real slide (``projects.predict``). With
 ``annotations``, the ground truth the generator drew from: ``masks/<split>/<class>/<name>.png``
 (0 background, 1 stained structure; ``classes.json``) and ``targets.csv`` (each tile's structure
 fraction, a continuous target for regression).
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data.tiling import TILING, slide_record
 
 CLASSES = ("adipose", "glands", "nuclei", "stroma")
 SPLITS = ("train", "val")
@@ -83,7 +87,7 @@ def _replace(staging: Path, out: Path) -> None:
 
 
 def generate(out: str | Path, seed: int, image_size: int, train_per_class: int, val_per_class: int,
-             annotations: str | Path | None = None) -> Path:
+             annotations: str | Path | None = None, magnification: float = 10.0) -> Path:
     """Write the dataset to ``out`` atomically: a failure leaves no half-written dataset."""
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
@@ -106,6 +110,7 @@ def generate(out: str | Path, seed: int, image_size: int, train_per_class: int, 
                     (notes / "masks" / split / cls).mkdir(parents=True, exist_ok=True)
                     Image.fromarray(structure.astype(np.uint8)).save(notes / "masks" / relative)
                     targets.append({"path": relative, "structure_fraction": round(float(structure.mean()), 6)})
+    (staging / TILING).write_text(slide_record((magnification,), image_size, min_tissue=0.5))
     if notes is not None:
         (notes / "classes.json").write_text(json.dumps(["background", "structure"]))
         with open(notes / "targets.csv", "w", newline="") as f:
@@ -125,8 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--val-per-class", type=int, default=40)
+    parser.add_argument("--magnification", type=float, default=10.0, help="the field of view a tile stands for")
     args = parser.parse_args(argv)
-    out = generate(args.out, args.seed, args.image_size, args.train_per_class, args.val_per_class, args.annotations)
+    out = generate(args.out, args.seed, args.image_size, args.train_per_class, args.val_per_class, args.annotations,
+                   args.magnification)
     print(f"wrote {len(list(out.rglob('*.png')))} tiles to {out}")
 
 

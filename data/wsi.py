@@ -98,9 +98,10 @@ def open_slide(path: str | Path) -> tuple[openslide.OpenSlide, SlideInfo]:
     return slide, info
 
 
-def tissue_mask(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
-    """Boolean tissue mask of the slide at ``1 / downsample`` of level 0, read chunk by chunk from
-    the pyramid level closest to that resolution: memory stays bounded whatever the slide claims."""
+def thumbnail(slide: openslide.OpenSlide, downsample: float) -> Image.Image:
+    """The slide at ``1 / downsample`` of level 0 on white, read chunk by chunk from the pyramid
+    level closest to that resolution: memory stays bounded whatever the slide claims. Only the
+    pyramid is read, never the label or macro image beside it (they may show a patient's name)."""
     width, height = slide.dimensions
     out_w, out_h = max(1, round(width / downsample)), max(1, round(height / downsample))
     level = slide.get_best_level_for_downsample(downsample)
@@ -119,7 +120,12 @@ def tissue_mask(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
             canvas = Image.new("RGB", region.size, (255, 255, 255))
             canvas.paste(region, mask=region.getchannel("A"))
             thumb.paste(canvas.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BOX), box[:2])
-    return np.asarray(thumb.convert("HSV"))[..., 1] > TISSUE_SATURATION
+    return thumb
+
+
+def tissue_mask(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+    """Boolean tissue mask of the slide at ``1 / downsample`` of level 0 (``thumbnail``)."""
+    return np.asarray(thumbnail(slide, downsample).convert("HSV"))[..., 1] > TISSUE_SATURATION
 
 
 def _read(slide: openslide.OpenSlide, path: str, cx: float, cy: float, field: float, tile_size: int) -> Image.Image:
@@ -137,8 +143,10 @@ def _read(slide: openslide.OpenSlide, path: str, cx: float, cy: float, field: fl
     return canvas.resize((tile_size, tile_size), Image.Resampling.BOX) if side != tile_size else canvas
 
 
-def tile_slide(slide: openslide.OpenSlide, info: SlideInfo, plan: TilePlan) -> Iterator[SlideTile]:
-    """Grid tiles with at least ``plan.min_tissue`` tissue, each at every requested magnification."""
+def tile_slide(slide: openslide.OpenSlide, info: SlideInfo, plan: TilePlan,
+               read: tuple[float, ...] | None = None) -> Iterator[SlideTile]:
+    """Grid tiles with at least ``plan.min_tissue`` tissue, each at every requested magnification
+    (or those of ``read`` only: the grid and which tiles are kept stay the plan's)."""
     too_high = [m for m in plan.magnifications if m > info.objective_power * 1.001]
     if too_high:
         raise IngestError(info.path, f"scanned at {info.objective_power:g}x; cannot tile at "
@@ -161,6 +169,6 @@ def tile_slide(slide: openslide.OpenSlide, info: SlideInfo, plan: TilePlan) -> I
             cx, cy = x + size / 2, y + size / 2
             images = {
                 m: _read(slide, info.path, cx, cy, plan.tile_size * info.objective_power / m, plan.tile_size)
-                for m in plan.magnifications
+                for m in (read or plan.magnifications)
             }
             yield SlideTile(x=x, y=y, size=size, tissue_fraction=fraction, images=images)

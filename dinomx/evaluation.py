@@ -4,7 +4,12 @@
 Metrics (val split, flat names so runs compare column by column in the MLflow UI):
 ``linear.*`` / ``knn.*``: accuracy, precision_macro, f1_macro; ``cluster.ami`` (k-means with one
 cluster per class against the labels), ``cluster.dbi`` (Davies-Bouldin of the embeddings under the
-true labels, lower is better); ``regression.pearson`` / ``r2`` / ``mae``; ``segmentation.dice``.
+true labels, lower is better); ``regression.pearson`` / ``r2`` / ``mae``; ``segmentation.dice``;
+per category of the default classifier (``category_metrics``): sensitivity, specificity, PPV,
+NPV, F1 and accuracy, and Cohen's kappa (quadratic-weighted when the categories are ordered).
+
+The paper's protocol adds grouped k-fold cross-validation (``cross_validate``: no case, slide or
+patient in two folds) and external test sets (``external``: fitted on one set, scored on another).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import (
     accuracy_score,
     adjusted_mutual_info_score,
+    cohen_kappa_score,
     confusion_matrix,
     davies_bouldin_score,
     f1_score,
@@ -25,6 +31,7 @@ from sklearn.metrics import (
     precision_score,
     r2_score,
 )
+from sklearn.model_selection import StratifiedGroupKFold
 
 from dinomx.classifiers import ClassifierHeads, KNNClassifier, LinearClassifier
 from dinomx.data import labelled_images
@@ -89,6 +96,135 @@ def classification_metrics(prefix: str, truth: np.ndarray, predicted: np.ndarray
     }
 
 
+CATEGORY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
+
+
+def category_metrics(truth: np.ndarray, predicted: np.ndarray, classes: list[str],
+                     order: list[str] | None = None) -> dict[str, float]:
+    """Each category against the rest (``<class>.sensitivity``, ``.specificity``, ``.ppv``, ``.npv``,
+    ``.f1``, ``.accuracy``), the overall ``accuracy``, and Cohen's ``kappa``: quadratic-weighted
+    when ``order`` gives the categories' order (a risk category one off is nearer than three off),
+    as the paper reports agreement on ordered calcium categories. A ratio with nothing to count
+    (no case of the category) is NaN, not 0."""
+    matrix = confusion_matrix(truth, predicted, labels=list(range(len(classes))))
+    total = matrix.sum()
+    out = {"accuracy": float(np.trace(matrix) / total) if total else float("nan")}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for index, name in enumerate(classes):
+            tp = matrix[index, index]
+            fn, fp = matrix[index].sum() - tp, matrix[:, index].sum() - tp
+            tn = total - tp - fn - fp
+            values = {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "ppv": tp / (tp + fp),
+                      "npv": tn / (tn + fn), "f1": 2 * tp / (2 * tp + fp + fn), "accuracy": (tp + tn) / total}
+            out.update({f"{name}.{key}": float(value) for key, value in values.items()})
+    if order:
+        rank = np.asarray(ordered_indices(classes, order))
+        truth, predicted = rank[np.asarray(truth)], rank[np.asarray(predicted)]
+    out["kappa"] = float(cohen_kappa_score(truth, predicted, labels=list(range(len(classes))),
+                                           weights="quadratic" if order else None))
+    return out
+
+
+def ordered_indices(classes: list[str], order: list[str]) -> list[int]:
+    """The rank of each class in ``order``, which must name exactly the classes."""
+    if sorted(order) != sorted(classes):
+        raise DataError(f"categories: {order} must name each class once, lowest first; the classes are {classes}")
+    return [order.index(name) for name in classes]
+
+
+def grouped_folds(labels: np.ndarray, groups: list[str], k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` (train, test) index pairs in which no group (case, slide, patient) is on both sides,
+    classes spread over the folds as evenly as the groups allow."""
+    distinct = len(set(groups))
+    if k < 2:
+        raise DataError(f"folds: at least 2, got {k}")
+    if distinct < k:
+        raise DataError(f"folds: {k} folds need at least {k} groups (cases, slides or patients), found {distinct}")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels, groups))
+
+
+def _regression_metrics(prefix: str, truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    return {f"{prefix}.pearson": float(np.corrcoef(predicted, truth)[0, 1]), f"{prefix}.r2": float(r2_score(truth, predicted)),
+            f"{prefix}.mae": float(mean_absolute_error(truth, predicted))}
+
+
+def _fit_and_score(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, classes: list[str],
+                   knn_k: int, order: list[str] | None) -> tuple[dict[str, float], str, np.ndarray]:
+    """Both classifiers fitted on ``train``; their metrics on ``test``, the per-category metrics of
+    the better one (by macro F1), its name and predictions."""
+    candidates = {"linear": LinearClassifier(len(classes)), "knn": KNNClassifier(len(classes), k=knn_k)}
+    metrics, predictions = {}, {}
+    for name, head in candidates.items():
+        predictions[name] = head.fit(train, y_train).predict_proba(test).argmax(1)
+        metrics.update(classification_metrics(name, y_test, predictions[name]))
+    best = max(candidates, key=lambda n: metrics[f"{n}.f1_macro"])
+    metrics.update({f"category.{k}": v for k, v in category_metrics(y_test, predictions[best], classes, order).items()})
+    return metrics, best, predictions[best]
+
+
+@dataclass
+class Folds:
+    """Per-fold metrics of a grouped cross-validation, and their mean and standard deviation."""
+    per_fold: list[dict[str, float]]
+    groups: int
+
+    def summary(self) -> dict[str, float]:
+        keys = [k for k in self.per_fold[0] if all(k in f for f in self.per_fold)]
+        out = {}
+        for key in keys:
+            values = np.asarray([f[key] for f in self.per_fold], dtype=np.float64)
+            out[f"{key}.mean"], out[f"{key}.sd"] = float(np.nanmean(values)), float(np.nanstd(values, ddof=1))
+        return out
+
+
+def cross_validate(embedder: Embedder, data: str | Path, groups: list[str], k: int, knn_k: int = 20,
+                   targets: str | Path | None = None, target_column: str = "", order: list[str] | None = None,
+                   seed: int = 0) -> Folds:
+    """Grouped k-fold cross-validation over every image of ``<data>/train`` and ``<data>/val``
+    together (``groups``: one per image, in that order): each fold's probes are fitted on the
+    other folds and scored on it, as the paper's slide-level folds."""
+    data = Path(data)
+    train, classes = _embed(embedder, data / "train", with_patches=False)
+    val, val_classes = _embed(embedder, data / "val", with_patches=False)
+    if val_classes != classes:
+        raise DataError(f"{data}: val classes {val_classes} differ from train classes {classes}")
+    embeddings = np.concatenate([train.embeddings, val.embeddings])
+    labels = np.concatenate([train.labels, val.labels])
+    if len(groups) != len(labels):
+        raise DataError(f"{data}: {len(groups)} groups for {len(labels)} images")
+    values = None
+    if targets:
+        values = np.concatenate([_targets(Path(targets), target_column, split, data) for split in (train, val)])
+    per_fold = []
+    for fit, held in grouped_folds(labels, groups, k, seed):
+        metrics, _, _ = _fit_and_score(embeddings[fit], labels[fit], embeddings[held], labels[held], classes, knn_k, order)
+        if values is not None:
+            probe = RegressionProbe(target_column).fit(embeddings[fit], values[fit])
+            metrics.update(_regression_metrics("regression", values[held], probe.predict(embeddings[held])))
+        metrics["images"] = float(len(held))
+        per_fold.append(metrics)
+    return Folds(per_fold, len(set(groups)))
+
+
+def external(embedder: Embedder, data: str | Path, test: str | Path, knn_k: int = 20,
+             order: list[str] | None = None) -> dict[str, float]:
+    """Probes fitted on every image of ``<data>/train`` and ``<data>/val``, scored on the split
+    ``test`` of another set (another hospital, scanner or protocol) with the same classes."""
+    data = Path(data)
+    parts = [_embed(embedder, data / split, with_patches=False) for split in ("train", "val")]
+    classes = parts[0][1]
+    held, held_classes = _embed(embedder, Path(test), with_patches=False)
+    if held_classes != classes:
+        missing, unknown = sorted(set(classes) - set(held_classes)), sorted(set(held_classes) - set(classes))
+        raise DataError(f"test: {test} has classes {held_classes}; the model's are {classes} "
+                        f"(missing {missing}, unknown {unknown})")
+    embeddings = np.concatenate([p[0].embeddings for p in parts])
+    labels = np.concatenate([p[0].labels for p in parts])
+    metrics, _, _ = _fit_and_score(embeddings, labels, held.embeddings, held.labels, classes, knn_k, order)
+    return {**metrics, "images": float(len(held.labels))}
+
+
 RANDOM_INIT = "random_init."  # metric prefix of the same architecture before any training
 
 
@@ -103,9 +239,10 @@ def random_init_knn(embedder: Embedder, data: str | Path, knn_k: int = 20) -> di
 
 
 def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str | Path | None = None,
-             targets: str | Path | None = None, target_column: str = "") -> Evaluation:
+             targets: str | Path | None = None, target_column: str = "", order: list[str] | None = None) -> Evaluation:
     """Fit on ``<data>/train``, score on ``<data>/val``; optional masks (segmentation) and a targets
-    CSV (regression) add their probes and metrics."""
+    CSV (regression) add their probes and metrics; ``order``: the classes are ordered categories,
+    lowest first (kappa is quadratic-weighted)."""
     data = Path(data)
     if (masks or targets) and is_sharded(data / "train"):
         raise DataError(f"{data}: segmentation masks and regression targets are read beside image folders; "
@@ -123,6 +260,8 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
         predictions[name] = head.predict_proba(val.embeddings).argmax(1)
         metrics.update(classification_metrics(name, val.labels, predictions[name]))
     default = max(candidates, key=lambda n: metrics[f"{n}.f1_macro"])
+    metrics.update({f"category.{k}": v for k, v in category_metrics(val.labels, predictions[default], classes,
+                                                                      order).items()})
     clusters = KMeans(n_clusters=len(classes), n_init=10, random_state=0).fit_predict(val.embeddings)
     metrics["cluster.ami"] = float(adjusted_mutual_info_score(val.labels, clusters))
     metrics["cluster.dbi"] = float(davies_bouldin_score(val.embeddings, val.labels))
@@ -143,10 +282,7 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
         y_train = _targets(Path(targets), target_column, train, data)
         y_val = _targets(Path(targets), target_column, val, data)
         heads.regression = RegressionProbe(target_column).fit(train.embeddings, y_train)
-        predicted = heads.regression.predict(val.embeddings)
-        metrics["regression.pearson"] = float(np.corrcoef(predicted, y_val)[0, 1])
-        metrics["regression.r2"] = float(r2_score(y_val, predicted))
-        metrics["regression.mae"] = float(mean_absolute_error(y_val, predicted))
+        metrics.update(_regression_metrics("regression", y_val, heads.regression.predict(val.embeddings)))
 
     confusion = confusion_matrix(val.labels, predictions[default], labels=list(range(len(classes))))
     return Evaluation(heads, metrics, classes, confusion, val)

@@ -48,12 +48,16 @@ class SegmentationProbe:
         self.linear.fit(patches.reshape(-1, patches.shape[-1]), labels.reshape(-1))
         return self
 
-    def predict(self, patches: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """(N, h, w, D) -> (N, H, W) class indices at pixel resolution ``size``."""
+    def predict_grid(self, patches: np.ndarray) -> np.ndarray:
+        """(N, h, w, D) -> (N, h, w) class index of each patch: what the probe decides."""
         n, h, w, d = patches.shape
-        probs = self.linear.predict_proba(patches.reshape(-1, d)).reshape(n, h, w, -1)
-        logits = torch.as_tensor(probs).permute(0, 3, 1, 2)
-        return F.interpolate(logits, size=size, mode="nearest").argmax(1).numpy()
+        return self.linear.predict_proba(patches.reshape(-1, d)).reshape(n, h, w, -1).argmax(-1)
+
+    def predict(self, patches: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(N, h, w, D) -> (N, H, W) class indices at pixel resolution ``size``: each pixel takes
+        the patch its centre lies in, so the mask vectorised along patch edges reads back the same."""
+        grid = torch.as_tensor(self.predict_grid(patches), dtype=torch.float32)[:, None]
+        return F.interpolate(grid, size=size, mode="nearest-exact")[:, 0].long().numpy()
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

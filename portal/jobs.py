@@ -38,9 +38,13 @@ TEACHER = re.compile(rf"models:/[\w.-]+(?:/\d+|@\w+)|hf:{HUB_PART}(?:/{HUB_PART}
 # What a job does: train a backbone, or fit probes on a registered one (the entry point's name).
 TASKS = {"train": "pretrain or distill a backbone (registers <name>-backbone)",
          "heads": "fit classification heads on a frozen backbone (registers <family>-head)",
-         "evaluate": "score a backbone against its random init, for the promotion gate"}
+         "evaluate": "score a backbone against its random init, for the promotion gate",
+         "predict": "run a registered head over whole slides or CT series of the dataset (tables, heatmaps, QuPath "
+                    "GeoJSON, a score)"}
 FAMILY = r"[a-z0-9][a-z0-9-]{0,39}"
 BACKBONE = re.compile(rf"models:/({FAMILY})-backbone(?:/\d+|@\w+)")
+HEAD = re.compile(rf"models:/({FAMILY})-head(?:/\d+|@\w+)")
+SCORE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 TIME_LIMIT = re.compile(r"(\d{1,3}-)?\d{1,2}:\d{2}:\d{2}")
 
 
@@ -226,6 +230,7 @@ class ProbeRequest:
     backbone: str
     knn_k: int = 20
     time_limit: str = ""
+    folds: int = 0  # evaluate: grouped k-fold cross-validation (0: the train/val split only)
     processes = 1  # not a field: probes fit in one process
 
     @classmethod
@@ -238,10 +243,13 @@ class ProbeRequest:
             errors["backbone"] = (f"expected a registered backbone, models:/<family>-backbone/<version> or "
                                   f"models:/<family>-backbone@<alias>, got {backbone!r}")
         knn_k = number("knn_k", int, 1, 1000, 20)
+        folds = number("folds", int, 0, 20, 0) if form.get("task") == "evaluate" else 0
+        if folds == 1:
+            errors["folds"] = "expected 0 (the train/val split only) or 2..20 folds"
         time_limit = _time_limit(form, errors)
         if errors:
             raise FormErrors(errors)
-        return cls(dataset_id, str(form["task"]), backbone, knn_k, time_limit)
+        return cls(dataset_id, str(form["task"]), backbone, knn_k, time_limit, folds)
 
     @property
     def name(self) -> str:
@@ -267,7 +275,7 @@ class ProbeRequest:
                   "knn_k": str(self.knn_k), "masks": "", "targets": "", "target_column": ""}
         if self.task == "heads":
             return params | {"name": self.name, "backbone": self.backbone}
-        return params | {"model": self.backbone}
+        return params | {"model": self.backbone, "folds": str(self.folds)}
 
     def slurm_resources(self) -> dict:
         return {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1} | ({"time": self.time_limit} if self.time_limit else {})
@@ -276,21 +284,84 @@ class ProbeRequest:
         return asdict(self)
 
 
-def request_from_form(form: Mapping[str, str], project: Path, backend: str) -> TrainingRequest | ProbeRequest:
+@dataclass(frozen=True)
+class PredictRequest:
+    """A ``predict`` job: a registered head over one slide or CT series of a dataset the user may
+    read (``path`` inside its S3 prefix), or over every slide under a folder of it (a cohort), in
+    one process; ``input`` is the object's URI, set from the dataset once it is authorized."""
+
+    dataset_id: int
+    task: str
+    head: str
+    path: str
+    score: str = ""
+    time_limit: str = ""
+    input: str = ""
+    processes = 1  # not a field
+
+    @classmethod
+    def from_form(cls, form: Mapping[str, str]) -> "PredictRequest":
+        from portal.access import BadPath, clean_relative
+
+        errors = {}
+        dataset_id = _Numbers(form, errors).dataset_id()
+        head = str(form.get("head", "")).strip()
+        if not HEAD.fullmatch(head):
+            errors["head"] = (f"expected a registered head, models:/<family>-head/<version> or "
+                              f"models:/<family>-head@<alias>, got {head!r}")
+        path = str(form.get("path", "")).strip()
+        try:
+            path = clean_relative(path)
+        except BadPath as exc:
+            errors["path"] = f"{exc} (a slide, or a folder of slides or of one CT series, inside the dataset)"
+        score = str(form.get("score", "") or "").strip()
+        if score and not SCORE.fullmatch(score):
+            errors["score"] = f"expected a score module's name such as agatston, got {score!r}"
+        time_limit = _time_limit(form, errors)
+        if errors:
+            raise FormErrors(errors)
+        return cls(dataset_id, "predict", head, path, score, time_limit)
+
+    @property
+    def name(self) -> str:
+        return HEAD.fullmatch(self.head).group(1)
+
+    @property
+    def entry_point(self) -> str:
+        return "predict"
+
+    def parameters(self, dataset: Dataset) -> dict[str, str]:
+        return {"model": self.head, "input": self.input, "score": self.score}
+
+    def slurm_resources(self) -> dict:
+        return {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1} | ({"time": self.time_limit} if self.time_limit else {})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Request = TrainingRequest | ProbeRequest | PredictRequest
+
+
+def request_from_form(form: Mapping[str, str], project: Path, backend: str) -> Request:
     task = str(form.get("task", "train") or "train")
     if task not in TASKS:
         raise FormErrors({"task": f"expected one of {list(TASKS)}, got {task!r}"})
     if task == "train":
         return TrainingRequest.from_form(form, project, backend)
+    if task == "predict":
+        return PredictRequest.from_form(form)
     return ProbeRequest.from_form(form)
 
 
-def job_request(job: Job) -> TrainingRequest | ProbeRequest:
+def job_request(job: Job) -> Request:
     """The request a queued job was made from."""
-    return (TrainingRequest if job.entry_point in ("pretrain", "distill") else ProbeRequest)(**job.parameters)
+    kind = {"pretrain": TrainingRequest, "distill": TrainingRequest, "predict": PredictRequest}.get(job.entry_point,
+                                                                                                     ProbeRequest)
+    return kind(**job.parameters)
 
 
-def submit(request: TrainingRequest | ProbeRequest, dataset: Dataset, owner: str) -> Job:
+def submit(request: Request, dataset: Dataset, owner: str) -> Job:
     job = Job(owner=owner, dataset_id=dataset.id, entry_point=request.entry_point, parameters=request.to_dict(),
               command=[], status="queued")
     db.session.add(job)
@@ -317,7 +388,7 @@ class LocalLauncher:
         self.project, self.tracking_uri, self.log_dir = project, tracking_uri, log_dir
         self._children: dict[str, subprocess.Popen] = {}
 
-    def submit(self, request: TrainingRequest | ProbeRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
+    def submit(self, request: Request, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
         """(command, scheduler id, log path)."""
         command = ["mlflow", "run", str(self.project), "--env-manager", "local", "-e", request.entry_point,
                    "--run-id", run_id]
@@ -382,7 +453,7 @@ class SlurmLauncher:
         self.project, self.tracking_uri, self.site_config = project, tracking_uri, site_config
         self._submitted: dict[str, SlurmSubmittedRun] = {}
 
-    def submit(self, request: TrainingRequest | ProbeRequest, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
+    def submit(self, request: Request, dataset: Dataset, run_id: str) -> tuple[list[str], str, str]:
         config = self.site_config | request.slurm_resources() | {"run_id": run_id}
         client = MlflowService(self.tracking_uri).client
         submitted = SlurmBackend().run(str(self.project), request.entry_point, request.parameters(dataset), None,

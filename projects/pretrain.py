@@ -41,6 +41,7 @@ from projects.tracking import (
     record_learning,
     run_entry_point,
     training_data,
+    whole_number,
 )
 from registry.lineage import resolve_version, version_uri
 from registry.mlflow_service import MAX_TAG_CHARS, MlflowService, Outcome, Tag, run_name
@@ -194,7 +195,8 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             mlflow.log_artifacts(tmp, "attention")
 
         lineage = build_lineage("backbone", cfg.student.pretrained, dataset, report_uri, cfg.sha256(),
-                                (commit, dirty), teachers=",".join(cfg.distillation.teachers))
+                                (commit, dirty), teachers=",".join(cfg.distillation.teachers),
+                                image=cfg.dataset.shard_image)
         version = log_and_register(
             f"{name}-backbone",
             BackboneModel(),
@@ -265,14 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"pretrain: interrupted by {exc}", file=sys.stderr)
         return exit_code(exc)
-
-
-def whole_number(text: str) -> int:
-    """MLflow passes numeric parameters as floats ("2.0")."""
-    value = float(text)
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(value)
 
 
 def _without_processes(argv: list[str]) -> list[str]:

@@ -1,8 +1,10 @@
 """MLflow glue shared by the entry points: training data with its version and validation, params."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,9 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
+from data.annotations import proposed_by_of
 from data.report import ValidationReport
+from data.tiling import tiling_of
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from dinomx.errors import UserError, one_line, run_command
 from dinomx.online_eval import learning_verdict
@@ -70,15 +74,19 @@ def training_data(path: str | Path, report_path: str | Path, skip_gate: bool = F
     return TrainingData(path=path, version=version, report=report, report_path=report_path)
 
 
+def dataset_source(source: str):
+    """MLflow's dataset source of a local path or URL."""
+    with warnings.catch_warnings():
+        # A local path matches both of MLflow's local source types, which are the same class.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return resolve_dataset_source(source)
+
+
 def log_training_data(data: TrainingData, context: str) -> str:
     """Log the dataset as a run input (DVC md5 as digest) and its validation report; returns
     the report's artifact URI."""
     source = data.version.remote_url or str(Path(data.version.repo_root) / data.version.tracked_path)
-    with warnings.catch_warnings():
-        # A local path matches both of MLflow's local source types, which are the same class.
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        resolved = resolve_dataset_source(source)
-    dataset = MetaDataset(source=resolved, name=data.version.path, digest=data.version.digest)
+    dataset = MetaDataset(source=dataset_source(source), name=data.version.path, digest=data.version.digest)
     shards = {Tag.DATA_SHARDS: data.shards} if data.shards else {}
     mlflow.log_input(
         dataset,
@@ -105,9 +113,11 @@ def project_code_version() -> tuple[str, bool]:
 
 
 def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, config_sha256: str,
-                  code: tuple[str, bool], teachers: str = "") -> Lineage:
-    """The lineage of a model made in the active run from ``data`` with ``code`` (commit, dirty)."""
+                  code: tuple[str, bool], teachers: str = "", image: str = "") -> Lineage:
+    """The lineage of a model made in the active run from ``data`` with ``code`` (commit, dirty);
+    ``image``: the shard component it trained on, where not the index's."""
     commit, dirty = code
+    tiling = tiling_of(data.path, image)
     return Lineage(
         kind=kind,
         source_run_id=mlflow.active_run().info.run_id,
@@ -125,6 +135,8 @@ def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, c
         teachers=teachers,
         data_inputs=data.report.inputs_line(),
         data_shards=data.shards,
+        tiling=tiling.to_json() if tiling else "",
+        annotations_proposed_by=proposed_by_of(data.path),
     )
 
 
@@ -157,6 +169,13 @@ def mark_model_training() -> None:
         client.set_experiment_tag(experiment, Tag.EXPERIMENT_KIND, "custom_model_development")
 
 
+def metric_key(name: str) -> str:
+    """``name`` as MLflow takes a metric key (letters, digits, ``_ - . / ``space): a category such as
+    ``>400`` keeps its meaning (``gt400``) rather than being refused."""
+    name = name.replace(">=", "ge").replace("<=", "le").replace(">", "gt").replace("<", "lt")
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
 def log_flat_params(params: dict) -> None:
     mlflow.log_params({key: _param_value(value) for key, value in params.items()})
 
@@ -165,6 +184,17 @@ def _param_value(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: MLflow passes numeric parameters as floats ("2.0")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(value)
 
 
 def configure_logging() -> None:

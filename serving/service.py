@@ -34,8 +34,10 @@ import asyncio
 import base64
 import gc
 import io
+import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -50,10 +52,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 from starlette.responses import JSONResponse
 
-from dinomx.errors import DataError
+from dinomx.errors import DataError, UserError
 from dinomx.images import upright_size
 from registry.lineage import RegistryUnavailable
-from serving import log
+from serving import log, slides
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard, ServingState
 from serving.models import PromotedModels, ServingError, load, load_at_start, prefetch, servable_uris
@@ -68,6 +70,8 @@ from serving.schemas import (
     Regression,
     Reloaded,
     Segmentation,
+    SlidePrediction,
+    SlideUpload,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +82,10 @@ MAX_IMAGE_PIXELS = int(os.environ.get("VF_MAX_IMAGE_PIXELS", str(4096 * 4096)))
 MAX_REQUEST_PIXELS = int(os.environ.get("VF_MAX_REQUEST_PIXELS", str(64 * 1024 * 1024)))
 MAX_REQUEST_BYTES = int(os.environ.get("VF_MAX_REQUEST_BYTES", str(64 * 1024 * 1024)))
 DECODE_SLOTS = int(os.environ.get("VF_DECODE_SLOTS", "2"))
+MAX_SLIDE_BYTES = int(os.environ.get("VF_MAX_SLIDE_BYTES", str(8 << 30)))
+# Whole slides predicted at once per worker: each takes the cores for minutes, and the image
+# routes must keep answering beside it.
+SLIDE_SLOTS = int(os.environ.get("VF_SLIDE_SLOTS", "1"))
 RELOAD_INTERVAL_S = float(os.environ.get("VF_RELOAD_INTERVAL_S", "60"))
 # How long /reload waits for the registry before answering 503 (the service keeps its set).
 REGISTRY_TIMEOUT_S = float(os.environ.get("VF_REGISTRY_TIMEOUT_S", "20"))
@@ -97,7 +105,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog())
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 LIMITS = {"VF_MAX_IMAGES": MAX_IMAGES, "VF_MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
-          "VF_MAX_REQUEST_PIXELS": MAX_REQUEST_PIXELS, "VF_MAX_REQUEST_BYTES": MAX_REQUEST_BYTES}
+          "VF_MAX_REQUEST_PIXELS": MAX_REQUEST_PIXELS, "VF_MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
+          "VF_MAX_SLIDE_BYTES": MAX_SLIDE_BYTES}
 
 
 class TooLarge(BentoMLException):
@@ -186,6 +195,7 @@ class VisionFoundry:
         name, alias = _target()
         try:
             uris = prefetch(name, alias)
+            slides.folder()  # made here, so that every worker finds the slides another one stored
         except (ServingError, RegistryUnavailable) as exc:
             print(f"vision-foundry: cannot serve {name}@{alias}: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -195,6 +205,7 @@ class VisionFoundry:
         self.name, self.alias = _target()
         self.models: PromotedModels | None = None
         self.batcher = MicroBatcher(BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS)
+        self._slide_slots = asyncio.Semaphore(SLIDE_SLOTS)
         self._reloading = threading.Lock()
         # Loaded beside the server, so that /readyz answers (503, loading) instead of hanging.
         STATE.loading = f"loading {self.name}@{self.alias}"
@@ -362,6 +373,65 @@ class VisionFoundry:
         return Segmentation(model=models.head_uri, classes=probe.classes, predictions=await asyncio.to_thread(masks))
 
     @bentoml.api
+    async def upload_slide(
+        self, slide: Annotated[Path, Field(description="A whole-slide image (SVS, NDPI, MRXS, TIFF, ...), sent with a "
+                                                        "Content-Length, at most VF_MAX_SLIDE_BYTES")],
+    ) -> SlideUpload:
+        """Keep a whole slide for `/predict_slide` (streamed to disk, opened to check it is a slide);
+        answers its id. 411 without a Content-Length, 413 over VF_MAX_SLIDE_BYTES."""
+        with open(slide, "rb") as f:
+            try:
+                return SlideUpload(**await asyncio.to_thread(slides.store, f, slide.name))
+            except slides.SlideRefused as exc:
+                raise BadInput(str(exc)) from None
+
+    @bentoml.task
+    async def predict_slide(
+        self, slide_id: Annotated[str, Field(description="The id `/upload_slide` answered")],
+        head: Annotated[str, Field(description="Which classifier of the head answers; empty for its default")] = "",
+    ) -> SlidePrediction:
+        """The promoted head over a whole uploaded slide, cut as the head's training tiles were (its
+        lineage's tiling): per-tile table, heatmap, aggregates and QuPath GeoJSON. An asynchronous
+        task: `POST /predict_slide/submit` answers a task id, `GET /predict_slide/status?task_id=`
+        its state, `GET /predict_slide/get?task_id=` the answer."""
+        from clinical.slide import HEATMAP, REGIONS, SEGMENTS, TABLE, predict_slide
+        from data.tiling import Tiling
+        from dinomx.inference import TilePredictor
+
+        models = self.models
+        heads = self._heads(models, "predict_slide")
+        if not models.tiling:
+            raise BadInput(f"{models.head_uri} was fitted on images not cut from slides (no tiling in its lineage); "
+                           "/predict_slide cannot cut a slide as its training data was")
+        try:
+            path = slides.find(slide_id)
+            predictor = TilePredictor(models.embedder, heads, head or None)
+        except (slides.SlideRefused, KeyError) as exc:
+            raise BadInput(str(exc.args[0])) from None
+        tiling = Tiling.from_json(models.tiling, f"{models.head_uri} tiling")
+        out = path.parent / f"prediction-{time.monotonic_ns()}"
+        async with self._slide_slots:
+            try:
+                summary = await asyncio.to_thread(predict_slide, path, predictor, tiling, out, 32,
+                                                  {"model": models.head_uri, "backbone": models.backbone_uri})
+            except UserError as exc:
+                raise BadInput(f"slide_id {slide_id}: {exc}") from None
+
+        def read(name: str, kind: str = "json"):
+            file = out / name
+            if not file.is_file():
+                return None
+            return json.loads(file.read_text()) if kind == "json" else (
+                base64.b64encode(file.read_bytes()).decode() if kind == "png" else file.read_text())
+
+        try:
+            return SlidePrediction(model=models.head_uri, backbone=models.backbone_uri, slide_id=slide_id,
+                                   summary=summary, regions=read(REGIONS), segmentation=read(SEGMENTS),
+                                   heatmap_png=read(HEATMAP, "png"), tiles_csv=read(TABLE, "text"))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    @bentoml.api
     async def attention(self, images: Images) -> Attention:
         """Last-layer CLS attention per head on the patch grid (each map sums to 1), and their mean as a PNG."""
         models = self.models
@@ -379,4 +449,5 @@ class VisionFoundry:
 
 VisionFoundry.add_asgi_middleware(RequestGuard, max_body_bytes=MAX_REQUEST_BYTES, max_images=MAX_IMAGES,
                                   reload_token=os.environ.get("VF_RELOAD_TOKEN", ""), state=STATE,
+                                  max_slide_bytes=MAX_SLIDE_BYTES,
                                   describe=lambda spec: describe(spec, STATE.serving, _target(), LIMITS))

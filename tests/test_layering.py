@@ -44,3 +44,11 @@ def test_the_portal_loads_no_engine():
     config or a teacher's name must not cost it torch, transformers and peft (6 s of imports)."""
     modules = ["portal.app", "portal.__main__", *sorted(f"portal.views.{p.stem}" for p in (REPO / "portal/views").glob("*.py"))]
     assert _loaded(modules, ("torch", "transformers", "peft", "accelerate", "bentoml")) == set()
+
+
+def test_clinical_answers_need_no_mlflow_or_server():
+    """Whole-slide and whole-series inference and the score modules run from a script or a notebook,
+    with the engine and the data side only; the entry point and the service add MLflow and BentoML."""
+    modules = sorted(f"clinical.{p.stem}" for p in (REPO / "clinical").glob("*.py") if p.stem != "__init__")
+    modules += sorted(f"clinical.scores.{p.stem}" for p in (REPO / "clinical" / "scores").glob("*.py") if p.stem != "__init__")
+    assert len(modules) >= 3 and _loaded(modules, ("mlflow", "bentoml", "flask", "dvc")) == set()

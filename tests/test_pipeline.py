@@ -3,6 +3,7 @@ promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow
 import asyncio
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -185,6 +186,64 @@ def test_evaluate_logs_comparable_metrics_plots_and_tags_the_version(demo):
     assert backbone.tags["vf.eval.run_id"] == run.info.run_id
 
 
+SLIDE = Path(os.environ.get("VF_TEST_SLIDE", Path(sys.prefix) / "testdata" / "cmu_small_region.svs"))
+
+
+def test_demo_predicted_a_whole_real_slide_in_a_run_linked_to_the_head_and_the_slide(demo, tmp_path):
+    _, client, output = demo
+    run = _run_of(client, "predict")
+    md5 = hashlib.md5(SLIDE.read_bytes()).hexdigest()
+    assert run.data.tags["vf.predicted_model"] == "models:/demo-head/1"
+    assert run.data.tags["vf.parent"] == "models:/demo-backbone/1" and run.data.tags["vf.input_md5"] == md5
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == md5 and {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "inference"
+    head = client.get_model_version("demo-head", "1")
+    assert [m.model_id for m in run.inputs.model_inputs] == [head.model_id]
+    folder = f"prediction/{SLIDE.name}"
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder)} == {
+        "tiles.csv", "summary.json", "thumbnail.png", "heatmap.png", "heatmap_structure_fraction.png",
+        "segmentation.png", "regions.geojson", "segmentation.geojson"}
+    local = Path(client.download_artifacts(run.info.run_id, folder, str(tmp_path)))
+    summary = json.loads((local / "summary.json").read_text())
+    # Cut as the demo tiles were (32 px fields at 10x, tiling.json of the generator), read from the
+    # head's lineage: on this 20x scan a tile is 64 level-0 pixels of 0.499 µm.
+    assert summary["tiling"] == {"modality": "he", "magnification": 10.0, "grid_magnification": 10.0, "tile_size": 32,
+                                 "min_tissue": 0.5}
+    rows = (local / "tiles.csv").read_text().splitlines()[1:]
+    assert summary["tiles"] == len(rows) == run.data.metrics["tiles"] > 300
+    assert summary["tissue_area_mm2"] == pytest.approx(len(rows) * (64 * 0.499 / 1000) ** 2, abs=1e-3)
+    assert sum(v for k, v in run.data.metrics.items() if k.startswith("fraction.")) == pytest.approx(1, abs=1e-3)
+    assert run.data.metrics["structure_fraction.sum"] == pytest.approx(summary["regression"]["sum"])
+    regions = json.loads((local / "regions.geojson").read_text())
+    assert regions["type"] == "FeatureCollection" and regions["features"]
+    assert {f["properties"]["proposed_by"] for f in regions["features"]} == {"models:/demo-head/1"}
+    assert f"predict models:/demo-head/1 -> {SLIDE.name}: {summary['tiles']} tiles" in output
+
+
+def test_predict_refuses_what_it_cannot_cut_in_one_line_and_writes_nothing(demo, tmp_path):
+    checkout, client, _ = demo
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
+
+    def predict(*args):
+        return subprocess.run([sys.executable, "-m", "projects.predict", *args], cwd=checkout, env=env,
+                              capture_output=True, text=True)
+
+    done = predict("--model", "models:/demo-backbone/1", "--input", str(SLIDE))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "predict: model: models:/demo-backbone/1 is a backbone; predict takes a head (models:/<family>-head/<version> or "
+        "@<alias>), which names its backbone")
+    report = tmp_path / "report.svs"
+    report.write_text("not a slide")
+    done = predict("--model", "models:/demo-head@production", "--input", str(report), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "report.svs: not a readable whole-slide image" in done.stderr.strip().splitlines()[-1]
+    [failed] = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                                  "tags.`vf.entry_point` = 'predict' and attributes.status = 'FAILED'")
+    assert "not a readable whole-slide image" in failed.data.tags["vf.error"]
+    assert not client.list_artifacts(failed.info.run_id)
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
 def test_demo_served_real_requests(demo):
     _, _, output = demo
     assert "POST /embed" in output and "96-d vector" in output
@@ -296,7 +355,8 @@ RELOAD_TOKEN = "operator-token"
 RELOAD = {"Authorization": f"Bearer {RELOAD_TOKEN}"}
 # Small limits, so that refusals are exercised with small uploads.
 SERVICE_LIMITS = {"VF_MAX_IMAGES": "4", "VF_MAX_IMAGE_PIXELS": str(1024 * 1024),
-                  "VF_MAX_REQUEST_PIXELS": str(3 * 1024 * 1024), "VF_MAX_REQUEST_BYTES": str(4 * 1024 * 1024)}
+                  "VF_MAX_REQUEST_PIXELS": str(3 * 1024 * 1024), "VF_MAX_REQUEST_BYTES": str(4 * 1024 * 1024),
+                  "VF_MAX_SLIDE_BYTES": str(3 * 1024 * 1024)}
 
 
 @pytest.fixture(scope="module")
@@ -459,6 +519,54 @@ def test_service_segments_regresses_and_shows_attention(service):
     assert attention["grid"] == [8, 8] and maps.shape[1:] == (8, 8) and np.allclose(maps.sum(axis=(1, 2)), 1, atol=1e-4)
 
 
+def _task(base: str, slide_id: str, timeout: float = 180) -> httpx.Response:
+    submitted = httpx.post(f"{base}/predict_slide/submit", json={"slide_id": slide_id}, timeout=30)
+    assert submitted.status_code == 200, submitted.text
+    task = submitted.json()["task_id"]
+    deadline = time.monotonic() + timeout
+    while (status := httpx.get(f"{base}/predict_slide/status", params={"task_id": task}).json()["status"]) == "in_progress":
+        assert time.monotonic() < deadline, "slide task still running"
+        time.sleep(1)
+    return status, httpx.get(f"{base}/predict_slide/get", params={"task_id": task}, timeout=30)
+
+
+def test_service_predicts_a_whole_uploaded_slide_as_an_async_task(service, demo, tmp_path):
+    base, _, _ = service
+    _, client, _ = demo
+    uploaded = httpx.post(f"{base}/upload_slide", files={"slide": (SLIDE.name, SLIDE.read_bytes())}, timeout=60)
+    assert uploaded.status_code == 200, uploaded.text
+    stored = uploaded.json()
+    assert stored["md5"] == hashlib.md5(SLIDE.read_bytes()).hexdigest() and (stored["width"], stored["height"]) == (2220, 2967)
+    status, answer = _task(base, stored["slide_id"])
+    assert status == "completed" and answer.status_code == 200, answer.text
+    result = answer.json()
+    assert (result["model"], result["backbone"]) == ("models:/demo-head/1", "models:/demo-backbone/1")
+    # The same head over the same slide, cut the same way, gives what the predict entry point logged.
+    run = _run_of(client, "predict")
+    folder = f"prediction/{SLIDE.name}"
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, f"{folder}/summary.json", str(tmp_path))).read_text())
+    assert result["summary"]["tiles"] == logged["tiles"] and result["summary"]["md5"] == logged["md5"]
+    for name, fraction in logged["class_fractions"].items():
+        assert result["summary"]["class_fractions"][name] == pytest.approx(fraction, abs=0.01)
+    assert result["summary"]["regression"]["sum"] == pytest.approx(logged["regression"]["sum"], rel=1e-3)
+    assert result["regions"]["type"] == "FeatureCollection" and result["segmentation"]["features"]
+    assert len(result["tiles_csv"].splitlines()) == logged["tiles"] + 1
+    assert Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"]))).width == 1532
+
+    def upload(name, body, **headers):
+        return httpx.post(f"{base}/upload_slide", files={"slide": (name, body)}, timeout=30, headers=headers)
+
+    assert "is not a whole-slide image file" in upload("tile.png", b"x" * 10).json()["error"]
+    refused = upload("scan.svs", b"a report, not a slide")
+    assert refused.status_code == 400 and "slide: not a readable whole-slide image" in refused.json()["error"]
+    assert upload("big.svs", b"0" * (3 * 1024 * 1024 + 10)).status_code == 413
+    chunked = httpx.post(f"{base}/upload_slide", content=iter([b"--x\r\n"]), timeout=30,
+                         headers={"content-type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411
+    status, answer = _task(base, "0" * 32)
+    assert status == "failed" and "slide_id: no slide 00000000000000000000000000000000" in answer.text
+
+
 def test_concurrent_embeds_are_batched_and_answer_each_caller(service):
     base, checkout, _ = service
     samples = sorted((checkout / "data/demo/images/val/stroma").glob("*.png"))[:6]
@@ -617,3 +725,71 @@ def test_a_cancelled_portal_job_ends_killed_and_resumes_in_the_same_run(demo, tm
     assert steps == sorted(set(steps)) and steps[-1] == 90 and stopped_at < 90, (steps, stopped_at)
     assert client.get_run(done["mlflow_run_id"]).info.status == "FINISHED"
     app.extensions["vf.jobs"].stop()
+
+
+def test_evaluate_follows_the_papers_protocol_folds_an_external_set_and_table_3(demo):
+    """Grouped 3-fold cross-validation and an external test set (tiles of another generator seed,
+    DVC-tracked and validated as any data), per category with kappa, in one command."""
+    checkout, client, _ = demo
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}"}
+    external = checkout / "data" / "external"
+    for command in (
+        [sys.executable, "-m", "data.synthetic", "--out", str(external / "images"), "--seed", "7",
+         "--train-per-class", "4", "--val-per-class", "10"],
+        ["dvc", "add", str(external / "images")],
+        [sys.executable, "-m", "data.validate", "--dataset", str(external / "images"), "--report-dir",
+         str(external / "validation"), "--suite", "image_tiles_rgb", "--tile-size", "32"],
+    ):
+        subprocess.run(command, cwd=checkout, env=env, check=True, capture_output=True)
+    done = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "-e", "evaluate", "-P",
+                           "model=models:/demo-backbone/1", "-P", "folds=3", "-P", "test=data/external/images/val",
+                           "-P", "categories=stroma,adipose,glands,nuclei"],
+                          cwd=checkout, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                               "tags.`vf.entry_point` = 'evaluate' and params.`eval.folds` = '3'")
+    metrics = run.data.metrics
+    assert run.data.params["eval.group"] == "image"  # generated tiles record no patient or slide
+    history = client.get_metric_history(run.info.run_id, "fold.knn.accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert metrics["cv.knn.accuracy.mean"] == pytest.approx(np.mean([m.value for m in history]))
+    assert metrics["cv.knn.accuracy.sd"] == pytest.approx(np.std([m.value for m in history], ddof=1))
+    assert sum(m.value for m in client.get_metric_history(run.info.run_id, "fold.images")) == 4 * (100 + 40)
+    for category in ("stroma", "adipose", "glands", "nuclei"):
+        for measure in ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy"):
+            assert f"test.external.category.{category}.{measure}" in metrics
+    assert metrics["test.external.images"] == 40 and -1 <= metrics["test.external.category.kappa"] <= 1
+    [testing] = [d for d in run.inputs.dataset_inputs if {t.key: t.value for t in d.tags}["mlflow.data.context"] == "testing"]
+    assert testing.dataset.name == "data/external/images/val"
+    version = client.get_model_version("demo-backbone", "1")
+    assert "| set | category | sensitivity | specificity | PPV | NPV | F1 | accuracy |" in version.description
+    assert "| 3-fold CV by image | stroma |" in version.description and "| test: external | nuclei |" in version.description
+    assert "kappa (quadratic)" in version.description and " ± " in version.description
+    assert "test: external  all" in done.stdout  # the table a person reads at the end
+
+
+def test_the_clinical_outputs_commands_run_as_written(demo):
+    """The README's "Clinical outputs" block in the demo checkout: the slide with the promoted head,
+    the calcium phantom scored inside its region, and cross-validation, each as an MLflow run."""
+    checkout, client, _ = demo
+    (checkout / ".venv").mkdir(exist_ok=True)  # the block names the slide where `make` fetched it
+    testdata = checkout / ".venv" / "testdata"
+    if not testdata.exists():
+        testdata.symlink_to(SLIDE.parent)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    commands = readme_commands("Clinical outputs: whole slides, whole CT series, scores, masks back to annotators")
+    activate, *rest = commands
+    assert activate == "source .venv/bin/activate"  # the venv running the tests is active already
+    script = "set -e\n" + "\n".join(rest)
+    started = time.monotonic()
+    done = subprocess.run(["bash", "-c", script], cwd=checkout, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.monotonic() - started < 300  # the README's "under five minutes on two cores"
+    assert f"{SLIDE.name}: " in done.stdout and " tiles (" in done.stdout
+    assert "agatston 122.0 (101-400) from 4 lesion(s)" in done.stdout
+    scores = client.get_experiment_by_name("scores")
+    [scored] = client.search_runs([scores.experiment_id], "tags.`vf.score` = 'agatston'")
+    assert scored.data.metrics["agatston.total"] == 122.0 and scored.data.metrics["slices"] == 8
+    artifacts = {Path(a.path).name for a in client.list_artifacts(scored.info.run_id, "prediction/series")}
+    assert {"slices.csv", "lesions.csv", "summary.json", "lesions"} <= artifacts
+

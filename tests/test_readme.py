@@ -12,7 +12,9 @@ from scripts.demo import wait_ready
 from tests.conftest import REPO, readme_blocks, readme_commands
 
 # The blocks run in other modules, where what they need (the demo checkout) is built anyway.
-RUN_ELSEWHERE = {"Using the parts": "tests/test_pipeline.py::test_the_readme_commands_run_as_written"}
+RUN_ELSEWHERE = {"Using the parts": "tests/test_pipeline.py::test_the_readme_commands_run_as_written",
+                 "Clinical outputs: whole slides, whole CT series, scores, masks back to annotators":
+                     "tests/test_pipeline.py::test_the_clinical_outputs_commands_run_as_written"}
 RUN_HERE = ("The Foundry portal (`portal/`)", "A recipe that learns on CPU (`configs/small-cpu.yaml`)")
 
 

@@ -1,12 +1,23 @@
 """Training jobs: a validated form queued for the job runner, followed through MLflow and the scheduler."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flask import Blueprint, abort, current_app, request, url_for
 from flask_login import current_user, login_required
 
-from portal.access import BadPath, claim_family, visible_datasets
+from portal.access import BadPath, claim_family, object_key, visible_datasets
 from portal.db import Job, db
-from portal.jobs import ACTIVE, TASKS, FormErrors, ProbeRequest, request_from_form, submit, training_configs
+from portal.jobs import (
+    ACTIVE,
+    TASKS,
+    FormErrors,
+    PredictRequest,
+    ProbeRequest,
+    request_from_form,
+    submit,
+    training_configs,
+)
 from portal.web import ID, answer, audit, dataset_for, mlflow, payload, refuse, settings
 from registry.lineage import RegistryError, equals, resolve_version
 from registry.mlflow_service import Tag
@@ -43,7 +54,8 @@ def _in_registry(family: str) -> bool:
 @login_required
 def new_job():
     config = settings()
-    form = {"datasets": [(d, lvl) for d, lvl in visible_datasets(current_user) if d.train_path],
+    # Training, heads and evaluate need a built dataset; predict reads the raw objects under its prefix.
+    form = {"datasets": list(visible_datasets(current_user)),
             "configs": training_configs(config.project_dir), "backend": config.job_backend, "tasks": TASKS}
     if request.method == "GET":
         return answer({}, "new_job.html", errors={}, form={}, **form)
@@ -51,7 +63,13 @@ def new_job():
     try:
         job_request = request_from_form(data, config.project_dir, config.job_backend)
         dataset = dataset_for(job_request.dataset_id, "read")
-        if not dataset.train_path:
+        if isinstance(job_request, PredictRequest):
+            job_request = replace(job_request, input=f"s3://{config.bucket}/{object_key(dataset, job_request.path)}")
+            try:
+                resolve_version(mlflow().client, job_request.head)
+            except RegistryError as exc:
+                raise FormErrors({"head": str(exc)}) from None
+        elif not dataset.train_path:
             raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
         if isinstance(job_request, ProbeRequest):
             job_request.splits(dataset)
@@ -62,9 +80,10 @@ def new_job():
     except FormErrors as exc:
         audit("job.submit", "", outcome="refused", errors=exc.errors)
         return answer({"error": str(exc), "errors": exc.errors}, "new_job.html", 400, errors=exc.errors, form=data, **form)
-    # Heads and evaluate write into the backbone's family (a head; the evaluation tags): its members only.
+    # Heads, evaluate and predict write into the model's family (a head, evaluation tags, prediction
+    # runs in its experiment): its members only.
     claim_family(current_user, job_request.name,
-                 registered=isinstance(job_request, ProbeRequest) or _in_registry(job_request.name))
+                 registered=isinstance(job_request, (ProbeRequest, PredictRequest)) or _in_registry(job_request.name))
     job = submit(job_request, dataset, current_user.username)
     audit("job.submit", f"job {job.id}", dataset=dataset.name, parameters=job_request.to_dict())
     return answer(_view(job), status=201, to=url_for("jobs.job_page", job_id=job.id))

@@ -1,0 +1,274 @@
+"""Entry point ``predict``: a registered head over whole slides or whole CT series, as an MLflow run.
+
+    mlflow run . -e predict --env-manager local -P model=models:/demo-head@production -P input=slide.svs
+    mlflow run . -e predict --env-manager local -P model=models:/calcium-head/2 -P input=s3://pacs/series7 -P score=agatston
+    mlflow run . -e predict --env-manager local -P input=series.zip -P score=agatston -P region=heart.npy
+
+The input is cut as the head's training data was (the tiling in its lineage, never asked of the
+user); the outputs of ``clinical.slide`` / ``clinical.series`` become artifacts of a run in the
+model's family experiment, tagged with the model version and the input's md5 and linked to the
+registered model as its input, with the aggregates as metrics. ``input`` may list several slides
+or series (a folder of slides, or a text file with one input per line): a cohort, one child run per
+input under one parent run whose ``cohort.csv`` gathers them; under the Slurm backend each input is
+a task of one job array (``projects.slurm``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import LoggedModelInput
+
+from clinical.series import predict_series, series_summary_line
+from clinical.slide import file_md5, predict_slide, slide_summary_line
+from data.sources import fetch, unpacked
+from data.tiling import Tiling
+from data.wsi import SLIDE_SUFFIXES
+from dinomx.errors import UserError
+from dinomx.inference import TilePredictor
+from projects.tracking import (
+    configure_logging,
+    dataset_source,
+    family_experiment,
+    mark_model_training,
+    run_entry_point,
+    whole_number,
+)
+from registry.lineage import Lineage, resolve_version, version_uri
+from registry.mlflow_service import MlflowService, Tag, family_of, run_name
+
+log = logging.getLogger(__name__)
+ARTIFACTS = "prediction"
+COHORT_TABLE = "cohort.csv"
+
+
+class PredictError(UserError, ValueError):
+    """A prediction that cannot be made as asked; the message names the parameter."""
+
+
+@dataclass
+class Model:
+    """A registered head ready to predict: its backbone (its lineage's parent) and the tiling of
+    the data it was fitted on."""
+
+    head_uri: str
+    backbone_uri: str
+    tiling: Tiling
+    predictor: TilePredictor
+    logged_model_id: str | None
+
+    @property
+    def family(self) -> str:
+        return family_of(self.head_uri.removeprefix("models:/").split("/")[0])
+
+
+def load_model(uri: str, head: str = "") -> Model:
+    """The head ``uri`` (a version or alias of ``<family>-head``) with its backbone and tiling."""
+    client = MlflowService().client
+    version = resolve_version(client, uri)
+    lineage = Lineage.from_tags(version.tags)
+    if lineage.kind != "head":
+        raise PredictError(f"model: {version_uri(version)} is a {lineage.kind}; predict takes a head "
+                           f"(models:/<family>-head/<version> or @<alias>), which names its backbone")
+    if not lineage.tiling:
+        raise PredictError(f"model: {version_uri(version)} has no tiling in its lineage: it was fitted on "
+                           f"{lineage.data_path}, which was not cut from slides or series by data.ingest, so "
+                           "there is no way to cut a new slide as its training data was")
+    if not lineage.parent.startswith("models:/"):
+        raise PredictError(f"model: {version_uri(version)} names no registered backbone ({lineage.parent})")
+    tiling = Tiling.from_json(lineage.tiling, f"{version_uri(version)} tag vf.tiling")
+    heads = mlflow.pyfunc.load_model(version_uri(version), suppress_warnings=True).unwrap_python_model().heads
+    embedder = mlflow.pyfunc.load_model(lineage.parent, suppress_warnings=True).unwrap_python_model().embedder
+    try:
+        predictor = TilePredictor(embedder, heads, head or None)
+    except KeyError as exc:
+        raise PredictError(str(exc.args[0])) from None
+    return Model(version_uri(version), lineage.parent, tiling, predictor, getattr(version, "model_id", None))
+
+
+def _series_folder(source: Path, scratch: Path) -> Path:
+    return unpacked(source, scratch) if source.suffix.lower() == ".zip" else source
+
+
+def _slide_file(source: Path) -> Path:
+    """A slide file, or the file OpenSlide opens a folder of DICOM whole-slide images by."""
+    if source.is_file():
+        return source
+    from data.ingest import dicom_slides, source_files
+
+    files, _ = source_files(source)
+    slides, _, _, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])
+    slides += [f for f in files if f.suffix.lower() in SLIDE_SUFFIXES]
+    if len(slides) != 1:
+        raise PredictError(f"input: {source} holds {len(slides)} slides; give one slide (or a cohort file)"
+                           + (f"; {errors[0]}" if errors else ""))
+    return slides[0]
+
+
+def folder_md5(folder: Path) -> str:
+    """One md5 of a folder's files (names and contents), the way DVC names a directory's version."""
+    import hashlib
+
+    digest = hashlib.md5()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_md5(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _region(path: str) -> np.ndarray | None:
+    if not path:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise PredictError(f"region: {path} is not a NumPy .npy mask ({exc}); expected (rows, columns) or "
+                           "(slices, rows, columns) of booleans") from None
+
+
+def _metrics(summary: dict) -> dict[str, float]:
+    metrics = {}
+    for key in ("tiles", "tissue_area_mm2"):
+        if isinstance(summary.get(key), (int, float)):
+            metrics[key] = float(summary[key])
+    for name, value in (summary.get("class_fractions") or {}).items():
+        metrics[f"fraction.{name}"] = value
+    if regression := summary.get("regression"):
+        metrics.update({f"{regression['target']}.sum": regression["sum"], f"{regression['target']}.mean": regression["mean"]})
+    for name, value in ((summary.get("segmentation") or {}).get("fractions") or {}).items():
+        metrics[f"segmented.{name}"] = value
+    if score := summary.get("score"):
+        metrics.update({f"{score['name']}.total": score["total"], f"{score['name']}.lesions": score["lesions"]})
+    if series := summary.get("series"):
+        metrics["slices"] = series["slices"]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def predict_one(source: str, model: Model | None, score: str, region: str, series_uid: str, out: Path,
+                batch_size: int) -> tuple[dict, str]:
+    """Predict one input into ``out``: (summary, the line a person reads)."""
+    with tempfile.TemporaryDirectory(prefix="vf-predict-") as scratch:
+        local = fetch(source, Path(scratch))
+        provenance = {"input": source, **({"model": model.head_uri, "backbone": model.backbone_uri} if model else {})}
+        if model is not None and model.tiling.modality == "he":
+            if score:
+                raise PredictError(f"score: {score} scores CT series; {model.head_uri} predicts slides")
+            slide = _slide_file(local)
+            summary = predict_slide(slide, model.predictor, model.tiling, out, batch_size, provenance)
+            return summary, slide_summary_line(summary)
+        folder = _series_folder(local, Path(scratch))
+        if not folder.is_dir():
+            raise PredictError(f"input: {source} is a file; a CT series is a folder of DICOM files, an s3:// prefix or "
+                               "a .zip of them")
+        summary = predict_series(folder, out, model.predictor if model else None, model.tiling if model else None,
+                                 score or None, _region(region), series_uid or None, batch_size,
+                                 {**provenance, "md5": folder_md5(folder)})
+        return summary, series_summary_line(summary)
+
+
+def _log(summary: dict, out: Path, model: Model | None, source: str, artifact_path: str) -> None:
+    digest = summary.get("md5") or ""
+    with_model = {"model": LoggedModelInput(model.logged_model_id)} if model and model.logged_model_id else {}
+    mlflow.log_input(MetaDataset(dataset_source(source if "://" in source else str(Path(source).resolve())),
+                                 name=Path(source.rstrip("/")).name, digest=digest[:36]),
+                     context="inference", **with_model)
+    mlflow.set_tags({Tag.INPUT: source, Tag.INPUT_MD5: digest})
+    mlflow.log_metrics(_metrics(summary))
+    mlflow.log_artifacts(str(out), artifact_path)
+
+
+def inputs_of(source: str) -> list[str]:
+    """The inputs a cohort names: a text file with one per line (``#`` comments), or a folder
+    holding slide files; else ``source`` alone."""
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in (".txt", ".csv", ".list"):
+        lines = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+        listed = [line for line in lines if line and not line.startswith("#") and line != "input"]
+        if not listed:
+            raise PredictError(f"input: {source} lists no input (one path or s3:// URI per line)")
+        return listed
+    if path.is_dir() and (slides := sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)):
+        return slides
+    return [source]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if not args.model and not args.score:
+        raise PredictError("model: give a registered head (models:/<family>-head/<version> or @<alias>), or a score "
+                           "for threshold-only scoring of a CT series")
+    model = load_model(args.model, args.head) if args.model else None
+    family = model.family if model else args.family
+    inputs = inputs_of(args.input)
+    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    chosen = [inputs[int(array_task)]] if array_task is not None and len(inputs) > 1 else inputs
+    tags = {Tag.ENTRY_POINT: "predict", **({Tag.PREDICTED_MODEL: model.head_uri, Tag.PARENT: model.backbone_uri} if model
+                                              else {}), **({Tag.SCORE: args.score} if args.score else {})}
+    description = (f"Predicts {len(inputs)} input(s) with {model.head_uri if model else 'no model (threshold only)'}"
+                   f"{' and the ' + args.score + ' score' if args.score else ''}, cut as its training data was "
+                   f"({model.tiling.to_json() if model else 'the series as stored'}).")
+    summaries = []
+    with mlflow.start_run(experiment_id=family_experiment(family), run_name=run_name(family, "predict"),
+                          description=description) as parent:
+        mark_model_training()
+        mlflow.set_tags(tags)
+        mlflow.log_params({"model": model.head_uri if model else "", "input": args.input, "score": args.score,
+                           "inputs": len(inputs), **({"tiling": model.tiling.to_json()} if model else {})})
+        cohort = len(inputs) > 1
+        for source in chosen:
+            out = Path(args.out) / parent.info.run_id / Path(source.rstrip("/")).name
+            if cohort:
+                with mlflow.start_run(nested=True, run_name=run_name(family, f"predict-{Path(source).name}")):
+                    mlflow.set_tags(tags)
+                    summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
+                    _log(summary, out, model, source, ARTIFACTS)
+            else:
+                summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
+                _log(summary, out, model, source, ARTIFACTS)
+            print(line, flush=True)
+            summaries.append(summary)
+        if cohort and array_task is None:
+            gather(summaries, Path(args.out) / parent.info.run_id)
+    return summaries
+
+
+def gather(summaries: list[dict], folder: Path) -> Path:
+    """One row per input of a cohort, logged on the parent run."""
+    rows = [{"input": s.get("input"), "md5": s.get("md5") or s.get("series", {}).get("series_uid"), **_metrics(s),
+             **({"category": s["score"]["category"]} if s.get("score") else {})} for s in summaries]
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("input", "md5"), k))
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / COHORT_TABLE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    mlflow.log_artifact(str(folder / COHORT_TABLE))
+    return folder / COHORT_TABLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="", help="registered head: models:/<family>-head/<version> or @<alias>")
+    parser.add_argument("--input", required=True, help="a slide, a CT series (folder, s3:// prefix or .zip), or a "
+                        "cohort: a folder of slides or a text file with one input per line")
+    parser.add_argument("--score", default="", help="score module for CT series (e.g. agatston)")
+    parser.add_argument("--head", default="", help="which classifier of the head answers (default: its own)")
+    parser.add_argument("--region", default="", help="threshold-only scoring: .npy mask of where to count")
+    parser.add_argument("--series", default="", help="Series Instance UID, when a folder holds several")
+    parser.add_argument("--family", default="scores", help="experiment of threshold-only runs (no model)")
+    parser.add_argument("--batch-size", type=whole_number, default=32, help="tiles or slices per forward pass")
+    parser.add_argument("--out", default="outputs/predict", help="where the outputs are written before logging")
+    args = parser.parse_args(argv)
+    configure_logging()
+    return run_entry_point("predict", lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
