@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from data.annotations import BACKGROUND, feature_collection
 from data.tiling import Tiling, TilingError
 from data.vectorize import polygons
-from data.wsi import SlideInfo, SlideTile, TilePlan, open_slide, thumbnail, tile_slide
+from data.wsi import SlideTile, TilePlan, open_slide, thumbnail, tile_slide
 from dinomx.inference import TilePredictor
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ def colours(classes: list[str]) -> dict[str, tuple[int, int, int]]:
 class _Grid:
     """The slide's tile grid and what has been predicted on it so far."""
 
-    info: SlideInfo
     size: int  # level-0 side of a grid tile
     rows: int
     cols: int
@@ -140,7 +139,8 @@ def _header(predictor: TilePredictor) -> list[str]:
 
 def _overlay(base: Image.Image, cells: np.ndarray, grid: _Grid, downsample: float, legend: list[tuple[str, tuple]],
              title: str) -> Image.Image:
-    """``cells`` (rows, cols, RGBA) laid over the thumbnail where the grid is, with a legend below."""
+    """``cells`` (an RGBA raster over the whole grid, a cell per tile or per patch) laid over the
+    thumbnail where the grid is, with a legend below."""
     extent = (max(1, round(grid.cols * grid.size / downsample)), max(1, round(grid.rows * grid.size / downsample)))
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     layer.paste(Image.fromarray(cells, "RGBA").resize(extent, Image.Resampling.NEAREST), (0, 0))
@@ -185,9 +185,8 @@ def _maps(grid: _Grid, base: Image.Image, downsample: float, out: Path, target: 
         cells = np.zeros((*grid.mosaic.shape, 4), np.uint8)
         cells[..., :3] = palette[grid.mosaic]
         cells[..., 3] = np.where(grid.mosaic > 0, 170, 0)
-        sub = _Grid(grid.info, grid.size, grid.rows, grid.cols, [], [], 1)
         legend = [(name, tuple(palette[i])) for i, name in enumerate(grid.segment_classes) if i]
-        _overlay(base, cells, sub, downsample, legend, "segmentation").save(out / SEGMENTATION_MAP)
+        _overlay(base, cells, grid, downsample, legend, "segmentation").save(out / SEGMENTATION_MAP)
         written.append(SEGMENTATION_MAP)
     return written
 
@@ -242,7 +241,7 @@ def predict_slide(path: str | Path, predictor: TilePredictor, tiling: Tiling, ou
     try:
         plan = TilePlan(tiling.magnifications, tiling.tile_size, tiling.min_tissue)
         size = round(plan.tile_size * info.objective_power / plan.magnifications[0])
-        grid = _Grid(info, size, max(0, (info.height - size) // size + 1), max(0, (info.width - size) // size + 1),
+        grid = _Grid(size, max(0, (info.height - size) // size + 1), max(0, (info.width - size) // size + 1),
                      predictor.classes, predictor.segment_classes, plan.magnifications[0] / tiling.magnification)
         with open(staging / TABLE, "w", newline="") as table:
             writer = csv.writer(table)

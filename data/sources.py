@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 from data.inputs import IngestError, within
+from data.wsi import SLIDE_SUFFIXES
 
 # A zip of one CT series is hundreds of MiB; one that unpacks past this is refused before a byte is written.
 MAX_UNZIPPED_BYTES = 16 << 30
@@ -75,3 +76,18 @@ def unpacked(archive: Path, into: Path) -> Path:
             return folder
     except (zipfile.BadZipFile, OSError) as exc:
         raise IngestError(archive, f"not a readable zip archive ({exc})") from None
+
+
+def cohort(source: str) -> list[str]:
+    """The inputs ``source`` names: a text file lists one per line (``#`` comments; a CSV's first
+    column), a folder holding slide files is those slides; anything else is one input."""
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in (".txt", ".csv", ".list"):
+        lines = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+        listed = [line for line in lines if line and not line.startswith("#") and line != "input"]
+        if not listed:
+            raise IngestError(source, "lists no input (one path or s3:// URI per line)")
+        return listed
+    if path.is_dir() and (slides := sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)):
+        return slides
+    return [source]

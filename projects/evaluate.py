@@ -15,7 +15,6 @@ description shows them as the paper's Table 3.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -27,7 +26,6 @@ from PIL import Image
 from data.groups import GROUPINGS, groups_of
 from dinomx.errors import MissingInput
 from dinomx.evaluation import (
-    CATEGORY_METRICS,
     cross_validate,
     evaluate,
     external,
@@ -36,6 +34,7 @@ from dinomx.evaluation import (
     random_init_knn,
 )
 from projects.probe_options import add_probe_arguments, parse_probe_args
+from projects.table3 import markdown, table3, text
 from projects.tracking import (
     dataset_source,
     family_experiment,
@@ -58,8 +57,6 @@ from registry.mlflow_service import (
     version_metrics,
 )
 
-HEADERS = ("sensitivity", "specificity", "PPV", "NPV", "F1", "accuracy")
-
 
 def validation_report_of(split: Path) -> Path:
     """The validation report of the dataset holding ``split``: ``validation/report.json`` beside
@@ -69,37 +66,6 @@ def validation_report_of(split: Path) -> Path:
             return folder / "validation" / "report.json"
     raise MissingInput(f"test: {split} has no validation report above it (validation/report.json); run `dvc repro` "
                        "for that dataset, as for any data a model is scored on")
-
-
-def _cell(metrics: dict[str, float], key: str) -> str:
-    mean = metrics.get(key, metrics.get(f"{key}.mean"))
-    if mean is None or math.isnan(mean):
-        return "—"
-    sd = metrics.get(f"{key}.sd")
-    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None and not math.isnan(sd) else "")
-
-
-def table3(sets: dict[str, dict[str, float]], classes: list[str], weighted: bool) -> list[list[str]]:
-    """Rows of the paper's Table 3: per set and category, sensitivity, specificity, PPV, NPV, F1 and
-    accuracy; then each set's overall accuracy and Cohen's kappa."""
-    rows = [["set", "category", *HEADERS]]
-    for name, metrics in sets.items():
-        for category in classes:
-            rows.append([name, category, *(_cell(metrics, f"category.{category}.{m}") for m in CATEGORY_METRICS)])
-        kappa = f"kappa{' (quadratic)' if weighted else ''} {_cell(metrics, 'category.kappa')}"
-        rows.append([name, "all", "", "", "", "", kappa, _cell(metrics, "category.accuracy")])
-    return rows
-
-
-def markdown(rows: list[list[str]], title: str) -> str:
-    lines = [f"### {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return "\n".join(lines)
-
-
-def text(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def _test_sets(spec: str) -> list[Path]:

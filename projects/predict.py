@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import sys
@@ -27,24 +28,29 @@ import mlflow
 import numpy as np
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import LoggedModelInput
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from clinical import scores
 from clinical.series import predict_series, series_summary_line
-from clinical.slide import file_md5, predict_slide, slide_summary_line
-from data.sources import fetch, unpacked
+from clinical.slide import SUMMARY, file_md5, predict_slide, slide_summary_line
+from data.sources import cohort, fetch, unpacked
 from data.tiling import Tiling
 from data.wsi import SLIDE_SUFFIXES
 from dinomx.errors import UserError
+from dinomx.evaluation import category_metrics
 from dinomx.inference import TilePredictor
+from projects.table3 import markdown, table3, text
 from projects.tracking import (
     configure_logging,
     dataset_source,
     family_experiment,
     mark_model_training,
+    metric_key,
     run_entry_point,
     whole_number,
 )
 from registry.lineage import Lineage, resolve_version, version_uri
-from registry.mlflow_service import MlflowService, Tag, family_of, run_name
+from registry.mlflow_service import MlflowService, Outcome, Tag, family_of, run_name
 
 log = logging.getLogger(__name__)
 ARTIFACTS = "prediction"
@@ -92,7 +98,10 @@ def load_model(uri: str, head: str = "") -> Model:
         predictor = TilePredictor(embedder, heads, head or None)
     except KeyError as exc:
         raise PredictError(str(exc.args[0])) from None
-    return Model(version_uri(version), lineage.parent, tiling, predictor, getattr(version, "model_id", None))
+    # The version's LoggedModel: its model_id, or (stores that do not fill it in) its models:/m-<id> source.
+    logged = version.model_id or (version.source.removeprefix("models:/") if version.source.startswith("models:/m-")
+                                  else None)
+    return Model(version_uri(version), lineage.parent, tiling, predictor, logged)
 
 
 def _series_folder(source: Path, scratch: Path) -> Path:
@@ -182,35 +191,24 @@ def _log(summary: dict, out: Path, model: Model | None, source: str, artifact_pa
                      context="inference", **with_model)
     mlflow.set_tags({Tag.INPUT: source, Tag.INPUT_MD5: digest})
     mlflow.log_metrics(_metrics(summary))
-    mlflow.log_artifacts(str(out), artifact_path)
-
-
-def inputs_of(source: str) -> list[str]:
-    """The inputs a cohort names: a text file with one per line (``#`` comments), or a folder
-    holding slide files; else ``source`` alone."""
-    path = Path(source)
-    if path.is_file() and path.suffix.lower() in (".txt", ".csv", ".list"):
-        lines = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
-        listed = [line for line in lines if line and not line.startswith("#") and line != "input"]
-        if not listed:
-            raise PredictError(f"input: {source} lists no input (one path or s3:// URI per line)")
-        return listed
-    if path.is_dir() and (slides := sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)):
-        return slides
-    return [source]
+    mlflow.log_artifacts(str(out), f"{artifact_path}/{out.name}")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     if not args.model and not args.score:
         raise PredictError("model: give a registered head (models:/<family>-head/<version> or @<alias>), or a score "
                            "for threshold-only scoring of a CT series")
+    inputs = cohort(args.input)
+    reference = reference_categories(args.reference, args.score, inputs) if args.reference else None
+    if args.gather:
+        return gather_children(inputs, reference, args)
     model = load_model(args.model, args.head) if args.model else None
     family = model.family if model else args.family
-    inputs = inputs_of(args.input)
-    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    chosen = [inputs[int(array_task)]] if array_task is not None and len(inputs) > 1 else inputs
     tags = {Tag.ENTRY_POINT: "predict", **({Tag.PREDICTED_MODEL: model.head_uri, Tag.PARENT: model.backbone_uri} if model
                                               else {}), **({Tag.SCORE: args.score} if args.score else {})}
+    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_task is not None and len(inputs) > 1:
+        return [predict_child(inputs[int(array_task)], model, tags, args)]
     description = (f"Predicts {len(inputs)} input(s) with {model.head_uri if model else 'no model (threshold only)'}"
                    f"{' and the ' + args.score + ' score' if args.score else ''}, cut as its training data was "
                    f"({model.tiling.to_json() if model else 'the series as stored'}).")
@@ -219,24 +217,114 @@ def run(args: argparse.Namespace) -> list[dict]:
                           description=description) as parent:
         mark_model_training()
         mlflow.set_tags(tags)
-        mlflow.log_params({"model": model.head_uri if model else "", "input": args.input, "score": args.score,
-                           "inputs": len(inputs), **({"tiling": model.tiling.to_json()} if model else {})})
-        cohort = len(inputs) > 1
-        for source in chosen:
-            out = Path(args.out) / parent.info.run_id / Path(source.rstrip("/")).name
-            if cohort:
-                with mlflow.start_run(nested=True, run_name=run_name(family, f"predict-{Path(source).name}")):
+        # Resolved values under their own keys: `mlflow run` already logged the raw parameters.
+        mlflow.log_params({"predict.model": model.head_uri if model else "", "predict.input": args.input,
+                           "predict.score": args.score, "predict.inputs": len(inputs),
+                           **({"predict.tiling": model.tiling.to_json()} if model else {})})
+        folder = Path(args.out) / parent.info.run_id
+        for source in inputs:
+            out = folder / Path(source.rstrip("/")).name
+            if len(inputs) > 1:
+                with mlflow.start_run(nested=True, experiment_id=parent.info.experiment_id,
+                                      run_name=run_name(family, f"predict-{Path(source).name}")):
                     mlflow.set_tags(tags)
                     summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
                     _log(summary, out, model, source, ARTIFACTS)
             else:
                 summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
                 _log(summary, out, model, source, ARTIFACTS)
-            print(line, flush=True)
+            print(f"predict {model.head_uri if model else args.score} -> {line}", flush=True)
             summaries.append(summary)
-        if cohort and array_task is None:
-            gather(summaries, Path(args.out) / parent.info.run_id)
+        if len(inputs) > 1:
+            gather(summaries, folder)
+        if reference is not None:
+            print(agreement(summaries, reference, args.score, folder))
     return summaries
+
+
+def predict_child(source: str, model: Model | None, tags: dict[str, str], args: argparse.Namespace) -> dict:
+    """One input of a cohort run as a Slurm job array: a child run of the launcher's run
+    (``MLFLOW_RUN_ID``), which the array's gather job ends."""
+    client, parent = MlflowService().client, os.environ["MLFLOW_RUN_ID"]
+    experiment = client.get_run(parent).info.experiment_id
+    family = model.family if model else args.family
+    child = client.create_run(experiment, run_name=run_name(family, f"predict-{Path(source).name}"),
+                              tags={MLFLOW_PARENT_RUN_ID: parent, **tags})
+    with mlflow.start_run(run_id=child.info.run_id):
+        out = Path(args.out) / parent / Path(source.rstrip("/")).name
+        summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
+        _log(summary, out, model, source, ARTIFACTS)
+    print(f"predict {model.head_uri if model else args.score} -> {line}", flush=True)
+    return summary
+
+
+def gather_children(inputs: list[str], reference: dict[str, str] | None, args: argparse.Namespace) -> list[dict]:
+    """The cohort's parent run (``MLFLOW_RUN_ID``) once its job array has ended: every input's
+    summary gathered into ``cohort.csv`` (and the score against the reference); an input without a
+    finished child run fails the parent, naming it."""
+    client, parent = MlflowService().client, os.environ["MLFLOW_RUN_ID"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")
+    done = {c.data.tags.get(Tag.INPUT): c for c in children if c.info.status == "FINISHED"}
+    with mlflow.start_run(run_id=parent):
+        folder = Path(args.out) / parent
+        for child in children:
+            # An array task that was cancelled or killed could not end its own run.
+            MlflowService().finish(child.info.run_id, Outcome.FAILED, "its Slurm array task ended without reporting")
+        if missing := [source for source in inputs if source not in done]:
+            failed = {c.data.tags.get(Tag.INPUT) or c.info.run_name: c.data.tags.get(Tag.ERROR, c.info.status)
+                      for c in children if c.info.status != "FINISHED"}
+            raise PredictError(f"{len(missing)} of {len(inputs)} inputs have no finished prediction, e.g. {missing[0]}"
+                               + (f": {next(iter(failed.values()))}" if failed else ""))
+        summaries = []
+        for source in inputs:
+            [summary_file] = [a.path for a in client.list_artifacts(done[source].info.run_id, ARTIFACTS)]
+            local = client.download_artifacts(done[source].info.run_id, f"{summary_file}/{SUMMARY}", str(folder))
+            summaries.append(json.loads(Path(local).read_text()))
+        gather(summaries, folder)
+        if reference is not None:
+            print(agreement(summaries, reference, args.score, folder))
+    return summaries
+
+
+def reference_categories(path: str, score: str, inputs: list[str]) -> dict[str, str]:
+    """The reference category of every input, from a CSV with columns ``input`` (as the cohort lists
+    it) and ``category`` (one of the score's); checked before anything runs."""
+    if not score:
+        raise PredictError("reference: categories are compared with a score's; give -P score=<name> too")
+    categories = scores.get(score).CATEGORIES
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PredictError(f"reference: {path} is not a readable CSV ({exc})") from None
+    if not rows or not {"input", "category"} <= set(rows[0]):
+        raise PredictError(f"reference: {path}: expected columns input and category, found {list(rows[0]) if rows else []}")
+    found = {row["input"].strip(): row["category"].strip() for row in rows}
+    for number, (source, category) in enumerate(found.items(), start=2):
+        if category not in categories:
+            raise PredictError(f"reference: {path} row {number}: category {category!r} of {source}; the {score} score's "
+                               f"are {list(categories)}")
+    if missing := [source for source in inputs if source not in found]:
+        raise PredictError(f"reference: {path} has no category for {len(missing)} input(s), e.g. {missing[0]}")
+    return found
+
+
+def agreement(summaries: list[dict], reference: dict[str, str], score: str, folder: Path) -> str:
+    """The score's category against the reference over the cohort, as the paper reports it: per
+    category sensitivity, specificity, PPV, NPV, F1, accuracy, and quadratic-weighted kappa; logged on
+    the parent run (``reference.*`` and ``table3.md``). Returns the table a person reads."""
+    categories = list(scores.get(score).CATEGORIES)
+    truth = [categories.index(reference[s["input"]]) for s in summaries]
+    predicted = [categories.index(s["score"]["category"]) for s in summaries]
+    metrics = {f"category.{k}": v for k, v in
+               category_metrics(np.asarray(truth), np.asarray(predicted), categories, order=categories).items()}
+    mlflow.log_metrics({metric_key(f"reference.{k}"): v for k, v in metrics.items()})
+    rows = table3({f"{score} against reference ({len(summaries)})": metrics}, categories, weighted=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table3.md").write_text(markdown(rows, f"{score} category against the reference category"))
+    mlflow.log_artifact(str(folder / "table3.md"))
+    return text(rows)
 
 
 def gather(summaries: list[dict], folder: Path) -> Path:
@@ -262,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", default="", help="which classifier of the head answers (default: its own)")
     parser.add_argument("--region", default="", help="threshold-only scoring: .npy mask of where to count")
     parser.add_argument("--series", default="", help="Series Instance UID, when a folder holds several")
+    parser.add_argument("--reference", default="", help="cohort of series with a score: CSV of input,category "
+                        "(the reference category per patient) to evaluate the score's category against")
     parser.add_argument("--family", default="scores", help="experiment of threshold-only runs (no model)")
     parser.add_argument("--batch-size", type=whole_number, default=32, help="tiles or slices per forward pass")
     parser.add_argument("--out", default="outputs/predict", help="where the outputs are written before logging")
+    parser.add_argument("--gather", action="store_true", help="(the Slurm backend's last job of a cohort) gather "
+                        "the children of MLFLOW_RUN_ID into its cohort table")
     args = parser.parse_args(argv)
     configure_logging()
     return run_entry_point("predict", lambda: run(args))

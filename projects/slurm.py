@@ -158,13 +158,17 @@ def absolute_tracking_uri(uri: str, cwd: Path) -> str:
 
 
 def batch_script(config: SlurmConfig, command: str, env: dict[str, str], work_dir: Path, job_name: str,
-                 distributed: bool) -> str:
-    """The sbatch script of one MLflow run: resources, the environment, one task per process."""
+                 distributed: bool, array: int = 0, after: str = "") -> str:
+    """The sbatch script of one MLflow run: resources, the environment, one task per process.
+    ``array``: so many copies of it (a cohort's inputs), each told its index; ``after``: a job it
+    waits for, whatever its end (a cohort's gather job waits for its array)."""
     nodes, tasks = (config.nodes, config.processes_per_node) if distributed else (1, 1)
     log_dir = work_dir / config.log_dir
     options = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
-               f"--cpus-per-task={config.cpus_per_task}", f"--output={log_dir}/%j.out", f"--chdir={work_dir}",
-               "--open-mode=append", "--requeue"]
+               f"--cpus-per-task={config.cpus_per_task}", f"--output={log_dir}/{'%A_%a' if array else '%j'}.out",
+               f"--chdir={work_dir}", "--open-mode=append", "--requeue"]
+    options += [f"--array=0-{array - 1}"] if array else []
+    options += [f"--dependency=afterany:{after}"] if after else []
     if config.gpus_per_node and distributed:
         options.append(f"--gpus-per-node={config.gpus_per_node}")
     options += [f"--{key}={getattr(config, key)}" for key in ("partition", "account", "qos", "mem", "time")
@@ -234,6 +238,10 @@ def job_script_ended(run_id: str, job_id: str, exit_code: int | None, log_path: 
     The training process ends its own run (FINISHED, or KILLED/SCHEDULED when stopped by a signal);
     this fills in what it could not know: that a stopped job was requeued, and the status of entry
     points that never end their run themselves."""
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        # A task of a cohort's array runs in a child run its process ends; the cohort's run is
+        # its gather job's to end.
+        return Outcome.FINISHED if exit_code == 0 else Outcome.FAILED
     if exit_code is None:
         requeued = MLFLOW_STATUS.get(job_state(job_id) or "") == Outcome.REQUEUED.status
         outcome = Outcome.REQUEUED if requeued else Outcome.KILLED
@@ -291,7 +299,8 @@ class SlurmSubmittedRun(SubmittedRun):
         return status == Outcome.FINISHED.status
 
     def cancel(self, wait: bool = True) -> None:
-        _slurm("scancel", self.job_id)
+        array = self.client.get_run(self.run_id).data.tags.get(Tag.SLURM_ARRAY_JOB_ID)
+        _slurm("scancel", *([array] if array else []), self.job_id)
         while wait and self.get_status() not in ENDED:
             time.sleep(min(self.poll_s, 1.0))
 
@@ -303,6 +312,19 @@ class SlurmSubmittedRun(SubmittedRun):
             self.client.set_tag(self.run_id, Tag.SLURM_ENDED, why)
             if self.log_path and Path(self.log_path).is_file():
                 self.client.log_artifact(self.run_id, self.log_path, "slurm")
+
+
+def _submit(script: Path) -> str:
+    return _slurm("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+
+
+def cohort_size(entry_point: str, params: dict) -> int:
+    """How many inputs a ``predict`` run's ``input`` names (a cohort is a job array)."""
+    if entry_point != "predict" or not params.get("input"):
+        return 1
+    from data.sources import cohort
+
+    return len(cohort(str(params["input"])))
 
 
 class SlurmBackend(AbstractBackend):
@@ -323,13 +345,23 @@ class SlurmBackend(AbstractBackend):
             command = project.get_entry_point(entry_point).compute_command(params, backend_config.get(PROJECT_STORAGE_DIR))
             env = {"MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": str(run.info.experiment_id),
                    "MLFLOW_TRACKING_URI": absolute_tracking_uri(tracking_uri, Path.cwd())}
-            script = batch_script(config, command, env, work_dir, f"vf-{entry_point}-{run_id[:8]}",
-                                  entry_point in config.distributed_entry_points)
+            name, distributed = f"vf-{entry_point}-{run_id[:8]}", entry_point in config.distributed_entry_points
             log_dir = work_dir / config.log_dir
             log_dir.mkdir(parents=True, exist_ok=True)
+            array = cohort_size(entry_point, params)
+            if array > 1:
+                # One task per input of a cohort, then one job that gathers them into the run.
+                tasks_path = log_dir / f"{run_id}.array.sbatch"
+                tasks_path.write_text(batch_script(config, command, env, work_dir, name, False, array=array))
+                array_id = _submit(tasks_path)
+                client.set_tag(run_id, Tag.SLURM_ARRAY_JOB_ID, array_id)
+                client.log_artifact(run_id, str(tasks_path), "slurm")
+                command, after = f"{command} --gather", array_id
+            else:
+                after = ""
             script_path = log_dir / f"{run_id}.sbatch"
-            script_path.write_text(script)
-            job_id = _slurm("sbatch", "--parsable", str(script_path)).stdout.strip().split(";")[0]
+            script_path.write_text(batch_script(config, command, env, work_dir, name, distributed, after=after))
+            job_id = _submit(script_path)
         except Exception as exc:
             # A job that never started must not leave a RUNNING run behind.
             service.finish(run_id, Outcome.FAILED, str(exc))

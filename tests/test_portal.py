@@ -240,7 +240,7 @@ def test_heads_and_evaluate_jobs_name_a_registered_backbone_of_a_family_their_ow
                                       "time_limit": "soon"})
     assert bad.status_code == 400 and set(bad.json["errors"]) == {"backbone", "knn_k", "time_limit"}
     assert dan.post("/api/jobs", json={"task": "fit", "dataset_id": colon}).json["errors"] == {
-        "task": "expected one of ['train', 'heads', 'evaluate'], got 'fit'"}
+        "task": "expected one of ['train', 'heads', 'evaluate', 'predict'], got 'fit'"}
     missing = dan.post("/api/jobs", json={"task": "evaluate", "dataset_id": colon, "backbone": "models:/colon-backbone/9"})
     assert missing.status_code == 400 and "models:/colon-backbone/9" in missing.json["errors"]["backbone"]
     # bob shares nothing of colon: he may not write a head into it, nor evaluation tags on its backbone.
@@ -251,7 +251,7 @@ def test_heads_and_evaluate_jobs_name_a_registered_backbone_of_a_family_their_ow
         job = dan.post("/api/jobs", json=form | {"knn_k": "5"})
         assert job.status_code == 201 and job.json["entry_point"] == task, job.json
         assert job.json["parameters"] == {"dataset_id": colon, "task": task, "backbone": f"models:/colon-backbone/{version}",
-                                          "knn_k": 5, "time_limit": ""}
+                                          "knn_k": 5, "time_limit": "", "folds": 0}
     with app.app_context():
         heads, evaluate = db.session.scalars(db.select(Job).where(Job.owner == "dan").order_by(Job.id)).all()
         assert job_request(heads).parameters(heads.dataset) == {
@@ -261,6 +261,21 @@ def test_heads_and_evaluate_jobs_name_a_registered_backbone_of_a_family_their_ow
         assert job_request(evaluate).parameters(evaluate.dataset)["model"] == f"models:/colon-backbone/{version}"
     with pytest.raises(FormErrors, match="its train_path 'data/flat' is not a folder named train"):
         ProbeRequest.splits(Dataset(name="flat", train_path="data/flat"))
+
+    # Predict: a head of the family over an object of a dataset the user may read, as an s3:// input.
+    head = register(MlflowClient(), "colon-head", "head", parent=f"models:/colon-backbone/{version}")
+    form = {"task": "predict", "dataset_id": colon, "head": f"models:/colon-head/{head}", "path": "slides/case 7.svs"}
+    bad = dan.post("/api/jobs", json=form | {"head": f"models:/colon-backbone/{version}", "path": "../x.svs"})
+    assert bad.status_code == 400 and set(bad.json["errors"]) == {"head", "path"}
+    assert signed_in(app, "bob").post("/api/jobs", json=form).status_code == 403  # not his family
+    assert signed_in(app, "cara").post("/api/jobs", json=form).status_code == 404  # no grant on the dataset
+    job = dan.post("/api/jobs", json=form)
+    assert job.status_code == 201 and job.json["entry_point"] == "predict", job.json
+    with app.app_context():
+        queued = db.session.get(Job, job.json["id"])
+        prefix = queued.dataset.prefix
+        assert job_request(queued).parameters(queued.dataset) == {
+            "model": f"models:/colon-head/{head}", "input": f"s3://{BUCKET}/{prefix}slides/case 7.svs", "score": ""}
 
 
 def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(app):

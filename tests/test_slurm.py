@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from data.phantoms import blank, calcium, ct_series
 from projects.slurm import MLFLOW_STATUS, SlurmBackend, SlurmConfig, SlurmError, batch_script
 from tests.conftest import portal_with_demo_dataset, tiny_overrides
 from tests.slurm_cluster import SlurmCluster
@@ -107,6 +108,34 @@ def test_fsdp_run_warned_of_its_time_limit_requeues_and_finishes_in_the_same_mlf
     assert sorted(steps) == list(range(1, 13))  # one unbroken history: every iteration once
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "slurm")}
     assert logged == {f"slurm/{run.info.run_id}.sbatch", f"slurm/{job}.out"}
+
+
+def test_a_cohort_runs_as_one_job_array_gathered_under_one_run(project, cluster, tmp_path):
+    """`predict` over a cohort of two CT series: one array task per series, each a child run, then one
+    job that gathers them into the parent run's cohort table and ends it."""
+    checkout, uri, client = project
+    inputs = [calcium(tmp_path / "a") / "series", ct_series(tmp_path / "b" / "series", [blank(), blank()])]
+    (tmp_path / "cohort.txt").write_text("\n".join(map(str, inputs)))
+    config = tmp_path / "slurm.json"
+    config.write_text(json.dumps(ONE_CORE | {"wait": True}))
+    done = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--backend", "slurm", "--backend-config",
+                           str(config), "--experiment-name", "cohorts", "-e", "predict", "-P",
+                           f"input={tmp_path / 'cohort.txt'}", "-P", "score=agatston", "-P",
+                           f"region={tmp_path / 'a' / 'heart.npy'}"], cwd=checkout,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + cluster.logs()
+    experiment = client.get_experiment_by_name("cohorts").experiment_id
+    [parent] = client.search_runs([experiment], "tags.`vf.slurm.array_job_id` != ''")
+    assert parent.info.status == "FINISHED" and parent.data.tags["vf.slurm.state"] == "COMPLETED"
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((c.info.status, c.data.metrics["agatston.total"]) for c in children) == [("FINISHED", 0.0),
+                                                                                           ("FINISHED", 122.0)]
+    table = client.download_artifacts(parent.info.run_id, "cohort.csv", str(tmp_path))
+    assert len(open(table).read().splitlines()) == 3
+    array = parent.data.tags["vf.slurm.array_job_id"]
+    assert {f.path for f in client.list_artifacts(parent.info.run_id, "slurm")} >= {
+        f"slurm/{parent.info.run_id}.array.sbatch", f"slurm/{parent.info.run_id}.sbatch"}
+    assert sorted(p.name for p in (checkout / "slurm-logs").glob(f"{array}_*.out")) == [f"{array}_0.out", f"{array}_1.out"]
 
 
 def test_a_job_slurm_refuses_fails_its_run_with_slurms_reason(project, cluster):

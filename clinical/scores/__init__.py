@@ -6,7 +6,9 @@ my_score = "my_package.my_score"``). A module defines:
 
 - ``NAME``: what it is called (``--score NAME``);
 - ``CATEGORIES``: its categories, lowest first (evaluation treats them as ordered);
-- ``score(slices) -> ScoreResult``: over ``ScoredSlice`` values in anatomical order;
+- ``score(slices) -> ScoreResult``: over ``ScoredSlice`` values in anatomical order; each lesion
+  row names its ``slice`` and pixel box (``top``, ``left``, ``bottom``, ``right``), which the
+  review images draw;
 - ``category(total) -> str``: the category of a total;
 - optionally ``THRESHOLD_HU``: the pixels it considers, drawn in the review images.
 """
