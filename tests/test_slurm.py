@@ -67,6 +67,10 @@ def test_batch_script_launches_one_task_per_gpu_for_training_only(tmp_path):
     single = batch_script(config, "python -m projects.heads", env, tmp_path, "vf-heads", False)
     assert "#SBATCH --nodes=1" in single and "#SBATCH --ntasks-per-node=1" in single
     assert "--gpus-per-node" not in single and "--signal" not in single
+    cohort = batch_script(config, "python -m projects.predict --input c.txt", env, tmp_path, "vf-predict", False, array=3)
+    assert "#SBATCH --array=0-2" in cohort and f"#SBATCH --output={tmp_path}/slurm-logs/%A_%a.out" in cohort
+    gather = batch_script(config, "python -m projects.predict --gather", env, tmp_path, "vf-predict", False, after="41")
+    assert "#SBATCH --dependency=afterany:41" in gather and "--array" not in gather
 
 
 def test_every_slurm_state_the_issue_names_maps_to_an_mlflow_status():
