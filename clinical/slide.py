@@ -41,6 +41,9 @@ TABLE, SUMMARY, REGIONS, SEGMENTS = "tiles.csv", "summary.json", "regions.geojso
 HEATMAP, SEGMENTATION_MAP = "heatmap.png", "segmentation.png"
 # Longest side of the maps drawn over the slide's thumbnail.
 THUMBNAIL_SIDE = 2048
+# The maps are photographs with colour over them: zlib's fastest level writes them in 0.6x the
+# time for 15 % more bytes (a 1532 x 2048 heatmap: 0.23 s against 0.38 s).
+PNG = {"compress_level": 1}
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
@@ -166,7 +169,7 @@ def _maps(grid: _Grid, base: Image.Image, downsample: float, out: Path, target: 
         cells[present, :3] = palette[grid.label[present]]
         cells[present, 3] = (60 + 140 * grid.confidence[present]).astype(np.uint8)
         legend = [(name, tuple(palette[i])) for i, name in enumerate(grid.classes)]
-        _overlay(base, cells, grid, downsample, legend, "class of each tile (opacity: confidence)").save(out / HEATMAP)
+        _overlay(base, cells, grid, downsample, legend, "class of each tile (opacity: confidence)").save(out / HEATMAP, **PNG)
         written.append(HEATMAP)
     if target:
         finite = ~np.isnan(grid.value)
@@ -178,7 +181,7 @@ def _maps(grid: _Grid, base: Image.Image, downsample: float, out: Path, target: 
         cells[finite, 3] = 170
         name = f"heatmap_{target}.png"
         legend = [(f"{low:.3g} (low)", (0, 0, 255)), (f"{high:.3g} (high)", (255, 0, 0))]
-        _overlay(base, cells, grid, downsample, legend, f"{target} of each tile").save(out / name)
+        _overlay(base, cells, grid, downsample, legend, f"{target} of each tile").save(out / name, **PNG)
         written.append(name)
     if grid.mosaic is not None:
         palette = np.asarray([(0, 0, 0), *PALETTE] * (len(grid.segment_classes) // len(PALETTE) + 1), np.uint8)
@@ -186,7 +189,7 @@ def _maps(grid: _Grid, base: Image.Image, downsample: float, out: Path, target: 
         cells[..., :3] = palette[grid.mosaic]
         cells[..., 3] = np.where(grid.mosaic > 0, 170, 0)
         legend = [(name, tuple(palette[i])) for i, name in enumerate(grid.segment_classes) if i]
-        _overlay(base, cells, grid, downsample, legend, "segmentation").save(out / SEGMENTATION_MAP)
+        _overlay(base, cells, grid, downsample, legend, "segmentation").save(out / SEGMENTATION_MAP, **PNG)
         written.append(SEGMENTATION_MAP)
     return written
 
@@ -261,7 +264,7 @@ def predict_slide(path: str | Path, predictor: TilePredictor, tiling: Tiling, ou
                               f"min_tissue={plan.min_tissue:g} (the model's tiling); is this slide blank?")
         downsample = max(info.width, info.height) / min(THUMBNAIL_SIDE, max(info.width, info.height))
         base = thumbnail(slide, downsample)
-        base.save(staging / "thumbnail.png")
+        base.save(staging / "thumbnail.png", **PNG)
         maps = _maps(grid, base, downsample, staging, predictor.target)
         properties = {"source_md5": md5, **(provenance or {}),
                       **({"proposed_by": provenance["model"]} if provenance and provenance.get("model") else {})}

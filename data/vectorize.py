@@ -45,7 +45,7 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _rings(edges: np.ndarray, width: int) -> list[list[tuple[int, int]]]:
+def _rings(edges: np.ndarray, width: int) -> list[np.ndarray]:
     """Edges linked into closed rings. Where two rings meet at a vertex (pixels touching only at
     a corner) the walk turns right, towards its own region, so regions are 4-connected."""
     stride = width + 2
@@ -64,41 +64,35 @@ def _rings(edges: np.ndarray, width: int) -> list[list[tuple[int, int]]]:
         second_is_right = (heading[other] == right).all(1)
         choice[pinch[second_is_right]] = other[second_is_right]
     following = choice.tolist()
-    used = np.zeros(len(edges), bool)
-    corners = edges[:, :2].tolist()
+    used = bytearray(len(edges))
     rings = []
     for begin in range(len(edges)):
         if used[begin]:
             continue
-        ring, current = [], begin
+        members, current = [], begin
         while not used[current]:
-            used[current] = True
-            ring.append(tuple(corners[current]))
+            used[current] = 1
+            members.append(current)
             current = following[current]
-        rings.append(_without_collinear(ring))
+        rings.append(_corners(edges[members, :2]))
     return rings
 
 
-def _without_collinear(ring: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _corners(points: np.ndarray) -> np.ndarray:
     """The ring's corners only: a straight run of pixel edges is one side."""
-    corners = []
-    count = len(ring)
-    for i, (x, y) in enumerate(ring):
-        (px, py), (nx, ny) = ring[i - 1], ring[(i + 1) % count]
-        if (x - px) * (ny - y) - (y - py) * (nx - x) != 0:
-            corners.append((x, y))
-    return corners
+    into, out = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+    return points[into[:, 0] * out[:, 1] - into[:, 1] * out[:, 0] != 0]
 
 
-def _area(ring: list[tuple[int, int]]) -> int:
+def _area(ring: np.ndarray) -> int:
     """Twice the signed area (the shoelace sum); positive for exterior rings here (y down)."""
-    xs, ys = np.asarray(ring, dtype=np.int64).T
+    xs, ys = ring.astype(np.int64).T
     return int(np.dot(xs, np.roll(ys, -1)) - np.dot(np.roll(xs, -1), ys))
 
 
-def _region_pixel(ring: list[tuple[int, int]]) -> tuple[int, int]:
+def _region_pixel(ring: np.ndarray) -> tuple[int, int]:
     """(row, column) of the pixel on the region's side (the right) of the ring's first edge."""
-    (x0, y0), (x1, y1) = ring[0], ring[1]
+    (x0, y0), (x1, y1) = ring[:2].tolist()
     dx, dy = int(np.sign(x1 - x0)), int(np.sign(y1 - y0))
     return int(np.floor(y0 + dy * 0.5 + dx * 0.5)), int(np.floor(x0 + dx * 0.5 - dy * 0.5))
 
@@ -115,7 +109,7 @@ def polygons(mask: np.ndarray) -> list[Polygon]:
     exteriors, holes = {}, {}
     for ring in _rings(_edges(mask), mask.shape[1]):
         region, outer = int(regions[_region_pixel(ring)]), _area(ring) > 0
-        ring = [(float(x), float(y)) for x, y in ring]
+        ring = [(float(x), float(y)) for x, y in ring.tolist()]
         if outer:
             exteriors[region] = ring
         else:
