@@ -37,6 +37,9 @@ HU_CEILING = 3071.0
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 to .7.4
+# CT Image Storage, Enhanced CT Image Storage, Legacy Converted Enhanced CT Image Storage: an object
+# of these classes without pixel data was cut short, it is not some other kind of object.
+CT_IMAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
 # Modalities of objects that are not images to train on.
 NOT_IMAGE_MODALITIES = {
     "SR": "a structured report", "SEG": "a segmentation", "RTSTRUCT": "RT structures", "RTPLAN": "an RT plan",
@@ -206,6 +209,9 @@ def _slices(ds: Dataset, path: str) -> list[CTSlice]:
     if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
         raise Skipped(path, "scout/localizer (ImageType LOCALIZER), not a diagnostic slice")
     if not has_pixels:
+        if sop in CT_IMAGE_CLASSES:
+            raise IngestError(path, f"DICOM file truncated or corrupt: a CT image (SOP Class {sop}) that ends before its "
+                                    "pixel data; copy the file again from the source")
         raise Skipped(path, "no pixel data (not an image object)")
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples != 1:

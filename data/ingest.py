@@ -777,24 +777,8 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
     layout = ShardLayout(shard_mb << 20, "png", ("png",)) if shard_mb else None
     raw, out = _resolve(raw, out)
     files, hidden = source_files(raw)
-    candidates, skipped = _sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
+    objects, skipped, errors = ct_objects(raw, files)
     skipped = hidden + skipped
-    errors, objects = [], {}
-    for path in candidates:
-        try:
-            infos = describe(path)
-        except Skipped as skip:
-            skipped.append(skip)
-            continue
-        except IngestError as exc:
-            errors.append(exc)
-            continue
-        uid = infos[0].sop_uid or str(path)
-        if uid in objects:
-            objects[uid], copy = _one_copy(raw, objects[uid], infos)
-            skipped.append(copy)
-        else:
-            objects[uid] = infos
     by_series = {}
     for info in itertools.chain.from_iterable(objects.values()):
         by_series.setdefault(info.series_uid or info.path, []).append(info)
@@ -818,6 +802,30 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
                     extra={TILING: series_record(plan.window, plan.channels, plan.windows)},
                     fingerprint_of=lambda memo, series: _fingerprint(memo, raw, _series_files(series), plan, val_fraction,
                                                                      seed, layout))
+
+
+def ct_objects(raw: Path, files: list[Path]) -> tuple[dict[str, list[CTSlice]], list[Skipped], list[IngestError]]:
+    """The CT image objects among ``files`` (under ``raw``) by SOP Instance UID, their frames from
+    the headers; what is not a CT image, skipped with its reason (of two copies of one object, the
+    one that does not read); and the files that should be CT images and cannot be read."""
+    candidates, skipped = _sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
+    errors, objects = [], {}
+    for path in candidates:
+        try:
+            infos = describe(path)
+        except Skipped as skip:
+            skipped.append(skip)
+            continue
+        except IngestError as exc:
+            errors.append(exc)
+            continue
+        uid = infos[0].sop_uid or str(path)
+        if uid in objects:
+            objects[uid], copy = _one_copy(raw, objects[uid], infos)
+            skipped.append(copy)
+        else:
+            objects[uid] = infos
+    return objects, skipped, errors
 
 
 def _one_copy(raw: Path, first: list[CTSlice], second: list[CTSlice]) -> tuple[list[CTSlice], Skipped]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.dicom import CTSlice, describe, read_ct
-from data.ingest import CTPlan, order_series, series_gap, source_files
+from data.dicom import CTSlice, read_ct
+from data.ingest import CTPlan, ct_objects, order_series, series_gap, source_files
 from data.inputs import IngestError, Skipped
 
 
@@ -72,21 +72,14 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> CTVolume:
     volume with no missing slice. Files that are not CT images (reports, scouts, a DICOMDIR) are
     skipped with their reason, as at ingestion."""
     folder = Path(folder)
-    files, skipped = source_files(folder)
+    files, hidden = source_files(folder)
+    objects, skipped, errors = ct_objects(folder, files)
+    if errors:  # a slice that should be read and cannot: a score over the rest would miss it
+        raise errors[0]
+    skipped = hidden + skipped
     by_series: dict[str, list[CTSlice]] = {}
-    seen: set[str] = set()
-    for path in files:
-        try:
-            infos = describe(path)
-        except Skipped as skip:
-            skipped.append(skip)
-            continue
-        if infos[0].sop_uid and infos[0].sop_uid in seen:
-            skipped.append(Skipped(path, "duplicate (same SOP Instance UID as another file)"))
-            continue
-        seen.add(infos[0].sop_uid)
-        for info in infos:
-            by_series.setdefault(info.series_uid or str(folder), []).append(info)
+    for info in (info for infos in objects.values() for info in infos):
+        by_series.setdefault(info.series_uid or str(folder), []).append(info)
     if not by_series:
         raise IngestError(folder, f"no CT image among its {len(files)} file(s)"
                                   + (f"; e.g. {skipped[0]}" if skipped else ""))

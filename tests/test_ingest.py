@@ -217,6 +217,9 @@ def _bad_ct(kind: str) -> pydicom.Dataset:
     ("cut_header.dcm", lambda: ("693_J2KI.dcm", 600), "DICOM file truncated or corrupt"),
     ("cut_pixels.dcm", lambda: ("693_J2KI.dcm", 3000), "DICOM file truncated or corrupt (End of file reached"),
     ("empty.dcm", lambda: ("CT_small.dcm", 0), "empty file (0 bytes)"),
+    # Cut before its pixel data: a CT image that stopped, never "not an image object" skipped.
+    ("cut_before_pixels.dcm", lambda: ("CT_small.dcm", 3000),
+     "a CT image (SOP Class 1.2.840.10008.5.1.4.1.1.2) that ends before its pixel data"),
     ("nan.dcm", lambda: _bad_ct("nan"), "frame 0: 1 NaN or infinite pixels"),
     ("rgb.dcm", lambda: _bad_ct("rgb"), "3 samples per pixel; CT slices must be single-channel"),
 ])

@@ -1,9 +1,7 @@
 """``predict`` finds how to cut an input from the head's lineage, never from the user: what it refuses
 before any work (a backbone, a head fitted on uncut images), cohorts, and the portal's predict form."""
-import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from sklearn.metrics import cohen_kappa_score
 
 from data.inputs import IngestError
@@ -14,38 +12,19 @@ from portal.jobs import FormErrors, PredictRequest, ProbeRequest, job_request, r
 from projects.predict import PredictError, load_model
 from projects.predict import main as predict_main
 from projects.tracking import metric_key
-from registry.lineage import Lineage
+from tests.test_registry import client, register  # noqa: F401  (the registry fixture)
 
 
-@pytest.fixture()
-def client(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
-
-
-def _version(client, name: str, kind: str, tiling: str = "", parent: str = "scratch") -> str:
-    with mlflow.start_run() as run:
-        pass
-    lineage = Lineage(kind=kind, source_run_id=run.info.run_id, parent=parent, data_path="data/x/images",
-                      data_md5="m.dir", data_source="dvc.lock:generate", data_remote="", validation_suite="s",
-                      validation_success=True, validation_report="r", git_commit="c" * 40, git_dirty=False,
-                      config_sha256="s", tiling=tiling)
-    client.create_registered_model(name)
-    return client.create_model_version(name, f"runs:/{run.info.run_id}/m", run.info.run_id, tags=lineage.tags()).version
-
-
-def test_only_a_head_cut_from_slides_or_series_can_predict(client):
-    _version(client, "x-backbone", "backbone")
+def test_only_a_head_cut_from_slides_or_series_can_predict(client):  # noqa: F811
+    register(client, "x-backbone", "backbone")
     with pytest.raises(PredictError, match=r"model: models:/x-backbone/1 is a backbone; predict takes a head"):
         load_model("models:/x-backbone/1")
-    _version(client, "x-head", "head", parent="models:/x-backbone/1")
-    with pytest.raises(PredictError, match=r"models:/x-head/1 has no tiling in its lineage: it was fitted on data/x/images, "
+    register(client, "x-head", "head", parent="models:/x-backbone/1")
+    with pytest.raises(PredictError, match=r"models:/x-head/1 has no tiling in its lineage: it was fitted on data/x, "
                                            "which was not cut from slides or series"):
         load_model("models:/x-head/1")
     tiling = Tiling("ct", window=(40.0, 400.0), channels="single").to_json()
-    _version(client, "y-head", "head", tiling=tiling)
+    register(client, "y-head", "head", tiling=tiling)
     with pytest.raises(PredictError, match=r"models:/y-head/1 names no registered backbone \(scratch\)"):
         load_model("models:/y-head/1")
 
@@ -96,7 +75,7 @@ def test_the_portal_predict_form_names_each_bad_field():
                           None, "local")
 
 
-def test_a_score_is_evaluated_against_reference_categories_over_a_cohort(client, tmp_path):
+def test_a_score_is_evaluated_against_reference_categories_over_a_cohort(client, tmp_path):  # noqa: F811
     """Three series scored in threshold-only mode under one parent run, their Agatston category against
     a reference category per patient, as the paper's Table 3 reports it (quadratic-weighted kappa)."""
     heart = tmp_path / "heart.npy"

@@ -36,15 +36,16 @@ def client(tmp_path):
 
 
 def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: dict | None = None,
-             parent: str = "scratch", eval_tags: dict | None = None) -> str:
-    """A version with complete lineage; ``eval_tags``: the metrics of an evaluate run of it, as
-    ``evaluate`` records them (the run, its id on the version, the ``vf.eval.*`` tags)."""
+             parent: str = "scratch", eval_tags: dict | None = None, **lineage_fields) -> str:
+    """A version with complete lineage (``lineage_fields`` set more of it); ``eval_tags``: the
+    metrics of an evaluate run of it, as ``evaluate`` records them (the run, its id on the version,
+    the ``vf.eval.*`` tags)."""
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
     lineage = Lineage(kind=kind, source_run_id=run.info.run_id, parent=parent, data_path="data/x", data_md5="m.dir",
                       data_source="dvc.lock:ingest", data_remote="", validation_suite="he_tiles",
                       validation_success=True, validation_report="r", git_commit="c" * 40, git_dirty=False,
-                      config_sha256="s")
+                      config_sha256="s", **lineage_fields)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
     version = str(client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,

@@ -115,6 +115,12 @@ def test_series_that_are_not_one_volume_are_refused_naming_the_file(tmp_path):
     with pytest.raises(IngestError, match=r"holds 2 CT series .*; name one \(--series <uid>\)"):
         read_series(two)
     assert read_series(two, "1.2.3.4").series_uid == "1.2.3.4"
+    cut = ct_series(tmp_path / "cut", [blank()] * 3)
+    (cut / "s1.dcm").write_bytes((cut / "s1.dcm").read_bytes()[:3000])  # a copy that stopped
+    (cut / "report.pdf").write_text("not an image")
+    with pytest.raises(IngestError, match=r"s1.dcm: DICOM file truncated or corrupt: a CT image .* ends before its pixel data"):
+        predict_series(cut, tmp_path / "cut-out", score="agatston")
+    assert not (tmp_path / "cut-out").exists()
 
 
 def test_a_real_ct_slice_is_read_in_patient_geometry_and_scored(tmp_path):
