@@ -33,6 +33,7 @@ from clinical.slide import PALETTE
 from data.dicom import window
 from data.ingest import CTPlan, slice_image
 from data.inputs import IngestError
+from data.sources import folder_md5
 from data.tiling import Tiling, TilingError
 from data.volume import CTVolume, read_series
 from dinomx.inference import TilePredictor
@@ -190,7 +191,7 @@ def predict_series(source: str | Path, out: str | Path, predictor: TilePredictor
             else:
                 for _ in run.slices():
                     pass
-        summary = {"series": volume.geometry(), **(provenance or {}),
+        summary = {"series": volume.geometry(), "md5": folder_md5(source), **(provenance or {}),
                    "mode": "head" if predictor is not None else "threshold only",
                    "skipped": [{"source": s.path, "reason": s.reason} for s in volume.skipped]}
         if tiling is not None:

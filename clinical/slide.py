@@ -18,7 +18,6 @@ one cell per tile (one per patch for segmentation).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.annotations import BACKGROUND, feature_collection
+from data.inputs import file_md5
 from data.tiling import Tiling, TilingError
 from data.vectorize import polygons
 from data.wsi import SlideTile, TilePlan, open_slide, thumbnail, tile_slide
@@ -46,14 +46,6 @@ THUMBNAIL_SIDE = 2048
 PNG = {"compress_level": 1}
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
-
-def file_md5(path: str | Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def colours(classes: list[str]) -> dict[str, tuple[int, int, int]]:

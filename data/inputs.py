@@ -52,6 +52,15 @@ def within(root: str | Path, path: str | Path) -> Path:
     return resolved
 
 
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes, read in 8 MiB chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def output_stem(relative: str | Path) -> str:
     """A file-name stem for the outputs of the input at ``relative`` (inside the raw folder),
     unique and stable whatever the names: the whole relative path, readable, and a hash of it.

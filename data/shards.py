@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.inputs import output_stem
+from data.inputs import file_md5, output_stem
 from data.params import DEFAULT_SHARD_MB
 from dinomx.errors import DataError, run_command
 from dinomx.images import list_images, load_image
@@ -72,11 +72,7 @@ class Md5Memo:
         stat = file.stat()
         key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in self.known:
-            digest = hashlib.md5()
-            with open(file, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    digest.update(chunk)
-            self.known[key] = digest.hexdigest()
+            self.known[key] = file_md5(file)
         self.used[key] = self.known[key]
         return self.used[key]
 

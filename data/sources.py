@@ -3,10 +3,11 @@
 them), or a zip of a DICOM series. What is fetched or unpacked goes to a folder the caller owns."""
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from pathlib import Path
 
-from data.inputs import IngestError, within
+from data.inputs import IngestError, file_md5, within
 from data.wsi import SLIDE_SUFFIXES
 
 # A zip of one CT series is hundreds of MiB; one that unpacks past this is refused before a byte is written.
@@ -91,3 +92,12 @@ def cohort(source: str) -> list[str]:
     if path.is_dir() and (slides := sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)):
         return slides
     return [source]
+
+
+def folder_md5(folder: Path) -> str:
+    """One md5 of a folder's files, their relative names and contents: what a series' outputs
+    are linked to."""
+    digest = hashlib.md5()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_md5(path)}\n".encode())
+    return digest.hexdigest()

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from clinical import scores
 from clinical.series import predict_series, series_summary_line
-from clinical.slide import SUMMARY, file_md5, predict_slide, slide_summary_line
+from clinical.slide import SUMMARY, predict_slide, slide_summary_line
 from data.sources import cohort, fetch, unpacked
 from data.tiling import Tiling
 from data.wsi import SLIDE_SUFFIXES
@@ -123,16 +123,6 @@ def _slide_file(source: Path) -> Path:
     return slides[0]
 
 
-def folder_md5(folder: Path) -> str:
-    """One md5 of a folder's files (names and contents), the way DVC names a directory's version."""
-    import hashlib
-
-    digest = hashlib.md5()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_md5(path)}\n".encode())
-    return digest.hexdigest()
-
-
 def _region(path: str) -> np.ndarray | None:
     if not path:
         return None
@@ -178,8 +168,7 @@ def predict_one(source: str, model: Model | None, score: str, region: str, serie
             raise PredictError(f"input: {source} is a file; a CT series is a folder of DICOM files, an s3:// prefix or "
                                "a .zip of them")
         summary = predict_series(folder, out, model.predictor if model else None, model.tiling if model else None,
-                                 score or None, _region(region), series_uid or None, batch_size,
-                                 {**provenance, "md5": folder_md5(folder)})
+                                 score or None, _region(region), series_uid or None, batch_size, provenance)
         return summary, series_summary_line(summary)
 
 
