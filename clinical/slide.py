@@ -69,7 +69,6 @@ class _Grid:
     tiles: int = 0
     class_counts: np.ndarray = field(init=False)
     probability_sums: np.ndarray = field(init=False)
-    values: list[float] = field(default_factory=list)
     segment_counts: np.ndarray = field(init=False)
 
     def __post_init__(self):
@@ -93,7 +92,7 @@ def _cell_segments(segments: np.ndarray, ratio: float) -> np.ndarray:
     return segments[np.ix_(rows, cols)]
 
 
-def _add(grid: _Grid, tiles: list[SlideTile], predicted, writer: csv.writer, target: str | None) -> None:
+def _add(grid: _Grid, tiles: list[SlideTile], predicted, writer: csv.writer) -> None:
     for index, tile in enumerate(tiles):
         row, col = tile.y // grid.size, tile.x // grid.size
         record = [tile.x, tile.y, tile.size, round(tile.tissue_fraction, 4)]
@@ -107,7 +106,6 @@ def _add(grid: _Grid, tiles: list[SlideTile], predicted, writer: csv.writer, tar
         if predicted.values is not None:
             value = float(predicted.values[index])
             grid.value[row, col] = value
-            grid.values.append(value)
             record.append(round(value, 6))
         if predicted.segments is not None:
             cell = _cell_segments(predicted.segments[index], grid.ratio)
@@ -204,8 +202,8 @@ def _summary(grid: _Grid, target: str | None, mpp: float | None) -> dict:
         summary["class_tiles"] = {c: int(n) for c, n in zip(grid.classes, grid.class_counts)}
         summary["mean_probabilities"] = {c: round(float(v) / grid.tiles, 4)
                                          for c, v in zip(grid.classes, grid.probability_sums)}
-    if target and grid.values:
-        values = np.asarray(grid.values)
+    if target and grid.tiles:
+        values = grid.value[~np.isnan(grid.value)].astype(np.float64)
         summary["regression"] = {"target": target, "sum": float(values.sum()), "mean": float(values.mean()),
                                  "min": float(values.min()), "max": float(values.max())}
     if grid.mosaic is not None:
@@ -245,12 +243,12 @@ def predict_slide(path: str | Path, predictor: TilePredictor, tiling: Tiling, ou
             for tile in tile_slide(slide, info, plan, read=(tiling.magnification,)):
                 batch.append(tile)
                 if len(batch) == batch_size:
-                    _add(grid, batch, predictor([t.images[tiling.magnification] for t in batch]), writer, predictor.target)
+                    _add(grid, batch, predictor([t.images[tiling.magnification] for t in batch]), writer)
                     batch = []
                     if grid.tiles % (batch_size * 50) == 0:
                         log.info("%s: %d tiles (%.1f/s)", path.name, grid.tiles, grid.tiles / (time.monotonic() - started))
             if batch:
-                _add(grid, batch, predictor([t.images[tiling.magnification] for t in batch]), writer, predictor.target)
+                _add(grid, batch, predictor([t.images[tiling.magnification] for t in batch]), writer)
         if not grid.tiles:
             raise TilingError(f"{path}: no {plan.tile_size} px tile at {plan.magnifications[0]:g}x has tissue above "
                               f"min_tissue={plan.min_tissue:g} (the model's tiling); is this slide blank?")
