@@ -29,14 +29,15 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from serving import log, slides
+from serving import log, uploads
 
 # Per image endpoint, the text fields it takes beside the files under "images".
 IMAGE_ROUTES = {"/embed": (), "/classify": ("head",), "/segment": (), "/regress": (), "/attention": ()}
 RELOAD_ROUTE = "/reload"
-# A whole slide: streamed to disk by the guard (BentoML would read the upload into memory), one
-# file under "slide", answered with the id that /predict_slide takes.
-SLIDE_ROUTE = "/upload_slide"
+# A whole slide, or a zip of a CT series: streamed to disk by the guard (BentoML would read the
+# upload into memory), one file under the field the route names, answered with the id that
+# /predict_slide or /predict_series takes.
+UPLOAD_ROUTES = {"/upload_slide": "slide", "/upload_series": "series"}
 OPENAPI_ROUTE = "/docs.json"
 # An image route's answer from the uploads under "images" and the text options, by route.
 Endpoints = Callable[[str, list[BinaryIO], dict[str, str]], Awaitable[BaseModel]]
@@ -62,9 +63,9 @@ class ServingState:
 class RequestGuard:
     def __init__(self, app, max_body_bytes: int, max_images: int, reload_token: str = "", max_error_bytes: int = 2048,
                  state: ServingState | None = None, describe: Callable[[dict], dict] | None = None,
-                 max_slide_bytes: int = 0):
+                 max_upload_bytes: int = 0):
         self.app, self.max_body_bytes, self.max_images = app, max_body_bytes, max_images
-        self.max_slide_bytes = max_slide_bytes
+        self.max_upload_bytes = max_upload_bytes
         self.reload_token, self.max_error_bytes, self.state = reload_token, max_error_bytes, state
         self.describe = describe
 
@@ -85,8 +86,8 @@ class RequestGuard:
             return await _answer(send, 503, f"{self.state.unavailable}; retry shortly")
         if path == RELOAD_ROUTE and (problem := self._reload_refusal(Headers(scope=scope))):
             return await _answer(send, *problem)
-        if method == "POST" and path == SLIDE_ROUTE:
-            return await self._slide(scope, receive, send)
+        if method == "POST" and path in UPLOAD_ROUTES:
+            return await self._upload(scope, receive, send, UPLOAD_ROUTES[path])
         if method != "POST" or path not in IMAGE_ROUTES:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
@@ -110,31 +111,31 @@ class RequestGuard:
             if form is not None:
                 await form.close()
 
-    async def _slide(self, scope, receive, send) -> None:
-        """A slide upload: its declared size checked first, its body parsed as it streams (the file
-        spooled to disk), the file moved to the slide store and opened as a slide before it is
-        accepted. Memory stays bounded whatever the slide's size."""
+    async def _upload(self, scope, receive, send, kind: str) -> None:
+        """A slide or series upload: its declared size checked first, its body parsed as it streams
+        (the file spooled to disk), the file moved to the upload store and checked before it is
+        accepted (``serving.uploads``). Memory stays bounded whatever the upload's size."""
         headers = Headers(scope=scope)
         length = headers.get("content-length", "")
         if not length.isdigit():
-            return await _answer(send, 411, "send the slide with a Content-Length header (curl -F and browsers do)")
-        if int(length) > self.max_slide_bytes:
-            return await _answer(send, 413, f"request body of {int(length)} bytes; at most {self.max_slide_bytes} "
-                                            "(VF_MAX_SLIDE_BYTES)")
+            return await _answer(send, 411, f"send the {kind} with a Content-Length header (curl -F and browsers do)")
+        if int(length) > self.max_upload_bytes:
+            return await _answer(send, 413, f"request body of {int(length)} bytes; at most {self.max_upload_bytes} "
+                                            "(VF_MAX_UPLOAD_BYTES)")
         if headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-            return await _answer(send, 415, "send multipart/form-data with the slide as a file in the field 'slide'")
+            return await _answer(send, 415, f"send multipart/form-data with the {kind} as a file in the field '{kind}'")
         try:
             form = await Request(scope, receive).form(max_files=2, max_fields=1)
         except (MultiPartException, HTTPException) as exc:
             return await _answer(send, 400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}")
         try:
-            uploads = [(k, v) for k, v in form.multi_items()]
-            if len(uploads) != 1 or uploads[0][0] != "slide" or not isinstance(uploads[0][1], UploadFile):
-                return await _answer(send, 400, "slide: send exactly one file, in the field 'slide'")
-            upload = uploads[0][1]
+            parts = list(form.multi_items())
+            if len(parts) != 1 or parts[0][0] != kind or not isinstance(parts[0][1], UploadFile):
+                return await _answer(send, 400, f"{kind}: send exactly one file, in the field '{kind}'")
+            upload = parts[0][1]
             try:
-                stored = await asyncio.to_thread(slides.store, upload.file, upload.filename or "")
-            except slides.SlideRefused as exc:
+                stored = await asyncio.to_thread(uploads.store, upload.file, upload.filename or "", kind)
+            except uploads.UploadRefused as exc:
                 return await _answer(send, 400, str(exc))
             await _send_json(send, 200, json.dumps(stored).encode())
         finally:

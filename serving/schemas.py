@@ -76,7 +76,7 @@ class Reloaded(BaseModel):
 
 
 class SlideUpload(BaseModel):
-    slide_id: str = Field(description="What `/predict_slide` takes; the slide is kept VF_SLIDE_RETENTION_S (a day)",
+    slide_id: str = Field(description="What `/predict_slide` takes; the slide is kept VF_UPLOAD_RETENTION_S (a day)",
                           examples=["4f0c7d2e9a1b4c3d8e7f6a5b4c3d2e1f"])
     name: str = Field(examples=["CMU-1.svs"])
     bytes: int = Field(examples=[1938955])
@@ -99,3 +99,26 @@ class SlidePrediction(BaseModel):
     heatmap_png: str | None = Field(description="The classes over the slide's thumbnail with a legend, PNG, base64")
     tiles_csv: str = Field(description="One row per tile: level-0 x, y, side, tissue fraction, class and probabilities, "
                                        "regression value, segmented area fractions")
+
+
+class SeriesUpload(BaseModel):
+    series_id: str = Field(description="What `/predict_series` takes; kept VF_UPLOAD_RETENTION_S (a day)",
+                           examples=["9a1b4c3d8e7f6a5b4c3d2e1f4f0c7d2e"])
+    name: str = Field(examples=["patient7-calcium.zip"])
+    bytes: int = Field(examples=[52428800])
+    md5: str = Field(description="Of the zip as received", examples=["0d6f3c2a4b5e6f708192a3b4c5d6e7f8"])
+    series: dict = Field(description="The series in patient geometry: slices, size, pixel spacing, thickness, positions",
+                         examples=[{"slices": 64, "rows": 512, "columns": 512, "pixel_spacing_mm": [0.4, 0.4],
+                                    "slice_thickness_mm": 3.0}])
+
+
+class SeriesPrediction(BaseModel):
+    model: str = _head_model()
+    backbone: str = _model()
+    series_id: str
+    summary: dict = Field(description="The series' geometry and, with a score, its total, category and lesion count",
+                          examples=[{"score": {"name": "agatston", "total": 122.0, "category": "101-400", "lesions": 4}}])
+    slices_csv: str = Field(description="One row per slice: position, class and probabilities, regression value, "
+                                        "segmented area fractions")
+    lesions_csv: str | None = Field(description="The score's lesion list (slice, position, box, area, peak HU, "
+                                                "weight, score)")

@@ -55,7 +55,7 @@ from starlette.responses import JSONResponse
 from dinomx.errors import DataError, UserError
 from dinomx.images import upright_size
 from registry.lineage import RegistryUnavailable
-from serving import log, slides
+from serving import log, uploads
 from serving.batching import MicroBatcher
 from serving.guard import ClientErrorLog, RequestGuard, ServingState
 from serving.models import PromotedModels, ServingError, load, load_at_start, prefetch, servable_uris
@@ -70,6 +70,8 @@ from serving.schemas import (
     Regression,
     Reloaded,
     Segmentation,
+    SeriesPrediction,
+    SeriesUpload,
     SlidePrediction,
     SlideUpload,
 )
@@ -82,10 +84,10 @@ MAX_IMAGE_PIXELS = int(os.environ.get("VF_MAX_IMAGE_PIXELS", str(4096 * 4096)))
 MAX_REQUEST_PIXELS = int(os.environ.get("VF_MAX_REQUEST_PIXELS", str(64 * 1024 * 1024)))
 MAX_REQUEST_BYTES = int(os.environ.get("VF_MAX_REQUEST_BYTES", str(64 * 1024 * 1024)))
 DECODE_SLOTS = int(os.environ.get("VF_DECODE_SLOTS", "2"))
-MAX_SLIDE_BYTES = int(os.environ.get("VF_MAX_SLIDE_BYTES", str(8 << 30)))
-# Whole slides predicted at once per worker: each takes the cores for minutes, and the image
-# routes must keep answering beside it.
-SLIDE_SLOTS = int(os.environ.get("VF_SLIDE_SLOTS", "1"))
+MAX_UPLOAD_BYTES = int(os.environ.get("VF_MAX_UPLOAD_BYTES", str(8 << 30)))
+# Whole slides or series predicted at once per worker: each takes the cores for minutes, and the
+# image routes must keep answering beside it.
+PREDICT_SLOTS = int(os.environ.get("VF_PREDICT_SLOTS", "1"))
 RELOAD_INTERVAL_S = float(os.environ.get("VF_RELOAD_INTERVAL_S", "60"))
 # How long /reload waits for the registry before answering 503 (the service keeps its set).
 REGISTRY_TIMEOUT_S = float(os.environ.get("VF_REGISTRY_TIMEOUT_S", "20"))
@@ -106,7 +108,7 @@ logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog(
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 LIMITS = {"VF_MAX_IMAGES": MAX_IMAGES, "VF_MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
           "VF_MAX_REQUEST_PIXELS": MAX_REQUEST_PIXELS, "VF_MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,
-          "VF_MAX_SLIDE_BYTES": MAX_SLIDE_BYTES}
+          "VF_MAX_UPLOAD_BYTES": MAX_UPLOAD_BYTES}
 
 
 class TooLarge(BentoMLException):
@@ -169,6 +171,15 @@ def _decode(files: list[Path | BinaryIO], preprocess) -> tuple[torch.Tensor, lis
     return torch.cat(pixels), sizes
 
 
+def _output(path: Path, kind: str):
+    """A prediction's output file as the answer carries it (None when the head wrote none)."""
+    if not path.is_file():
+        return None
+    if kind == "json":
+        return json.loads(path.read_text())
+    return base64.b64encode(path.read_bytes()).decode() if kind == "png" else path.read_text()
+
+
 def _png(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -195,7 +206,7 @@ class VisionFoundry:
         name, alias = _target()
         try:
             uris = prefetch(name, alias)
-            slides.folder()  # made here, so that every worker finds the slides another one stored
+            uploads.folder()  # made here, so that every worker finds what another one stored
         except (ServingError, RegistryUnavailable) as exc:
             print(f"vision-foundry: cannot serve {name}@{alias}: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -205,7 +216,7 @@ class VisionFoundry:
         self.name, self.alias = _target()
         self.models: PromotedModels | None = None
         self.batcher = MicroBatcher(BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS)
-        self._slide_slots = asyncio.Semaphore(SLIDE_SLOTS)
+        self._predict_slots = asyncio.Semaphore(PREDICT_SLOTS)
         self._reloading = threading.Lock()
         # Loaded beside the server, so that /readyz answers (503, loading) instead of hanging.
         STATE.loading = f"loading {self.name}@{self.alias}"
@@ -375,15 +386,54 @@ class VisionFoundry:
     @bentoml.api
     async def upload_slide(
         self, slide: Annotated[Path, Field(description="A whole-slide image (SVS, NDPI, MRXS, TIFF, ...), sent with a "
-                                                        "Content-Length, at most VF_MAX_SLIDE_BYTES")],
+                                                        "Content-Length, at most VF_MAX_UPLOAD_BYTES")],
     ) -> SlideUpload:
-        """Keep a whole slide for `/predict_slide` (streamed to disk, opened to check it is a slide);
-        answers its id. 411 without a Content-Length, 413 over VF_MAX_SLIDE_BYTES."""
-        with open(slide, "rb") as f:
+        """Keep a whole slide for `/predict_slide` (streamed to disk by the request guard, opened to
+        check it is a slide); answers its id. 411 without a Content-Length, 413 over VF_MAX_UPLOAD_BYTES."""
+        return SlideUpload(**await self._store(slide, "slide"))
+
+    @bentoml.api
+    async def upload_series(
+        self, series: Annotated[Path, Field(description="A .zip of one CT series' DICOM files, sent with a "
+                                                         "Content-Length, at most VF_MAX_UPLOAD_BYTES")],
+    ) -> SeriesUpload:
+        """Keep a CT series for `/predict_series` (streamed to disk by the request guard, unpacked and
+        checked to be one volume with no missing slice); answers its id and geometry."""
+        return SeriesUpload(**await self._store(series, "series"))
+
+    @staticmethod
+    async def _store(path: Path, kind: str) -> dict:
+        with open(path, "rb") as f:
             try:
-                return SlideUpload(**await asyncio.to_thread(slides.store, f, slide.name))
-            except slides.SlideRefused as exc:
+                return await asyncio.to_thread(uploads.store, f, path.name, kind)
+            except uploads.UploadRefused as exc:
                 raise BadInput(str(exc)) from None
+
+    async def _predict(self, kind: str, upload_id: str, head: str, run) -> tuple[PromotedModels, Path, dict]:
+        """The promoted head, cut as its lineage says, over an upload (``run(path, predictor,
+        tiling, out, provenance)``), at most VF_PREDICT_SLOTS at once; (models, outputs, summary)."""
+        from data.tiling import Tiling
+        from dinomx.inference import TilePredictor
+
+        models = self.models
+        heads = self._heads(models, f"predict_{kind}")
+        if not models.tiling:
+            raise BadInput(f"{models.head_uri} was fitted on images not cut from slides or series (no tiling in its "
+                           f"lineage); /predict_{kind} cannot cut the {kind} as its training data was")
+        try:
+            path = uploads.find(upload_id, kind)
+            predictor = TilePredictor(models.embedder, heads, head or None)
+        except (uploads.UploadRefused, KeyError) as exc:
+            raise BadInput(str(exc.args[0])) from None
+        tiling = Tiling.from_json(models.tiling, f"{models.head_uri} tiling")
+        out = path.parent / f"prediction-{time.monotonic_ns()}"
+        async with self._predict_slots:
+            try:
+                summary = await asyncio.to_thread(run, path, predictor, tiling, out,
+                                                  {"model": models.head_uri, "backbone": models.backbone_uri})
+            except UserError as exc:
+                raise BadInput(f"{kind}_id {upload_id}: {exc}") from None
+        return models, out, summary
 
     @bentoml.task
     async def predict_slide(
@@ -395,39 +445,46 @@ class VisionFoundry:
         task: `POST /predict_slide/submit` answers a task id, `GET /predict_slide/status?task_id=`
         its state, `GET /predict_slide/get?task_id=` the answer."""
         from clinical.slide import HEATMAP, REGIONS, SEGMENTS, TABLE, predict_slide
-        from data.tiling import Tiling
-        from dinomx.inference import TilePredictor
 
-        models = self.models
-        heads = self._heads(models, "predict_slide")
-        if not models.tiling:
-            raise BadInput(f"{models.head_uri} was fitted on images not cut from slides (no tiling in its lineage); "
-                           "/predict_slide cannot cut a slide as its training data was")
-        try:
-            path = slides.find(slide_id)
-            predictor = TilePredictor(models.embedder, heads, head or None)
-        except (slides.SlideRefused, KeyError) as exc:
-            raise BadInput(str(exc.args[0])) from None
-        tiling = Tiling.from_json(models.tiling, f"{models.head_uri} tiling")
-        out = path.parent / f"prediction-{time.monotonic_ns()}"
-        async with self._slide_slots:
-            try:
-                summary = await asyncio.to_thread(predict_slide, path, predictor, tiling, out, 32,
-                                                  {"model": models.head_uri, "backbone": models.backbone_uri})
-            except UserError as exc:
-                raise BadInput(f"slide_id {slide_id}: {exc}") from None
+        def run(path, predictor, tiling, out, provenance):
+            return predict_slide(path, predictor, tiling, out, 32, provenance)
 
-        def read(name: str, kind: str = "json"):
-            file = out / name
-            if not file.is_file():
-                return None
-            return json.loads(file.read_text()) if kind == "json" else (
-                base64.b64encode(file.read_bytes()).decode() if kind == "png" else file.read_text())
-
+        models, out, summary = await self._predict("slide", slide_id, head, run)
         try:
             return SlidePrediction(model=models.head_uri, backbone=models.backbone_uri, slide_id=slide_id,
-                                   summary=summary, regions=read(REGIONS), segmentation=read(SEGMENTS),
-                                   heatmap_png=read(HEATMAP, "png"), tiles_csv=read(TABLE, "text"))
+                                   summary=summary, regions=_output(out / REGIONS, "json"),
+                                   segmentation=_output(out / SEGMENTS, "json"), heatmap_png=_output(out / HEATMAP, "png"),
+                                   tiles_csv=_output(out / TABLE, "text"))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    @bentoml.task
+    async def predict_series(
+        self, series_id: Annotated[str, Field(description="The id `/upload_series` answered")],
+        score: Annotated[str, Field(description="A score module over the head's lesion masks (e.g. agatston); "
+                                                "empty for the head's per-slice answers only")] = "",
+        head: Annotated[str, Field(description="Which classifier of the head answers; empty for its default")] = "",
+    ) -> SeriesPrediction:
+        """The promoted head over every slice of an uploaded CT series, cut as its training slices
+        were, and a score over its lesion masks: per-slice table, the score's total, category and
+        lesion list. An asynchronous task like `/predict_slide`."""
+        from clinical import scores
+        from clinical.series import LESIONS, SLICES, predict_series
+
+        if score:
+            try:
+                scores.get(score)
+            except scores.ScoreError as exc:
+                raise BadInput(str(exc)) from None
+
+        def run(path, predictor, tiling, out, provenance):
+            return predict_series(path, out, predictor, tiling, score or None, provenance=provenance)
+
+        models, out, summary = await self._predict("series", series_id, head, run)
+        try:
+            return SeriesPrediction(model=models.head_uri, backbone=models.backbone_uri, series_id=series_id,
+                                    summary=summary, slices_csv=_output(out / SLICES, "text"),
+                                    lesions_csv=_output(out / LESIONS, "text"))
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -449,5 +506,5 @@ class VisionFoundry:
 
 VisionFoundry.add_asgi_middleware(RequestGuard, max_body_bytes=MAX_REQUEST_BYTES, max_images=MAX_IMAGES,
                                   reload_token=os.environ.get("VF_RELOAD_TOKEN", ""), state=STATE,
-                                  max_slide_bytes=MAX_SLIDE_BYTES,
+                                  max_upload_bytes=MAX_UPLOAD_BYTES,
                                   describe=lambda spec: describe(spec, STATE.serving, _target(), LIMITS))

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from transformers import AutoModel
 
+from data.phantoms import blank, ct_series
 from dinomx.backbone import build_image_processor
 from dinomx.classifiers import KNNClassifier
 from dinomx.config import DinoMXConfig
@@ -359,7 +361,7 @@ RELOAD = {"Authorization": f"Bearer {RELOAD_TOKEN}"}
 # Small limits, so that refusals are exercised with small uploads.
 SERVICE_LIMITS = {"VF_MAX_IMAGES": "4", "VF_MAX_IMAGE_PIXELS": str(1024 * 1024),
                   "VF_MAX_REQUEST_PIXELS": str(3 * 1024 * 1024), "VF_MAX_REQUEST_BYTES": str(4 * 1024 * 1024),
-                  "VF_MAX_SLIDE_BYTES": str(3 * 1024 * 1024)}
+                  "VF_MAX_UPLOAD_BYTES": str(3 * 1024 * 1024)}
 
 
 @pytest.fixture(scope="module")
@@ -522,15 +524,16 @@ def test_service_segments_regresses_and_shows_attention(service):
     assert attention["grid"] == [8, 8] and maps.shape[1:] == (8, 8) and np.allclose(maps.sum(axis=(1, 2)), 1, atol=1e-4)
 
 
-def _task(base: str, slide_id: str, timeout: float = 180) -> httpx.Response:
-    submitted = httpx.post(f"{base}/predict_slide/submit", json={"slide_id": slide_id}, timeout=30)
+def _task(base: str, upload_id: str, kind: str = "slide", timeout: float = 180, **options) -> tuple[str, httpx.Response]:
+    route = f"{base}/predict_{kind}"
+    submitted = httpx.post(f"{route}/submit", json={f"{kind}_id": upload_id, **options}, timeout=30)
     assert submitted.status_code == 200, submitted.text
     task = submitted.json()["task_id"]
     deadline = time.monotonic() + timeout
-    while (status := httpx.get(f"{base}/predict_slide/status", params={"task_id": task}).json()["status"]) == "in_progress":
-        assert time.monotonic() < deadline, "slide task still running"
+    while (status := httpx.get(f"{route}/status", params={"task_id": task}).json()["status"]) == "in_progress":
+        assert time.monotonic() < deadline, f"{kind} task still running"
         time.sleep(1)
-    return status, httpx.get(f"{base}/predict_slide/get", params={"task_id": task}, timeout=30)
+    return status, httpx.get(f"{route}/get", params={"task_id": task}, timeout=30)
 
 
 def test_service_predicts_a_whole_uploaded_slide_as_an_async_task(service, demo, tmp_path):
@@ -568,6 +571,15 @@ def test_service_predicts_a_whole_uploaded_slide_as_an_async_task(service, demo,
     assert chunked.status_code == 411
     status, answer = _task(base, "0" * 32)
     assert status == "failed" and "slide_id: no slide 00000000000000000000000000000000" in answer.text
+    # A CT series is kept, but this head was fitted on slide tiles: the task says so.
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in ct_series(tmp_path / "series", [blank(), blank()]).iterdir():
+            zipped.write(path, path.name)
+    series = httpx.post(f"{base}/upload_series", files={"series": ("p.zip", archive.getvalue())}, timeout=30)
+    assert series.status_code == 200 and series.json()["series"]["slices"] == 2, series.text
+    status, answer = _task(base, series.json()["series_id"], "series", score="agatston")
+    assert status == "failed" and "trained on he tiles, not CT slices" in answer.text
 
 
 def test_concurrent_embeds_are_batched_and_answer_each_caller(service):

@@ -234,3 +234,59 @@ def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypat
         models.download(("models:/ct-backbone/1", None), tmp_path / "fetched")
     with pytest.raises(models.ServingError, match=r"no version of ct-backbone holds @production: promote one"):
         models.servable_uris("ct", "production", client)
+
+
+def test_slides_and_series_are_streamed_to_disk_checked_and_refused_by_field(tmp_path, monkeypatch):
+    """The upload routes, answered by the guard over a real store: a real slide and a zipped series
+    are kept under an id; what they are not is a 400 naming the field and leaves nothing stored."""
+    import io
+    import os
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from data.phantoms import blank, ct_series
+    from serving import uploads
+
+    monkeypatch.setenv(uploads.UPLOAD_DIR, str(tmp_path / "store"))
+    slide = Path(os.environ.get("VF_TEST_SLIDE", Path(sys.prefix) / "testdata" / "cmu_small_region.svs"))
+    app = RequestGuard(_endpoint, max_body_bytes=1000, max_images=2, max_upload_bytes=4 << 20)
+
+    def upload(route: str, field: str, name: str, body: bytes) -> httpx.Response:
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guard") as client:
+                return await client.post(route, files={field: (name, body)})
+        return asyncio.run(go())
+
+    kept = upload("/upload_slide", "slide", "cmu.svs", slide.read_bytes())
+    assert kept.status_code == 200 and (kept.json()["width"], kept.json()["height"]) == (2220, 2967)
+    assert uploads.find(kept.json()["slide_id"], "slide").read_bytes() == slide.read_bytes()
+
+    folder = ct_series(tmp_path / "series", [blank(), blank(), blank()])
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in folder.iterdir():
+            zipped.write(path, f"export/{path.name}")
+    series = upload("/upload_series", "series", "patient.zip", archive.getvalue())
+    assert series.status_code == 200, series.text
+    assert series.json()["series"]["slices"] == 3 and series.json()["series"]["pixel_spacing_mm"] == [0.5, 0.5]
+    assert len(list(uploads.find(series.json()["series_id"], "series").rglob("*.dcm"))) == 3
+
+    escaping = io.BytesIO()
+    with zipfile.ZipFile(escaping, "w") as zipped:
+        zipped.writestr("../../outside.dcm", b"x")
+    stored = sorted(p.name for p in (tmp_path / "store").iterdir())
+    for route, field, name, body, problem in (
+        ("/upload_slide", "slide", "tile.png", b"x", "slide: 'tile.png' is not a whole-slide image file"),
+        ("/upload_slide", "slide", "scan.svs", b"a report", "slide: not a readable whole-slide image"),
+        ("/upload_series", "series", "scan.svs", b"x", "series: 'scan.svs' is not a .zip of one CT series"),
+        ("/upload_series", "series", "p.zip", b"not a zip", "series: not a readable zip archive"),
+        ("/upload_series", "series", "p.zip", escaping.getvalue(), "series: escapes the dataset root"),
+        ("/upload_slide", "file", "cmu.svs", b"x", "slide: send exactly one file, in the field 'slide'"),
+    ):
+        answer = upload(route, field, name, body)
+        assert answer.status_code == 400 and problem in answer.json()["error"], (problem, answer.text)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == stored  # nothing refused was kept
+    assert upload("/upload_slide", "slide", "big.svs", b"0" * (4 << 20)).status_code == 413
+    with pytest.raises(uploads.UploadRefused, match="slide_id: expected the 32 hex digits"):
+        uploads.find("../etc", "slide")
