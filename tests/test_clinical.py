@@ -53,6 +53,8 @@ def _table(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+# Whole-slide inference on the real slide: the slow lane (a minute with the fixture).
+@pytest.mark.slow
 def test_the_slide_is_tiled_exactly_as_the_training_data_was(slide, heads, predicted):  # noqa: F811
     _, tiling = heads
     assert (tiling.modality, tiling.magnification, tiling.tile_size, tiling.min_tissue) == ("he", 10.0, 32, 0.5)
@@ -68,6 +70,7 @@ def test_the_slide_is_tiled_exactly_as_the_training_data_was(slide, heads, predi
     assert summary["tiling"] == json.loads(tiling.to_json()) and len(summary["md5"]) == 32
 
 
+@pytest.mark.slow
 def test_aggregates_agree_with_the_per_tile_table(predicted):
     out, summary = predicted
     rows = _table(out)
@@ -84,6 +87,7 @@ def test_aggregates_agree_with_the_per_tile_table(predicted):
     assert summary["segmentation"]["fractions"]["structure"] == pytest.approx(segmented, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_maps_lie_over_the_thumbnail(predicted):
     out, summary = predicted
     thumbnail = Image.open(out / "thumbnail.png")
@@ -101,6 +105,7 @@ def test_maps_lie_over_the_thumbnail(predicted):
     assert (np.asarray(Image.open(out / "heatmap.png"))[5, 5] == np.asarray(thumbnail)[5, 5]).all()
 
 
+@pytest.mark.slow
 def test_regions_geojson_reads_back_as_each_tiles_class(predicted):
     out, _ = predicted
     doc = json.loads((out / "regions.geojson").read_text())
@@ -116,6 +121,7 @@ def test_regions_geojson_reads_back_as_each_tiles_class(predicted):
         assert (mask == classes.index(row["label"]) + 1).all(), row
 
 
+@pytest.mark.slow
 def test_predicted_masks_go_to_geojson_and_come_back_as_ingested_annotations_equal_on_the_tile_grid(
         slide, heads, predicted, tmp_path):  # noqa: F811
     """Label propagation: the head's masks of an unlabelled slide, as QuPath GeoJSON, are read by
