@@ -136,6 +136,11 @@ def annotate(repo_root: str | Path, name: str, source: str | Path, proposed_by: 
     folder = root / "data" / name
     if not (folder / "dvc.yaml").is_file():
         raise DatasetError(f"{folder}: no dataset {name!r} (add it first: python -m data.dataset add {name} ...)")
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())
+    ingest = stages["stages"]["ingest"]
+    if "-m data.ingest he " not in ingest["cmd"]:
+        raise DatasetError(f"{name}: annotations are GeoJSON regions of slides; this dataset's ingest stage is not "
+                           f"slides ({ingest['cmd'][:80]})")
     source = Path(source)
     files = sorted(p for p in source.rglob("*.geojson") if p.is_file()) if source.is_dir() else []
     if not files:
@@ -152,13 +157,10 @@ def annotate(repo_root: str | Path, name: str, source: str | Path, proposed_by: 
     (staging / PROVENANCE).write_text(json.dumps({"proposed_by": proposers}, indent=2))
     shutil.rmtree(folder / ANNOTATIONS_FOLDER, ignore_errors=True)
     staging.rename(folder / ANNOTATIONS_FOLDER)
-    pipeline_file = folder / "dvc.yaml"
-    stages = yaml.safe_load(pipeline_file.read_text())
-    ingest = stages["stages"]["ingest"]
     if "--annotations" not in ingest["cmd"]:
         ingest["cmd"] += f" --annotations {ANNOTATIONS_FOLDER}"
         ingest["deps"] = [*ingest.get("deps", []), ANNOTATIONS_FOLDER]
-        pipeline_file.write_text(yaml.safe_dump(stages, sort_keys=False))
+        (folder / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     with Repo(str(root)) as repo:
         repo.add(str(folder / ANNOTATIONS_FOLDER))
     return folder / ANNOTATIONS_FOLDER
