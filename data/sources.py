@@ -79,9 +79,26 @@ def unpacked(archive: Path, into: Path) -> Path:
         raise IngestError(archive, f"not a readable zip archive ({exc})") from None
 
 
+def _slides_under(uri: str) -> list[str]:
+    """The slide objects directly under an ``s3://`` prefix."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, key = _s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    except (BotoCoreError, ClientError) as exc:
+        raise IngestError(uri, f"could not be listed ({type(exc).__name__}: {exc})") from None
+    return [f"s3://{bucket}/{k}" for k in sorted(keys) if Path(k).suffix.lower() in SLIDE_SUFFIXES]
+
+
 def cohort(source: str) -> list[str]:
     """The inputs ``source`` names: a text file lists one per line (``#`` comments; a CSV's first
-    column), a folder holding slide files is those slides; anything else is one input."""
+    column), a folder or ``s3://`` prefix holding slide files is those slides; anything else (a
+    slide, a series' folder or prefix) is one input."""
+    if source.startswith("s3://") and Path(source).suffix.lower() not in SLIDE_SUFFIXES:
+        return _slides_under(source) or [source]
     path = Path(source)
     if path.is_file() and path.suffix.lower() in (".txt", ".csv", ".list"):
         lines = [line.split(",")[0].strip() for line in path.read_text().splitlines()]

@@ -206,3 +206,24 @@ def test_every_ingestion_option_reaches_the_dataset_pipeline(repo, tmp_path):
                  "--channels", "windows", "--windows=40:400,-600:1500,400:1800"]) == 0
     cmd = yaml.safe_load((repo / "data" / "ct" / "dvc.yaml").read_text())["stages"]["ingest"]["cmd"]
     assert "--channels windows --windows=40:400,-600:1500,400:1800" in cmd
+
+
+def test_predict_reads_a_cohort_of_slides_and_a_ct_series_from_a_prefix(s3, s3_endpoint, tmp_path, monkeypatch):
+    """A prefix of slides is a cohort, one input per slide object; a prefix of DICOM files is one
+    series, fetched and scored (threshold-only, the calcium phantom: 122, as its docstring works out)."""
+    from clinical.series import predict_series
+    from data.phantoms import calcium
+    from data.sources import cohort, fetch
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for name in ("b.svs", "a.ndpi", "notes.txt"):
+        s3.put_object(Bucket=BUCKET, Key=f"study/slides/{name}", Body=b"x")
+    assert cohort(f"s3://{BUCKET}/study/slides/") == [f"s3://{BUCKET}/study/slides/a.ndpi",
+                                                      f"s3://{BUCKET}/study/slides/b.svs"]
+    phantom = calcium(tmp_path / "phantom")
+    for path in (phantom / "series").iterdir():
+        s3.upload_file(str(path), BUCKET, f"study/patient7/{path.name}")
+    assert cohort(f"s3://{BUCKET}/study/patient7") == [f"s3://{BUCKET}/study/patient7"]
+    series = fetch(f"s3://{BUCKET}/study/patient7", tmp_path / "fetched")
+    scored = predict_series(series, tmp_path / "out", score="agatston", region=np.load(phantom / "heart.npy"))
+    assert (scored["score"]["total"], scored["series"]["slices"]) == (122.0, 8)
