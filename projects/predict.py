@@ -172,7 +172,8 @@ def predict_one(source: str, model: Model | None, score: str, region: str, serie
         return summary, series_summary_line(summary)
 
 
-def _log(summary: dict, out: Path, model: Model | None, source: str, artifact_path: str) -> None:
+def _log(summary: dict, out: Path, model: Model | None, source: str, artifact_path: str) -> str:
+    """The outputs in ``out`` logged on the active run; returns where, for a person to open them."""
     digest = summary.get("md5") or ""
     with_model = {"model": LoggedModelInput(model.logged_model_id)} if model and model.logged_model_id else {}
     mlflow.log_input(MetaDataset(dataset_source(source if "://" in source else str(Path(source).resolve())),
@@ -181,6 +182,8 @@ def _log(summary: dict, out: Path, model: Model | None, source: str, artifact_pa
     mlflow.set_tags({Tag.INPUT: source, Tag.INPUT_MD5: digest})
     mlflow.log_metrics(_metrics(summary))
     mlflow.log_artifacts(str(out), f"{artifact_path}/{out.name}")
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    return f"outputs of run {mlflow.active_run().info.run_id} under {artifact_path}/{out.name}/: {files}"
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -218,11 +221,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                                       run_name=run_name(family, f"predict-{Path(source).name}")):
                     mlflow.set_tags(tags)
                     summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
-                    _log(summary, out, model, source, ARTIFACTS)
+                    where = _log(summary, out, model, source, ARTIFACTS)
             else:
                 summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
-                _log(summary, out, model, source, ARTIFACTS)
-            print(f"predict {model.head_uri if model else args.score} -> {line}", flush=True)
+                where = _log(summary, out, model, source, ARTIFACTS)
+            print(f"predict {model.head_uri if model else args.score} -> {line}\n  {where}", flush=True)
             summaries.append(summary)
         if len(inputs) > 1:
             gather(summaries, folder)
@@ -242,8 +245,8 @@ def predict_child(source: str, model: Model | None, tags: dict[str, str], args: 
     with mlflow.start_run(run_id=child.info.run_id):
         out = Path(args.out) / parent / Path(source.rstrip("/")).name
         summary, line = predict_one(source, model, args.score, args.region, args.series, out, args.batch_size)
-        _log(summary, out, model, source, ARTIFACTS)
-    print(f"predict {model.head_uri if model else args.score} -> {line}", flush=True)
+        where = _log(summary, out, model, source, ARTIFACTS)
+    print(f"predict {model.head_uri if model else args.score} -> {line}\n  {where}", flush=True)
     return summary
 
 

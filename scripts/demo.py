@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     slide = demo_slide()
     sh(*mlflow_run, "-e", "predict", "-P", f"model=models:/{args.name}-head@production", "-P", f"input={slide}",
        env=researcher)
-    print(prediction_outputs(args.name, researcher["MLFLOW_TRACKING_URI"]))
 
     step("7/7 serve with BentoML and send real requests")
     sample = sorted(Path("data/demo/images/val/glands").glob("*.png"))[0]
@@ -149,19 +148,6 @@ def demo_slide() -> Path:
     if not slide.is_file():
         sh(sys.executable, str(Path(__file__).with_name("fetch_test_slide.py")), str(slide))
     return slide
-
-
-def prediction_outputs(name: str, tracking_uri: str) -> str:
-    """Where the latest predict run of the family put its outputs."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    [run] = client.search_runs([experiment.experiment_id], "tags.`vf.entry_point` = 'predict'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    [folder] = client.list_artifacts(run.info.run_id, "prediction")
-    files = ", ".join(Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder.path))
-    return f"outputs of run {run.info.run_id} under {folder.path}/: {files}"
 
 
 def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:
