@@ -238,6 +238,19 @@ def random_init_knn(embedder: Embedder, data: str | Path, knn_k: int = 20) -> di
     return classification_metrics(f"{RANDOM_INIT}knn", val.labels, predicted)
 
 
+def score_heads(embedder: Embedder, heads: TaskHeads, data: str | Path) -> dict[str, float]:
+    """How the default classifier of fitted ``heads`` (on ``embedder``'s embeddings) does on
+    ``<data>/val``: ``head.accuracy``, ``head.f1_macro``, ``head.precision_macro``. What the
+    promotion service measures of a head itself, rather than reading what its training logged."""
+    classifier = heads.classifier
+    val, classes = _embed(embedder, Path(data) / "val", with_patches=False)
+    unknown = sorted(set(classes) - set(classifier.classes))
+    if unknown:
+        raise DataError(f"{data}/val: classes {unknown} are not among the head's {classifier.classes}")
+    truth = np.asarray([classifier.classes.index(classes[label]) for label in val.labels])
+    return classification_metrics("head", truth, classifier.predict_proba(val.embeddings).argmax(1))
+
+
 def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str | Path | None = None,
              targets: str | Path | None = None, target_column: str = "", order: list[str] | None = None) -> Evaluation:
     """Fit on ``<data>/train``, score on ``<data>/val``; optional masks (segmentation) and a targets

@@ -27,6 +27,7 @@ from portal.storage import Storage, StorageUnavailable
 from portal.views import audit, auth, datasets, jobs, registry
 from portal.web import audit as audit_event
 from portal.web import audit_refusal, refuse, wants_json
+from registry.ledger import LedgerBroken, LedgerUnavailable
 from registry.lineage import RegistryUnavailable
 from registry.mlflow_service import MlflowService
 from registry.promote import PromotionRefused
@@ -113,10 +114,23 @@ def create_app(settings: Settings | None = None) -> Flask:
         return refuse(str(exc), 400, **extra)
 
     @app.errorhandler(StorageUnavailable)
-    @app.errorhandler(RegistryUnavailable)
-    def registry_down(exc):
+    def storage_down(exc):
         audit_refusal(503, str(exc))
         return refuse(str(exc), 503)
+
+    @app.errorhandler(RegistryUnavailable)
+    @app.errorhandler(LedgerUnavailable)
+    @app.errorhandler(LedgerBroken)
+    def registry_down(exc):
+        # The registry's and the ledger's errors carry their database's own words, which tell a
+        # caller about the site, not about their request: those go to the log and the audit,
+        # under a reference the answer gives.
+        reference = secrets.token_hex(4)
+        app.logger.error("%s [reference %s]", exc, reference)
+        audit_refusal(503, f"{exc} [reference {reference}]")
+        part = "model registry" if isinstance(exc, RegistryUnavailable) else "promotion ledger"
+        return refuse(f"the {part} did not answer as it should; try again, or give the administrator the reference "
+                      f"{reference}", 503)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

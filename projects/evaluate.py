@@ -1,9 +1,11 @@
-"""Entry point ``evaluate``: score a registered backbone for side-by-side comparison in the UI.
+"""Entry point ``evaluate``: score a registered backbone or head for side-by-side comparison in the UI.
 
-Fits the same probes as ``heads`` on ``<data>/train`` and logs their val metrics (see
-``dinomx.evaluation``), a confusion-matrix and an embedding plot. The metrics are also written
-on the model version as ``vf.eval.<metric>`` tags: the promotion gate compares them with the
-current holder of the alias.
+A backbone: fits the same probes as ``heads`` on ``<data>/train`` and logs their val metrics (see
+``dinomx.evaluation``), a confusion-matrix and an embedding plot, and writes them on the model
+version as ``vf.eval.<metric>`` tags for the UI. A head: its own default classifier scored on
+``<data>/val`` through the backbone it was fitted on (``head.*``). A researcher's evaluation is
+information; the promotion service runs this same entry point itself (``registry.evidence``) and
+only what it ran and recorded in its ledger is evidence.
 
 The paper's protocol on top (``-P folds=K``, ``-P test=<split>``): grouped k-fold
 cross-validation over train and val together, no patient, case or slide in two folds (``fold.*``
@@ -15,6 +17,7 @@ description shows them as the paper's Table 3.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -24,6 +27,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from PIL import Image
 
 from data.groups import GROUPINGS, groups_of
+from data.versioning import dataset_version
 from dinomx.errors import MissingInput
 from dinomx.evaluation import (
     cross_validate,
@@ -32,6 +36,7 @@ from dinomx.evaluation import (
     plot_confusion,
     plot_embeddings,
     random_init_knn,
+    score_heads,
 )
 from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.table3 import markdown, table3, text
@@ -45,7 +50,7 @@ from projects.tracking import (
     training_data,
 )
 from registry import audit
-from registry.lineage import describe_version, resolve_version, version_uri
+from registry.lineage import Lineage, describe_version, resolve_version, version_uri
 from registry.mlflow_service import (
     EVAL_PREFIX,
     EVAL_RUN_ID,
@@ -75,6 +80,39 @@ def _test_sets(spec: str) -> list[Path]:
 def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
     client = MlflowService().client
     mv = resolve_version(client, model_uri)
+    if Lineage.from_tags(mv.tags).kind == "head":
+        metrics = run_head(client, mv, args)
+    else:
+        metrics = run_backbone(client, mv, args, knn_k)
+    if args.metrics_out:
+        data = dataset_version(args.data)
+        Path(args.metrics_out).write_text(json.dumps({"model": version_uri(mv), "run_id": mlflow.last_active_run().info.run_id,
+                                                      "data": data.path, "data_md5": data.md5, "metrics": metrics}))
+    return metrics
+
+
+def run_head(client, mv, args: argparse.Namespace) -> dict[str, float]:
+    """A head scored on ``<data>/val`` through the backbone it was fitted on (``head.*``)."""
+    uri, parent = version_uri(mv), Lineage.from_tags(mv.tags).parent
+    dataset = training_data(args.data, args.validation_report)
+    with mlflow.start_run(experiment_id=family_experiment(family_of(mv.name)),
+                          run_name=run_name(family_of(mv.name), f"head-v{mv.version}-evaluate"),
+                          description=f"Scores {uri} (on {parent}) on `{dataset.version.path}/val` "
+                                      f"(DVC md5 `{dataset.version.md5}`): its default classifier's `head.*` metrics."):
+        mark_model_training()
+        mlflow.log_params({"evaluated_model": uri, "data.path": dataset.version.path, "backbone": parent})
+        mlflow.set_tags({Tag.ENTRY_POINT: "evaluate", Tag.EVALUATED_MODEL: uri})
+        log_training_data(dataset, context="evaluation")
+        embedder = mlflow.pyfunc.load_model(parent).unwrap_python_model().embedder
+        heads = mlflow.pyfunc.load_model(uri).unwrap_python_model().heads
+        metrics = score_heads(embedder, heads, dataset.path)
+        mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()})
+    print(f"{uri} on {dataset.version.path}/val: accuracy {metrics['head.accuracy']:.3f}, "
+          f"macro F1 {metrics['head.f1_macro']:.3f}")
+    return metrics
+
+
+def run_backbone(client, mv, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
     uri = version_uri(mv)
     dataset = training_data(args.data, args.validation_report)
     order = [c.strip() for c in args.categories.split(",") if c.strip()] or None
@@ -136,7 +174,7 @@ def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float
         client.set_model_version_tag(mv.name, mv.version, Tag.EVALUATION_TABLE,
                                      markdown(rows, f"Per category ({result.heads.classifier.default} probe)")[:MAX_TAG_CHARS])
         evaluated = client.get_model_version(mv.name, mv.version)
-        describe_version(client, evaluated, audit.version_history(client, evaluated))
+        describe_version(client, evaluated, audit.mirrored_history(evaluated))
     print(summary_text(uri, dataset.version.path, metrics, rows))
     return metrics
 
@@ -160,7 +198,10 @@ def summary_text(uri: str, data: str, metrics: dict[str, float], rows: list[list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="backbone: models:/<name>/<version|latest> or models:/<name>@<alias>")
+    parser.add_argument("--model", required=True, help="models:/<name>/<version|latest> or models:/<name>@<alias>: a backbone "
+                        "(probes fitted on train, scored on val), or a head (its own classifier scored on val)")
+    parser.add_argument("--metrics-out", default="", help="also write the metrics, the run and the data's DVC md5 to this "
+                        "JSON file (what the promotion service records)")
     parser.add_argument("--folds", type=float, default=0, help="grouped k-fold cross-validation over train and val (0: off)")
     parser.add_argument("--group", default="", choices=("", *GROUPINGS),
                         help="what a fold keeps together (default: patient or case where recorded, else slide, else image)")

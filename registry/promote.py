@@ -1,5 +1,5 @@
 """Move an alias (``staging``, ``production``) to a model version through gates, or roll it back,
-leaving an audit record on the version each time.
+leaving a record in the promotion ledger each time.
 
     python -m registry.promote models:/demo-backbone/3 --alias production --reason "beats v2 on kNN"
     python -m registry.promote models:/demo-backbone/4 --with models:/demo-head/7 --alias production --reason "..."
@@ -8,31 +8,26 @@ leaving an audit record on the version each time.
 Who may move an alias is decided first, for every model the move touches (the named one and each
 ``--with``), by one ``authorize`` function: the portal's family rights there; from the command line
 the tracking server's own permissions. Gates, in order, for each version of the set: lineage
-complete; training data passed validation; recorded evaluation (backbones: an ``evaluate`` run;
-heads: the metrics of their ``heads`` run), also when no version holds the alias yet; a training run
-that did not learn (``vf.learned``, from its online kNN against step 0) is refused; the absolute
-floors of ``configs/promotion.yaml`` (a backbone's kNN above the same architecture at random
-init, which ``evaluate`` records); metrics no worse than the current holder's beyond its
-thresholds. Then for the set as a whole: a model built on a registered parent (a
-head on its backbone) only when that parent holds the same alias afterwards, and no holder of the
-alias left built on a version the set replaces (a new backbone moves with a head trained on it).
-Rollbacks pass the same consistency gates.
+complete; training data passed validation; the promotion service's own evaluation of the version
+on the family's evaluation split (``registry.evidence``: run now unless its ledger holds one),
+from which it recomputes whether a backbone learned (its kNN against the same architecture at
+random init); the absolute floors of ``configs/promotion.yaml``; metrics no worse than the current
+holder's on the same split beyond its thresholds. Then for the set as a whole: a model built on a
+registered parent (a head on its backbone) only when that parent holds the same alias afterwards,
+and no holder of the alias left built on a version the set replaces (a new backbone moves with a
+head trained on it). Rollbacks pass the same consistency gates.
 
-Two promotions of one alias at once cannot both win: each holds a registry-wide lock while it
-moves the alias (a lock is a registered model, and the registry refuses a second one of the same
-name on any backend), and a promotion whose comparison was made against a holder that has since
-changed is refused.
+Two promotions at once cannot both win: each moves its aliases holding the ledger's lock, which
+only the promotion service can take, and a promotion whose comparison was made against a holder
+that has since changed is refused.
 """
 from __future__ import annotations
 
 import argparse
 import getpass
 import sys
-import time
-import uuid
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -42,10 +37,11 @@ from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError, run_command
 from registry import audit
+from registry.evidence import Evaluation, EvaluationSplit, evaluate_for_gate, recorded
+from registry.ledger import Ledger, LedgerBusy
 from registry.lineage import (
     BadModelReference,
     Lineage,
-    RegistryUnavailable,
     alias_holder,
     describe_version,
     equals,
@@ -53,12 +49,12 @@ from registry.lineage import (
     resolve_version,
     version_uri,
 )
-from registry.mlflow_service import EVAL_RUN_ID, MlflowService, Tag
+from registry.mlflow_service import MlflowService
 
 ALIASES = ("staging", "production")
 DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yaml"
 LOWER_IS_BETTER = ("cluster.dbi", "regression.mae")
-LOCK_PREFIX = "vf-lock."
+RANDOM_INIT_KNN = "random_init.knn.accuracy"
 # What a move passed, in order: recorded with it, shown in the portal and the version's description.
 PROMOTION_GATES = ["authorized", "lineage complete", "data validation", "learning", "evidence", "floor", "metrics",
                    "parent promoted", "dependants", "exclusive"]
@@ -82,7 +78,6 @@ class MetricGate:
     metric: str
     max_drop: float
     minimum: float | None = None  # absolute floor
-    above: str | None = None  # another metric of the same version it must exceed (a baseline)
 
     def check(self, candidate: float, holder: float) -> str | None:
         """Why ``candidate`` fails against ``holder``, or None."""
@@ -93,97 +88,113 @@ class MetricGate:
             return f"{self.metric} {candidate:.4f} < holder's {holder:.4f} - {self.max_drop}"
         return None
 
-    def floor(self, metrics: dict[str, float]) -> str | None:
-        """Why the version's own metrics fall below this gate's floors, or None."""
-        value = metrics[self.metric]
-        worse = (lambda a, b: a > b) if self.metric in LOWER_IS_BETTER else (lambda a, b: a < b)
-        if self.minimum is not None and worse(value, self.minimum):
-            return f"{self.metric} {value:.4f} is past the floor {self.minimum}"
-        if self.above is not None:
-            if self.above not in metrics:
-                return f"no {self.above} recorded to compare {self.metric} with (evaluate records it)"
-            if not worse(metrics[self.above], value):
-                return f"{self.metric} {value:.4f} does not beat {self.above} {metrics[self.above]:.4f}"
-        return None
+    def floor(self, value: float) -> str | None:
+        """Why the version's own ``value`` of this metric is past the floor, or None."""
+        if self.minimum is None:
+            return None
+        worse = value > self.minimum if self.metric in LOWER_IS_BETTER else value < self.minimum
+        return f"{self.metric} {value:.4f} is past the floor {self.minimum}" if worse else None
 
 
-def load_gates(path: str | Path = DEFAULT_GATES) -> dict[str, list[MetricGate]]:
-    """Metric gates per model kind; a malformed entry is named by file and key."""
+@dataclass(frozen=True)
+class Gates:
+    """What a promotion is judged by (``configs/promotion.yaml``): metric gates per model kind,
+    the split the promotion service evaluates on, and by how much a backbone's kNN must beat the
+    same architecture at random init to count as learned (None: not judged)."""
+
+    metrics: dict[str, list[MetricGate]] = field(default_factory=dict)
+    split: EvaluationSplit | None = None
+    min_gain: float | None = None
+
+
+def _number(value, where: str, minimum: float | None = None) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        raise GatesFileError(f"{where}: expected a number{f' >= {minimum:g}' if minimum is not None else ''}, got {value!r}")
+    return float(value)
+
+
+def load_gates(path: str | Path = DEFAULT_GATES) -> Gates:
+    """The gates file; a malformed entry is named by file and key."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    gates = {}
-    for kind, metrics in data.items():
-        if kind not in ("backbone", "head") or not isinstance(metrics, dict):
-            raise GatesFileError(f"{path}: {kind}: expected 'backbone' or 'head' mapping metric -> {{max_drop: number}}")
-        gates[kind] = []
-        for metric, spec in metrics.items():
-            if not isinstance(spec, dict) or set(spec) - {"max_drop", "min", "above"}:
-                raise GatesFileError(f"{path}: {kind}.{metric}: expected a mapping of max_drop, min, above; got {spec!r}")
-            drop, floor, above = spec.get("max_drop"), spec.get("min"), spec.get("above")
-            if not isinstance(drop, (int, float)) or isinstance(drop, bool) or drop < 0:
-                raise GatesFileError(f"{path}: {kind}.{metric}.max_drop: expected a number >= 0, got {drop!r}")
-            if floor is not None and (not isinstance(floor, (int, float)) or isinstance(floor, bool)):
-                raise GatesFileError(f"{path}: {kind}.{metric}.min: expected a number, got {floor!r}")
-            if above is not None and not isinstance(above, str):
-                raise GatesFileError(f"{path}: {kind}.{metric}.above: expected a metric name, got {above!r}")
-            gates[kind].append(MetricGate(metric, float(drop), None if floor is None else float(floor), above))
-    return gates
+    metrics, split, min_gain = {}, None, None
+    for kind, spec in data.items():
+        if kind == "evaluation":
+            if not isinstance(spec, dict) or set(spec) - {"data", "validation_report", "knn_k"} or \
+                    not all(isinstance(spec.get(k), str) and spec[k] for k in ("data", "validation_report")):
+                raise GatesFileError(f"{path}: evaluation: expected a mapping of data, validation_report (paths) and "
+                                     f"optionally knn_k; got {spec!r}")
+            knn_k = _number(spec.get("knn_k", 20), f"{path}: evaluation.knn_k", 1)
+            if knn_k != int(knn_k):
+                raise GatesFileError(f"{path}: evaluation.knn_k: expected a whole number, got {knn_k:g}")
+            split = EvaluationSplit(spec["data"], spec["validation_report"], int(knn_k))
+        elif kind == "learning":
+            if not isinstance(spec, dict) or set(spec) != {"min_gain"}:
+                raise GatesFileError(f"{path}: learning: expected {{min_gain: number}}, got {spec!r}")
+            min_gain = _number(spec["min_gain"], f"{path}: learning.min_gain")
+        elif kind in ("backbone", "head") and isinstance(spec, dict):
+            metrics[kind] = []
+            for metric, gate in spec.items():
+                if not isinstance(gate, dict) or set(gate) - {"max_drop", "min"} or "max_drop" not in gate:
+                    raise GatesFileError(f"{path}: {kind}.{metric}: expected a mapping of max_drop and optionally min; "
+                                         f"got {gate!r}")
+                floor = gate.get("min")
+                metrics[kind].append(MetricGate(metric, _number(gate["max_drop"], f"{path}: {kind}.{metric}.max_drop", 0),
+                                                None if floor is None else _number(floor, f"{path}: {kind}.{metric}.min")))
+        else:
+            raise GatesFileError(f"{path}: {kind}: expected one of evaluation, learning, backbone, head (backbone and "
+                                 "head: a mapping metric -> {max_drop: number})")
+    return Gates(metrics, split, min_gain)
 
 
-def version_metrics(client: MlflowClient, mv: ModelVersion) -> dict[str, float]:
-    """Evaluation metrics of a version, read from runs rather than from tags anyone who may edit the
-    model could write: its source run's (a head's ``heads`` run), then its ``evaluate`` run's, which
-    must be an evaluate run of this very version."""
-    metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
-    if EVAL_RUN_ID in mv.tags:
-        run = client.get_run(mv.tags[EVAL_RUN_ID])
-        evaluated = run.data.tags.get(Tag.EVALUATED_MODEL)
-        if run.data.tags.get(Tag.ENTRY_POINT) != "evaluate" or evaluated != version_uri(mv):
-            raise PromotionRefused("evidence", f"{version_uri(mv)}: {EVAL_RUN_ID} names run {run.info.run_id}, which is not "
-                                               f"an evaluate run of this version (it evaluated {evaluated})")
-        metrics.update(run.data.metrics)
-    return metrics
-
-
-def check_gates(client: MlflowClient, mv: ModelVersion, alias: str, holder: ModelVersion | None,
-                gates: dict[str, list[MetricGate]]) -> dict:
-    """Raise PromotionRefused naming the first failing gate of ``mv`` alone (lineage, data,
-    evidence, floors, metrics against the holder); return the metric comparison. How it fits the
-    versions around it is ``check_consistency``'s."""
-    uri = version_uri(mv)
-    lineage = _lineage(mv)
-    if not lineage.validation_success:
-        raise PromotionRefused("data validation", f"{uri} was trained on data that failed {lineage.validation_suite}")
-    if mv.run_id and (run := client.get_run(mv.run_id)).data.tags.get(Tag.LEARNED) == "false":
-        raise PromotionRefused("learning", f"{uri}: its training run {run.info.run_id} "
-                                           f"{run.data.tags.get(Tag.LEARNING, 'did not learn')}")
-    kind_gates = gates.get(lineage.kind, [])
-    candidate = version_metrics(client, mv)
-    if lineage.kind == "backbone" and EVAL_RUN_ID not in mv.tags:
-        raise PromotionRefused("evidence", f"{uri} has no recorded evaluation; run `mlflow run . -e evaluate -P model={uri}` "
-                                           "first")
-    floored = [gate.metric for gate in kind_gates if gate.metric not in candidate and (gate.minimum is not None or gate.above)]
-    if kind_gates and (not any(gate.metric in candidate for gate in kind_gates) or floored):
-        hint = f"; run `mlflow run . -e evaluate -P model={uri}`" if lineage.kind == "backbone" else ""
-        needed = floored or [gate.metric for gate in kind_gates]
-        raise PromotionRefused("evidence", f"{uri} has no {' or '.join(needed)} recorded{hint}")
+def check_gates(mv: ModelVersion, alias: str, holder: ModelVersion | None, gates: Gates,
+                candidate: Evaluation, incumbent: Evaluation | None) -> dict:
+    """Raise PromotionRefused naming the first failing gate of ``mv`` alone (learning, evidence,
+    floors, metrics against the holder, all from the promotion service's evaluations); return the
+    metric comparison. Lineage and data are ``check_lineage``'s; how it fits the versions around
+    it is ``check_consistency``'s."""
+    uri, kind = version_uri(mv), _lineage(mv).kind
+    measured = candidate.metrics
+    if kind == "backbone" and gates.min_gain is not None:
+        if "knn.accuracy" not in measured or RANDOM_INIT_KNN not in measured:
+            raise PromotionRefused("learning", f"{uri}: the evaluation of run {candidate.run_id} has no knn.accuracy "
+                                               f"and {RANDOM_INIT_KNN} to tell whether it learned")
+        gain = measured["knn.accuracy"] - measured[RANDOM_INIT_KNN]
+        if gain <= gates.min_gain:
+            raise PromotionRefused("learning", f"{uri} did not learn: kNN {measured['knn.accuracy']:.4f} against "
+                                               f"{measured[RANDOM_INIT_KNN]:.4f} for the same architecture at random "
+                                               f"init on {candidate.data} ({gain:+.4f}, needs more than {gates.min_gain:+g})")
+    kind_gates = gates.metrics.get(kind, [])
+    # A gated metric the version cannot have (a head without a regression probe has no MAE) is
+    # skipped, but not all of them, and never one with a floor.
+    floored = [gate.metric for gate in kind_gates if gate.metric not in measured and gate.minimum is not None]
+    if kind_gates and (floored or not any(gate.metric in measured for gate in kind_gates)):
+        raise PromotionRefused("evidence", f"{uri}: the promotion service's evaluation (run {candidate.run_id}) has no "
+                                           f"{' or '.join(floored or [gate.metric for gate in kind_gates])}")
     for gate in kind_gates:
-        failure = gate.floor(candidate) if gate.metric in candidate else None
-        if failure:
+        if gate.metric in measured and (failure := gate.floor(measured[gate.metric])):
             raise PromotionRefused("floor", f"{uri}: {failure}")
     comparison = {}
     if holder is None or str(holder.version) == str(mv.version):
         return comparison
-    incumbent = version_metrics(client, holder)
     for gate in kind_gates:
-        if gate.metric not in incumbent:
+        if gate.metric not in incumbent.metrics:
             continue
-        if gate.metric not in candidate:
+        if gate.metric not in measured:
             raise PromotionRefused("metrics", f"{uri} has no {gate.metric}, which @{alias} (version {holder.version}) has")
-        failure = gate.check(candidate[gate.metric], incumbent[gate.metric])
+        failure = gate.check(measured[gate.metric], incumbent.metrics[gate.metric])
         if failure:
-            raise PromotionRefused("metrics", f"{uri} regresses against @{alias} (version {holder.version}): {failure}")
-        comparison[gate.metric] = {"candidate": candidate[gate.metric], "holder": incumbent[gate.metric]}
+            raise PromotionRefused("metrics", f"{uri} regresses against @{alias} (version {holder.version}) on "
+                                              f"{candidate.data}: {failure}")
+        comparison[gate.metric] = {"candidate": measured[gate.metric], "holder": incumbent.metrics[gate.metric]}
     return comparison
+
+
+def check_lineage(mv: ModelVersion) -> None:
+    """The version's lineage is complete and its training data passed validation."""
+    lineage = _lineage(mv)
+    if not lineage.validation_success:
+        raise PromotionRefused("data validation", f"{version_uri(mv)} was trained on data that failed "
+                                                  f"{lineage.validation_suite}")
 
 
 def _lineage(mv: ModelVersion) -> Lineage:
@@ -232,54 +243,21 @@ def _version_key(uri: str) -> tuple[str, int]:
     return name, int(version)
 
 
-@contextmanager
-def alias_lock(client: MlflowClient, name: str, alias: str, wait_s: float = 30.0, stale_s: float = 300.0):
-    """Exclusive right to move ``name@alias``. Creating a registered model is atomic on every
-    registry backend (a unique name in the database), so the lock is one; a lock older than
-    ``stale_s`` (a crashed holder) is broken. Whatever the registry answers while others take and
-    release the lock, the caller gets the lock or a ``PromotionRefused``, never a raw error."""
-    lock = f"{LOCK_PREFIX}{name}.{alias}"
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            client.create_registered_model(lock, tags={Tag.KIND: "lock", Tag.LOCK_OWNER: getpass.getuser(), Tag.LOCK_TOKEN: token},
-                                           description=f"held while {name}@{alias} moves; deleted after")
-            break
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise RegistryUnavailable(f"registry: cannot take the lock {lock}: {exc.message}") from None
-            try:
-                held = client.get_registered_model(lock)
-                if time.time() * 1000 - held.creation_timestamp > stale_s * 1000:
-                    client.delete_registered_model(lock)
-                    continue
-            except MlflowException:
-                pass  # released between our attempts: try again
-        if time.monotonic() > deadline:
-            raise PromotionRefused("exclusive", f"another promotion of {name}@{alias} holds {lock}") from None
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        try:
-            # A lock broken as stale now belongs to someone else: leave it to them.
-            if client.get_registered_model(lock).tags.get(Tag.LOCK_TOKEN) == token:
-                client.delete_registered_model(lock)
-        except MlflowException:
-            pass
-
-
 def tracking_server_decides(name: str) -> None:
     """The command line's authorization: on a team's server its own permissions refuse a user who
     may not edit ``name`` when the alias moves, and only the audit key proves the gates."""
 
 
+def ledger_of(client: MlflowClient) -> Ledger:
+    """The promotion ledger of the registry ``client`` talks to (``VF_AUDIT_DB``)."""
+    return Ledger.from_env(client._tracking_client.tracking_uri)
+
+
 def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user: str | None = None,
-            gates: dict[str, list[MetricGate]] | None = None, together: Sequence[str] = (),
-            authorize: Authorize = tracking_server_decides) -> list[dict]:
+            gates: Gates | None = None, together: Sequence[str] = (),
+            authorize: Authorize = tracking_server_decides, ledger: Ledger | None = None) -> list[dict]:
     """Move ``alias`` to ``model_uri`` and the versions ``together`` with it (a backbone and the
-    head built on it) through the gates, as one consistent set: one audit record each, first
+    head built on it) through the gates, as one consistent set: one ledger record each, first
     ``model_uri``'s. ``authorize(name)`` is asked for every model the set moves, before anything
     else, and refuses by raising."""
     if alias not in ALIASES:
@@ -290,16 +268,42 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
     if len({mv.name for mv in versions}) < len(versions):
         raise BadModelReference(f"{', '.join(version_uri(mv) for mv in versions)}: one version per model in a set")
     gates = load_gates() if gates is None else gates
+    ledger = ledger or ledger_of(client)
+    for mv in versions:
+        check_lineage(mv)
     seen = {mv.name: alias_holder(client, mv.name, alias) for mv in versions}
-    comparisons = {mv.name: check_gates(client, mv, alias, seen[mv.name], gates) for mv in versions}
+    comparisons = {}
+    for mv in versions:
+        candidate, incumbent = _evidence(ledger, mv, seen[mv.name], gates)
+        comparisons[mv.name] = check_gates(mv, alias, seen[mv.name], gates, candidate, incumbent)
     moves = {mv.name: mv for mv in versions}
     check_consistency(client, moves, alias, seen)
-    return _move(client, moves, alias, seen, {name: {"action": "promote", "reason": reason, "metrics": comparisons[name],
-                                                     "gates": PROMOTION_GATES} for name in moves}, user)
+    return _move(client, ledger, moves, alias, seen, {name: {"action": "promote", "reason": reason,
+                                                             "metrics": comparisons[name], "gates": PROMOTION_GATES}
+                                                      for name in moves}, user)
+
+
+def _evidence(ledger: Ledger, mv: ModelVersion, holder: ModelVersion | None,
+              gates: Gates) -> tuple[Evaluation, Evaluation | None]:
+    """The promotion service's evaluations of ``mv`` and of the alias's holder on the same split:
+    the ledger's where it has them, else run now (``registry.evidence``)."""
+    def evaluate(version: ModelVersion, data_md5: str | None = None) -> Evaluation:
+        if (known := recorded(ledger.entries(), version, data_md5)) is not None:
+            return known
+        if gates.split is None:
+            raise PromotionRefused("evidence", f"{version_uri(version)} has no evaluation by the promotion service, and "
+                                               "the gates file names no evaluation split to run one on (evaluation:)")
+        return evaluate_for_gate(ledger, version, gates.split)
+
+    candidate = evaluate(mv)
+    if holder is None or str(holder.version) == str(mv.version):
+        return candidate, None
+    return candidate, evaluate(holder, candidate.data_md5)
 
 
 def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str | None = None,
-             together: Sequence[str] = (), authorize: Authorize = tracking_server_decides) -> list[dict]:
+             together: Sequence[str] = (), authorize: Authorize = tracking_server_decides,
+             ledger: Ledger | None = None) -> list[dict]:
     """Give ``alias`` of ``name`` (and of the models ``together`` with it) back to the version that
     held it before the current holder was promoted, through the same authorization and
     consistency gates."""
@@ -307,54 +311,57 @@ def rollback(client: MlflowClient, name: str, alias: str, reason: str, user: str
         raise BadModelReference(f"alias: expected one of {ALIASES}, got {alias!r}")
     for model in (name, *together):
         authorize(model)
+    ledger = ledger or ledger_of(client)
+    entries = ledger.entries()
     seen, moves = {}, {}
     for model in (name, *together):
         holder = alias_holder(client, model, alias)
         if holder is None:
             raise PromotionRefused("rollback", f"@{alias} of {model} is not set; nothing to roll back")
-        # Only the gates' own records say where to go back to: a forged one would name any version.
-        promotions = [r for r in audit.trail(client, model, alias, audit.audit_key())
+        # Only the ledger says where to go back to: a record anyone else wrote would name any version.
+        promotions = [r for r in audit.trail(entries, model, alias)
                       if r.get("action") == "promote" and r.get("version") == str(holder.version)]
         if not promotions or promotions[-1].get("previous") is None:
             raise PromotionRefused("rollback", f"{model}@{alias} (version {holder.version}) has no previous holder")
         seen[model], moves[model] = holder, client.get_model_version(model, promotions[-1]["previous"])
     check_consistency(client, moves, alias, seen)
-    return _move(client, moves, alias, seen, {model: {"action": "rollback", "reason": reason, "gates": ROLLBACK_GATES}
-                                              for model in moves}, user)
+    return _move(client, ledger, moves, alias, seen, {model: {"action": "rollback", "reason": reason,
+                                                              "gates": ROLLBACK_GATES} for model in moves}, user)
 
 
-def _move(client: MlflowClient, moves: dict[str, ModelVersion], alias: str, seen: dict[str, ModelVersion | None],
-          records: dict[str, dict], user: str | None) -> list[dict]:
-    """Move every alias of the set under its lock (taken in name order, so two sets cannot
-    deadlock), refusing if any holder changed since the gates compared against it."""
-    with ExitStack() as locks:
-        for name in sorted(moves):
-            locks.enter_context(alias_lock(client, name, alias))
-        for name in moves:
-            holder = alias_holder(client, name, alias)
-            if (holder and holder.version) != (seen[name] and seen[name].version):
-                raise PromotionRefused("exclusive", f"@{alias} of {name} moved to version "
-                                                    f"{holder.version if holder else None} while this promotion "
-                                                    "was checked; run it again to compare with the new holder")
-        moved = []
-        try:
-            for name, mv in moves.items():
-                client.set_registered_model_alias(name, alias, mv.version)
-                moved.append(name)
-        except MlflowException:
-            for name in moved:  # half a set is worse than none: put the others back
-                if seen[name] is None:
-                    client.delete_registered_model_alias(name, alias)
-                else:
-                    client.set_registered_model_alias(name, alias, seen[name].version)
-            raise
-        written = [audit.write(client, mv, {
-            **records[name], "alias": alias, "model": name, "version": str(mv.version),
-            "previous": str(seen[name].version) if seen[name] else None, "user": user or getpass.getuser(),
-            "set": [version_uri(other) for other in moves.values()],
-        }) for name, mv in moves.items()]
+def _move(client: MlflowClient, ledger: Ledger, moves: dict[str, ModelVersion], alias: str,
+          seen: dict[str, ModelVersion | None], records: dict[str, dict], user: str | None) -> list[dict]:
+    """Move every alias of the set holding the ledger's lock, refusing if any holder changed since
+    the gates compared against it; the records are committed with the lock's release."""
+    try:
+        with ledger.exclusive() as appender:
+            for name in moves:
+                holder = alias_holder(client, name, alias)
+                if (holder and holder.version) != (seen[name] and seen[name].version):
+                    raise PromotionRefused("exclusive", f"@{alias} of {name} moved to version "
+                                                        f"{holder.version if holder else None} while this promotion "
+                                                        "was checked; run it again to compare with the new holder")
+            moved = []
+            try:
+                for name, mv in moves.items():
+                    client.set_registered_model_alias(name, alias, mv.version)
+                    moved.append(name)
+            except MlflowException:
+                for name in moved:  # half a set is worse than none: put the others back
+                    if seen[name] is None:
+                        client.delete_registered_model_alias(name, alias)
+                    else:
+                        client.set_registered_model_alias(name, alias, seen[name].version)
+                raise
+            written = [audit.write(appender, client, mv, {
+                **records[name], "alias": alias, "model": name, "previous": str(seen[name].version) if seen[name] else None,
+                "user": user or getpass.getuser(), "set": [version_uri(other) for other in moves.values()],
+            }) for name, mv in moves.items()]
+    except LedgerBusy as exc:
+        raise PromotionRefused("exclusive", f"{exc}; try again") from None
     for mv in moves.values():  # "why is this in production", where MLflow shows the version
-        describe_version(client, client.get_model_version(mv.name, mv.version), audit.version_history(client, mv))
+        current = client.get_model_version(mv.name, mv.version)
+        describe_version(client, current, audit.mirrored_history(current))
     return written
 
 

@@ -8,6 +8,7 @@ transformers) loads with the models, in the workers only.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from dinomx.errors import one_line
 from registry import audit
+from registry.ledger import Ledger, LedgerBroken, LedgerUnavailable
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
 from serving import log
@@ -58,9 +60,22 @@ def gated_holder(client: MlflowClient, model: str, alias: str) -> ModelVersion |
     promotion record names another version, or none (checked against ``VF_AUDIT_KEY`` when the
     service has it), was moved outside them and is refused."""
     holder = alias_holder(client, model, alias)
-    if holder is not None and (reason := audit.unaudited_reason(client, holder, alias, audit.audit_key())):
+    if holder is None:
+        return None
+    try:
+        reason = audit.unaudited_reason(ledger_for(client._tracking_client.tracking_uri), holder, alias)
+    except (LedgerBroken, LedgerUnavailable) as exc:
+        reason = str(exc)
+    if reason:
         raise ServingError(f"refused to follow {model}@{alias}: {reason}")
     return holder
+
+
+@functools.cache
+def ledger_for(tracking_uri: str) -> Ledger:
+    """One reader of the promotion ledger per process: it remembers the newest record it
+    verified, so records removed from the ledger's end are noticed."""
+    return Ledger.from_env(tracking_uri)
 
 
 def servable_uris(name: str, alias: str, client: MlflowClient | None = None) -> Uris:

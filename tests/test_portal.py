@@ -22,7 +22,9 @@ from tests.test_registry import register
 
 PASSWORD = "correct horse"
 # An evaluation as `evaluate` records it, random-init baseline included.
+# The promotion service's evaluation of a version, as its ledger records it (``registry.evidence``).
 EVALUATED = {"knn.accuracy": 0.9, "linear.accuracy": 0.9, "random_init.knn.accuracy": 0.5}
+HEAD_EVALUATED = {"head.accuracy": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +234,7 @@ def test_heads_and_evaluate_jobs_name_a_registered_backbone_of_a_family_their_ow
     with app.app_context():
         db.session.add(ModelFamily(name="colon", owner="dan"))
         db.session.commit()
-    version = register(MlflowClient(), "colon-backbone", eval_tags=EVALUATED)
+    version = register(MlflowClient(), "colon-backbone", evaluated=EVALUATED)
     for user in ("bob", "dan"):
         admin.post(f"/api/datasets/{colon}/grants", json={"user": user, "level": "read"})
     dan = signed_in(app, "dan")
@@ -283,9 +285,9 @@ def test_registry_promotion_and_rollback_go_through_the_gates_and_are_audited(ap
         db.session.add(ModelFamily(name="p", owner="dan"))
         db.session.commit()
     client = MlflowClient()
-    v1 = register(client, "p-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.8, "linear.accuracy": 0.8})
-    v2 = register(client, "p-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.9, "linear.accuracy": 0.9})
-    head = register(client, "p-head", "head", {"linear.accuracy": 0.9, "knn.accuracy": 0.9}, parent=f"models:/p-backbone/{v2}")
+    v1 = register(client, "p-backbone", evaluated=EVALUATED | {"knn.accuracy": 0.8, "linear.accuracy": 0.8})
+    v2 = register(client, "p-backbone", evaluated=EVALUATED | {"knn.accuracy": 0.9, "linear.accuracy": 0.9})
+    head = register(client, "p-head", "head", evaluated=HEAD_EVALUATED, parent=f"models:/p-backbone/{v2}")
     bob, dan = signed_in(app, "bob"), signed_in(app, "dan")
     assert bob.post("/api/models/p-backbone/promote", json={"version": v1, "alias": "production"}).status_code == 403
     early = dan.post("/api/models/p-head/promote", json={"version": head, "alias": "production", "reason": "r"})
@@ -310,9 +312,9 @@ def test_no_one_moves_another_familys_models_through_with_on_promote_or_rollback
         db.session.add_all([ModelFamily(name="mine", owner="dan"), ModelFamily(name="theirs", owner="ana")])
         db.session.commit()
     client = MlflowClient()
-    mine = register(client, "mine-backbone", eval_tags=EVALUATED)
-    theirs = {alias: register(client, "theirs-backbone", eval_tags=EVALUATED) for alias in ("staging", "production")}
-    heads = {alias: register(client, "theirs-head", "head", EVALUATED, parent=f"models:/theirs-backbone/{theirs[alias]}")
+    mine = register(client, "mine-backbone", evaluated=EVALUATED)
+    theirs = {alias: register(client, "theirs-backbone", evaluated=EVALUATED) for alias in ("staging", "production")}
+    heads = {alias: register(client, "theirs-head", "head", evaluated=HEAD_EVALUATED, parent=f"models:/theirs-backbone/{theirs[alias]}")
              for alias in theirs}
     admin, dan = signed_in(app, "ana"), signed_in(app, "dan")
     for alias in ("staging", "production"):  # their owner's sets, then older ones to roll back to
@@ -459,8 +461,8 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
 
     admin = signed_in(app, "ana")
     make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
-    register(MlflowClient(), "ui-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.80})
-    register(MlflowClient(), "ui-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.85})
+    register(MlflowClient(), "ui-backbone", evaluated=EVALUATED | {"knn.accuracy": 0.80})
+    register(MlflowClient(), "ui-backbone", evaluated=EVALUATED | {"knn.accuracy": 0.85})
     # A training job as the job runner leaves it: its MLflow run with a loss curve, kNN from step 0, progress.
     with mlflow.start_run() as training:
         for step, loss, knn in [(0, None, 0.40), (10, 7.1, None), (20, 6.8, 0.55), (30, 6.6, 0.62)]:
@@ -613,8 +615,8 @@ def test_institutional_sign_in_with_openid_connect(tmp_path, identity_provider):
 
 def test_versions_show_their_evaluation_compare_side_by_side_and_say_why_they_hold_an_alias(app):
     client = MlflowClient()
-    v1 = register(client, "cmp-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.80})
-    v2 = register(client, "cmp-backbone", eval_tags=EVALUATED | {"knn.accuracy": 0.86})
+    v1 = register(client, "cmp-backbone", evaluated=EVALUATED | {"knn.accuracy": 0.80})
+    v2 = register(client, "cmp-backbone", evaluated=EVALUATED | {"knn.accuracy": 0.86})
     client.set_model_version_tag("cmp-backbone", v2, "vf.data_md5", "other.dir")  # trained on another data version
     admin = signed_in(app, "ana")
     assert admin.post("/api/models/cmp-backbone/promote", json={"version": v1, "alias": "staging", "reason": "baseline"}
@@ -643,7 +645,7 @@ def test_versions_show_their_evaluation_compare_side_by_side_and_say_why_they_ho
 
 def test_the_audit_page_filters_by_user_model_and_action_and_renders_details(app):
     client = MlflowClient()
-    version = register(client, "aud-backbone", eval_tags=EVALUATED)
+    version = register(client, "aud-backbone", evaluated=EVALUATED)
     admin = signed_in(app, "ana")
     admin.post("/api/models/aud-backbone/promote", json={"version": version, "alias": "staging", "reason": "it's fine"})
     signed_in(app, "bob").post("/api/models/aud-backbone/promote", json={"version": version, "alias": "production"})

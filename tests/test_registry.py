@@ -1,21 +1,28 @@
-"""Promotion gates on metrics, rollback, audit and concurrent promotions, on a real SQLite registry
-with lightweight model versions (lineage tags and a run with metrics; no model files needed)."""
+"""Promotion gates on metrics, rollback, the promotion ledger and concurrent promotions, on a real
+SQLite registry with lightweight model versions (lineage tags and a run with metrics; no model
+files needed): the promotion service's evaluations are recorded in its ledger as
+``registry.evidence`` records them after running ``evaluate``."""
+import json
 import signal
 import threading
 
 import mlflow
 import pytest
+import sqlalchemy as sa
 from mlflow import MlflowClient
 
+from registry import audit
 from registry.audit import trail as audit_trail
+from registry.evidence import Evaluation, record
+from registry.ledger import KEY_ENV, Ledger, LedgerBroken
 from registry.lineage import Lineage, LineageError, RegistryUnavailable, alias_holder, equals, lineage_chain
 from registry.lineage import main as lineage_main
 from registry.mlflow_service import EVAL_PREFIX, EVAL_RUN_ID, Tag
 from registry.promote import (
-    LOCK_PREFIX,
+    Gates,
     MetricGate,
     PromotionRefused,
-    alias_lock,
+    ledger_of,
     load_gates,
     promote,
     rollback,
@@ -23,8 +30,8 @@ from registry.promote import (
 from registry.promote import main as promote_main
 from scripts.demo import free_port
 
-GATES = {"backbone": [MetricGate("knn.accuracy", 0.01)],
-         "head": [MetricGate("linear.accuracy", 0.0), MetricGate("regression.mae", 0.005)]}
+GATES = Gates({"backbone": [MetricGate("knn.accuracy", 0.01)],
+               "head": [MetricGate("head.accuracy", 0.0), MetricGate("regression.mae", 0.005)]})
 
 
 @pytest.fixture()
@@ -36,10 +43,11 @@ def client(tmp_path):
 
 
 def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: dict | None = None,
-             parent: str = "scratch", eval_tags: dict | None = None, **lineage_fields) -> str:
+             parent: str = "scratch", eval_tags: dict | None = None, evaluated: dict | None = None,
+             **lineage_fields) -> str:
     """A version with complete lineage (``lineage_fields`` set more of it); ``eval_tags``: the
-    metrics of an evaluate run of it, as ``evaluate`` records them (the run, its id on the version,
-    the ``vf.eval.*`` tags)."""
+    metrics of a researcher's evaluate run of it (the run, its id on the version, the ``vf.eval.*``
+    tags); ``evaluated``: the promotion service's evaluation of it, recorded in its ledger."""
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
     lineage = Lineage(kind=kind, source_run_id=run.info.run_id, parent=parent, data_path="data/x", data_md5="m.dir",
@@ -57,6 +65,9 @@ def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: d
         for key, value in {**{EVAL_PREFIX + k: repr(v) for k, v in eval_tags.items()},
                            EVAL_RUN_ID: evaluation.info.run_id}.items():
             client.set_model_version_tag(name, version, key, value)
+    if evaluated is not None:
+        mv = client.get_model_version(name, version)
+        record(ledger_of(client), Evaluation(f"models:/{name}/{version}", "data/eval", "e.dir", "gate-run", evaluated), mv)
     return version
 
 
@@ -65,48 +76,56 @@ def holder(client, name, alias="production"):
 
 
 def test_a_regressing_candidate_is_refused_and_a_close_one_passes(client):
-    v1 = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.80})
+    v1 = register(client, "m-backbone", evaluated={"knn.accuracy": 0.80})
     promote(client, f"models:/m-backbone/{v1}", "production", "first", gates=GATES)
-    worse = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.78})
-    with pytest.raises(PromotionRefused, match=r"regresses against @production \(version 1\): knn.accuracy 0.7800 < "
+    worse = register(client, "m-backbone", evaluated={"knn.accuracy": 0.78})
+    with pytest.raises(PromotionRefused, match=r"regresses against @production \(version 1\) on data/eval: knn.accuracy 0.7800 < "
                                                r"holder's 0.8000 - 0.01") as refused:
         promote(client, f"models:/m-backbone/{worse}", "production", "try", gates=GATES)
     assert refused.value.gate == "metrics" and holder(client, "m-backbone") == v1
-    close = register(client, "m-backbone", eval_tags={"knn.accuracy": 0.795})
+    close = register(client, "m-backbone", evaluated={"knn.accuracy": 0.795})
     [record] = promote(client, f"models:/m-backbone/{close}", "production", "within tolerance", gates=GATES)
     assert holder(client, "m-backbone") == close
     assert record["metrics"] == {"knn.accuracy": {"candidate": 0.795, "holder": 0.80}} and record["previous"] == v1
 
 
-def test_lower_is_better_metrics_and_run_metrics_of_heads(client):
-    backbone = register(client, "h-backbone", eval_tags={"knn.accuracy": 0.9})
+def test_lower_is_better_metrics_of_heads_from_the_services_evaluation_not_their_training_run(client):
+    backbone = register(client, "h-backbone", evaluated={"knn.accuracy": 0.9})
     promote(client, f"models:/h-backbone/{backbone}", "staging", "base", gates=GATES)
     parent = f"models:/h-backbone/{backbone}"
-    first = register(client, "h-head", "head", {"linear.accuracy": 0.9, "regression.mae": 0.10}, parent=parent)
+    first = register(client, "h-head", "head", evaluated={"head.accuracy": 0.9, "regression.mae": 0.10}, parent=parent)
     promote(client, f"models:/h-head/{first}", "staging", "first head", gates=GATES)
-    worse_mae = register(client, "h-head", "head", {"linear.accuracy": 0.95, "regression.mae": 0.12}, parent=parent)
+    worse_mae = register(client, "h-head", "head", {"head.accuracy": 0.99, "regression.mae": 0.01}, parent=parent,
+                         evaluated={"head.accuracy": 0.95, "regression.mae": 0.12})
     with pytest.raises(PromotionRefused, match=r"regression.mae 0.1200 > holder's 0.1000 \+ 0.005 \(lower is better\)"):
         promote(client, f"models:/h-head/{worse_mae}", "staging", "try", gates=GATES)
 
 
-def test_a_backbone_without_evaluation_is_told_to_run_evaluate(client):
-    v1 = register(client, "e-backbone", eval_tags={"knn.accuracy": 0.8})
+def test_without_the_services_evaluation_nothing_moves_whatever_the_researcher_logged(client):
+    v1 = register(client, "e-backbone", evaluated={"knn.accuracy": 0.8})
     promote(client, f"models:/e-backbone/{v1}", "staging", "first", gates=GATES)
-    unevaluated = register(client, "e-backbone")
-    with pytest.raises(PromotionRefused, match=r"has no recorded evaluation; run `mlflow run . -e evaluate -P "
-                                               r"model=models:/e-backbone/2`"):
-        promote(client, f"models:/e-backbone/{unevaluated}", "staging", "try", gates=GATES)
+    # The researcher's own evaluate run of v2 (0.95) and its vf.eval.* tags are information only.
+    mine = register(client, "e-backbone", eval_tags={"knn.accuracy": 0.95})
+    with pytest.raises(PromotionRefused, match=r"models:/e-backbone/2 has no evaluation by the promotion service, and the "
+                                               r"gates file names no evaluation split") as refused:
+        promote(client, f"models:/e-backbone/{mine}", "staging", "try", gates=GATES)
+    assert refused.value.gate == "evidence" and holder(client, "e-backbone", "staging") == v1
+    # Nor is a holder's evaluation on another split a comparison.
+    record(ledger_of(client), Evaluation(f"models:/e-backbone/{mine}", "data/other", "other.dir", "gate-run",
+                                         {"knn.accuracy": 0.95}), client.get_model_version("e-backbone", mine))
+    with pytest.raises(PromotionRefused, match=r"models:/e-backbone/1 has no evaluation by the promotion service"):
+        promote(client, f"models:/e-backbone/{mine}", "staging", "try", gates=GATES)
 
 
 def test_rollback_restores_the_previous_holder_and_is_audited(client):
-    v1 = register(client, "r-backbone", eval_tags={"knn.accuracy": 0.8})
-    v2 = register(client, "r-backbone", eval_tags={"knn.accuracy": 0.9})
+    v1 = register(client, "r-backbone", evaluated={"knn.accuracy": 0.8})
+    v2 = register(client, "r-backbone", evaluated={"knn.accuracy": 0.9})
     promote(client, f"models:/r-backbone/{v1}", "production", "first", user="ana", gates=GATES)
     promote(client, f"models:/r-backbone/{v2}", "production", "better", user="ana", gates=GATES)
     [record] = rollback(client, "r-backbone", "production", "v2 misreads scanner B", user="ben")
     assert holder(client, "r-backbone") == v1
     assert (record["action"], record["version"], record["previous"], record["user"]) == ("rollback", v1, v2, "ben")
-    trail = audit_trail(client, "r-backbone", "production")
+    trail = audit_trail(ledger_of(client), "r-backbone", "production")
     assert [(r["action"], r["version"], r["previous"]) for r in trail] == [
         ("promote", v1, None), ("promote", v2, v1), ("rollback", v1, v2)]
     assert all(r["user"] and r["time"] and r["reason"] for r in trail)
@@ -116,35 +135,34 @@ def test_rollback_restores_the_previous_holder_and_is_audited(client):
         rollback(client, "r-backbone", "staging", "nothing there")
 
 
-class _SignallingClient(MlflowClient):
-    """Signals when a thread first asks for the promotion lock, i.e. has finished its gates."""
+class _SignallingLedger(Ledger):
+    """Signals when a promotion asks for the ledger's lock, i.e. has finished its gates."""
 
-    def __init__(self, uri: str, asked: threading.Event):
-        super().__init__(uri)
+    def __init__(self, url: str, asked: threading.Event):
+        super().__init__(url)
         self.asked = asked
 
-    def create_registered_model(self, name, *args, **kwargs):
-        if name.startswith(LOCK_PREFIX):
-            self.asked.set()
-        return super().create_registered_model(name, *args, **kwargs)
+    def exclusive(self):
+        self.asked.set()
+        return super().exclusive()
 
 
 def test_concurrent_promotions_of_one_alias_cannot_both_win(client):
-    uri = mlflow.get_tracking_uri()
-    v1 = register(client, "c-backbone", eval_tags={"knn.accuracy": 0.80})
+    ledger = ledger_of(client)
+    v1 = register(client, "c-backbone", evaluated={"knn.accuracy": 0.80})
     promote(client, f"models:/c-backbone/{v1}", "production", "first", gates=GATES)
-    candidates = [register(client, "c-backbone", eval_tags={"knn.accuracy": a}) for a in (0.85, 0.86)]
+    candidates = [register(client, "c-backbone", evaluated={"knn.accuracy": a}) for a in (0.85, 0.86)]
     outcomes, asked = {}, [threading.Event(), threading.Event()]
 
     def attempt(index: int, version: str) -> None:
         try:
-            outcomes[version] = promote(_SignallingClient(uri, asked[index]), f"models:/c-backbone/{version}",
-                                        "production", "race", gates=GATES)[0]
+            outcomes[version] = promote(client, f"models:/c-backbone/{version}", "production", "race", gates=GATES,
+                                        ledger=_SignallingLedger(ledger.url, asked[index]))[0]
         except PromotionRefused as exc:
             outcomes[version] = exc
 
     # Both compare against v1, then meet at the lock this test holds; it lets them through together.
-    with alias_lock(client, "c-backbone", "production"):
+    with ledger.exclusive():
         threads = [threading.Thread(target=attempt, args=(i, v)) for i, v in enumerate(candidates)]
         for thread in threads:
             thread.start()
@@ -156,27 +174,35 @@ def test_concurrent_promotions_of_one_alias_cannot_both_win(client):
     assert len(winners) == 1 and len(losers) == 1, outcomes
     assert losers[0].gate == "exclusive" and "while this promotion was checked" in str(losers[0])
     assert holder(client, "c-backbone") == winners[0]
-    assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}%'")  # released
 
 
-def test_a_held_lock_refuses_after_waiting_and_a_stale_one_is_broken(client):
-    with alias_lock(client, "s-backbone", "staging"):
-        with pytest.raises(PromotionRefused, match="another promotion of s-backbone@staging holds"):
-            with alias_lock(client, "s-backbone", "staging", wait_s=0.3):
-                pass
-        with alias_lock(client, "s-backbone", "staging", stale_s=0):
-            assert client.get_registered_model(f"{LOCK_PREFIX}s-backbone.staging")
+def test_a_held_lock_refuses_after_waiting_and_no_one_elses_object_is_a_lock(client):
+    version = register(client, "s-backbone", evaluated={"knn.accuracy": 0.8})
+    ledger = ledger_of(client)
+    with ledger.exclusive():
+        with pytest.raises(PromotionRefused, match="another promotion held the ledger for over 0 s") as refused:
+            promote(client, f"models:/s-backbone/{version}", "staging", "r", gates=GATES, ledger=Ledger(ledger.url, wait_s=0.3))
+    assert refused.value.gate == "exclusive" and alias_holder(client, "s-backbone", "staging") is None
+    # What used to be the lock, a registered model anyone could create, blocks nothing.
+    client.create_registered_model("vf-lock.s-backbone.staging")
+    promote(client, f"models:/s-backbone/{version}", "staging", "r", gates=GATES)
+    assert holder(client, "s-backbone", "staging") == version
 
 
 def test_gate_file_errors_name_the_key(tmp_path):
-    assert load_gates()["backbone"]  # the shipped configs/promotion.yaml is valid
+    shipped = load_gates()  # the shipped configs/promotion.yaml is valid and names the service's split
+    assert shipped.metrics["backbone"][0] == MetricGate("knn.accuracy", 0.01) and shipped.min_gain == 0.0
+    assert shipped.split.data == "data/demo/images" and shipped.split.knn_k == 20
     bad = tmp_path / "gates.yaml"
-    bad.write_text("head:\n  linear.accuracy: {max_drop: lots}\n")
-    with pytest.raises(ValueError, match=r"gates.yaml: head.linear.accuracy.max_drop: expected a number >= 0, got 'lots'"):
-        load_gates(bad)
-    bad.write_text("heads:\n  x: {max_drop: 0}\n")
-    with pytest.raises(ValueError, match="heads: expected 'backbone' or 'head'"):
-        load_gates(bad)
+    for text, error in (("head:\n  linear.accuracy: {max_drop: lots}\n",
+                         r"gates.yaml: head.linear.accuracy.max_drop: expected a number >= 0, got 'lots'"),
+                        ("heads:\n  x: {max_drop: 0}\n", "heads: expected one of evaluation, learning, backbone, head"),
+                        ("evaluation: {data: d}\n", "evaluation: expected a mapping of data, validation_report"),
+                        ("evaluation: {data: d, validation_report: r, knn_k: 2.5}\n", "evaluation.knn_k: expected a whole"),
+                        ("learning: {min_gain: yes}\n", r"learning.min_gain: expected a number, got True")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            load_gates(bad)
 
 
 def test_a_lineage_cycle_is_reported_not_walked_forever(client, capsys):
@@ -195,23 +221,23 @@ def test_search_filters_refuse_values_that_would_rewrite_them():
             equals("name", hostile)
 
 
-BACKBONE_GATES = {"backbone": GATES["backbone"]}
+BACKBONE_GATES = Gates({"backbone": GATES.metrics["backbone"]})
 
 
 def test_a_backbone_moves_only_with_a_head_built_on_it_and_rolls_back_with_it(client, capsys):
-    b1 = register(client, "d-backbone", eval_tags={"knn.accuracy": 0.8})
-    h1 = register(client, "d-head", kind="head", parent=f"models:/d-backbone/{b1}")
+    b1 = register(client, "d-backbone", evaluated={"knn.accuracy": 0.8})
+    h1 = register(client, "d-head", kind="head", parent=f"models:/d-backbone/{b1}", evaluated={})
     [record] = promote(client, f"models:/d-backbone/{b1}", "production", "first", gates=BACKBONE_GATES)
     assert record["set"] == [f"models:/d-backbone/{b1}"]
     promote(client, f"models:/d-head/{h1}", "production", "first", gates=BACKBONE_GATES)
-    b2 = register(client, "d-backbone", eval_tags={"knn.accuracy": 0.9})
+    b2 = register(client, "d-backbone", evaluated={"knn.accuracy": 0.9})
     # Alone, the new backbone would leave the production head on the old one: every new server
     # would refuse that set, so the promotion is refused, naming the head.
     with pytest.raises(PromotionRefused, match=rf"models:/d-head/{h1} holds @production and is built on "
                                                rf"models:/d-backbone/{b1}.*no version of d-head is built on") as refused:
         promote(client, f"models:/d-backbone/{b2}", "production", "alone", gates=BACKBONE_GATES)
     assert refused.value.gate == "dependants" and holder(client, "d-backbone") == b1
-    h2 = register(client, "d-head", kind="head", parent=f"models:/d-backbone/{b2}")
+    h2 = register(client, "d-head", kind="head", parent=f"models:/d-backbone/{b2}", evaluated={})
     with pytest.raises(PromotionRefused, match=rf"promote one of models:/d-head/{h2} with it"):
         promote(client, f"models:/d-backbone/{b2}", "production", "alone", gates=BACKBONE_GATES)
     with pytest.raises(PromotionRefused, match=rf"@production of d-backbone is version {b1}; promote the parent first"):
@@ -247,46 +273,40 @@ def test_an_unset_alias_is_not_an_unreachable_registry(client, monkeypatch):
         alias_holder(down, "u-backbone", "production")
 
 
-def test_no_alias_without_evidence_and_floors_hold_for_a_first_promotion(client):
-    floors = {"backbone": [MetricGate("knn.accuracy", 0.01, above="random_init.knn.accuracy"),
-                           MetricGate("linear.accuracy", 0.01, minimum=0.5)]}
-    never_evaluated = register(client, "f-backbone")
-    with pytest.raises(PromotionRefused, match="has no recorded evaluation") as refused:
-        promote(client, f"models:/f-backbone/{never_evaluated}", "production", "try", gates=floors)
-    assert refused.value.gate == "evidence"
-    no_baseline = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.7, "linear.accuracy": 0.7})
-    with pytest.raises(PromotionRefused, match="no random_init.knn.accuracy recorded"):
+def test_floors_hold_for_a_first_promotion_and_learning_is_the_services_verdict(client):
+    floors = Gates({"backbone": [MetricGate("knn.accuracy", 0.01), MetricGate("linear.accuracy", 0.01, minimum=0.5)]},
+                   min_gain=0.0)
+    no_baseline = register(client, "f-backbone", evaluated={"knn.accuracy": 0.7, "linear.accuracy": 0.7})
+    with pytest.raises(PromotionRefused, match="has no knn.accuracy and random_init.knn.accuracy") as refused:
         promote(client, f"models:/f-backbone/{no_baseline}", "production", "try", gates=floors)
-    fell = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.60, "random_init.knn.accuracy": 0.61,
-                                                    "linear.accuracy": 0.7})
-    with pytest.raises(PromotionRefused, match=r"knn.accuracy 0.6000 does not beat random_init.knn.accuracy 0.6100") as low:
+    assert refused.value.gate == "learning"
+    # The training run says it learned (anyone who may edit it can say so): the service measured otherwise.
+    fell = register(client, "f-backbone", evaluated={"knn.accuracy": 0.60, "random_init.knn.accuracy": 0.61,
+                                                     "linear.accuracy": 0.7})
+    client.set_tag(client.get_model_version("f-backbone", fell).run_id, Tag.LEARNED, "true")
+    with pytest.raises(PromotionRefused, match=r"did not learn: kNN 0.6000 against 0.6100 for the same architecture at "
+                                               r"random init on data/eval \(-0.0100") as low:
         promote(client, f"models:/f-backbone/{fell}", "production", "try", gates=floors)
-    assert low.value.gate == "floor"
-    weak = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4,
-                                                    "linear.accuracy": 0.45})
-    with pytest.raises(PromotionRefused, match=r"linear.accuracy 0.4500 is past the floor 0.5"):
+    assert low.value.gate == "learning"
+    weak = register(client, "f-backbone", evaluated={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4})
+    with pytest.raises(PromotionRefused, match=r"the promotion service's evaluation \(run gate-run\) has no linear.accuracy"):
         promote(client, f"models:/f-backbone/{weak}", "production", "try", gates=floors)
-    good = register(client, "f-backbone", eval_tags={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4,
-                                                    "linear.accuracy": 0.8})
+    weak = register(client, "f-backbone", evaluated={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4,
+                                                     "linear.accuracy": 0.45})
+    with pytest.raises(PromotionRefused, match=r"linear.accuracy 0.4500 is past the floor 0.5") as floor:
+        promote(client, f"models:/f-backbone/{weak}", "production", "try", gates=floors)
+    assert floor.value.gate == "floor"
+    # And a training run that says it did not learn is information too: the service's kNN decides.
+    good = register(client, "f-backbone", evaluated={"knn.accuracy": 0.8, "random_init.knn.accuracy": 0.4,
+                                                     "linear.accuracy": 0.8})
+    client.set_tag(client.get_model_version("f-backbone", good).run_id, Tag.LEARNED, "false")
     promote(client, f"models:/f-backbone/{good}", "production", "learned", gates=floors)
     assert holder(client, "f-backbone") == good
-    assert load_gates()["backbone"][0] == MetricGate("knn.accuracy", 0.01, above="random_init.knn.accuracy")
-
-
-def test_evaluation_tags_without_an_evaluate_run_of_that_version_are_no_evidence(client):
-    v1 = register(client, "g-backbone", eval_tags={"knn.accuracy": 0.9})
-    v2 = register(client, "g-backbone")
-    # Copying v1's evaluation onto v2 (anyone who may edit the model may write tags) proves nothing.
-    for key, value in client.get_model_version("g-backbone", v1).tags.items():
-        if key.startswith(EVAL_PREFIX):
-            client.set_model_version_tag("g-backbone", v2, key, value)
-    with pytest.raises(PromotionRefused, match=r"is not an evaluate run of this version \(it evaluated models:/g-backbone/1\)"):
-        promote(client, f"models:/g-backbone/{v2}", "staging", "borrowed", gates=GATES)
 
 
 def test_every_model_a_set_moves_is_authorized_before_anything_moves(client):
-    backbone = register(client, "a-backbone", eval_tags={"knn.accuracy": 0.9})
-    head = register(client, "a-head", "head", {"linear.accuracy": 0.9}, parent=f"models:/a-backbone/{backbone}")
+    backbone = register(client, "a-backbone", evaluated={"knn.accuracy": 0.9})
+    head = register(client, "a-head", "head", evaluated={"head.accuracy": 0.9}, parent=f"models:/a-backbone/{backbone}")
     asked = []
 
     def only_a_backbone(name: str) -> None:
@@ -303,27 +323,71 @@ def test_every_model_a_set_moves_is_authorized_before_anything_moves(client):
         rollback(client, "a-backbone", "production", "r", together=["a-head"], authorize=only_a_backbone)
 
 
-def test_an_alias_moved_outside_the_gates_is_told_apart_and_signatures_cannot_be_forged(client, monkeypatch):
-    from registry import audit
-
-    monkeypatch.setenv(audit.KEY_ENV, "gate-secret")
-    v1 = register(client, "s-backbone", eval_tags={"knn.accuracy": 0.8})
-    v2 = register(client, "s-backbone", eval_tags={"knn.accuracy": 0.9})
-    [record] = promote(client, f"models:/s-backbone/{v1}", "production", "first", gates=GATES)
-    assert audit.signed_by(record, b"gate-secret")
-    key = audit.audit_key()
-    assert audit.unaudited_reason(client, client.get_model_version("s-backbone", v1), "production", key) is None
+def test_an_alias_moved_outside_the_gates_is_told_apart_and_mlflows_copy_of_the_audit_proves_nothing(client, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "gate-secret")
+    v1 = register(client, "s-backbone", evaluated={"knn.accuracy": 0.8})
+    v2 = register(client, "s-backbone", evaluated={"knn.accuracy": 0.9})
+    promote(client, f"models:/s-backbone/{v1}", "production", "first", gates=GATES)
+    ledger = ledger_of(client)
+    assert audit.unaudited_reason(ledger, client.get_model_version("s-backbone", v1), "production") is None
     client.set_registered_model_alias("s-backbone", "production", v2)  # the MLflow UI's alias pencil
     moved = client.get_model_version("s-backbone", v2)
-    assert "the gates last moved it to version 1" in audit.unaudited_reason(client, moved, "production", key)
-    # A hand-written record, or one signed with another key, is no record.
-    audit.write(client, moved, {"action": "promote", "alias": "production", "model": "s-backbone", "version": v2,
-                                "previous": v1, "user": "mallory"}, key=b"guessed")
-    assert "the gates last moved it to version 1" in audit.unaudited_reason(client, moved, "production", key)
-    assert audit.unaudited_reason(client, moved, "production", None) is None  # an unsigned setup trusts tags
-    # Nor does a forged record steer a rollback: only signed records name a previous holder.
+    assert "the gates last moved it to version 1" in audit.unaudited_reason(ledger, moved, "production")
+    # Rewriting MLflow's copy of the record (same tag, new value) changes nothing the service reads.
+    [tag] = [k for k in client.get_model_version("s-backbone", v1).tags if k.startswith("vf.audit.production.")]
+    client.set_model_version_tag("s-backbone", v1, tag, "overwritten")
+    forged = {"action": "promote", "alias": "production", "model": "s-backbone", "version": v2, "previous": v1,
+              "user": "mallory", "time": "2099-01-01T00:00:00+00:00", "seq": 99, "hash": "0" * 64, "signature": "f" * 64}
+    client.set_model_version_tag("s-backbone", v2, "vf.audit.production.2099", json.dumps(forged))
+    assert "the gates last moved it to version 1" in audit.unaudited_reason(ledger, client.get_model_version("s-backbone", v2),
+                                                                            "production")
+    # Nor does a forged record steer a rollback: only the ledger names a previous holder.
     with pytest.raises(PromotionRefused, match="version 2\\) has no previous holder"):
         rollback(client, "s-backbone", "production", "back to what the forger named")
+
+
+def _tamper(ledger: Ledger, statement: str, **values) -> None:
+    """What someone with write access to the ledger's database (not the promotion service) does."""
+    with ledger.engine.begin() as connection:
+        connection.execute(sa.text(statement), values)
+
+
+def test_a_missing_altered_reordered_or_unsigned_ledger_record_stops_the_service_trusting_any(client, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "gate-secret")
+    v1 = register(client, "t-backbone", evaluated={"knn.accuracy": 0.8})
+    v2 = register(client, "t-backbone", evaluated={"knn.accuracy": 0.9})
+    promote(client, f"models:/t-backbone/{v1}", "production", "first", gates=GATES)
+    promote(client, f"models:/t-backbone/{v2}", "production", "second", gates=GATES)
+    service = Ledger(ledger_of(client).url, b"gate-secret")  # the service's reader: it remembers what it verified
+    newest = client.get_model_version("t-backbone", v2)
+    assert audit.unaudited_reason(service, newest, "production") is None
+    rows = service.entries()
+    assert [e.kind for e in rows] == ["evaluation", "evaluation", "promote", "promote"]
+
+    def refused(match: str) -> None:
+        with pytest.raises(LedgerBroken, match=match):
+            audit.unaudited_reason(Ledger(service.url, b"gate-secret"), newest, "production")
+
+    _tamper(service, "UPDATE vf_ledger SET body = replace(body, '\"second\"', '\"third\"') WHERE seq = 4")
+    refused("ledger record 4 was altered after it was written")
+    _tamper(service, "UPDATE vf_ledger SET body = :body WHERE seq = 4", body=json.dumps(rows[3].body, sort_keys=True,
+                                                                                       separators=(",", ":")))
+    assert audit.unaudited_reason(Ledger(service.url, b"gate-secret"), newest, "production") is None  # put back
+    _tamper(service, "UPDATE vf_ledger SET seq = -seq WHERE seq IN (3, 4)")
+    _tamper(service, "UPDATE vf_ledger SET seq = 4 WHERE seq = -3")
+    _tamper(service, "UPDATE vf_ledger SET seq = 3 WHERE seq = -4")
+    refused("ledger record 3 does not follow record 2: records were reordered or replaced")
+    _tamper(service, "DELETE FROM vf_ledger WHERE seq >= 3")
+    with pytest.raises(LedgerBroken, match="the ledger ends at record 2, but record 4 was read before"):
+        audit.unaudited_reason(service, newest, "production")
+    # A fresh reader sees the signed copy MLflow shows of a record the ledger no longer has.
+    assert "MLflow shows record 4 signed by the promotion service" in audit.unaudited_reason(
+        Ledger(service.url, b"gate-secret"), newest, "production")
+    # A row written by anyone without the key, however well chained, is not the service's.
+    entry = Ledger(service.url, None)
+    with entry.exclusive() as appender:
+        appender.append({"kind": "promote", "model": "t-backbone", "version": v2, "alias": "production"})
+    refused("ledger record 3 is not signed by the promotion service")
 
 
 def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(client):
@@ -347,13 +411,3 @@ def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(clien
     # One exit-code rule for both command lines: only the time-limit warning asks to be requeued.
     assert exit_code(Interrupted(3, "ckpt", signal.SIGUSR1)) == REQUEUE_EXIT_CODE == 75
     assert exit_code(Interrupted(3, "ckpt", signal.SIGTERM)) == 143
-
-
-def test_a_version_whose_training_did_not_learn_is_refused(client):
-    version = register(client, "l-backbone", eval_tags={"knn.accuracy": 0.9})
-    run_id = client.get_model_version("l-backbone", version).run_id
-    client.set_tag(run_id, Tag.LEARNED, "false")
-    client.set_tag(run_id, Tag.LEARNING, "did not learn: kNN 0.731 -> 0.719 (-0.012 over the network before training)")
-    with pytest.raises(PromotionRefused, match=r"did not learn: kNN 0.731 -> 0.719") as refused:
-        promote(client, f"models:/l-backbone/{version}", "production", "try", gates=GATES)
-    assert refused.value.gate == "learning"

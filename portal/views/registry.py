@@ -15,15 +15,37 @@ from dinomx.errors import UserError
 from portal.access import AccessDenied, authorize_alias_move
 from portal.web import answer, audit, mlflow, payload, settings, text
 from registry.audit import trail as audit_trail
+from registry.evidence import recorded
 from registry.lineage import BadModelReference, Lineage, RegistryError, equals, format_chain, lineage_chain, registry_errors
 from registry.mlflow_service import Tag, evaluation_metrics
-from registry.promote import LOCK_PREFIX, PromotionRefused, promote, rollback
+from registry.promote import PromotionRefused, ledger_of, promote, rollback
 
 bp = Blueprint("registry", __name__)
+MAX_NAME = 256  # MLflow's own limit on a registered model's name
 
 
-def _row(client, v, aliases: dict) -> dict:
-    """One version as the pages show it: lineage, evaluation, learning verdict and where to read more."""
+@bp.url_value_preprocessor
+def _known_shape(endpoint, values):
+    """A name no registered model can have (control characters, over-long) is not found, before
+    any store is asked (a database's refusal of a NUL byte is not the caller's business)."""
+    name = (values or {}).get("name")
+    if name is not None and (len(name) > MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        abort(404, f"no registered model {name[:80]!r}")
+
+
+def _registered(name: str):
+    try:
+        with registry_errors(f"{name}: "):
+            return mlflow().client.get_registered_model(name)
+    except (RegistryError, BadModelReference):
+        abort(404, f"no registered model {name!r}")
+
+
+def _row(client, v, aliases: dict, evaluations: list) -> dict:
+    """One version as the pages show it: lineage, the promotion service's evaluation (what the gates
+    read; ``reported``: what its researchers' own evaluate runs wrote on it), the training run's
+    learning verdict and where to read more."""
+    service = recorded(evaluations, v)
     try:
         lineage = Lineage.from_tags(v.tags)
     except RegistryError:
@@ -35,7 +57,8 @@ def _row(client, v, aliases: dict) -> dict:
             "data": lineage.data_path if lineage else "", "data_md5": lineage.data_md5 if lineage else "",
             "validation": str(lineage.validation_success).lower() if lineage else "",
             "code": lineage.git_commit[:12] if lineage else "", "config": lineage.config_sha256[:12] if lineage else "",
-            "evaluation": evaluation_metrics(v.tags),
+            "evaluation": service.metrics if service else {}, "evaluated_on": service.data_md5 if service else None,
+            "reported": evaluation_metrics(v.tags),
             "learning": run.data.tags.get(Tag.LEARNING, "not measured") if run else "",
             "learned": run.data.tags.get(Tag.LEARNED) if run else None,
             "created": v.creation_timestamp,
@@ -47,9 +70,9 @@ def _row(client, v, aliases: dict) -> dict:
 def _versions(name: str) -> list[dict]:
     client = mlflow().client
     # Search results leave version aliases empty; the registered model has them all.
-    with registry_errors(f"{name}: "):
-        aliases = client.get_registered_model(name).aliases
-    return [_row(client, v, aliases) for v in sorted(client.search_model_versions(equals("name", name)),
+    aliases = _registered(name).aliases
+    evaluations = ledger_of(client).entries()
+    return [_row(client, v, aliases, evaluations) for v in sorted(client.search_model_versions(equals("name", name)),
                                                      key=lambda v: int(v.version), reverse=True)]
 
 
@@ -85,8 +108,9 @@ def compare(name: str):
     whether each learned."""
     a, b = request.args.get("a", ""), request.args.get("b", "")
     client = mlflow().client
-    aliases = client.get_registered_model(name).aliases if a and b else {}
-    left, right = (_row(client, _version(name, v), aliases) for v in (a, b))
+    aliases = _registered(name).aliases
+    evaluations = ledger_of(client).entries()
+    left, right = (_row(client, _version(name, v), aliases, evaluations) for v in (a, b))
     metrics = sorted(set(left["evaluation"]) | set(right["evaluation"]))
     table = [{"metric": m, "a": left["evaluation"].get(m), "b": right["evaluation"].get(m),
               "difference": (right["evaluation"][m] - left["evaluation"][m])
@@ -101,7 +125,7 @@ def compare(name: str):
 @bp.get("/api/models", endpoint="api_models")
 @login_required
 def registry():
-    models = [m for m in mlflow().client.search_registered_models() if not m.name.startswith(LOCK_PREFIX)]
+    models = mlflow().client.search_registered_models()
     rows = [{"name": m.name, "kind": m.tags.get(Tag.KIND, ""), "aliases": dict(m.aliases)} for m in models]
     return answer(rows, "registry.html", models=rows)
 
@@ -110,10 +134,7 @@ def registry():
 @bp.get("/api/models/<name>", endpoint="api_model")
 @login_required
 def model_page(name: str):
-    try:
-        versions = _versions(name)
-    except (RegistryError, BadModelReference):
-        abort(404, f"no registered model {name!r}")
+    versions = _versions(name)
     if not versions:
         abort(404, f"no registered model {name!r}")
     chains = {}
@@ -122,7 +143,7 @@ def model_page(name: str):
             chains[row["version"]] = format_chain(lineage_chain(mlflow().client, f"models:/{name}/{row['version']}"))
         except RegistryError as exc:
             chains[row["version"]] = f"lineage incomplete: {exc}"
-    trail = audit_trail(mlflow().client, name)
+    trail = audit_trail(ledger_of(mlflow().client), name)
     return answer({"name": name, "versions": versions, "lineage": chains, "audit": trail}, "model.html", name=name,
                   versions=versions, chains=chains, trail=trail, may_promote=current_user.is_admin or current_user.can_promote)
 
