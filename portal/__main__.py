@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "db":
         return _schema(args.action)
 
-    app = create_app(Settings(run_jobs=args.command == "serve"))
+    # Serving runs jobs unless PORTAL_RUN_JOBS=0 (a site whose runner is another process); the
+    # one-off commands never do.
+    app = create_app(Settings() if args.command == "serve" else Settings(run_jobs=False))
     if args.command == "serve":
         app.run(host=args.host, port=args.port, threaded=True)
         return 0

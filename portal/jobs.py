@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -34,18 +35,21 @@ JOB_STATUS = {Outcome.FINISHED.status: "finished", Outcome.FAILED.status: "faile
 LOG_TAIL = 6000
 # A registered model, or a Hugging Face hub id (``org/name``): never a path, since ``hf:`` of a
 # directory would load whatever the portal's machine holds there.
-TEACHER = re.compile(rf"models:/[\w.-]+(?:/\d+|@\w+)|hf:{HUB_PART}(?:/{HUB_PART})?")
+# Model names as the families make them: no dots, so never ``..``; the registered model must exist
+# (``Request.validate`` asks the registry), so a job fails at submission, not when it runs.
+TEACHER = re.compile(rf"models:/[a-z0-9][a-z0-9_-]{{0,99}}(?:/[0-9]{{1,9}}|@[a-z][a-z0-9_-]{{0,39}})|hf:{HUB_PART}(?:/{HUB_PART})?",
+                     re.ASCII)
 # What a job does: train a backbone, or fit probes on a registered one (the entry point's name).
 TASKS = {"train": "pretrain or distill a backbone (registers <name>-backbone)",
          "heads": "fit classification heads on a frozen backbone (registers <family>-head)",
-         "evaluate": "score a backbone against its random init, for the promotion gate",
+         "evaluate": "score a backbone against its random init (information: the promotion service evaluates again)",
          "predict": "run a registered head over whole slides or CT series of the dataset (tables, heatmaps, QuPath "
                     "GeoJSON, a score)"}
 FAMILY = r"[a-z0-9][a-z0-9-]{0,39}"
-BACKBONE = re.compile(rf"models:/({FAMILY})-backbone(?:/\d+|@\w+)")
-HEAD = re.compile(rf"models:/({FAMILY})-head(?:/\d+|@\w+)")
+BACKBONE = re.compile(rf"models:/({FAMILY})-backbone(?:/[0-9]+|@\w+)", re.ASCII)
+HEAD = re.compile(rf"models:/({FAMILY})-head(?:/[0-9]+|@\w+)", re.ASCII)
 SCORE = re.compile(r"[a-z][a-z0-9_]{0,39}")
-TIME_LIMIT = re.compile(r"(\d{1,3}-)?\d{1,2}:\d{2}:\d{2}")
+TIME_LIMIT = re.compile(r"([0-9]{1,3}-)?[0-9]{1,2}:[0-9]{2}:[0-9]{2}")  # ASCII digits: Slurm reads no others
 
 
 class FormErrors(ValueError):
@@ -377,6 +381,13 @@ def read_tail(path: str | None) -> str | None:
         return f.read().decode("utf-8", "replace")
 
 
+def own_environment_path() -> str:
+    """PATH with the portal's own environment first: ``mlflow`` and the ``python`` its entry points
+    run must be the portal's, whatever PATH a server (gunicorn under a service manager) started
+    its workers with."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+
+
 class LocalLauncher:
     """The ``local`` backend: ``mlflow run`` as a process of its own session on this machine, its
     output in a file. After a restart the process is found again by its id (and its run id on its
@@ -400,7 +411,8 @@ class LocalLauncher:
         log_path = self.log_dir / f"{run_id}.log"
         with open(log_path, "ab") as out:
             process = subprocess.Popen(command, cwd=self.project, stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri},
+                                       env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri,
+                                            "PATH": own_environment_path()},
                                        start_new_session=True)
         self._children[str(process.pid)] = process
         return command, str(process.pid), str(log_path)

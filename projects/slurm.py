@@ -63,8 +63,9 @@ TERMINAL = {state for state, status in MLFLOW_STATUS.items() if status in ENDED}
 # Keys MLflow itself puts into every backend config.
 _MLFLOW_KEYS = {PROJECT_ENV_MANAGER, PROJECT_SYNCHRONOUS, PROJECT_DOCKER_ARGS, PROJECT_STORAGE_DIR,
                 PROJECT_BUILD_IMAGE, PROJECT_DOCKER_AUTH}
-_TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
-_MEM = re.compile(r"\d+[KMGT]?")
+# ASCII digits only: Python's \d also matches other scripts' digits, which Slurm reads as garbage.
+_TIME = re.compile(r"([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}|[0-9]+")
+_MEM = re.compile(r"[0-9]+[KMGT]?")
 
 
 class SlurmError(ExecutionException):
@@ -128,7 +129,7 @@ class SlurmConfig:
         if config.mem and not _MEM.fullmatch(config.mem):
             errors.append(f"mem: expected a size such as 64G, got {config.mem!r}")
         for key in ("partition", "account", "qos", "run_id"):
-            if not re.fullmatch(r"[\w.,-]*", getattr(config, key)):
+            if not re.fullmatch(r"[A-Za-z0-9_.,-]*", getattr(config, key)):
                 errors.append(f"{key}: expected letters, digits, '.', ',', '-' or '_', got {getattr(config, key)!r}")
         if config.poll_s <= 0:
             errors.append(f"poll_s: expected a positive number, got {config.poll_s}")

@@ -272,12 +272,12 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
     for mv in versions:
         check_lineage(mv)
     seen = {mv.name: alias_holder(client, mv.name, alias) for mv in versions}
+    moves = {mv.name: mv for mv in versions}
+    check_consistency(client, moves, alias, seen)  # before any evaluation: the cheap refusals first
     comparisons = {}
     for mv in versions:
         candidate, incumbent = _evidence(ledger, mv, seen[mv.name], gates)
         comparisons[mv.name] = check_gates(mv, alias, seen[mv.name], gates, candidate, incumbent)
-    moves = {mv.name: mv for mv in versions}
-    check_consistency(client, moves, alias, seen)
     return _move(client, ledger, moves, alias, seen, {name: {"action": "promote", "reason": reason,
                                                              "metrics": comparisons[name], "gates": PROMOTION_GATES}
                                                       for name in moves}, user)

@@ -2,16 +2,17 @@
 
 data (DVC: generate + Great Expectations validate, push to the local remote)
   -> mlflow run -e pretrain  (DINO-MX, registers <name>-backbone)
-  -> mlflow run -e evaluate  (probes, clustering, plots; the promotion gate's evidence)
+  -> mlflow run -e evaluate  (probes, clustering, plots: the researcher's view, for the UI)
   -> mlflow run -e heads     (classifier, segmentation and regression heads on that backbone)
-  -> promote both to @production through the gates, print the lineage
+  -> promote both to @production through the gates (the promotion service evaluates both itself
+     and records it in its ledger), print the lineage
   -> mlflow run -e predict   (the promoted head over a real H&E slide: table, heatmaps, GeoJSON)
   -> bentoml serve, one real request to each endpoint.
 
 With ``--team`` (``make demo-team``) the same steps run against a team's stack over HTTP
 (``deploy.stack``: PostgreSQL, S3, ``mlflow server`` with auth): the data is pushed to the S3 DVC
 remote, a researcher identity trains, evaluates and fits heads into a family the promotion
-service created for them, the promotion service moves the aliases and signs the audit, and the
+service created for them, the promotion service evaluates, moves the aliases and signs its ledger, and the
 service reads the registry with the read-only identity.
 """
 from __future__ import annotations
@@ -156,8 +157,6 @@ def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:
     service; the DVC remote on the stack's S3."""
     import secrets
 
-    from mlflow import MlflowClient
-
     from deploy.stack import BUCKET, Stack
 
     stack = Stack(Path(".stack")).up()
@@ -165,17 +164,8 @@ def team_identities(name: str) -> tuple[dict, dict, dict, list[str]]:
     if not password_file.exists():
         password_file.write_text(secrets.token_urlsafe(18))
         password_file.chmod(0o600)
-    stack.create_mlflow_user("researcher", password_file.read_text())
+    researcher = {**os.environ, **stack.s3_env(), **stack.add_researcher("researcher", password_file.read_text(), name)}
     gate = {**os.environ, **stack.s3_env(), **stack.gate_env()}
-    os.environ.update(stack.gate_env())
-    client = MlflowClient(stack.tracking_uri)
-    for model in (f"{name}-backbone", f"{name}-head"):
-        if not client.search_registered_models(f"name = '{model}'"):
-            client.create_registered_model(model)
-        stack.grant("researcher", "registered_model", model, "EDIT")
-    for key in stack.gate_env():
-        os.environ.pop(key)
-    researcher = {**os.environ, **stack.s3_env(), **stack.mlflow_env("researcher", password_file.read_text())}
     # The default remote (local config, uncommitted): lineage names where the data version lives.
     for args in (["remote", "add", "--local", "--default", "--force", "team", f"s3://{BUCKET}/dvc"],
                  ["remote", "modify", "--local", "team", "endpointurl", stack.s3_endpoint]):

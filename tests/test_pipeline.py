@@ -597,20 +597,11 @@ def test_concurrent_embeds_are_batched_and_answer_each_caller(service):
 
 
 def _copy_version(client, name, source_version, **tag_changes):
-    """A new version of ``name`` from an existing one's files and tags (a retrained twin), with an
-    evaluate run of its own when the original had one (the gates take no borrowed evaluation)."""
+    """A new version of ``name`` from an existing one's files and tags (a retrained twin); the
+    promotion service evaluates it itself when it is promoted."""
     mv = client.get_model_version(name, source_version)
-    tags = {k: v for k, v in mv.tags.items() if not k.startswith("vf.audit.") and k != EVAL_RUN_ID} | tag_changes
-    version = str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version)
-    if EVAL_RUN_ID in mv.tags:
-        original = client.get_run(mv.tags[EVAL_RUN_ID])
-        run = client.create_run(original.info.experiment_id, tags={Tag.ENTRY_POINT: "evaluate",
-                                                                   Tag.EVALUATED_MODEL: f"models:/{name}/{version}"})
-        for key, value in original.data.metrics.items():
-            client.log_metric(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id)
-        client.set_model_version_tag(name, version, EVAL_RUN_ID, run.info.run_id)
-    return version
+    tags = {k: v for k, v in mv.tags.items() if not k.startswith(("vf.audit.", "vf.eval."))} | tag_changes
+    return str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version)
 
 
 def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, demo):

@@ -15,7 +15,7 @@ from werkzeug.serving import make_server
 from data.report import Failure, ValidationReport
 from data.shards import pack_folder
 from portal.app import Settings, create_app
-from portal.db import Dataset, Group, Job, ModelFamily, SignInFailures, User, db
+from portal.db import AuditEvent, Dataset, Group, Job, ModelFamily, SignInFailures, User, db
 from portal.jobs import FormErrors, ProbeRequest, job_request
 from tests.conftest import BUCKET, REPO
 from tests.test_registry import register
@@ -675,3 +675,74 @@ def test_unreachable_storage_is_a_page_that_says_so_and_empty_fields_are_the_con
     assert TrainingRequest.from_form(form, REPO).overrides() == ["distribution.type=ddp"]
     chosen = TrainingRequest.from_form(form | {"batch_size": "8", "lr": "1e-3"}, REPO).overrides()
     assert chosen == ["distribution.type=ddp", "train.batch_size=8", "optim.lr=0.001"]
+
+
+def test_registry_routes_answer_4xx_for_unknown_names_and_never_a_databases_words(app, monkeypatch, caplog):
+    admin = signed_in(app, "ana")
+    for url in ("/api/models/nothing/compare?a=1&b=2", "/api/models/%00", "/api/models/%00/compare?a=1&b=2",
+                "/api/models/nothing", "/api/models/nothing/1/validation-report", "/api/models/" + "x" * 300,
+                "/api/models/a%01b/1/validation-report"):
+        answer = admin.get(url)
+        assert answer.status_code == 404 and "registered model" in answer.json["error"], (url, answer.json)
+    for action in ("promote", "rollback"):
+        answer = admin.post(f"/api/models/nothing/{action}", json={"version": "1", "alias": "staging", "reason": "r"})
+        assert answer.status_code == 400, answer.json
+    # A registry whose database fails: the caller gets a reference, the log and the audit get the words.
+    from mlflow.exceptions import MlflowException
+
+    def broken(self, name):
+        raise MlflowException("(psycopg2.OperationalError) connection to server at db.internal:5432 failed",
+                              error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", broken)
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", lambda self, name, alias: broken(self, name))
+    down = admin.get("/api/models/anything")
+    assert down.status_code == 503 and "psycopg2" not in down.text and "db.internal" not in down.text
+    reference = re.search(r"reference ([0-9a-f]{8})", down.json["error"]).group(1)
+    assert any("db.internal" in r.getMessage() and reference in r.getMessage() for r in caplog.records)
+    # An action so refused is audited with the words too.
+    refused = admin.post("/api/models/anything/rollback", json={"alias": "staging", "reason": "r"})
+    assert refused.status_code == 503 and "db.internal" not in refused.text
+    with app.app_context():
+        event = db.session.scalars(db.select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+    assert event.outcome == "refused" and "db.internal" in str(event.detail)
+
+
+def test_job_fields_take_ascii_digits_and_registered_teachers_only(app):
+    register(MlflowClient(), "slide-backbone", evaluated={})
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    form = {"dataset_id": colon, "config": "configs/demo.yaml", "name": "slides"}
+    for limit in ("١٢:٠٠:٠٠", "٠-12:00:00", "12:00:0٠"):
+        refused = admin.post("/api/jobs", json=form | {"time_limit": limit})
+        assert refused.status_code == 400 and set(refused.json["errors"]) == {"time_limit"}, limit
+    for teachers in ("models:/../1", "models:/slide-backbone/١", "models:/slide-backbone@../x", "models:/%2e%2e/1"):
+        refused = admin.post("/api/jobs", json=form | {"strategy": "distill", "teachers": teachers})
+        assert refused.status_code == 400 and "teachers" in refused.json["errors"], teachers
+    absent = admin.post("/api/jobs", json=form | {"strategy": "distill", "teachers": "models:/slide-backbone/7"})
+    assert absent.status_code == 400 and "slide-backbone" in absent.json["errors"]["teachers"]
+    fine = admin.post("/api/jobs", json=form | {"strategy": "distill", "teachers": "models:/slide-backbone/1"})
+    assert fine.status_code == 201, fine.json
+
+
+def test_jobs_run_the_portals_own_mlflow_and_portal_run_jobs_is_honoured_by_serve(monkeypatch, tmp_path):
+    import shutil
+    import sys
+
+    from flask import Flask
+
+    from portal.__main__ import main as portal_main
+    from portal.jobs import own_environment_path
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a service manager's PATH, without the venv
+    assert shutil.which("mlflow", path=own_environment_path()) == str(Path(sys.executable).parent / "mlflow")
+    served = []
+    monkeypatch.setattr(Flask, "run", lambda self, **kwargs: served.append(self))
+    monkeypatch.setenv("PORTAL_DATABASE_URL", f"sqlite:///{tmp_path / 'portal.db'}")
+    monkeypatch.setenv("PORTAL_SECRET_KEY", "t")
+    for setting, runs in (("0", False), ("1", True)):
+        monkeypatch.setenv("PORTAL_RUN_JOBS", setting)
+        assert portal_main(["serve", "--port", "0"]) == 0
+        assert ("vf.jobs" in served[-1].extensions) is runs, setting
+        if runs:
+            served[-1].extensions["vf.jobs"].stop()

@@ -227,3 +227,26 @@ def test_predict_reads_a_cohort_of_slides_and_a_ct_series_from_a_prefix(s3, s3_e
     series = fetch(f"s3://{BUCKET}/study/patient7", tmp_path / "fetched")
     scored = predict_series(series, tmp_path / "out", score="agatston", region=np.load(phantom / "heart.npy"))
     assert (scored["score"]["total"], scored["series"]["slices"]) == (122.0, 8)
+
+
+def test_only_the_s3_port_answers_without_seaweedfs_jwts_and_it_checks_signatures(s3, s3_stack):
+    """What the stack's filer, volume and master ports answer to anyone on the machine who skips
+    S3: refusals (SeaweedFS's JWT security), while S3 with a signature works."""
+    import httpx
+
+    s3.put_object(Bucket=BUCKET, Key="slides/a.txt", Body=b"patient data")
+    p = s3_stack.ports
+    filer = f"http://127.0.0.1:{p.filer}/buckets/{BUCKET}/slides"
+    for answer in (httpx.get(f"{filer}/", timeout=10), httpx.get(f"{filer}/a.txt", timeout=10),
+                   httpx.post(f"{filer}/b.txt", files={"file": ("b.txt", b"written around S3")}, timeout=10)):
+        assert answer.status_code == 401 and "jwt" in answer.text, (answer.request.url, answer.status_code, answer.text)
+    assigned = httpx.get(f"http://127.0.0.1:{p.master}/dir/assign", timeout=10).json()
+    assert "auth" not in assigned  # the master hands write tokens to the S3 gateway, not to callers
+    written = httpx.post(f"http://{assigned['url']}/{assigned['fid']}", files={"file": ("c", b"x")}, timeout=10)
+    assert written.status_code == 401
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="slides/")["Contents"]]
+    assert listed == ["slides/a.txt"] and s3.get_object(Bucket=BUCKET, Key="slides/a.txt")["Body"].read() == b"patient data"
+    unsigned = httpx.get(f"{s3_stack.s3_endpoint}/{BUCKET}/slides/a.txt", timeout=10)
+    assert unsigned.status_code == 403
+    security = s3_stack.root / "security.toml"
+    assert oct(security.stat().st_mode & 0o777) == "0o600" and "[jwt.filer_signing]" in security.read_text()

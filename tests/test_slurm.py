@@ -52,6 +52,11 @@ def test_config_errors_name_their_keys():
     for problem in ("time: expected a Slurm time", "nodes: expected at least 1", "sbatch_lines: expected a list of "
                     "one-line strings", "mem: expected a size"):
         assert problem in str(refused.value)
+    # Digits of other scripts are digits to Python's \\d, not to Slurm.
+    with pytest.raises(SlurmError) as refused:
+        SlurmConfig.from_dict({"time": "١٢:٠٠:٠٠", "mem": "٦٤G", "partition": "gpu١"})
+    for problem in ("time: expected a Slurm time", "mem: expected a size", "partition: expected letters"):
+        assert problem in str(refused.value)
 
 
 def test_batch_script_launches_one_task_per_gpu_for_training_only(tmp_path):

@@ -14,12 +14,13 @@ from portal.jobs import (
     FormErrors,
     PredictRequest,
     ProbeRequest,
+    TrainingRequest,
     request_from_form,
     submit,
     training_configs,
 )
 from portal.web import ID, answer, audit, dataset_for, mlflow, payload, refuse, settings
-from registry.lineage import RegistryError, equals, resolve_version
+from registry.lineage import BadModelReference, RegistryError, equals, resolve_version
 from registry.mlflow_service import Tag
 
 bp = Blueprint("jobs", __name__)
@@ -71,6 +72,12 @@ def new_job():
                 raise FormErrors({"head": str(exc)}) from None
         elif not dataset.train_path:
             raise BadPath(f"dataset {dataset.name} has no built training data (train_path) yet")
+        for teacher in job_request.teachers.split(",") if isinstance(job_request, TrainingRequest) else ():
+            if teacher.startswith("models:/"):  # a job that would fail when it runs fails now
+                try:
+                    resolve_version(mlflow().client, teacher)
+                except (RegistryError, BadModelReference) as exc:
+                    raise FormErrors({"teachers": str(exc)}) from None
         if isinstance(job_request, ProbeRequest):
             job_request.splits(dataset)
             try:

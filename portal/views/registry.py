@@ -16,7 +16,17 @@ from portal.access import AccessDenied, authorize_alias_move
 from portal.web import answer, audit, mlflow, payload, settings, text
 from registry.audit import trail as audit_trail
 from registry.evidence import recorded
-from registry.lineage import BadModelReference, Lineage, RegistryError, equals, format_chain, lineage_chain, registry_errors
+from registry.ledger import LedgerBroken, LedgerUnavailable
+from registry.lineage import (
+    BadModelReference,
+    Lineage,
+    RegistryError,
+    RegistryUnavailable,
+    equals,
+    format_chain,
+    lineage_chain,
+    registry_errors,
+)
 from registry.mlflow_service import Tag, evaluation_metrics
 from registry.promote import PromotionRefused, ledger_of, promote, rollback
 
@@ -168,6 +178,8 @@ def _move(action: str, name: str, target: str, move):
     except AccessDenied as exc:
         audit(action, target, outcome="denied", reason=str(exc))
         raise
+    except (RegistryUnavailable, LedgerUnavailable, LedgerBroken):
+        raise  # a 503 whose words go to the log and the audit, not to the caller
     except UserError as exc:
         audit(action, target, outcome="refused", reason=str(exc))
         raise exc if isinstance(exc, PromotionRefused) else PromotionRefused("input", str(exc)) from None
