@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         client: MlflowClient = MlflowService().client
         gates = load_gates(args.gates)
         mv = resolve_version(client, args.model)
-        evaluation = evaluate_for_gate(Ledger.from_env(client.tracking_uri), mv, gates.split)
+        split = gates.split_of(mv.name)
+        if split is None:
+            raise EvaluationFailed(f"{args.gates}: names no evaluation split (evaluation:)")
+        evaluation = evaluate_for_gate(Ledger.from_env(client._tracking_client.tracking_uri), mv, split)
         print(f"{evaluation.model} on {evaluation.data} (md5 {evaluation.data_md5}), run {evaluation.run_id}:")
         for key, value in sorted(evaluation.metrics.items()):
             print(f"  {key} {value:.4f}")

@@ -49,7 +49,7 @@ from registry.lineage import (
     resolve_version,
     version_uri,
 )
-from registry.mlflow_service import MlflowService
+from registry.mlflow_service import MlflowService, family_of
 
 ALIASES = ("staging", "production")
 DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yaml"
@@ -105,6 +105,10 @@ class Gates:
     metrics: dict[str, list[MetricGate]] = field(default_factory=dict)
     split: EvaluationSplit | None = None
     min_gain: float | None = None
+    family_splits: dict[str, EvaluationSplit] = field(default_factory=dict)  # a family's own, where it has one
+
+    def split_of(self, model: str) -> EvaluationSplit | None:
+        return self.family_splits.get(family_of(model), self.split)
 
 
 def _number(value, where: str, minimum: float | None = None) -> float:
@@ -116,17 +120,14 @@ def _number(value, where: str, minimum: float | None = None) -> float:
 def load_gates(path: str | Path = DEFAULT_GATES) -> Gates:
     """The gates file; a malformed entry is named by file and key."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    metrics, split, min_gain = {}, None, None
+    metrics, split, min_gain, family_splits = {}, None, None, {}
     for kind, spec in data.items():
         if kind == "evaluation":
-            if not isinstance(spec, dict) or set(spec) - {"data", "validation_report", "knn_k"} or \
-                    not all(isinstance(spec.get(k), str) and spec[k] for k in ("data", "validation_report")):
-                raise GatesFileError(f"{path}: evaluation: expected a mapping of data, validation_report (paths) and "
-                                     f"optionally knn_k; got {spec!r}")
-            knn_k = _number(spec.get("knn_k", 20), f"{path}: evaluation.knn_k", 1)
-            if knn_k != int(knn_k):
-                raise GatesFileError(f"{path}: evaluation.knn_k: expected a whole number, got {knn_k:g}")
-            split = EvaluationSplit(spec["data"], spec["validation_report"], int(knn_k))
+            families = spec.get("families", {}) if isinstance(spec, dict) else None
+            if not isinstance(families, dict):
+                raise GatesFileError(f"{path}: evaluation.families: expected a mapping family -> split, got {families!r}")
+            split = _split({k: v for k, v in spec.items() if k != "families"}, f"{path}: evaluation")
+            family_splits = {family: _split(own, f"{path}: evaluation.families.{family}") for family, own in families.items()}
         elif kind == "learning":
             if not isinstance(spec, dict) or set(spec) != {"min_gain"}:
                 raise GatesFileError(f"{path}: learning: expected {{min_gain: number}}, got {spec!r}")
@@ -143,7 +144,18 @@ def load_gates(path: str | Path = DEFAULT_GATES) -> Gates:
         else:
             raise GatesFileError(f"{path}: {kind}: expected one of evaluation, learning, backbone, head (backbone and "
                                  "head: a mapping metric -> {max_drop: number})")
-    return Gates(metrics, split, min_gain)
+    return Gates(metrics, split, min_gain, family_splits)
+
+
+def _split(spec, where: str) -> EvaluationSplit:
+    if not isinstance(spec, dict) or set(spec) - {"data", "validation_report", "knn_k"} or \
+            not all(isinstance(spec.get(k), str) and spec[k] for k in ("data", "validation_report")):
+        raise GatesFileError(f"{where}: expected a mapping of data, validation_report (paths) and optionally knn_k; "
+                             f"got {spec!r}")
+    knn_k = _number(spec.get("knn_k", 20), f"{where}.knn_k", 1)
+    if knn_k != int(knn_k):
+        raise GatesFileError(f"{where}.knn_k: expected a whole number, got {knn_k:g}")
+    return EvaluationSplit(spec["data"], spec["validation_report"], int(knn_k))
 
 
 def check_gates(mv: ModelVersion, alias: str, holder: ModelVersion | None, gates: Gates,
@@ -290,10 +302,11 @@ def _evidence(ledger: Ledger, mv: ModelVersion, holder: ModelVersion | None,
     def evaluate(version: ModelVersion, data_md5: str | None = None) -> Evaluation:
         if (known := recorded(ledger.entries(), version, data_md5)) is not None:
             return known
-        if gates.split is None:
+        split = gates.split_of(version.name)
+        if split is None:
             raise PromotionRefused("evidence", f"{version_uri(version)} has no evaluation by the promotion service, and "
                                                "the gates file names no evaluation split to run one on (evaluation:)")
-        return evaluate_for_gate(ledger, version, gates.split)
+        return evaluate_for_gate(ledger, version, split)
 
     candidate = evaluate(mv)
     if holder is None or str(holder.version) == str(mv.version):

@@ -193,13 +193,19 @@ def test_gate_file_errors_name_the_key(tmp_path):
     shipped = load_gates()  # the shipped configs/promotion.yaml is valid and names the service's split
     assert shipped.metrics["backbone"][0] == MetricGate("knn.accuracy", 0.01) and shipped.min_gain == 0.0
     assert shipped.split.data == "data/demo/images" and shipped.split.knn_k == 20
+    own = tmp_path / "own.yaml"
+    own.write_text("evaluation: {data: d, validation_report: r, families: {ct: {data: ct/images, validation_report: cr}}}\n")
+    families = load_gates(own)
+    assert families.split_of("ct-backbone").data == "ct/images" and families.split_of("colon-head").data == "d"
     bad = tmp_path / "gates.yaml"
     for text, error in (("head:\n  linear.accuracy: {max_drop: lots}\n",
                          r"gates.yaml: head.linear.accuracy.max_drop: expected a number >= 0, got 'lots'"),
                         ("heads:\n  x: {max_drop: 0}\n", "heads: expected one of evaluation, learning, backbone, head"),
                         ("evaluation: {data: d}\n", "evaluation: expected a mapping of data, validation_report"),
                         ("evaluation: {data: d, validation_report: r, knn_k: 2.5}\n", "evaluation.knn_k: expected a whole"),
-                        ("learning: {min_gain: yes}\n", r"learning.min_gain: expected a number, got True")):
+                        ("learning: {min_gain: yes}\n", r"learning.min_gain: expected a number, got True"),
+                        ("evaluation: {data: d, validation_report: r, families: {ct: {data: c}}}\n",
+                         "evaluation.families.ct: expected a mapping of data, validation_report")):
         bad.write_text(text)
         with pytest.raises(ValueError, match=error):
             load_gates(bad)
