@@ -168,13 +168,14 @@ def run_backbone(client, mv, args: argparse.Namespace, knn_k: int) -> dict[str, 
                 # Also as an image of the run: the UI shows those on the run page, beside the metrics.
                 with Image.open(plot) as picture:
                     mlflow.log_image(picture.convert("RGB"), key=plot.stem, step=0)
-        for key, value in version_metrics(metrics).items():
-            client.set_model_version_tag(mv.name, mv.version, f"{EVAL_PREFIX}{key}", repr(value))
-        client.set_model_version_tag(mv.name, mv.version, EVAL_RUN_ID, active.info.run_id)
-        client.set_model_version_tag(mv.name, mv.version, Tag.EVALUATION_TABLE,
-                                     markdown(rows, f"Per category ({result.heads.classifier.default} probe)")[:MAX_TAG_CHARS])
-        evaluated = client.get_model_version(mv.name, mv.version)
-        describe_version(client, evaluated, audit.mirrored_history(evaluated))
+        if args.tag_version:
+            for key, value in version_metrics(metrics).items():
+                client.set_model_version_tag(mv.name, mv.version, f"{EVAL_PREFIX}{key}", repr(value))
+            client.set_model_version_tag(mv.name, mv.version, EVAL_RUN_ID, active.info.run_id)
+            client.set_model_version_tag(mv.name, mv.version, Tag.EVALUATION_TABLE,
+                                         markdown(rows, f"Per category ({result.heads.classifier.default} probe)")[:MAX_TAG_CHARS])
+            evaluated = client.get_model_version(mv.name, mv.version)
+            describe_version(client, evaluated, audit.mirrored_history(evaluated))
     print(summary_text(uri, dataset.version.path, metrics, rows))
     return metrics
 
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(probes fitted on train, scored on val), or a head (its own classifier scored on val)")
     parser.add_argument("--metrics-out", default="", help="also write the metrics, the run and the data's DVC md5 to this "
                         "JSON file (what the promotion service records)")
+    parser.add_argument("--tag-version", default="yes", choices=("yes", "no"),
+                        help="write the metrics on the version as vf.eval.* tags (the promotion service's own "
+                             "evaluation says no: its numbers live in its ledger, the tags stay the researcher's)")
     parser.add_argument("--folds", type=float, default=0, help="grouped k-fold cross-validation over train and val (0: off)")
     parser.add_argument("--group", default="", choices=("", *GROUPINGS),
                         help="what a fold keeps together (default: patient or case where recorded, else slide, else image)")
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds < 0 or args.folds != int(args.folds) or args.folds == 1:
         parser.error(f"--folds: expected 0 (off) or a whole number of at least 2, got {args.folds:g}")
     args.folds = int(args.folds)
+    args.tag_version = args.tag_version == "yes"
     return run_entry_point("evaluate", lambda: run(args.model, args, knn_k))
 
 

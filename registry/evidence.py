@@ -79,7 +79,7 @@ def run_evaluation(mv: ModelVersion, split: EvaluationSplit) -> Evaluation:
         env.pop("MLFLOW_EXPERIMENT_ID", None)
         done = subprocess.run([sys.executable, "-m", "projects.evaluate", "--model", uri, "--data", split.data,
                                "--validation-report", split.validation_report, "--knn-k", str(split.knn_k),
-                               "--metrics-out", str(out)],
+                               "--metrics-out", str(out), "--tag-version", "no"],
                               cwd=os.getcwd(), env={**env, "PYTHONPATH": os.pathsep.join(
                                   filter(None, [str(PROJECT), env.get("PYTHONPATH")]))},
                               capture_output=True, text=True)
