@@ -56,8 +56,8 @@ DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yam
 LOWER_IS_BETTER = ("cluster.dbi", "regression.mae")
 RANDOM_INIT_KNN = "random_init.knn.accuracy"
 # What a move passed, in order: recorded with it, shown in the portal and the version's description.
-PROMOTION_GATES = ["authorized", "lineage complete", "data validation", "learning", "evidence", "floor", "metrics",
-                   "parent promoted", "dependants", "exclusive"]
+PROMOTION_GATES = ["authorized", "lineage complete", "data validation", "parent promoted", "dependants", "evidence",
+                   "learning", "floor", "metrics", "exclusive"]
 ROLLBACK_GATES = ["authorized", "parent promoted", "dependants", "exclusive"]
 # Raises when the current user may not move aliases of the named registered model.
 Authorize = Callable[[str], None]
@@ -123,7 +123,10 @@ def load_gates(path: str | Path = DEFAULT_GATES) -> Gates:
     metrics, split, min_gain, family_splits = {}, None, None, {}
     for kind, spec in data.items():
         if kind == "evaluation":
-            families = spec.get("families", {}) if isinstance(spec, dict) else None
+            if not isinstance(spec, dict):
+                raise GatesFileError(f"{path}: evaluation: expected a mapping of data, validation_report, knn_k and "
+                                     f"families, got {spec!r}")
+            families = spec.get("families", {})
             if not isinstance(families, dict):
                 raise GatesFileError(f"{path}: evaluation.families: expected a mapping family -> split, got {families!r}")
             split = _split({k: v for k, v in spec.items() if k != "families"}, f"{path}: evaluation")
