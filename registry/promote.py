@@ -289,13 +289,21 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
     seen = {mv.name: alias_holder(client, mv.name, alias) for mv in versions}
     moves = {mv.name: mv for mv in versions}
     check_consistency(client, moves, alias, seen)  # before any evaluation: the cheap refusals first
-    comparisons = {}
+    records = {}
     for mv in versions:
         candidate, incumbent = _evidence(ledger, mv, seen[mv.name], gates)
-        comparisons[mv.name] = check_gates(mv, alias, seen[mv.name], gates, candidate, incumbent)
-    return _move(client, ledger, moves, alias, seen, {name: {"action": "promote", "reason": reason,
-                                                             "metrics": comparisons[name], "gates": PROMOTION_GATES}
-                                                      for name in moves}, user)
+        records[mv.name] = {"action": "promote", "reason": reason, "gates": PROMOTION_GATES,
+                            "metrics": check_gates(mv, alias, seen[mv.name], gates, candidate, incumbent),
+                            # What the move was decided on: the service's own evaluation, by its run.
+                            "evaluation": {"run_id": candidate.run_id, "data": candidate.data,
+                                           "data_md5": candidate.data_md5, "metrics": _judged(candidate, gates)}}
+    return _move(client, ledger, moves, alias, seen, records, user)
+
+
+def _judged(evaluation: Evaluation, gates: Gates) -> dict[str, float]:
+    """The metrics of ``evaluation`` some gate reads."""
+    read = {gate.metric for kind in gates.metrics.values() for gate in kind} | {"knn.accuracy", RANDOM_INIT_KNN}
+    return {k: v for k, v in evaluation.metrics.items() if k in read}
 
 
 def _evidence(ledger: Ledger, mv: ModelVersion, holder: ModelVersion | None,
@@ -404,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         for record in records:
             previous = f" (previously version {record['previous']})" if record["previous"] else ""
             print(f"{record['model']}@{record['alias']} -> version {record['version']}{previous} [{record['action']}]")
+            if evaluation := record.get("evaluation"):
+                measured = ", ".join(f"{k} {v:.3f}" for k, v in sorted(evaluation["metrics"].items()))
+                print(f"  on the promotion service's evaluation (run {evaluation['run_id']}, {evaluation['data']} "
+                      f"md5 {evaluation['data_md5']}): {measured}")
 
     return run_command("promote", move, also=(MlflowException,))
 

@@ -35,6 +35,8 @@ def test_kubernetes_manifest_runs_the_service_with_probes():
     assert container["ports"][0]["containerPort"] == 3000
     assert docs["Service"]["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    # The read-only identity and the ledger's reader, without which no alias is followed.
+    assert "vision-foundry-registry" in {source["secretRef"]["name"] for source in container["envFrom"]}
     service_code = (REPO / "serving/service.py").read_text()
     for variable in (e["name"] for e in container["env"] if e["name"].startswith("VF_")):
         assert f'"{variable}"' in service_code, variable  # every knob the manifest sets is one the service reads

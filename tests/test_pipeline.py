@@ -166,6 +166,11 @@ def test_head_names_its_backbone_and_both_hold_production(demo):
     assert {"linear.accuracy", "linear.f1_macro", "knn.precision_macro", "segmentation.dice", "regression.r2"} <= set(metrics)
     audit = [json.loads(v) for k, v in head.tags.items() if k.startswith("vf.audit.production.")]
     assert audit and audit[0]["reason"] == "demo run" and audit[0]["previous"] is None
+    # Decided on the promotion service's own evaluation of the head, in its own experiment.
+    evaluated = client.get_run(audit[0]["evaluation"]["run_id"])
+    assert client.get_experiment(evaluated.info.experiment_id).name == "vf-gate"
+    assert evaluated.data.tags["vf.evaluated_model"] == f"models:/demo-head/{head.version}"
+    assert "head.accuracy" in audit[0]["evaluation"]["metrics"] and "on the promotion service's evaluation (run" in output
 
     chain = lineage_chain(client, "models:/demo-head@production")
     assert [c["model"] for c in chain] == [f"models:/demo-head/{head.version}", f"models:/demo-backbone/{backbone.version}"]

@@ -87,6 +87,8 @@ def test_a_regressing_candidate_is_refused_and_a_close_one_passes(client):
     [record] = promote(client, f"models:/m-backbone/{close}", "production", "within tolerance", gates=GATES)
     assert holder(client, "m-backbone") == close
     assert record["metrics"] == {"knn.accuracy": {"candidate": 0.795, "holder": 0.80}} and record["previous"] == v1
+    assert record["evaluation"] == {"run_id": "gate-run", "data": "data/eval", "data_md5": "e.dir",
+                                    "metrics": {"knn.accuracy": 0.795}}
 
 
 def test_lower_is_better_metrics_of_heads_from_the_services_evaluation_not_their_training_run(client):
