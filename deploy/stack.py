@@ -347,7 +347,8 @@ class Stack:
         if upgrade.returncode:
             raise StackError(f"portal db upgrade failed: {upgrade.stderr.strip()[-2000:]}")
         self._spawn("portal", [_tool("gunicorn"), "-w", str(self.portal_workers), "-b", f"127.0.0.1:{self.ports.portal}",
-                               "--timeout", "120", "portal.app:create_app()"], self.portal_env())
+                               # A promotion waits for the promotion service's own evaluations.
+                               "--timeout", "600", "portal.app:create_app()"], self.portal_env())
         self._wait_http(f"{self.portal_url}/login", "portal", timeout=180)
 
     def create_database(self, name: str) -> str:
