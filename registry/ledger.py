@@ -15,6 +15,7 @@ a promotion, and a crashed holder's lock ends with its connection.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -114,8 +115,9 @@ class Ledger:
         sqlite = url.startswith("sqlite")
         if sqlite:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, connect_args={"timeout": wait_s} if sqlite else {},
-                                       poolclass=sa.pool.NullPool if sqlite else None)
+        self.engine = (sa.create_engine(url, connect_args={"timeout": wait_s}, poolclass=sa.pool.NullPool) if sqlite
+                       # A pooled connection the database dropped (a restart) is replaced, not failed on.
+                       else sa.create_engine(url, pool_pre_ping=True))
         if sqlite:
             # pysqlite's own transaction handling would start writes lazily; the move needs the
             # write lock from its first statement (the recipe in SQLAlchemy's SQLite notes).
@@ -132,7 +134,9 @@ class Ledger:
 
     @classmethod
     def from_env(cls, tracking_uri: str) -> "Ledger":
-        return cls(default_url(tracking_uri), audit_key())
+        """The process's one reader and writer of the ledger of ``tracking_uri``'s registry: one
+        connection pool, and one memory of the newest record verified."""
+        return _shared(default_url(tracking_uri), audit_key())
 
     def create(self) -> None:
         """The table, where this identity may create it (the embedded store; the stack creates the
@@ -195,6 +199,11 @@ class Ledger:
             if "lock" in str(exc.orig).lower():
                 raise LedgerBusy(f"another promotion held the ledger for over {self.wait_s:.0f} s") from None
             raise LedgerUnavailable(f"{DB_ENV}: {_brief(exc)}") from None
+
+
+@functools.cache
+def _shared(url: str, key: bytes | None) -> Ledger:
+    return Ledger(url, key)
 
 
 class Appender:

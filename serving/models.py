@@ -8,7 +8,6 @@ transformers) loads with the models, in the workers only.
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import os
 import shutil
@@ -56,26 +55,20 @@ class PromotedModels:
 
 
 def gated_holder(client: MlflowClient, model: str, alias: str) -> ModelVersion | None:
-    """The version of ``model`` holding ``alias``, if the gates put it there: a holder whose latest
-    promotion record names another version, or none (checked against ``VF_AUDIT_KEY`` when the
-    service has it), was moved outside them and is refused."""
+    """The version of ``model`` holding ``alias``, if the gates put it there: refused when the
+    promotion ledger (``VF_AUDIT_DB``, signatures checked with ``VF_AUDIT_KEY``) does not verify or
+    its newest record for the alias names another version."""
     holder = alias_holder(client, model, alias)
     if holder is None:
         return None
     try:
-        reason = audit.unaudited_reason(ledger_for(client._tracking_client.tracking_uri), holder, alias)
+        reason = audit.unaudited_reason(Ledger.from_env(client._tracking_client.tracking_uri), holder, alias)
     except (LedgerBroken, LedgerUnavailable) as exc:
         reason = str(exc)
     if reason:
         raise ServingError(f"refused to follow {model}@{alias}: {reason}")
     return holder
 
-
-@functools.cache
-def ledger_for(tracking_uri: str) -> Ledger:
-    """One reader of the promotion ledger per process: it remembers the newest record it
-    verified, so records removed from the ledger's end are noticed."""
-    return Ledger.from_env(tracking_uri)
 
 
 def servable_uris(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
