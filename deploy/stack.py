@@ -21,7 +21,7 @@ Identities, all generated at first start and kept in ``<root>/secrets.json`` (mo
   and release managers move aliases as it, and it signs the audit records), ``vf-serving``
   (read-only: what the service reads the registry with). Researchers are created per person
   (``Stack.add_researcher``): the promotion service creates their family's registered models and
-  grants them EDIT; they create the family's experiment on their first run.
+  grants them EDIT (and on the family's experiment, once a member has made it on a first run).
 - S3: ``vf-admin`` (read/write: DVC, MLflow's artifact proxy, the portal's presigned transfers)
   and ``vf-reader`` (read and list only).
 """
@@ -382,15 +382,23 @@ class Stack:
             if made.status_code != 200 and "RESOURCE_ALREADY_EXISTS" not in made.text:
                 raise StackError(f"mlflow: cannot create {model}: {made.status_code} {made.text[:300]}")
             self.grant(username, "registered_model", model, "EDIT")
+        # The family's experiment, if a member already made it (the auth app shares it with the
+        # members there were then).
+        found = httpx.get(f"{self.tracking_uri}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": family},
+                          auth=auth, timeout=30)
+        if found.status_code == 200:
+            self.grant(username, "experiment", found.json()["experiment"]["experiment_id"], "EDIT")
         return self.mlflow_env(username, password)
 
     def grant(self, username: str, resource_type: str, resource_id: str, permission: str) -> None:
         """``permission`` (READ, EDIT, MANAGE) for ``username`` on a ``registered_model`` (by name) or
-        an ``experiment`` (by id)."""
+        an ``experiment`` (by id), unless they hold one there already."""
         answer = httpx.post(f"{self.tracking_uri}/api/3.0/mlflow/users/permissions/grant", timeout=30,
                             auth=("vf-admin", self.secrets.mlflow_admin),
                             json={"username": username, "resource_type": resource_type, "resource_id": resource_id,
                                   "permission": permission})
+        if answer.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in answer.text:
+            return  # what they hold stays (never lowered: an experiment's creator keeps MANAGE)
         if answer.status_code != 200:
             raise StackError(f"mlflow: cannot grant {permission} on {resource_type} {resource_id} to {username}: "
                              f"{answer.status_code} {answer.text[:300]}")

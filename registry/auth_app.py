@@ -11,7 +11,8 @@ not a server administrator (the administrator and the promotion service ``vf-gat
   create one that exists still gets MLflow's own "already exists", which registering a version
   relies on); aliases are moved only by it;
 - an experiment is created only under the name of a family the user is a member of (EDIT on
-  ``<family>-backbone`` or ``<family>-head``) and never deleted, restored or renamed by them;
+  ``<family>-backbone`` or ``<family>-head``), every member of the family may then log into it
+  (EDIT), and no researcher deletes, restores or renames it;
 - the tags the platform's own records and lineage live in (``vf.*`` on registered models and
   versions, except a researcher's own ``vf.eval.*`` evaluation and its table): lineage is written
   once, when a version is registered (set where absent, never changed or deleted), and audit
@@ -153,8 +154,24 @@ def _families_of(experiment: str) -> list[str]:
     return names
 
 
+def _share_with_family(response):
+    """A family's experiment, made by whichever member ran first, is every member's to log into
+    (MLflow alone would give its creator MANAGE and the others READ)."""
+    if request.endpoint != "_create_experiment" or response.status_code != 200 or auth.sender_is_admin():
+        return response
+    creator = auth.authenticate_request().username
+    experiment = (response.get_json(silent=True) or {}).get("experiment_id")
+    family = next((f for f in _families_of(str(_param("name", ""))) if _member_of(creator, f)), None)
+    if experiment and family:
+        for user in auth.store.list_users():
+            if user.username != creator and _member_of(user.username, family):
+                auth.store.create_experiment_permission(experiment, user.username, "EDIT")
+    return response
+
+
 def create_app(app: Flask = mlflow_app):
     served = auth.create_app(app)
     # After basic-auth's own check, which has authenticated the user.
     app.before_request(_platform_rules)
+    app.after_request(_share_with_family)
     return served

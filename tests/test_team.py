@@ -329,10 +329,23 @@ def test_the_tracking_server_refuses_what_mlflows_permissions_would_allow_route_
     # Experiments: only under one's own family's name, never deleted, renamed or restored by researchers.
     refused(rosa, "POST", "experiments/create", {"name": "otto"}, "a family you are a member of")
     refused(serving, "POST", "experiments/create", {"name": "rosa"}, "vf-serving is read-only")
+    team_stack.add_researcher("rosie", "rosie's password", "rosa")  # a member when the experiment is made
     made = rosa.post("/api/2.0/mlflow/experiments/create", json={"name": "rosa"})
     assert made.status_code == 200, made.text
     experiment = made.json()["experiment_id"]
     assert rosa.post("/api/2.0/mlflow/experiments/create", json={"name": "rosa/ablation"}).status_code == 200
+    # The other members of her family log into it (one who joins later too); another family only reads it.
+    team_stack.add_researcher("rafa", "rafa's password", "rosa")
+    otto = httpx.Client(base_url=team_stack.tracking_uri, auth=("otto", "otto's password"), timeout=30)
+    for member in ("rosie", "rafa"):
+        logged = httpx.post(f"{team_stack.tracking_uri}/api/2.0/mlflow/runs/create", json={"experiment_id": experiment},
+                            auth=(member, f"{member}'s password"), timeout=30)
+        assert logged.status_code == 200, (member, logged.text)
+    team_stack.add_researcher("rosa", "rosa's password", "rosa")  # again: she keeps what she holds
+    assert rosa.post("/api/2.0/mlflow/experiments/update", json={"experiment_id": experiment, "new_name": "rosa"}
+                     ).status_code == 403  # still MANAGE (basic-auth lets her), and still refused by the platform
+    assert otto.post("/api/2.0/mlflow/runs/create", json={"experiment_id": experiment}).status_code == 403
+    assert otto.get("/api/2.0/mlflow/experiments/get", params={"experiment_id": experiment}).status_code == 200
     refused(rosa, "POST", "experiments/delete", {"experiment_id": experiment}, "experiments are kept")
     refused(rosa, "POST", "experiments/update", {"experiment_id": experiment, "new_name": "otto"}, "keep their family")
     # A run and a version of her own family: her work, allowed.
