@@ -106,7 +106,7 @@ def evaluate_for_gate(ledger: Ledger, mv: ModelVersion, split: EvaluationSplit) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from registry.promote import DEFAULT_GATES, load_gates
+    from registry.promote import DEFAULT_GATES, ledger_of, load_gates
 
     parser = argparse.ArgumentParser(description="Run the promotion service's evaluation of a version and record it")
     parser.add_argument("model", help="models:/<name>/<version>")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         split = gates.split_of(mv.name)
         if split is None:
             raise EvaluationFailed(f"{args.gates}: names no evaluation split (evaluation:)")
-        evaluation = evaluate_for_gate(Ledger.from_env(client._tracking_client.tracking_uri), mv, split)
+        evaluation = evaluate_for_gate(ledger_of(client), mv, split)
         print(f"{evaluation.model} on {evaluation.data} (md5 {evaluation.data_md5}), run {evaluation.run_id}:")
         for key, value in sorted(evaluation.metrics.items()):
             print(f"  {key} {value:.4f}")

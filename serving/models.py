@@ -22,9 +22,10 @@ from mlflow.entities.model_registry import ModelVersion
 
 from dinomx.errors import one_line
 from registry import audit
-from registry.ledger import Ledger, LedgerBroken, LedgerUnavailable
+from registry.ledger import LedgerBroken, LedgerUnavailable
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
+from registry.promote import ledger_of
 from serving import log
 
 if TYPE_CHECKING:
@@ -62,13 +63,12 @@ def gated_holder(client: MlflowClient, model: str, alias: str) -> ModelVersion |
     if holder is None:
         return None
     try:
-        reason = audit.unaudited_reason(Ledger.from_env(client._tracking_client.tracking_uri), holder, alias)
+        reason = audit.unaudited_reason(ledger_of(client), holder, alias)
     except (LedgerBroken, LedgerUnavailable) as exc:
         reason = str(exc)
     if reason:
         raise ServingError(f"refused to follow {model}@{alias}: {reason}")
     return holder
-
 
 
 def servable_uris(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
