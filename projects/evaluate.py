@@ -27,7 +27,6 @@ from mlflow.data.meta_dataset import MetaDataset
 from PIL import Image
 
 from data.groups import GROUPINGS, groups_of
-from data.versioning import dataset_version
 from dinomx.errors import MissingInput
 from dinomx.evaluation import (
     cross_validate,
@@ -41,6 +40,7 @@ from dinomx.evaluation import (
 from projects.probe_options import add_probe_arguments, parse_probe_args
 from projects.table3 import markdown, table3, text
 from projects.tracking import (
+    TrainingData,
     dataset_source,
     family_experiment,
     log_training_data,
@@ -80,21 +80,21 @@ def _test_sets(spec: str) -> list[Path]:
 def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
     client = MlflowService().client
     mv = resolve_version(client, model_uri)
+    dataset = training_data(args.data, args.validation_report)
     if Lineage.from_tags(mv.tags).kind == "head":
-        metrics = run_head(client, mv, args)
+        metrics = run_head(mv, dataset)
     else:
-        metrics = run_backbone(client, mv, args, knn_k)
+        metrics = run_backbone(client, mv, dataset, args, knn_k)
     if args.metrics_out:
-        data = dataset_version(args.data)
-        Path(args.metrics_out).write_text(json.dumps({"model": version_uri(mv), "run_id": mlflow.last_active_run().info.run_id,
-                                                      "data": data.path, "data_md5": data.md5, "metrics": metrics}))
+        Path(args.metrics_out).write_text(json.dumps({
+            "model": version_uri(mv), "run_id": mlflow.last_active_run().info.run_id, "data": dataset.version.path,
+            "data_md5": dataset.version.md5, "metrics": metrics}))
     return metrics
 
 
-def run_head(client, mv, args: argparse.Namespace) -> dict[str, float]:
+def run_head(mv, dataset: TrainingData) -> dict[str, float]:
     """A head scored on ``<data>/val`` through the backbone it was fitted on (``head.*``)."""
     uri, parent = version_uri(mv), Lineage.from_tags(mv.tags).parent
-    dataset = training_data(args.data, args.validation_report)
     with mlflow.start_run(experiment_id=family_experiment(family_of(mv.name)),
                           run_name=run_name(family_of(mv.name), f"head-v{mv.version}-evaluate"),
                           description=f"Scores {uri} (on {parent}) on `{dataset.version.path}/val` "
@@ -112,15 +112,14 @@ def run_head(client, mv, args: argparse.Namespace) -> dict[str, float]:
     return metrics
 
 
-def run_backbone(client, mv, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
+def run_backbone(client, mv, dataset: TrainingData, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
     uri = version_uri(mv)
-    dataset = training_data(args.data, args.validation_report)
     order = [c.strip() for c in args.categories.split(",") if c.strip()] or None
     tests = [training_data(path, validation_report_of(path)) for path in _test_sets(args.test)]
     description = (f"Evaluates {uri} on `{dataset.version.path}` (DVC md5 `{dataset.version.md5}`): linear and "
                    f"kNN probes, clustering{', segmentation' if args.masks else ''}"
                    f"{', regression' if args.targets else ''}, and kNN of the same architecture at random init "
-                   "(`random_init.knn.*`, the promotion floor)"
+                   "(`random_init.knn.*`, the baseline of the learning verdict)"
                    + (f"; {args.folds}-fold cross-validation grouped by {args.group or 'patient'}" if args.folds else "")
                    + ("; external test sets " + ", ".join(f"`{t.version.path}`" for t in tests) if tests else "")
                    + ". "

@@ -83,28 +83,25 @@ def _member_of(username: str, family: str) -> bool:
     return False
 
 
-def _registered_model_exists(name: str) -> bool:
+def _found(lookup):
+    """What ``lookup`` finds in the registry's store, None where there is nothing (MLflow answers
+    for that itself)."""
     from mlflow.server.handlers import _get_model_registry_store
 
     try:
-        _get_model_registry_store().get_registered_model(name)
-        return True
+        return lookup(_get_model_registry_store())
     except MlflowException:
-        return False
+        return None
 
 
 def _current_tags(endpoint: str) -> dict[str, str]:
-    """The tags of the registered model or version a tag request names ({} when it does not exist:
-    MLflow answers that itself)."""
-    from mlflow.server.handlers import _get_model_registry_store
-
-    store = _get_model_registry_store()
-    try:
-        if endpoint.endswith("_model_version_tag"):
-            return store.get_model_version(str(_param("name", "")), str(_param("version", ""))).tags
-        return store.get_registered_model(str(_param("name", ""))).tags
-    except MlflowException:
-        return {}
+    """The tags of the registered model or version a tag request names."""
+    name = str(_param("name", ""))
+    if endpoint.endswith("_model_version_tag"):
+        found = _found(lambda store: store.get_model_version(name, str(_param("version", ""))))
+    else:
+        found = _found(lambda store: store.get_registered_model(name))
+    return found.tags if found is not None else {}
 
 
 def _protected(key: str) -> bool:
@@ -121,7 +118,8 @@ def _platform_rules():
     if username in _read_only_users() and request.method not in ("GET", "HEAD", "OPTIONS") and endpoint not in READ_POSTS:
         return _refuse(f"{username} is read-only")
     if endpoint in SERVICE_ONLY:
-        if endpoint == "_create_registered_model" and _registered_model_exists(str(_param("name", ""))):
+        name = str(_param("name", ""))
+        if endpoint == "_create_registered_model" and _found(lambda store: store.get_registered_model(name)) is not None:
             return None  # MLflow answers "already exists", as registering a version expects
         return _refuse(SERVICE_ONLY[endpoint])
     if endpoint == "_create_experiment":

@@ -25,7 +25,7 @@ from tempfile import TemporaryDirectory
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from dinomx.errors import UserError, one_line, run_command
+from dinomx.errors import UserError, run_command
 from registry.ledger import Entry, Ledger
 from registry.lineage import resolve_version, version_uri
 from registry.mlflow_service import MlflowService
@@ -84,8 +84,8 @@ def run_evaluation(mv: ModelVersion, split: EvaluationSplit) -> Evaluation:
                                   filter(None, [str(PROJECT), env.get("PYTHONPATH")]))},
                               capture_output=True, text=True)
         if done.returncode or not out.is_file():
-            raise EvaluationFailed(f"{uri}: the promotion service's evaluation on {split.data} failed: "
-                                   f"{one_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.stdout)[:500]}")
+            said = (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}").splitlines()[-1]
+            raise EvaluationFailed(f"{uri}: the promotion service's evaluation on {split.data} failed: {said[:500]}")
         result = json.loads(out.read_text())
     return Evaluation(uri, result["data"], result["data_md5"], result["run_id"],
                       {k: float(v) for k, v in result["metrics"].items()})

@@ -77,12 +77,12 @@ def _row(client, v, aliases: dict, evaluations: list) -> dict:
                       "validation_report": url_for("registry.validation_report", name=v.name, version=str(v.version))}}
 
 
-def _versions(name: str) -> list[dict]:
+def _versions(name: str, entries: list) -> list[dict]:
+    """Every version of ``name``, newest first, with the ledger's ``entries`` (verified once per page)."""
     client = mlflow().client
     # Search results leave version aliases empty; the registered model has them all.
     aliases = _registered(name).aliases
-    evaluations = ledger_of(client).entries()
-    return [_row(client, v, aliases, evaluations) for v in sorted(client.search_model_versions(equals("name", name)),
+    return [_row(client, v, aliases, entries) for v in sorted(client.search_model_versions(equals("name", name)),
                                                      key=lambda v: int(v.version), reverse=True)]
 
 
@@ -144,7 +144,8 @@ def registry():
 @bp.get("/api/models/<name>", endpoint="api_model")
 @login_required
 def model_page(name: str):
-    versions = _versions(name)
+    entries = ledger_of(mlflow().client).entries()
+    versions = _versions(name, entries)
     if not versions:
         abort(404, f"no registered model {name!r}")
     chains = {}
@@ -153,7 +154,7 @@ def model_page(name: str):
             chains[row["version"]] = format_chain(lineage_chain(mlflow().client, f"models:/{name}/{row['version']}"))
         except RegistryError as exc:
             chains[row["version"]] = f"lineage incomplete: {exc}"
-    trail = audit_trail(ledger_of(mlflow().client), name)
+    trail = audit_trail(entries, name)
     return answer({"name": name, "versions": versions, "lineage": chains, "audit": trail}, "model.html", name=name,
                   versions=versions, chains=chains, trail=trail, may_promote=current_user.is_admin or current_user.can_promote)
 
