@@ -37,6 +37,9 @@ class ValidationReport:
     ingest: dict = field(default_factory=dict)
     # A sharded dataset: shards, and how many were checked now or unchanged since (cached).
     shards: dict = field(default_factory=dict)
+    # The suite's parameters (tile_size, magnifications, min_tissue): what the promotion service
+    # validates the same data version with again before it vouches for a model trained on it.
+    parameters: dict = field(default_factory=dict)
 
     def inputs_line(self) -> str:
         """What the dataset was built from, for a reviewer: "N inputs: U used, S skipped, Q quarantined"."""

@@ -187,6 +187,7 @@ def validate_dataset(root: str | Path, suite: str, parameters: dict, context_dir
     else:
         frame = dataset_metadata(root)
         report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
+    report.parameters = dict(parameters)
     if (root / SKIPPED).is_file():
         report.skipped = pd.read_csv(root / SKIPPED, dtype=str).to_dict("records")
     if (root / REFUSED).is_file():

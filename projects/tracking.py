@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -137,6 +138,9 @@ def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, c
         data_shards=data.shards,
         tiling=tiling.to_json() if tiling else "",
         annotations_proposed_by=proposed_by_of(data.path),
+        data_output=data.version.tracked_path,
+        validation_dataset=data.report.dataset,
+        validation_parameters=json.dumps(data.report.parameters, sort_keys=True),
     )
 
 

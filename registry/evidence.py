@@ -68,24 +68,35 @@ def recorded(entries: list[Entry], mv: ModelVersion, data_md5: str | None = None
     return None
 
 
+def run_module(module: str, args: list[str], env: dict[str, str] | None = None,
+               cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` of this checkout, as the promotion service runs its checks: in a
+    process of its own, so a check's imports and memory end with it. ``env``: the whole environment
+    (default: this process's)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or os.getcwd(), env=env,
+                          capture_output=True, text=True)
+
+
+def last_words(done: subprocess.CompletedProcess) -> str:
+    """What a finished check said last, for a refusal's one line."""
+    return (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}").splitlines()[-1][:500]
+
+
 def run_evaluation(mv: ModelVersion, split: EvaluationSplit) -> Evaluation:
     """The ``evaluate`` entry point on ``mv``, run by this process's identity into ``vf-gate``;
     its numbers are read from the file it writes, not from the run, which others may read."""
     uri = version_uri(mv)
     with TemporaryDirectory(prefix="vf-gate-") as tmp:
         out = Path(tmp) / "metrics.json"
-        env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": GATE_EXPERIMENT}
-        env.pop("MLFLOW_RUN_ID", None)
-        env.pop("MLFLOW_EXPERIMENT_ID", None)
-        done = subprocess.run([sys.executable, "-m", "projects.evaluate", "--model", uri, "--data", split.data,
-                               "--validation-report", split.validation_report, "--knn-k", str(split.knn_k),
-                               "--metrics-out", str(out), "--tag-version", "no"],
-                              cwd=os.getcwd(), env={**env, "PYTHONPATH": os.pathsep.join(
-                                  filter(None, [str(PROJECT), env.get("PYTHONPATH")]))},
-                              capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+        done = run_module("projects.evaluate", ["--model", uri, "--data", split.data, "--validation-report",
+                                                split.validation_report, "--knn-k", str(split.knn_k),
+                                                "--metrics-out", str(out), "--tag-version", "no"],
+                          env={**env, "MLFLOW_EXPERIMENT_NAME": GATE_EXPERIMENT})
         if done.returncode or not out.is_file():
-            said = (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}").splitlines()[-1]
-            raise EvaluationFailed(f"{uri}: the promotion service's evaluation on {split.data} failed: {said[:500]}")
+            raise EvaluationFailed(f"{uri}: the promotion service's evaluation on {split.data} failed: {last_words(done)}")
         result = json.loads(out.read_text())
     return Evaluation(uri, result["data"], result["data_md5"], result["run_id"],
                       {k: float(v) for k, v in result["metrics"].items()})

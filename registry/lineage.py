@@ -85,6 +85,11 @@ class Lineage:
     # Model versions that proposed the data's annotations (corrected masks brought back from
     # annotators), comma-separated.
     annotations_proposed_by: str = ""
+    # What the promotion service validates again before it vouches for the version: the DVC output
+    # ``data_md5`` hashes, the folder of it the report covered, and the suite's parameters (JSON).
+    data_output: str = ""
+    validation_dataset: str = ""
+    validation_parameters: str = ""
 
     def tags(self) -> dict[str, str]:
         return {PREFIX + k: _tag_value(v) for k, v in asdict(self).items()}

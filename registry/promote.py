@@ -7,15 +7,17 @@ leaving a record in the promotion ledger each time.
 
 Who may move an alias is decided first, for every model the move touches (the named one and each
 ``--with``), by one ``authorize`` function: the portal's family rights there; from the command line
-the tracking server's own permissions. Gates, in order, for each version of the set: lineage
-complete; training data passed validation; the promotion service's own evaluation of the version
-on the family's evaluation split (``registry.evidence``: run now unless its ledger holds one),
-from which it recomputes whether a backbone learned (its kNN against the same architecture at
-random init); the absolute floors of ``configs/promotion.yaml``; metrics no worse than the current
-holder's on the same split beyond its thresholds. Then for the set as a whole: a model built on a
-registered parent (a head on its backbone) only when that parent holds the same alias afterwards,
-and no holder of the alias left built on a version the set replaces (a new backbone moves with a
-head trained on it). Rollbacks pass the same consistency gates.
+the tracking server's own permissions. Then the cheap refusals: each version's lineage complete,
+and for the set as a whole, a model built on a registered parent (a head on its backbone) only
+when that parent holds the same alias afterwards, and no holder of the alias left built on a
+version the set replaces (a new backbone moves with a head trained on it). Then for each version:
+its training data passes its suite when the promotion service fetches it from the platform's DVC
+remote and validates it (``registry.data_check``); the promotion service's own evaluation of the
+version on the family's evaluation split (``registry.evidence``), from which it recomputes whether
+a backbone learned (its kNN against the same architecture at random init); the absolute floors of
+``configs/promotion.yaml``; metrics no worse than the current holder's on the same split beyond
+its thresholds. Validations and evaluations already in the ledger are not run again. Rollbacks
+pass the same consistency gates.
 
 Two promotions at once cannot both win: each moves its aliases holding the ledger's lock, which
 only the promotion service can take, and a promotion whose comparison was made against a holder
@@ -37,6 +39,7 @@ from mlflow.exceptions import MlflowException
 
 from dinomx.errors import UserError, run_command
 from registry import audit
+from registry.data_check import DataCheck, DataUnavailable, vouch
 from registry.evidence import Evaluation, EvaluationSplit, evaluate_for_gate, recorded
 from registry.ledger import Ledger, LedgerBusy
 from registry.lineage import (
@@ -56,7 +59,7 @@ DEFAULT_GATES = Path(__file__).resolve().parents[1] / "configs" / "promotion.yam
 LOWER_IS_BETTER = ("cluster.dbi", "regression.mae")
 RANDOM_INIT_KNN = "random_init.knn.accuracy"
 # What a move passed, in order: recorded with it, shown in the portal and the version's description.
-PROMOTION_GATES = ["authorized", "lineage complete", "data validation", "parent promoted", "dependants", "evidence",
+PROMOTION_GATES = ["authorized", "lineage complete", "parent promoted", "dependants", "data validation", "evidence",
                    "learning", "floor", "metrics", "exclusive"]
 ROLLBACK_GATES = ["authorized", "parent promoted", "dependants", "exclusive"]
 # Raises when the current user may not move aliases of the named registered model.
@@ -205,11 +208,26 @@ def check_gates(mv: ModelVersion, alias: str, holder: ModelVersion | None, gates
 
 
 def check_lineage(mv: ModelVersion) -> None:
-    """The version's lineage is complete and its training data passed validation."""
+    """The version's lineage is complete and does not itself say its data failed validation."""
     lineage = _lineage(mv)
     if not lineage.validation_success:
         raise PromotionRefused("data validation", f"{version_uri(mv)} was trained on data that failed "
                                                   f"{lineage.validation_suite}")
+
+
+def check_training_data(ledger: Ledger, mv: ModelVersion) -> DataCheck:
+    """The data ``mv`` was trained on passes its suite when the promotion service validates it
+    (``registry.data_check``), whatever the version's lineage says."""
+    uri = version_uri(mv)
+    try:
+        check = vouch(ledger, mv)
+    except DataUnavailable as exc:
+        raise PromotionRefused("data validation", str(exc)) from None
+    if not check.success:
+        shown = "; ".join(line.strip() for line in check.failures[:3])
+        raise PromotionRefused("data validation", f"{uri} was trained on {check.dataset} (md5 {check.data_md5}), which "
+                                                  f"fails {check.suite} when the promotion service validates it: {shown}")
+    return check
 
 
 def _lineage(mv: ModelVersion) -> Lineage:
@@ -289,12 +307,15 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
     seen = {mv.name: alias_holder(client, mv.name, alias) for mv in versions}
     moves = {mv.name: mv for mv in versions}
     check_consistency(client, moves, alias, seen)  # before any evaluation: the cheap refusals first
+    data = {mv.name: check_training_data(ledger, mv) for mv in versions}
     records = {}
     for mv in versions:
         candidate, incumbent = _evidence(ledger, mv, seen[mv.name], gates)
         records[mv.name] = {"action": "promote", "reason": reason, "gates": PROMOTION_GATES,
                             "metrics": check_gates(mv, alias, seen[mv.name], gates, candidate, incumbent),
-                            # What the move was decided on: the service's own evaluation, by its run.
+                            # What the move was decided on: the service's own validation and evaluation.
+                            "validation": {"data": data[mv.name].dataset, "data_md5": data[mv.name].data_md5,
+                                           "suite": data[mv.name].suite, "rows": data[mv.name].rows},
                             "evaluation": {"run_id": candidate.run_id, "data": candidate.data,
                                            "data_md5": candidate.data_md5, "metrics": _judged(candidate, gates)}}
     return _move(client, ledger, moves, alias, seen, records, user)

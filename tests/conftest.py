@@ -96,9 +96,11 @@ def no_child_process_outlives_its_test():
 
 @pytest.fixture(scope="session")
 def validated_checkout(tmp_path_factory) -> Path:
-    """A checkout with the demo data built and validated (`dvc repro`), ready for `mlflow run`."""
+    """A checkout with the demo data built, validated (`dvc repro`) and pushed to its DVC remote,
+    where the promotion service fetches it to validate it again, ready for `mlflow run`."""
     checkout = copy_checkout(tmp_path_factory.mktemp("validated") / "vision-foundry")
     subprocess.run(["dvc", "repro"], cwd=checkout, check=True, capture_output=True)
+    subprocess.run(["dvc", "push"], cwd=checkout, check=True, capture_output=True)
     return checkout
 
 

@@ -38,7 +38,7 @@ from dinomx.embed import Embedder
 from dinomx.model import build_models
 from registry.lineage import Lineage, format_chain, lineage_chain
 from registry.mlflow_service import EVAL_RUN_ID, Tag
-from registry.promote import PromotionRefused, promote
+from registry.promote import PromotionRefused, ledger_of, promote
 from scripts.demo import free_port, wait_ready
 from tests.conftest import copy_checkout, portal_with_demo_dataset, readme_commands
 
@@ -105,6 +105,9 @@ def test_backbone_is_registered_with_complete_lineage_and_loads_with_automodel(d
     assert lineage.source_run_id == _run_of(client, "pretrain").info.run_id
     assert lineage.data_md5 in (checkout / "dvc.lock").read_text()
     assert lineage.validation_success and lineage.validation_suite == "image_tiles_rgb"
+    # What the promotion service needs to validate the same data again.
+    assert lineage.data_output == lineage.validation_dataset == "data/demo/images"
+    assert json.loads(lineage.validation_parameters) == {"tile_size": 32}
     assert json.loads(mlflow.artifacts.load_text(lineage.validation_report))["success"] is True
     assert len(lineage.git_commit) == 40 and lineage.git_dirty is False
     assert lineage.data_remote == str(checkout / ".dvc-storage")
@@ -171,6 +174,13 @@ def test_head_names_its_backbone_and_both_hold_production(demo):
     assert client.get_experiment(evaluated.info.experiment_id).name == "vf-gate"
     assert evaluated.data.tags["vf.evaluated_model"] == f"models:/demo-head/{head.version}"
     assert "head.accuracy" in audit[0]["evaluation"]["metrics"] and "on the promotion service's evaluation (run" in output
+    # The data both were trained on, fetched from the DVC remote the demo pushed to and validated
+    # again by the promotion service, once.
+    data_md5 = Lineage.from_tags(backbone.tags).data_md5
+    assert audit[0]["validation"] == {"data": "data/demo/images", "data_md5": data_md5, "suite": "image_tiles_rgb",
+                                      "rows": 560}
+    checks = [e.body for e in ledger_of(client).entries() if e.kind == "validation"]
+    assert [(c["data_md5"], c["success"], c["parameters"]) for c in checks] == [(data_md5, True, {"tile_size": 32})]
 
     chain = lineage_chain(client, "models:/demo-head@production")
     assert [c["model"] for c in chain] == [f"models:/demo-head/{head.version}", f"models:/demo-backbone/{backbone.version}"]

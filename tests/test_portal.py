@@ -624,6 +624,8 @@ def test_versions_show_their_evaluation_compare_side_by_side_and_say_why_they_ho
     model = admin.get("/api/models/cmp-backbone").json
     newest = model["versions"][0]
     assert newest["evaluation"]["knn.accuracy"] == 0.86 and newest["learning"] == "not measured"
+    # The promotion service validated the data of version 1, not the other data version 2 names.
+    assert (model["versions"][1]["validated"], newest["validated"], newest["validation"]) == (True, None, "true")
     assert newest["links"]["version"] == "http://mlflow.test/#/models/cmp-backbone/versions/2"
     assert newest["links"]["run"].startswith("http://mlflow.test/#/experiments/")
     assert newest["links"]["validation_report"] == "/registry/cmp-backbone/2/validation-report"

@@ -13,6 +13,9 @@ from mlflow import MlflowClient
 
 from registry import audit
 from registry.audit import trail as audit_trail
+from registry.data_check import DataCheck
+from registry.data_check import record as record_validation
+from registry.data_check import recorded as recorded_validation
 from registry.evidence import Evaluation, record
 from registry.ledger import KEY_ENV, Ledger, LedgerBroken
 from registry.lineage import Lineage, LineageError, RegistryUnavailable, alias_holder, equals, lineage_chain
@@ -30,6 +33,8 @@ from registry.promote import (
 from registry.promote import main as promote_main
 from scripts.demo import free_port
 
+# What every version here was trained on, as the promotion service found it when it validated it.
+VALIDATED = DataCheck("m.dir", "data/x", "he_tiles", {"tile_size": 32}, True, 10, [])
 GATES = Gates({"backbone": [MetricGate("knn.accuracy", 0.01)],
                "head": [MetricGate("head.accuracy", 0.0), MetricGate("regression.mae", 0.005)]})
 
@@ -47,13 +52,15 @@ def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: d
              **lineage_fields) -> str:
     """A version with complete lineage (``lineage_fields`` set more of it); ``eval_tags``: the
     metrics of a researcher's evaluate run of it (the run, its id on the version, the ``vf.eval.*``
-    tags); ``evaluated``: the promotion service's evaluation of it, recorded in its ledger."""
+    tags); ``evaluated``: the promotion service's evaluation of it, recorded in its ledger, where
+    its validation of the data (``VALIDATED``) is too."""
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
     lineage = Lineage(kind=kind, source_run_id=run.info.run_id, parent=parent, data_path="data/x", data_md5="m.dir",
                       data_source="dvc.lock:ingest", data_remote="", validation_suite="he_tiles",
                       validation_success=True, validation_report="r", git_commit="c" * 40, git_dirty=False,
-                      config_sha256="s", **lineage_fields)
+                      config_sha256="s", data_output="data/x", validation_dataset="data/x",
+                      validation_parameters=json.dumps(VALIDATED.parameters), **lineage_fields)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
     version = str(client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
@@ -65,6 +72,8 @@ def register(client: MlflowClient, name: str, kind: str = "backbone", metrics: d
         for key, value in {**{EVAL_PREFIX + k: repr(v) for k, v in eval_tags.items()},
                            EVAL_RUN_ID: evaluation.info.run_id}.items():
             client.set_model_version_tag(name, version, key, value)
+    if recorded_validation(ledger_of(client).entries(), VALIDATED) is None:
+        record_validation(ledger_of(client), VALIDATED, f"models:/{name}/{version}")
     if evaluated is not None:
         mv = client.get_model_version(name, version)
         record(ledger_of(client), Evaluation(f"models:/{name}/{version}", "data/eval", "e.dir", "gate-run", evaluated), mv)
@@ -370,32 +379,32 @@ def test_a_missing_altered_reordered_or_unsigned_ledger_record_stops_the_service
     newest = client.get_model_version("t-backbone", v2)
     assert audit.unaudited_reason(service, newest, "production") is None
     rows = service.entries()
-    assert [e.kind for e in rows] == ["evaluation", "evaluation", "promote", "promote"]
+    assert [e.kind for e in rows] == ["validation", "evaluation", "evaluation", "promote", "promote"]
 
     def refused(match: str) -> None:
         with pytest.raises(LedgerBroken, match=match):
             audit.unaudited_reason(Ledger(service.url, b"gate-secret"), newest, "production")
 
-    _tamper(service, "UPDATE vf_ledger SET body = replace(body, '\"second\"', '\"third\"') WHERE seq = 4")
-    refused("ledger record 4 was altered after it was written")
-    _tamper(service, "UPDATE vf_ledger SET body = :body WHERE seq = 4", body=json.dumps(rows[3].body, sort_keys=True,
+    _tamper(service, "UPDATE vf_ledger SET body = replace(body, '\"second\"', '\"third\"') WHERE seq = 5")
+    refused("ledger record 5 was altered after it was written")
+    _tamper(service, "UPDATE vf_ledger SET body = :body WHERE seq = 5", body=json.dumps(rows[4].body, sort_keys=True,
                                                                                        separators=(",", ":")))
     assert audit.unaudited_reason(Ledger(service.url, b"gate-secret"), newest, "production") is None  # put back
-    _tamper(service, "UPDATE vf_ledger SET seq = -seq WHERE seq IN (3, 4)")
-    _tamper(service, "UPDATE vf_ledger SET seq = 4 WHERE seq = -3")
-    _tamper(service, "UPDATE vf_ledger SET seq = 3 WHERE seq = -4")
-    refused("ledger record 3 does not follow record 2: records were reordered or replaced")
-    _tamper(service, "DELETE FROM vf_ledger WHERE seq >= 3")
-    with pytest.raises(LedgerBroken, match="the ledger ends at record 2, but record 4 was read before"):
+    _tamper(service, "UPDATE vf_ledger SET seq = -seq WHERE seq IN (4, 5)")
+    _tamper(service, "UPDATE vf_ledger SET seq = 5 WHERE seq = -4")
+    _tamper(service, "UPDATE vf_ledger SET seq = 4 WHERE seq = -5")
+    refused("ledger record 4 does not follow record 3: records were reordered or replaced")
+    _tamper(service, "DELETE FROM vf_ledger WHERE seq >= 4")
+    with pytest.raises(LedgerBroken, match="the ledger ends at record 3, but record 5 was read before"):
         audit.unaudited_reason(service, newest, "production")
     # A fresh reader sees the signed copy MLflow shows of a record the ledger no longer has.
-    assert "MLflow shows record 4 signed by the promotion service" in audit.unaudited_reason(
+    assert "MLflow shows record 5 signed by the promotion service" in audit.unaudited_reason(
         Ledger(service.url, b"gate-secret"), newest, "production")
     # A row written by anyone without the key, however well chained, is not the service's.
     entry = Ledger(service.url, None)
     with entry.exclusive() as appender:
         appender.append({"kind": "promote", "model": "t-backbone", "version": v2, "alias": "production"})
-    refused("ledger record 3 is not signed by the promotion service")
+    refused("ledger record 4 is not signed by the promotion service")
 
 
 def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(client):

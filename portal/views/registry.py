@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from dinomx.errors import UserError
 from portal.access import AccessDenied, authorize_alias_move
 from portal.web import answer, audit, mlflow, payload, settings, text
+from registry import data_check
 from registry.audit import trail as audit_trail
 from registry.evidence import recorded
 from registry.ledger import LedgerBroken, LedgerUnavailable
@@ -26,6 +27,7 @@ from registry.lineage import (
     format_chain,
     lineage_chain,
     registry_errors,
+    version_uri,
 )
 from registry.mlflow_service import Tag, evaluation_metrics
 from registry.promote import PromotionRefused, ledger_of, promote, rollback
@@ -52,20 +54,26 @@ def _registered(name: str):
 
 
 def _row(client, v, aliases: dict, evaluations: list) -> dict:
-    """One version as the pages show it: lineage, the promotion service's evaluation (what the gates
-    read; ``reported``: what its researchers' own evaluate runs wrote on it), the training run's
-    learning verdict and where to read more."""
+    """One version as the pages show it: lineage (``validation``: what its training run said of its
+    data; ``validated``: the promotion service's own verdict, None until it has one), the promotion
+    service's evaluation (what the gates read; ``reported``: what its researchers' own evaluate runs
+    wrote on it), the training run's learning verdict and where to read more."""
     service = recorded(evaluations, v)
     try:
         lineage = Lineage.from_tags(v.tags)
     except RegistryError:
         lineage = None
+    try:
+        validated = data_check.recorded(evaluations, data_check.question(lineage, version_uri(v))) if lineage else None
+    except data_check.DataUnavailable:
+        validated = None
     run = client.get_run(v.run_id) if v.run_id else None
     ui = settings().mlflow_ui_url
     return {"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
             "kind": lineage.kind if lineage else "", "parent": lineage.parent if lineage else "",
             "data": lineage.data_path if lineage else "", "data_md5": lineage.data_md5 if lineage else "",
             "validation": str(lineage.validation_success).lower() if lineage else "",
+            "validated": validated.success if validated else None,
             "code": lineage.git_commit[:12] if lineage else "", "config": lineage.config_sha256[:12] if lineage else "",
             "evaluation": service.metrics if service else {}, "evaluated_on": service.data_md5 if service else None,
             "reported": evaluation_metrics(v.tags),
