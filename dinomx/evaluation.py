@@ -57,6 +57,7 @@ class Evaluation:
     classes: list[str]
     confusion: np.ndarray  # default classifier, rows = true class
     val: Split
+    train: Split
 
 
 def _embed(embedder: Embedder, root: Path, with_patches: bool) -> tuple[Split, list[str]]:
@@ -298,7 +299,8 @@ def evaluate(embedder: Embedder, data: str | Path, knn_k: int = 20, masks: str |
         metrics.update(_regression_metrics("regression", y_val, heads.regression.predict(val.embeddings)))
 
     confusion = confusion_matrix(val.labels, predictions[default], labels=list(range(len(classes))))
-    return Evaluation(heads, metrics, classes, confusion, val)
+    # The train split's patch tokens are the largest thing here and no caller reads them.
+    return Evaluation(heads, metrics, classes, confusion, val, Split(train.paths, train.labels, train.embeddings))
 
 
 def plot_confusion(evaluation: Evaluation, path: Path) -> Path:

@@ -27,6 +27,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from PIL import Image
 
 from data.groups import GROUPINGS, groups_of
+from dinomx.drift import Reference
 from dinomx.errors import MissingInput
 from dinomx.evaluation import (
     cross_validate,
@@ -62,6 +63,9 @@ from registry.mlflow_service import (
     version_metrics,
 )
 
+# Where an evaluation run keeps the drift watch's reference of the backbone.
+REFERENCE_DIR, REFERENCE_FILE = "monitoring", "reference.npz"
+
 
 def validation_report_of(split: Path) -> Path:
     """The validation report of the dataset holding ``split``: ``validation/report.json`` beside
@@ -82,14 +86,29 @@ def run(model_uri: str, args: argparse.Namespace, knn_k: int) -> dict[str, float
     mv = resolve_version(client, model_uri)
     dataset = training_data(args.data, args.validation_report)
     if Lineage.from_tags(mv.tags).kind == "head":
-        metrics = run_head(mv, dataset)
+        metrics, reference = run_head(mv, dataset), None
     else:
-        metrics = run_backbone(client, mv, dataset, args, knn_k)
+        metrics, reference = run_backbone(client, mv, dataset, args, knn_k)
     if args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps({
             "model": version_uri(mv), "run_id": mlflow.last_active_run().info.run_id, "data": dataset.version.path,
-            "data_md5": dataset.version.md5, "metrics": metrics}))
+            "data_md5": dataset.version.md5, "metrics": metrics, "reference": reference}))
     return metrics
+
+
+def log_reference(result, uri: str, dataset: TrainingData) -> dict[str, str]:
+    """What the service's drift watch compares served images with (``dinomx.drift``): the PCA of
+    this split's train embeddings and a sample of its val ones, an artifact of the active run;
+    its URI and SHA-256, which the promotion service records with its evaluation."""
+    reference = Reference.fit(result.train.embeddings, result.val.embeddings,
+                              about={"backbone": uri, "data": dataset.version.path, "data_md5": dataset.version.md5})
+    with TemporaryDirectory() as tmp:
+        path = Path(tmp) / REFERENCE_FILE
+        sha256 = reference.save(path)
+        mlflow.log_artifact(str(path), REFERENCE_DIR)
+    mlflow.log_params({"monitoring.reference_points": len(reference.points), "monitoring.components":
+                       reference.components.shape[0], "monitoring.k": reference.k})
+    return {"uri": f"{mlflow.get_artifact_uri(REFERENCE_DIR)}/{REFERENCE_FILE}", "sha256": sha256}
 
 
 def run_head(mv, dataset: TrainingData) -> dict[str, float]:
@@ -112,7 +131,9 @@ def run_head(mv, dataset: TrainingData) -> dict[str, float]:
     return metrics
 
 
-def run_backbone(client, mv, dataset: TrainingData, args: argparse.Namespace, knn_k: int) -> dict[str, float]:
+def run_backbone(client, mv, dataset: TrainingData, args: argparse.Namespace,
+                 knn_k: int) -> tuple[dict[str, float], dict[str, str]]:
+    """The backbone's metrics, and its drift reference (``log_reference``)."""
     uri = version_uri(mv)
     order = [c.strip() for c in args.categories.split(",") if c.strip()] or None
     tests = [training_data(path, validation_report_of(path)) for path in _test_sets(args.test)]
@@ -137,6 +158,7 @@ def run_backbone(client, mv, dataset: TrainingData, args: argparse.Namespace, kn
         result = evaluate(embedder, dataset.path, knn_k, args.masks or None, args.targets or None, args.target_column,
                           order)
         result.metrics.update(random_init_knn(embedder, dataset.path, knn_k))
+        reference = log_reference(result, uri, dataset)
         metrics, sets = dict(result.metrics), {"val": result.metrics}
         if args.folds:
             groups, grouping = groups_of([dataset.path / "train", dataset.path / "val"], args.group)
@@ -176,7 +198,7 @@ def run_backbone(client, mv, dataset: TrainingData, args: argparse.Namespace, kn
             evaluated = client.get_model_version(mv.name, mv.version)
             describe_version(client, evaluated, audit.mirrored_history(evaluated))
     print(summary_text(uri, dataset.version.path, metrics, rows))
-    return metrics
+    return metrics, reference
 
 
 def summary_text(uri: str, data: str, metrics: dict[str, float], rows: list[list[str]]) -> str:

@@ -56,6 +56,8 @@ class Evaluation:
     data_md5: str
     run_id: str
     metrics: dict[str, float]
+    # A backbone's drift reference, which the service watches its inputs against: {uri, sha256}.
+    reference: dict | None = None
 
 
 def recorded(entries: list[Entry], mv: ModelVersion, data_md5: str | None = None) -> Evaluation | None:
@@ -64,7 +66,7 @@ def recorded(entries: list[Entry], mv: ModelVersion, data_md5: str | None = None
     for entry in reversed(entries):
         if entry.kind == EVALUATION and entry.body.get("model") == uri and data_md5 in (None, entry.body.get("data_md5")):
             body = entry.body
-            return Evaluation(uri, body["data"], body["data_md5"], body["run_id"], body["metrics"])
+            return Evaluation(uri, body["data"], body["data_md5"], body["run_id"], body["metrics"], body.get("reference"))
     return None
 
 
@@ -99,14 +101,15 @@ def run_evaluation(mv: ModelVersion, split: EvaluationSplit) -> Evaluation:
             raise EvaluationFailed(f"{uri}: the promotion service's evaluation on {split.data} failed: {last_words(done)}")
         result = json.loads(out.read_text())
     return Evaluation(uri, result["data"], result["data_md5"], result["run_id"],
-                      {k: float(v) for k, v in result["metrics"].items()})
+                      {k: float(v) for k, v in result["metrics"].items()}, result.get("reference"))
 
 
 def record(ledger: Ledger, evaluation: Evaluation, mv: ModelVersion) -> Entry:
     with ledger.exclusive() as appender:
         return appender.append({"kind": EVALUATION, "model": evaluation.model, "version": str(mv.version), "alias": "",
                                 "data": evaluation.data, "data_md5": evaluation.data_md5, "run_id": evaluation.run_id,
-                                "metrics": evaluation.metrics, "time": datetime.now(timezone.utc).isoformat()})
+                                "metrics": evaluation.metrics, "reference": evaluation.reference,
+                                "time": datetime.now(timezone.utc).isoformat()})
 
 
 def evaluate_for_gate(ledger: Ledger, mv: ModelVersion, split: EvaluationSplit) -> Evaluation:

@@ -42,6 +42,8 @@ class Tag:
     GIT_DIRTY = "vf.git_dirty"
     PARENT = "vf.parent"
     EVALUATED_MODEL = "vf.evaluated_model"
+    MONITORED_MODEL = "vf.monitored_model"  # a monitoring run: the served backbone it watches
+    REFERENCE_RUN = "vf.reference_run"  # ... and the evaluation run whose drift reference it is watched against
     DEFAULT_HEAD = "vf.default_head"
     # on a model version: its evaluation per category in the paper's Table 3 layout (Markdown)
     EVALUATION_TABLE = "vf.evaluation_table"

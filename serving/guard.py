@@ -53,6 +53,7 @@ class ServingState:
     refused: str | None = None
     loading: str | None = None
     failed: str | None = None
+    watch: str | None = None  # why what is served is not watched (the backbone has no drift reference)
     endpoints: Endpoints | None = None
 
     @property
@@ -77,8 +78,9 @@ class RequestGuard:
         if path == "/readyz" and self.state is not None and self.state.unavailable:
             body = json.dumps({"ready": False, "error": self.state.unavailable})
             return await _send_json(send, 503, body.encode(), [(b"retry-after", b"5")])
-        if path == "/readyz" and self.state is not None and self.state.refused:
-            body = json.dumps({"ready": True, "serving": list(self.state.serving), "refused": self.state.refused})
+        if path == "/readyz" and self.state is not None and (self.state.refused or self.state.watch):
+            said = {"refused": self.state.refused, "watch": self.state.watch}
+            body = json.dumps({"ready": True, "serving": list(self.state.serving), **{k: v for k, v in said.items() if v}})
             return await _send_json(send, 200, body.encode())
         if path == OPENAPI_ROUTE and method == "GET" and self.describe is not None:
             return await self.app(scope, receive, self._described(send))

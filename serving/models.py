@@ -20,13 +20,16 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from dinomx.errors import one_line
+from dinomx.drift import Reference
+from dinomx.errors import DataError, one_line
 from registry import audit
+from registry.evidence import recorded
 from registry.ledger import LedgerBroken, LedgerUnavailable
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
 from registry.promote import ledger_of
 from serving import log
+from serving.watch import Watch
 
 if TYPE_CHECKING:
     from dinomx.embed import Embedder
@@ -48,6 +51,7 @@ class PromotedModels:
     embedder: Embedder
     head_uri: str | None
     heads: TaskHeads | None
+    watch: Watch
     tiling: str = ""  # the head's lineage: how /predict_slide cuts a slide (empty: the head was fitted on no tiles)
 
     @property
@@ -122,15 +126,50 @@ def head_tiling(uris: Uris, client: MlflowClient | None = None) -> str:
     return Lineage.from_tags(client.get_model_version(name, version).tags).tiling
 
 
+def fetch_reference(backbone_uri: str, folder: Path, client: MlflowClient | None = None) -> dict:
+    """The drift reference of the promotion service's newest evaluation of ``backbone_uri``, in its
+    ledger, fetched into ``folder``: {path, sha256, run_id}, or {note} saying why there is none.
+    One the artifact store will not give, or that is not the one the ledger names, is refused."""
+    client = client or MlflowService().client
+    name, _, version = backbone_uri.removeprefix("models:/").rpartition("/")
+    evaluation = recorded(ledger_of(client).entries(), client.get_model_version(name, version))
+    if evaluation is None or not evaluation.reference:
+        said = (f"its newest evaluation by the promotion service (run {evaluation.run_id}) has none" if evaluation
+                else "the promotion service has not evaluated it")
+        return {"note": f"no reference: {said}; inputs are served unwatched until `python -m registry.evidence "
+                        f"{backbone_uri}` records one"}
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=evaluation.reference["uri"], dst_path=str(folder))
+        Reference.load(path, evaluation.reference["sha256"]).check(backbone_uri)
+    except DataError as exc:
+        raise ServingError(f"{backbone_uri}: drift reference refused: {exc}") from None
+    except Exception as exc:  # each artifact store fails its own way
+        raise ServingError(f"{backbone_uri}: its drift reference {evaluation.reference['uri']} cannot be read "
+                           f"({type(exc).__name__}: {one_line(exc)[:200]})") from None
+    return {"path": path, "sha256": evaluation.reference["sha256"], "run_id": evaluation.run_id}
+
+
+def watch_of(backbone_uri: str, dim: int, fetched: dict) -> Watch:
+    """The watch of a loaded backbone (of embedding size ``dim``) over its fetched reference."""
+    if "note" in fetched:
+        return Watch(backbone_uri, None, fetched["note"])
+    reference = Reference.load(fetched["path"], fetched["sha256"])
+    if reference.dim != dim:
+        raise ServingError(f"{backbone_uri}: drift reference refused: it holds {reference.dim}-d embeddings, the "
+                           f"backbone makes {dim}-d ones")
+    return Watch(backbone_uri, reference, "", fetched["run_id"])
+
+
 def prefetch(name: str, alias: str, client: MlflowClient | None = None) -> Uris:
     """In the process that starts the workers, before it does: the set holding ``alias``, checked,
-    and its files downloaded once for every worker (``PREFETCHED`` in the environment says where;
-    the copy goes when this process exits)."""
+    and its files and drift reference downloaded once for every worker (``PREFETCHED`` in the
+    environment says where; the copy goes when this process exits)."""
     uris = servable_uris(name, alias, client)
     folder = Path(tempfile.mkdtemp(prefix="vision-foundry-models-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.environ[PREFETCHED] = json.dumps({"uris": uris, "paths": download(uris, folder),
-                                         "tiling": head_tiling(uris, client)})
+                                         "tiling": head_tiling(uris, client),
+                                         "reference": fetch_reference(uris[0], folder / "reference", client)})
     return uris
 
 
@@ -141,14 +180,21 @@ def _load(uri: str):
     return mlflow.pyfunc.load_model(uri, suppress_warnings=True).unwrap_python_model()
 
 
-def load(uris: Uris, paths: dict[str, str] | None = None, tiling: str | None = None) -> PromotedModels:
+def load(uris: Uris, paths: dict[str, str] | None = None, tiling: str | None = None,
+         reference: dict | None = None) -> PromotedModels:
     """The checked set ``uris``, from the local copies in ``paths`` where given; the head's
-    ``tiling`` read from the registry unless given."""
+    ``tiling`` and the backbone's drift ``reference`` (``fetch_reference``) read from the registry
+    unless given."""
     backbone_uri, head_uri = uris
     paths = paths or {}
     embedder = _load(paths.get(backbone_uri, backbone_uri)).embedder
     heads = _load(paths.get(head_uri, head_uri)).heads if head_uri else None
-    return PromotedModels(backbone_uri, embedder, head_uri, heads, head_tiling(uris) if tiling is None else tiling)
+    if reference is None:
+        with tempfile.TemporaryDirectory(prefix="vision-foundry-reference-") as folder:
+            watch = watch_of(backbone_uri, embedder.dim, fetch_reference(backbone_uri, Path(folder)))
+    else:
+        watch = watch_of(backbone_uri, embedder.dim, reference)
+    return PromotedModels(backbone_uri, embedder, head_uri, heads, watch, head_tiling(uris) if tiling is None else tiling)
 
 
 def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:
@@ -161,5 +207,5 @@ def load_at_start(name: str, alias: str) -> PromotedModels:
     if fetched := os.environ.get(PREFETCHED):
         held = json.loads(fetched)
         log.info("loading %s from the copy fetched at start", held["uris"])
-        return load(tuple(held["uris"]), held["paths"], held["tiling"])
+        return load(tuple(held["uris"]), held["paths"], held["tiling"], held["reference"])
     return load_promoted(name, alias)

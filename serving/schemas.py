@@ -13,11 +13,36 @@ def _head_model():
     return Field(description="The registered head that answered", examples=["models:/demo-head/2"])
 
 
+class OODScore(BaseModel):
+    score: float = Field(description="Distance of the image's embedding to its k-th nearest reference image (in the "
+                                     "reference's PCA space of L2-normalised embeddings)", examples=[0.41])
+    percentile: float = Field(description="Share of the reference's own leave-one-out distances at or below `score`, "
+                                          "0-100", examples=[62.5])
+    in_distribution: bool = Field(description="`percentile` at or below the reference's threshold")
+
+
+class OOD(BaseModel):
+    reference: str | None = Field(description="The promotion service's evaluation run whose reference the images are "
+                                              "scored against; null when the backbone has none",
+                                  examples=["3f2a9c0d41e84b6f9a7d5c2e1b0a9f87"])
+    threshold_percentile: float | None = Field(description="Percentile beyond which an image is out of distribution",
+                                               examples=[99.0])
+    window: int = Field(description="Images per window of the two-sample test the service runs on what it is sent "
+                                    "(VF_WATCH_WINDOW)", examples=[100])
+    scores: list[OODScore] = Field(description="One per image, in order; empty without a reference")
+    note: str = Field(description="Why there is no reference (empty with one)", examples=[""])
+
+
+def _ood():
+    return Field(description="How far each image lies from what the backbone was evaluated on (out of distribution)")
+
+
 class Embeddings(BaseModel):
     model: str = _model()
     dim: int = Field(description="Length of each embedding", examples=[384])
     embeddings: list[list[float]] = Field(description="One CLS embedding of the EMA teacher per image, in order",
                                           examples=[[[0.12, -0.03, 0.88]]])
+    ood: OOD = _ood()
 
 
 class ClassPrediction(BaseModel):
@@ -33,12 +58,14 @@ class Classification(BaseModel):
     head: str = Field(description="The probe that answered (the `head` asked for, else the default)",
                       examples=["linear"])
     predictions: list[ClassPrediction] = Field(description="One per image, in order")
+    ood: OOD = _ood()
 
 
 class Regression(BaseModel):
     model: str = _head_model()
     target: str = Field(description="What the values estimate", examples=["structure_fraction"])
     predictions: list[float] = Field(description="One value per image, in order", examples=[[0.42]])
+    ood: OOD = _ood()
 
 
 class Mask(BaseModel):
@@ -54,6 +81,7 @@ class Segmentation(BaseModel):
     model: str = _head_model()
     classes: list[str] = Field(description="Class of each mask value", examples=[["background", "structure"]])
     predictions: list[Mask] = Field(description="One per image, in order")
+    ood: OOD = _ood()
 
 
 class AttentionMaps(BaseModel):
@@ -67,6 +95,7 @@ class Attention(BaseModel):
     model: str = _model()
     grid: list[int] = Field(description="Patch grid (rows, columns)", examples=[[16, 16]])
     predictions: list[AttentionMaps] = Field(description="One per image, in order")
+    ood: OOD = _ood()
 
 
 class Reloaded(BaseModel):

@@ -245,7 +245,7 @@ class VisionFoundry:
         # collector's full passes, which would otherwise walk them all and stall requests.
         gc.freeze()
         self.models = models
-        STATE.serving, STATE.refused, STATE.loading = models.uris, None, None
+        STATE.serving, STATE.refused, STATE.loading, STATE.watch = models.uris, None, None, models.watch.note or None
         if models.heads is None:
             log.warning("no %s-head holds @%s: serving /embed and /attention only", self.name, self.alias)
         log.info("ready: %s", models.uris)
@@ -279,7 +279,7 @@ class VisionFoundry:
         models = load(current)
         # Swapped in one assignment: a request sees either the old set or the new one.
         self.models = models
-        STATE.serving, STATE.refused = models.uris, None
+        STATE.serving, STATE.refused, STATE.watch = models.uris, None, models.watch.note or None
         log.info("reloaded @%s: %s", self.alias, models.uris)
         return Reloaded(changed=True, backbone=models.backbone_uri, head=models.head_uri)
 
@@ -335,7 +335,8 @@ class VisionFoundry:
         search, clustering or a model of your own. Concurrent requests share forward passes."""
         models = self.models
         embeddings = await self._embeddings(models, images)
-        return Embeddings(model=models.backbone_uri, dim=int(embeddings.shape[1]), embeddings=embeddings.tolist())
+        return Embeddings(model=models.backbone_uri, dim=int(embeddings.shape[1]), embeddings=embeddings.tolist(),
+                          ood=models.watch.answer(embeddings))
 
     @bentoml.api
     async def classify(
@@ -349,21 +350,25 @@ class VisionFoundry:
         name = head or classifier.default
         if name not in classifier.heads:
             raise BadInput(f"head: unknown {name[:64]!r}; available: {sorted(classifier.heads)}")
-        probabilities = classifier.predict_proba(await self._embeddings(models, images), name)
+        embeddings = await self._embeddings(models, images)
+        probabilities = classifier.predict_proba(embeddings, name)
         predictions = [
             ClassPrediction(label=classifier.classes[int(np.argmax(p))], confidence=float(np.max(p)),
                             probabilities={c: float(v) for c, v in zip(classifier.classes, p)})
             for p in probabilities
         ]
-        return Classification(model=models.head_uri, backbone=models.backbone_uri, head=name, predictions=predictions)
+        return Classification(model=models.head_uri, backbone=models.backbone_uri, head=name, predictions=predictions,
+                              ood=models.watch.answer(embeddings))
 
     @bentoml.api
     async def regress(self, images: Images) -> Regression:
         """The promoted head's regression target per image (e.g. the fraction of a structure)."""
         models = self.models
         probe = self._heads(models, "regress", "regression").regression
-        values = probe.predict(await self._embeddings(models, images))
-        return Regression(model=models.head_uri, target=probe.target, predictions=[float(v) for v in values])
+        embeddings = await self._embeddings(models, images)
+        values = probe.predict(embeddings)
+        return Regression(model=models.head_uri, target=probe.target, predictions=[float(v) for v in values],
+                          ood=models.watch.answer(embeddings))
 
     @bentoml.api
     async def segment(self, images: Images) -> Segmentation:
@@ -372,16 +377,19 @@ class VisionFoundry:
         probe = self._heads(models, "segment", "segmentation").segmentation
         pixels, sizes = await self._pixels(models, images)
 
-        def masks() -> list[Mask]:
+        def masks() -> tuple[list[Mask], np.ndarray]:
             predictions = []
-            for (width, height), patches in zip(sizes, models.embedder.tokens(pixels)[1]):
+            embeddings, tokens = models.embedder.tokens(pixels)
+            for (width, height), patches in zip(sizes, tokens):
                 mask = probe.predict(patches[None], (height, width))[0].astype(np.uint8)
                 counts = np.bincount(mask.ravel(), minlength=len(probe.classes)) / mask.size
                 predictions.append(Mask(width=width, height=height, mask_png=_png(mask),
                                         fractions={c: float(f) for c, f in zip(probe.classes, counts)}))
-            return predictions
+            return predictions, embeddings
 
-        return Segmentation(model=models.head_uri, classes=probe.classes, predictions=await asyncio.to_thread(masks))
+        predictions, embeddings = await asyncio.to_thread(masks)
+        return Segmentation(model=models.head_uri, classes=probe.classes, predictions=predictions,
+                            ood=models.watch.answer(embeddings))
 
     @bentoml.api
     async def upload_slide(
@@ -493,6 +501,7 @@ class VisionFoundry:
         """Last-layer CLS attention per head on the patch grid (each map sums to 1), and their mean as a PNG."""
         models = self.models
         pixels, _ = await self._pixels(models, images)
+        embeddings = await self.batcher(pixels.cpu().numpy(), models.embedder.embed_pixels)
         maps = await asyncio.to_thread(models.embedder.attention, pixels)
         maps = maps / maps.sum(dim=(-2, -1), keepdim=True)
         mean = maps.mean(1)
@@ -501,6 +510,7 @@ class VisionFoundry:
             grid=list(maps.shape[-2:]),
             predictions=[AttentionMaps(maps=m.tolist(), mean_png=_png((255 * (a / a.max()).numpy()).astype(np.uint8)))
                          for m, a in zip(maps, mean)],
+            ood=models.watch.answer(embeddings),
         )
 
 

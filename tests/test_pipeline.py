@@ -31,6 +31,7 @@ from PIL import Image
 from transformers import AutoModel
 
 from data.phantoms import blank, ct_series
+from data.samples import digits
 from dinomx.backbone import build_image_processor
 from dinomx.classifiers import KNNClassifier
 from dinomx.config import DinoMXConfig
@@ -384,7 +385,8 @@ def service(demo, tmp_path_factory):
     checkout, _, _ = demo
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo",
-           "VF_RELOAD_INTERVAL_S": "0", "VF_RELOAD_TOKEN": RELOAD_TOKEN, "VF_REGISTRY_TIMEOUT_S": "30", **SERVICE_LIMITS}
+           "VF_RELOAD_INTERVAL_S": "0", "VF_RELOAD_TOKEN": RELOAD_TOKEN, "VF_REGISTRY_TIMEOUT_S": "30",
+           "VF_WATCH_WINDOW": "8", **SERVICE_LIMITS}
     log = tmp_path_factory.mktemp("service") / "service.log"
     with log.open("w") as out:
         server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry",
@@ -421,6 +423,39 @@ def test_service_classifies_validation_tiles(service):
     assert docs["info"]["title"] == "Vision Foundry" and docs["info"]["version"] == f"{embed['model']} + {body['model']}"
     chosen = httpx.post(f"{base}/classify", files=[_png(samples[0])], data={"head": body["head"]}, timeout=60)
     assert chosen.status_code == 200 and chosen.json()["head"] == body["head"]
+
+
+def test_the_service_scores_what_it_is_sent_against_its_reference_and_sees_another_domain(service, demo, tmp_path):
+    """Against the reference the promotion service's evaluation of the backbone recorded: the
+    demo's own val tiles are in distribution; scikit-learn's digits sent to the H&E model are
+    not, and a window of them is flagged on /metrics and in the version's monitoring run."""
+    base, checkout, _ = service
+    _, client, _ = demo
+    tiles = sorted((checkout / "data/demo/images/val").rglob("*.png"))[::20][:8]
+    answers = [httpx.post(f"{base}/embed", files=[_png(p) for p in tiles[i:i + 4]], timeout=60).json() for i in (0, 4)]
+    backbone = answers[0]["model"]
+    gate_run = next(e.body["run_id"] for e in reversed(ledger_of(client).entries())
+                    if e.kind == "evaluation" and e.body["model"] == backbone)
+    ood = answers[0]["ood"]
+    assert ood["reference"] == gate_run and ood["window"] == 8 and ood["threshold_percentile"] == 99.0
+    assert sum(s["in_distribution"] for a in answers for s in a["ood"]["scores"]) >= 7
+    digit_files = sorted(digits(tmp_path / "digits").rglob("*.png"))[::40][:16]
+    far = [httpx.post(f"{base}/classify", files=[_png(p) for p in digit_files[i:i + 4]], timeout=60).json()
+           for i in range(0, 16, 4)]
+    assert sum(not s["in_distribution"] for a in far for s in a["ood"]["scores"]) >= 12
+    assert set(far[0]["ood"]["scores"][0]) == {"score", "percentile", "in_distribution"}
+    # 16 digits in a row fill at least one window of 8 alone: tested off the request path.
+    flagged = f'vf_drift_windows_total{{backbone="{backbone}",drifted="true"}}'
+    deadline = time.monotonic() + 60
+    while flagged not in (metrics := httpx.get(f"{base}/metrics", timeout=30).text) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert flagged in metrics and f'vf_ood_percentile_bucket{{backbone="{backbone}",le="99.0"}}' in metrics
+    (run,) = client.search_runs([client.get_experiment_by_name("vf-monitoring").experiment_id],
+                                f"tags.`{Tag.MONITORED_MODEL}` = '{backbone}'")
+    assert run.data.tags[Tag.REFERENCE_RUN] == gate_run
+    assert 1.0 in [m.value for m in client.get_metric_history(run.info.run_id, "drift.detected")]
+    schema = httpx.get(f"{base}/docs.json", timeout=30).json()["components"]["schemas"]
+    assert {"score", "percentile", "in_distribution"} <= set(schema["OODScore"]["properties"])
 
 
 def test_a_missing_alias_stops_the_service_at_once_with_what_to_do(demo):
