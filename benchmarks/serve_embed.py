@@ -2,6 +2,7 @@
 serve`` on the same registered backbone, same machine, same client load.
 
     python benchmarks/serve_embed.py --name demo --alias production --clients 8 --requests 40 --rounds 5
+    python benchmarks/serve_embed.py --against unwatched    # the drift watch's cost: the service with VF_WATCH=off
 
 Needs a registry with ``<name>-backbone@<alias>`` (``make demo`` makes one; MLFLOW_TRACKING_URI
 points at it). Each request carries ``--images`` tiles: BentoML gets them as multipart PNG uploads
@@ -62,8 +63,8 @@ def drive(send, clients: int, requests: int) -> dict:
 class Server:
     """One of the two servers: how to start it, where it is ready, how to send it a request."""
 
-    def __init__(self, label: str, command, ready: str, send):
-        self.label, self.command, self.ready, self.send = label, command, ready, send
+    def __init__(self, label: str, command, ready: str, send, env: dict | None = None):
+        self.label, self.command, self.ready, self.send, self.env = label, command, ready, send, env or {}
         self.port = 0
         self.process: subprocess.Popen | None = None
 
@@ -71,7 +72,7 @@ class Server:
         """Seconds from launch to ready."""
         self.port = free_port()
         began = time.perf_counter()
-        self.process = subprocess.Popen(self.command(self.port), env=env, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen(self.command(self.port), env={**env, **self.env}, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         wait_ready(self.ready.format(port=self.port), self.process, timeout=300)
         return time.perf_counter() - began
@@ -84,11 +85,17 @@ class Server:
 def servers(args, png: bytes, name: str, body: str) -> list[Server]:
     model = f"models:/{args.name}-backbone@{args.alias}"
     files = [("images", (name, png, "image/png"))] * args.images
+
+    def bento(label: str, env: dict | None = None) -> Server:
+        return Server(label, lambda port: ["bentoml", "serve", "serving.service:VisionFoundry", "--host", "127.0.0.1",
+                                           "--port", str(port)],
+                      "http://127.0.0.1:{port}/readyz",
+                      lambda server, http: http.post(f"http://127.0.0.1:{server.port}/embed", files=files), env)
+
+    if args.against == "unwatched":
+        return [bento("bentoml /embed watched"), bento("bentoml /embed unwatched", {"VF_WATCH": "off"})]
     return [
-        Server("bentoml /embed",
-               lambda port: ["bentoml", "serve", "serving.service:VisionFoundry", "--host", "127.0.0.1", "--port", str(port)],
-               "http://127.0.0.1:{port}/readyz",
-               lambda server, http: http.post(f"http://127.0.0.1:{server.port}/embed", files=files)),
+        bento("bentoml /embed"),
         Server("mlflow /invocations",
                lambda port: ["mlflow", "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
@@ -112,13 +119,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=40, help="per client and round")
     parser.add_argument("--rounds", type=int, default=5, help="load rounds per server, alternated")
     parser.add_argument("--startups", type=int, default=3, help="start-ups per server, alternated")
+    parser.add_argument("--against", default="mlflow", choices=("mlflow", "unwatched"),
+                        help="the second server: `mlflow models serve`, or this service with its drift watch off")
     args = parser.parse_args()
     image = Path(args.image or sorted(Path("data/demo/images/val/glands").glob("*.png"))[0])
     png = image.read_bytes()
     array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[None].repeat(args.images, axis=0)
     body = json.dumps({"inputs": array.tolist()})
     env = {**os.environ, "VF_MODEL_NAME": args.name, "VF_MODEL_ALIAS": args.alias, "VF_RELOAD_INTERVAL_S": "0"}
-    bento, mlflow_server = both = servers(args, png, image.name, body)
+    first, second = both = servers(args, png, image.name, body)
 
     print(f"models:/{args.name}-backbone@{args.alias}, {image.name} {array.shape[2]}x{array.shape[1]}, "
           f"{args.images} image(s) per request, {args.clients} clients x {args.requests} requests per round")
@@ -144,7 +153,7 @@ def main() -> int:
         for server in both:
             server.stop()
 
-    ours, theirs = rounds[bento.label], rounds[mlflow_server.label]
+    ours, theirs = rounds[first.label], rounds[second.label]
     print()
     print(f"{'server':<22}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'start s':>9}   (medians over rounds)")
     for server in both:
@@ -152,10 +161,11 @@ def main() -> int:
         print(f"{server.label:<22}{statistics.median(x['req_per_s'] for x in r):>8.1f}"
               f"{statistics.median(x['p50_ms'] for x in r):>9.1f}{statistics.median(x['p99_ms'] for x in r):>9.1f}"
               f"{statistics.median(startups[server.label]):>9.1f}")
-    print(f"req/s ratio bentoml/mlflow per round: {_spread([a['req_per_s'] / b['req_per_s'] for a, b in zip(ours, theirs)])}")
-    print(f"p99 ratio bentoml/mlflow per round:   {_spread([a['p99_ms'] / b['p99_ms'] for a, b in zip(ours, theirs)])}")
-    print(f"start-up ratio bentoml/mlflow:        "
-          f"{_spread([a / b for a, b in zip(startups[bento.label], startups[mlflow_server.label])])}")
+    ratio = f"{first.label} / {second.label}"
+    print(f"req/s ratio per round, {ratio}: {_spread([a['req_per_s'] / b['req_per_s'] for a, b in zip(ours, theirs)])}")
+    print(f"p99 ratio per round, {ratio}:   {_spread([a['p99_ms'] / b['p99_ms'] for a, b in zip(ours, theirs)])}")
+    print(f"start-up ratio, {ratio}:        "
+          f"{_spread([a / b for a, b in zip(startups[first.label], startups[second.label])])}")
     return 0
 
 

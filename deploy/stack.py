@@ -19,7 +19,8 @@ code change (README, "Team deployment").
 Identities, all generated at first start and kept in ``<root>/secrets.json`` (mode 600):
 - MLflow: ``vf-admin`` (the server's administrator), ``vf-gate`` (the promotion service: the portal
   and release managers move aliases as it, and it signs the audit records), ``vf-serving``
-  (read-only: what the service reads the registry with). Researchers are created per person
+  (read-only: what the service reads the registry with), ``vf-monitor`` (the service's drift watch
+  logs as it, into the ``vf-monitoring`` experiment only). Researchers are created per person
   (``Stack.add_researcher``): the promotion service creates their family's registered models and
   grants them EDIT (and on the family's experiment, once a member has made it on a first run).
 - S3: ``vf-admin`` (read/write: DVC, MLflow's artifact proxy, the portal's presigned transfers)
@@ -41,6 +42,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+
+from registry.mlflow_service import MONITORING_EXPERIMENT
 
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "vision-foundry"
@@ -94,6 +97,7 @@ class Secrets:
     mlflow_admin: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     mlflow_gate: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     mlflow_serving: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    mlflow_monitor: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     flask_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     portal_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     audit_key: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -170,10 +174,11 @@ class Stack:
                 "VF_AUDIT_DB": self.ledger_url(writer=True)}
 
     def serving_env(self) -> dict[str, str]:
-        """The service's: read-only on the registry, on S3 and on the ledger, and the key that
-        checks the ledger's signatures."""
+        """The service's: read-only on the registry, on S3 and on the ledger, the key that checks
+        the ledger's signatures, and the identity its drift watch logs with (in one experiment)."""
         return {**self.mlflow_env("vf-serving", self.secrets.mlflow_serving), **self.s3_env(reader=True),
-                "VF_AUDIT_KEY": self.secrets.audit_key, "VF_AUDIT_DB": self.ledger_url(writer=False)}
+                "VF_AUDIT_KEY": self.secrets.audit_key, "VF_AUDIT_DB": self.ledger_url(writer=False),
+                "VF_WATCH_TRACKING_USERNAME": "vf-monitor", "VF_WATCH_TRACKING_PASSWORD": self.secrets.mlflow_monitor}
 
     def portal_env(self) -> dict[str, str]:
         return {**self.s3_env(), **self.gate_env(),
@@ -337,8 +342,25 @@ class Stack:
                                "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts", "--serve-artifacts",
                                "--host", "127.0.0.1", "--port", str(self.ports.mlflow), "--workers", "2"], env)
         self._wait_http(f"{self.tracking_uri}/health", "mlflow", timeout=180)
-        for user, password in (("vf-gate", self.secrets.mlflow_gate), ("vf-serving", self.secrets.mlflow_serving)):
+        for user, password in (("vf-gate", self.secrets.mlflow_gate), ("vf-serving", self.secrets.mlflow_serving),
+                               ("vf-monitor", self.secrets.mlflow_monitor)):
             self.create_mlflow_user(user, password, admin=user == "vf-gate")
+        self._monitoring_experiment()
+
+    def _monitoring_experiment(self) -> None:
+        """The experiment the service's drift watch logs into, made by the promotion service, where
+        ``vf-monitor`` may log (and nowhere else: MLflow's default is READ)."""
+        auth = ("vf-gate", self.secrets.mlflow_gate)
+        base = f"{self.tracking_uri}/api/2.0/mlflow/experiments"
+        found = httpx.get(f"{base}/get-by-name", params={"experiment_name": MONITORING_EXPERIMENT}, auth=auth, timeout=30)
+        if found.status_code == 200:
+            experiment = found.json()["experiment"]["experiment_id"]
+        else:
+            made = httpx.post(f"{base}/create", json={"name": MONITORING_EXPERIMENT}, auth=auth, timeout=30)
+            if made.status_code != 200:
+                raise StackError(f"mlflow: cannot create {MONITORING_EXPERIMENT}: {made.status_code} {made.text[:300]}")
+            experiment = made.json()["experiment_id"]
+        self.grant("vf-monitor", "experiment", experiment, "EDIT")
 
     def _start_portal(self) -> None:
         env = {**os.environ, **self.portal_env()}
@@ -509,7 +531,7 @@ def describe(stack: Stack) -> str:
         "  gate     python -m deploy.stack env --identity gate      (MLflow vf-gate, VF_AUDIT_KEY, ledger writer, S3 "
         "vf-admin: the promotion service and the portal)",
         "  serving  python -m deploy.stack env --identity serving   (MLflow vf-serving read-only, S3 vf-reader, "
-        "ledger reader)",
+        f"ledger reader; its drift watch logs as vf-monitor into {MONITORING_EXPERIMENT} only)",
         f"  stack.env ({stack.root / 'stack.env'}) is the admin's, for `source`",
     ])
 

@@ -24,7 +24,7 @@ from portal.jobs import FormErrors, JobRunner, make_launcher
 from portal.migrate import require_current, upgrade
 from portal.settings import Settings
 from portal.storage import Storage, StorageUnavailable
-from portal.views import audit, auth, datasets, jobs, registry
+from portal.views import audit, auth, datasets, jobs, monitoring, registry
 from portal.web import audit as audit_event
 from portal.web import audit_refusal, refuse, wants_json
 from registry.ledger import LedgerBroken, LedgerUnavailable
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             return exc
         return jsonify(error=exc.description or exc.name), exc.code
 
-    for area in (auth, datasets, jobs, registry, audit):
+    for area in (auth, datasets, jobs, registry, monitoring, audit):
         app.register_blueprint(area.bp)
     if settings.run_jobs:
         launcher = make_launcher(settings.job_backend, settings.project_dir, settings.tracking_uri, settings.slurm_config,

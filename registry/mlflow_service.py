@@ -32,6 +32,10 @@ EVAL_RUN_ID = "vf.eval.run_id"  # the evaluate run that wrote them
 MAX_TAG_CHARS = 5000
 
 
+# Where the service's drift watch logs a run per served backbone (serving.watch).
+MONITORING_EXPERIMENT = "vf-monitoring"
+
+
 class Tag:
     """Names of the tags the platform writes (besides lineage, evaluation and audit)."""
 

@@ -133,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     regression = answers["regress"]
     print(f"POST /regress   {sample} -> {regression['target']} = {regression['predictions'][0]:.3f}")
     print(f"POST /attention {sample} -> {answers['attention']['grid']} patch grid per head")
+    ood = embedding["ood"]
+    if ood["scores"]:
+        score = ood["scores"][0]
+        print(f"every answer's ood: {sample.name} at percentile {score['percentile']:.0f} of the backbone's reference "
+              f"({'in' if score['in_distribution'] else 'OUT OF'} distribution; threshold {ood['threshold_percentile']:g}), "
+              f"windows of {ood['window']} images tested against it")
+    else:
+        print(f"every answer's ood: {ood['note']}")
 
     uri = researcher["MLFLOW_TRACKING_URI"]
     if args.team:

@@ -28,7 +28,7 @@ from registry.ledger import LedgerBroken, LedgerUnavailable
 from registry.lineage import Lineage, alias_holder, version_uri
 from registry.mlflow_service import MlflowService
 from registry.promote import ledger_of
-from serving import log
+from serving import log, watch
 from serving.watch import Watch
 
 if TYPE_CHECKING:
@@ -151,6 +151,8 @@ def fetch_reference(backbone_uri: str, folder: Path, client: MlflowClient | None
 
 def watch_of(backbone_uri: str, dim: int, fetched: dict) -> Watch:
     """The watch of a loaded backbone (of embedding size ``dim``) over its fetched reference."""
+    if not watch.ON:
+        return Watch(backbone_uri, None, "not watched: VF_WATCH=off")
     if "note" in fetched:
         return Watch(backbone_uri, None, fetched["note"])
     reference = Reference.load(fetched["path"], fetched["sha256"])

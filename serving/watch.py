@@ -10,7 +10,7 @@ path, and the window starts again. Results go to Prometheus (``/metrics``) and t
 served backbone in the ``VF_WATCH_EXPERIMENT`` experiment (a point per window), logged as
 ``VF_WATCH_TRACKING_USERNAME`` where the tracking server wants one (an identity that may only log
 there). A backbone without a reference is served as before, and every answer and ``/readyz``
-say so.
+say so; ``VF_WATCH=off`` serves every backbone so.
 """
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ from mlflow.utils.rest_utils import MlflowHostCreds
 from prometheus_client import Counter, Gauge, Histogram
 
 from dinomx.drift import WINDOW_TESTS, Reference, WindowResult, window_test
-from registry.mlflow_service import Tag
+from registry.mlflow_service import MONITORING_EXPERIMENT, Tag
 from serving import log
 from serving.schemas import OOD, OODScore
 
+ON = os.environ.get("VF_WATCH", "on") != "off"
 WINDOW = int(os.environ.get("VF_WATCH_WINDOW", "100"))
 ALPHA = float(os.environ.get("VF_WATCH_ALPHA", "0.01"))
 TEST = os.environ.get("VF_WATCH_TEST", "ks")
-EXPERIMENT = os.environ.get("VF_WATCH_EXPERIMENT", "vf-monitoring")
+EXPERIMENT = os.environ.get("VF_WATCH_EXPERIMENT", MONITORING_EXPERIMENT)
 if TEST not in WINDOW_TESTS:
     raise SystemExit(f"VF_WATCH_TEST: expected one of {sorted(WINDOW_TESTS)}, got {TEST!r}")
 if WINDOW < 2:
@@ -59,7 +60,8 @@ class Recorder:
         user, password = os.environ.get("VF_WATCH_TRACKING_USERNAME"), os.environ.get("VF_WATCH_TRACKING_PASSWORD")
         if user and tracking_uri.startswith(("http://", "https://")):
             self.store = RestStore(lambda: MlflowHostCreds(tracking_uri, username=user, password=password))
-        else:  # the service's own identity, or an embedded store
+        else:  # the service's own identity, or an embedded store: the store behind MlflowClient, so that
+            # both cases speak MLflow's one store interface (a client takes no credentials of its own)
             self.store = MlflowClient(tracking_uri)._tracking_client.store
         self.runs: dict[str, tuple[str, int]] = {}  # backbone -> (run id, next step)
 

@@ -269,6 +269,7 @@ def test_demo_served_real_requests(demo):
     _, _, output = demo
     assert "POST /embed" in output and "96-d vector" in output
     assert "POST /classify" in output and "by models:/demo-head/1" in output
+    assert re.search(r"every answer.s ood: glands_0000.png at percentile \d+ of the backbone.s reference \(in distribution", output)
     assert "POST /segment" in output and "structure" in output
     assert "POST /regress" in output and "structure_fraction =" in output
     assert "mlflow ui --backend-store-uri sqlite:///" in output

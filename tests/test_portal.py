@@ -17,6 +17,7 @@ from data.shards import pack_folder
 from portal.app import Settings, create_app
 from portal.db import AuditEvent, Dataset, Group, Job, ModelFamily, SignInFailures, User, db
 from portal.jobs import FormErrors, ProbeRequest, job_request
+from registry.mlflow_service import Tag
 from tests.conftest import BUCKET, REPO
 from tests.test_registry import register
 
@@ -533,6 +534,19 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         assert "knn.accuracy" in comparison and "+0.0500" in comparison, comparison
         page.screenshot(path=shots / "compare.png")
 
+        watch = MlflowClient()  # what the service's drift watch logs for the promoted version: two windows
+        run = watch.create_run(watch.create_experiment("vf-monitoring"),
+                               tags={Tag.MONITORED_MODEL: "models:/ui-backbone/2"}).info.run_id
+        for step, (detected, ood) in enumerate([(0.0, 0.02), (1.0, 0.6)]):
+            for key, value in {"drift.detected": detected, "ood.fraction": ood, "drift.p_value": 0.5 - detected / 2}.items():
+                watch.log_metric(run, key, value, step=step)
+        page.goto(f"{live_portal}/registry/ui-backbone")
+        page.click("#monitoring")
+        page.wait_for_selector("svg#watch polyline")
+        assert page.locator("svg#watch circle.flagged").count() == 1 and page.locator("svg#watch line.promotion").count() == 1
+        assert "v2 @staging" in page.text_content("svg#watch") and "60%" in page.inner_text("table#windows")
+        page.screenshot(path=shots / "monitoring.png")
+
         page.goto(f"{live_portal}/jobs/{job_id}")
         page.wait_for_selector("#chart polyline")
         assert page.inner_text("#progress") == "step 30/90 (1m05s left)"
@@ -546,7 +560,7 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         assert "object.upload" in page.inner_text("table#audit") and "model.promote" in page.inner_text("table#audit")
         page.screenshot(path=shots / "audit.png")
         browser.close()
-    for name in ("datasets", "dataset", "new_job_errors", "model", "compare", "job", "audit"):
+    for name in ("datasets", "dataset", "new_job_errors", "model", "compare", "monitoring", "job", "audit"):
         _check_screenshot(shots / f"{name}.png")
     assert str(MlflowClient().get_model_version_by_alias("ui-backbone", "staging").version) == "2"  # the newest, preselected
 
@@ -748,3 +762,29 @@ def test_jobs_run_the_portals_own_mlflow_and_portal_run_jobs_is_honoured_by_serv
         assert ("vf.jobs" in served[-1].extensions) is runs, setting
         if runs:
             served[-1].extensions["vf.jobs"].stop()
+
+
+def test_the_monitoring_page_draws_each_served_versions_windows_beside_its_promotions(app):
+    client = MlflowClient()
+    v1 = register(client, "mon-backbone", evaluated=EVALUATED)
+    admin = signed_in(app, "ana")
+    assert admin.post("/api/models/mon-backbone/promote", json={"version": v1, "alias": "production",
+                                                                "reason": "first"}).status_code == 200
+    assert admin.get("/api/models/mon-backbone/monitoring").json["watched"] == []
+    # What the service's watch logs (serving.watch.Recorder): a run per served backbone, a point per window.
+    experiment = client.create_experiment("vf-monitoring")
+    run = client.create_run(experiment, tags={Tag.MONITORED_MODEL: f"models:/mon-backbone/{v1}",
+                                              Tag.REFERENCE_RUN: "gate-run"}).info.run_id
+    for step, (p_value, ood) in enumerate([(0.4, 0.0), (0.2, 0.1), (1e-6, 0.9)]):
+        for key, value in {"drift.p_value": p_value, "drift.detected": float(p_value < 0.01), "ood.fraction": ood}.items():
+            client.log_metric(run, key, value, step=step)
+    watched = admin.get("/api/models/mon-backbone/monitoring").json
+    [version] = watched["watched"]
+    assert (version["version"], version["reference_run"], version["flagged"]) == (v1, "gate-run", 1)
+    assert [w["ood.fraction"] for w in version["windows"]] == [0.0, 0.1, 0.9]
+    assert [p["version"] for p in watched["promotions"]] == [v1]
+    page = admin.get("/registry/mon-backbone/monitoring").get_data(as_text=True)
+    assert page.count('class="flagged"') == 1 and page.count('class="window"') == 2
+    assert 'class="promotion"' in page and f"v{v1} @production" in page
+    assert "/registry/mon-backbone/monitoring" in admin.get("/registry/mon-backbone").get_data(as_text=True)
+    assert admin.get("/api/models/nothing-backbone/monitoring").status_code == 404

@@ -173,6 +173,10 @@ def test_while_loading_or_after_a_failed_load_readyz_and_the_endpoints_answer_50
     assert "cannot be read" in _call("GET", "/readyz", state=failed).json()["error"]
     served = ServingState(serving=("models:/demo-backbone/3", None))
     assert _call("POST", "/embed", state=served, files=[PNG]).status_code == 200
+    # Served, but unwatched: ready, and saying why.
+    unwatched = ServingState(serving=("models:/demo-backbone/3", None), watch="no reference: not evaluated")
+    assert _call("GET", "/readyz", state=unwatched).json() == {
+        "ready": True, "serving": ["models:/demo-backbone/3", None], "watch": "no reference: not evaluated"}
 
 
 def test_a_failed_load_is_said_once_and_served_on_no_guess(monkeypatch, caplog):

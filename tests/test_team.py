@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -251,7 +252,7 @@ def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_au
 
     port = free_port()
     env = {**serving, "VF_MODEL_NAME": "team", "VF_MODEL_ALIAS": "production", "VF_RELOAD_TOKEN": "op",
-           "VF_RELOAD_INTERVAL_S": "0"}
+           "VF_RELOAD_INTERVAL_S": "0", "VF_WATCH_WINDOW": "2"}
     server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -262,6 +263,21 @@ def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_au
             answer = httpx.post(f"{base}/classify", files={"images": (sample.name, f, "image/png")}, timeout=60)
         assert answer.status_code == 200 and answer.json()["backbone"] == "models:/team-backbone/1", answer.text
         assert answer.json()["model"] == "models:/team-head/1" and answer.json()["predictions"][0]["label"]
+        assert answer.json()["ood"]["reference"] == evaluations["models:/team-backbone/1"]["run_id"]
+        # A second image fills a window: the watch logs it as vf-monitor, which may log nowhere else.
+        with sample.open("rb") as f:
+            assert httpx.post(f"{base}/embed", files={"images": (sample.name, f, "image/png")}, timeout=60).status_code == 200
+        with identity(monkeypatch, team_stack.gate_env()) as gate:
+            monitoring = gate.get_experiment_by_name("vf-monitoring").experiment_id
+            deadline = time.monotonic() + 60
+            while not (runs := gate.search_runs([monitoring], "tags.`vf.monitored_model` = 'models:/team-backbone/1'")):
+                assert time.monotonic() < deadline, "no monitoring run within 60 s"
+                time.sleep(0.5)
+            assert runs[0].info.user_id == "vf-monitor" and "drift.p_value" in runs[0].data.metrics
+        monitor = httpx.Client(base_url=team_stack.tracking_uri, timeout=30,
+                               auth=("vf-monitor", team_stack.secrets.mlflow_monitor))
+        for path, body in (("runs/create", {"experiment_id": experiment}), ("experiments/create", {"name": "team-watch"})):
+            assert monitor.post(f"/api/2.0/mlflow/{path}", json=body).status_code == 403, path
         # Rita may no longer move @production by hand (the UI's alias pencil): the server refuses.
         with identity(monkeypatch, rita_env) as as_rita:
             head = as_rita.get_model_version("team-head", "1")
