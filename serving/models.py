@@ -159,6 +159,7 @@ def watch_of(backbone_uri: str, dim: int, fetched: dict) -> Watch:
     if reference.dim != dim:
         raise ServingError(f"{backbone_uri}: drift reference refused: it holds {reference.dim}-d embeddings, the "
                            f"backbone makes {dim}-d ones")
+    watch.TESTER.start()
     return Watch(backbone_uri, reference, "", fetched["run_id"])
 
 
@@ -193,10 +194,11 @@ def load(uris: Uris, paths: dict[str, str] | None = None, tiling: str | None = N
     heads = _load(paths.get(head_uri, head_uri)).heads if head_uri else None
     if reference is None:
         with tempfile.TemporaryDirectory(prefix="vision-foundry-reference-") as folder:
-            watch = watch_of(backbone_uri, embedder.dim, fetch_reference(backbone_uri, Path(folder)))
+            watcher = watch_of(backbone_uri, embedder.dim, fetch_reference(backbone_uri, Path(folder)))
     else:
-        watch = watch_of(backbone_uri, embedder.dim, reference)
-    return PromotedModels(backbone_uri, embedder, head_uri, heads, watch, head_tiling(uris) if tiling is None else tiling)
+        watcher = watch_of(backbone_uri, embedder.dim, reference)
+    return PromotedModels(backbone_uri, embedder, head_uri, heads, watcher,
+                          head_tiling(uris) if tiling is None else tiling)
 
 
 def load_promoted(name: str, alias: str, client: MlflowClient | None = None) -> PromotedModels:

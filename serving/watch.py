@@ -7,7 +7,8 @@ images it embedded in a window of ``VF_WATCH_WINDOW``; a full window is tested a
 reference (``VF_WATCH_TEST``: ``ks``, per-component Kolmogorov-Smirnov with a Bonferroni
 correction, or ``mmd``; drift when p < ``VF_WATCH_ALPHA``) on a thread of its own, off the request
 path, and the window starts again. Results go to Prometheus (``/metrics``) and to one MLflow run per
-served backbone in the ``VF_WATCH_EXPERIMENT`` experiment (a point per window), logged as
+served backbone in the ``VF_WATCH_EXPERIMENT`` experiment (a point per window, written at most every
+``VF_WATCH_LOG_INTERVAL_S``), logged as
 ``VF_WATCH_TRACKING_USERNAME`` where the tracking server wants one (an identity that may only log
 there). A backbone without a reference is served as before, and every answer and ``/readyz``
 say so; ``VF_WATCH=off`` serves every backbone so.
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, RunTag, ViewType
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils.rest_utils import MlflowHostCreds
 from prometheus_client import Counter, Gauge, Histogram
 
 from dinomx.drift import WINDOW_TESTS, Reference, WindowResult, window_test
+from registry.lineage import equals
 from registry.mlflow_service import MONITORING_EXPERIMENT, Tag
 from serving import log
 from serving.schemas import OOD, OODScore
@@ -38,6 +40,10 @@ WINDOW = int(os.environ.get("VF_WATCH_WINDOW", "100"))
 ALPHA = float(os.environ.get("VF_WATCH_ALPHA", "0.01"))
 TEST = os.environ.get("VF_WATCH_TEST", "ks")
 EXPERIMENT = os.environ.get("VF_WATCH_EXPERIMENT", MONITORING_EXPERIMENT)
+# Windows tested since the last call are logged to MLflow at most this often, a point each: one call
+# per window on a busy service would be a write to the tracking server every few hundred ms.
+LOG_INTERVAL_S = float(os.environ.get("VF_WATCH_LOG_INTERVAL_S", "10"))
+MAX_POINTS = 1000
 if TEST not in WINDOW_TESTS:
     raise SystemExit(f"VF_WATCH_TEST: expected one of {sorted(WINDOW_TESTS)}, got {TEST!r}")
 if WINDOW < 2:
@@ -72,7 +78,8 @@ class Recorder:
                 experiment_id = self.store.create_experiment(EXPERIMENT)
             else:
                 experiment_id = experiment.experiment_id
-            found = self.store.search_runs([experiment_id], f"tags.`{Tag.MONITORED_MODEL}` = '{backbone}'", 1,
+            found = self.store.search_runs([experiment_id], equals(f"tags.`{Tag.MONITORED_MODEL}`", backbone),
+                                           ViewType.ACTIVE_ONLY,
                                            max_results=1, order_by=["attributes.start_time ASC"])
             if found:
                 run_id = found[0].info.run_id
@@ -88,14 +95,19 @@ class Recorder:
             self.runs[backbone] = (run_id, step)
         return self.runs[backbone]
 
-    def log(self, backbone: str, reference_run: str, result: WindowResult) -> None:
-        run_id, step = self._run(backbone, reference_run)
-        now = int(time.time() * 1000)
-        values = {"drift.p_value": result.p_value, "drift.statistic": result.statistic,
-                  "drift.detected": float(result.drifted), "ood.fraction": result.ood_fraction,
-                  "ood.mean_percentile": result.mean_percentile, "window.size": float(result.size)}
-        self.store.log_batch(run_id, [Metric(k, v, now, step) for k, v in values.items()], [], [])
-        self.runs[backbone] = (run_id, step + 1)
+    def log(self, tested: list[tuple[Watch, WindowResult, int]]) -> None:
+        """Each window's point (at the time it was tested), one call per backbone."""
+        points: dict[str, list[Metric]] = {}
+        for watch, result, at in tested:
+            run_id, step = self._run(watch.backbone, watch.reference_run)
+            values = {"drift.p_value": result.p_value, "drift.statistic": result.statistic,
+                      "drift.detected": float(result.drifted), "ood.fraction": result.ood_fraction,
+                      "ood.mean_percentile": result.mean_percentile, "window.size": float(result.size)}
+            points.setdefault(run_id, []).extend(Metric(k, v, at, step) for k, v in values.items())
+            self.runs[watch.backbone] = (run_id, step + 1)
+        for run_id, batch in points.items():
+            for start in range(0, len(batch), MAX_POINTS):  # MLflow takes at most 1,000 metrics a call
+                self.store.log_batch(run_id, batch[start:start + MAX_POINTS], [], [])
 
 
 @dataclass
@@ -142,32 +154,59 @@ class Tester:
         self.pending: queue.Queue = queue.Queue(self.MAX_PENDING)
         self.recorder: Recorder | None = None
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+
+    def start(self) -> None:
+        """The tester's thread, which first opens the tracking store: its first connection (SQLite
+        runs its migrations check) costs a second, paid at load rather than under load."""
+        with self._starting:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="vf-watch")
+                self._thread.start()
 
     def submit(self, watch: Watch, window: np.ndarray) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="vf-watch")
-            self._thread.start()
+        self.start()
         try:
             self.pending.put_nowait((watch, window))
         except queue.Full:
             DROPPED.labels(watch.backbone).inc()
 
     def _run(self) -> None:
+        try:
+            self.recorder = Recorder(mlflow.get_tracking_uri())
+        except Exception as exc:  # said again, and retried, when there is something to log
+            log.warning("drift watch: the tracking store cannot be opened yet: %s: %s", type(exc).__name__, exc)
+        tested: list[tuple[Watch, WindowResult, int]] = []
+        logged = time.monotonic()
         while True:
-            watch, window = self.pending.get()
             try:
-                result = window_test(watch.reference, window, TEST, ALPHA)
-                P_VALUE.labels(watch.backbone, TEST).set(result.p_value)
-                WINDOWS.labels(watch.backbone, str(result.drifted).lower()).inc()
-                if result.drifted:
-                    log.warning("drift: %s was sent %d images unlike its reference (%s p=%.2g, %.0f%% beyond the "
-                                "threshold)", watch.backbone, result.size, result.test, result.p_value,
-                                100 * result.ood_fraction)
-                if self.recorder is None:
-                    self.recorder = Recorder(mlflow.get_tracking_uri())
-                self.recorder.log(watch.backbone, watch.reference_run, result)
-            except Exception as exc:  # the watch must never take the service down with it
-                log.warning("drift watch of %s: %s: %s", watch.backbone, type(exc).__name__, exc)
+                watch, window = self.pending.get(timeout=LOG_INTERVAL_S or None)
+            except queue.Empty:
+                watch = None
+            if watch is not None:
+                try:
+                    tested.append((watch, self._test(watch, window), int(time.time() * 1000)))
+                except Exception as exc:  # the watch must never take the service down with it
+                    log.warning("drift watch of %s: %s: %s", watch.backbone, type(exc).__name__, exc)
+            if tested and (watch is None or time.monotonic() - logged >= LOG_INTERVAL_S):
+                try:
+                    if self.recorder is None:
+                        self.recorder = Recorder(mlflow.get_tracking_uri())
+                    self.recorder.log(tested)
+                except Exception as exc:  # a tracking server down loses points, never requests
+                    log.warning("drift watch: %d window(s) not logged to MLflow: %s: %s", len(tested),
+                                type(exc).__name__, exc)
+                tested, logged = [], time.monotonic()
+
+    @staticmethod
+    def _test(watch: Watch, window: np.ndarray) -> WindowResult:
+        result = window_test(watch.reference, window, TEST, ALPHA)
+        P_VALUE.labels(watch.backbone, TEST).set(result.p_value)
+        WINDOWS.labels(watch.backbone, str(result.drifted).lower()).inc()
+        if result.drifted:
+            log.warning("drift: %s was sent %d images unlike its reference (%s p=%.2g, %.0f%% beyond the threshold)",
+                        watch.backbone, result.size, result.test, result.p_value, 100 * result.ood_fraction)
+        return result
 
 
 TESTER = Tester()

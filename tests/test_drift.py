@@ -10,11 +10,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
+from scipy.stats import ks_2samp
 
 from data import shifts
 from data.samples import digits
 from dinomx.backbone import build_image_processor
-from dinomx.drift import Reference, window_test
+from dinomx.drift import Reference, ks_bonferroni, window_test
 from dinomx.embed import Embedder
 from dinomx.errors import DataError
 from dinomx.model import build_models
@@ -48,6 +49,23 @@ def test_a_reference_round_trips_and_refuses_what_is_not_it(tmp_path):
         Reference.load(tmp_path / "other.npz")
     with pytest.raises(DataError, match="needs at least 2 train and 6 val"):
         Reference.fit(rng.normal(size=(10, 16)), rng.normal(size=(5, 16)))
+
+
+def test_the_window_ks_test_agrees_with_scipys_two_sample_test():
+    """The statistic read at the window's points is scipy's exactly; the p-values agree within
+    the two asymptotic approximations' difference."""
+    rng = np.random.default_rng(3)
+    reference = Reference.fit(rng.normal(size=(400, 12)), rng.normal(size=(700, 12)), components=6)
+    near = reference.project(rng.normal(size=(60, 12)))
+    far = reference.project(rng.normal(size=(60, 12)) + 0.4 * np.eye(12)[0])
+    repeated = reference.project(np.repeat(rng.normal(size=(1, 12)), 60, axis=0))  # one image sent 60 times
+    tied = near.copy()
+    tied[:20] = reference.points[:20]  # values the reference holds too
+    for window in (near, far, repeated, tied):
+        statistic, p_value = ks_bonferroni(reference, window, rng)
+        theirs = [ks_2samp(reference.points[:, c], window[:, c], method="asymp") for c in range(window.shape[1])]
+        assert statistic == pytest.approx(max(t.statistic for t in theirs), abs=1e-9)
+        assert p_value == pytest.approx(min(1.0, min(t.pvalue for t in theirs) * len(theirs)), abs=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +117,7 @@ def watched(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     monkeypatch.setattr(watch, "WINDOW", 10)
+    monkeypatch.setattr(watch, "LOG_INTERVAL_S", 0)  # a point as soon as a window is tested
     monkeypatch.setattr(watch, "TESTER", watch.Tester())
     rng = np.random.default_rng(1)
 
@@ -148,7 +167,50 @@ def test_the_service_scores_each_image_and_tests_full_windows_into_one_run_per_b
     assert len(client.search_runs([client.get_experiment_by_name(watch.EXPERIMENT).experiment_id])) == 1
 
 
+def test_windows_tested_between_two_writes_reach_mlflow_together_each_its_own_point(watched, monkeypatch):
+    watcher, client, images = watched
+    monkeypatch.setattr(watch, "LOG_INTERVAL_S", 1.0)
+    watcher.answer(images(30))  # three windows at once: written when no other window came for a second
+    assert [m.step for m in _points(client, "window.size", 3)] == [0, 1, 2]
+
+
 def test_a_backbone_without_a_reference_is_served_unwatched_and_says_so():
     unwatched = watch.Watch("models:/n-backbone/1", None, "no reference: the promotion service has not evaluated it")
     answer = unwatched.answer(np.zeros((3, 8)))
     assert answer.reference is None and answer.scores == [] and answer.note.startswith("no reference:")
+
+
+def test_a_reference_that_is_not_the_backbones_is_refused_at_load_in_one_line(tmp_path, monkeypatch):
+    from registry.evidence import Evaluation, record
+    from registry.promote import ledger_of
+    from serving.models import ServingError, fetch_reference, watch_of
+    from tests.test_registry import register
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client = MlflowClient()
+        version = register(client, "r-backbone")
+        uri, mv = f"models:/r-backbone/{version}", client.get_model_version("r-backbone", version)
+        assert fetch_reference(uri, tmp_path / "none")["note"].startswith("no reference: the promotion service has not")
+        rng = np.random.default_rng(0)
+
+        def evaluated_with(about: str, sha256: str | None = None) -> dict:
+            reference = Reference.fit(rng.normal(size=(50, 16)), rng.normal(size=(30, 16)), about={"backbone": about})
+            path = tmp_path / f"{about.replace('/', '_')}.npz"
+            digest = reference.save(path)
+            record(ledger_of(client), Evaluation(uri, "data/eval", "e.dir", "gate-run", {},
+                                                 {"uri": str(path), "sha256": sha256 or digest}), mv)
+            return fetch_reference(uri, tmp_path / "fetched" / about.replace("/", "_"))
+
+        with pytest.raises(ServingError, match=r"^models:/r-backbone/1: drift reference refused: .*SHA-256 differs"):
+            evaluated_with(uri, sha256="0" * 64)
+        with pytest.raises(ServingError, match="drift reference refused: built for models:/other/1, not models:/r-backbone/1"):
+            evaluated_with("models:/other/1")
+        fetched = evaluated_with(uri)
+        assert fetched["run_id"] == "gate-run" and watch_of(uri, 16, fetched).reference.dim == 16
+        with pytest.raises(ServingError, match="it holds 16-d embeddings, the backbone makes 96-d ones"):
+            watch_of(uri, 96, fetched)
+        monkeypatch.setattr(watch, "ON", False)
+        assert watch_of(uri, 96, fetched).note == "not watched: VF_WATCH=off"
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -387,7 +387,7 @@ def service(demo, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{checkout / 'mlflow.db'}", "VF_MODEL_NAME": "demo",
            "VF_RELOAD_INTERVAL_S": "0", "VF_RELOAD_TOKEN": RELOAD_TOKEN, "VF_REGISTRY_TIMEOUT_S": "30",
-           "VF_WATCH_WINDOW": "8", **SERVICE_LIMITS}
+           "VF_WATCH_WINDOW": "8", "VF_WATCH_LOG_INTERVAL_S": "0", **SERVICE_LIMITS}
     log = tmp_path_factory.mktemp("service") / "service.log"
     with log.open("w") as out:
         server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry",

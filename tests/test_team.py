@@ -252,7 +252,7 @@ def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_au
 
     port = free_port()
     env = {**serving, "VF_MODEL_NAME": "team", "VF_MODEL_ALIAS": "production", "VF_RELOAD_TOKEN": "op",
-           "VF_RELOAD_INTERVAL_S": "0", "VF_WATCH_WINDOW": "2"}
+           "VF_RELOAD_INTERVAL_S": "0", "VF_WATCH_WINDOW": "2", "VF_WATCH_LOG_INTERVAL_S": "0"}
     server = subprocess.Popen(["bentoml", "serve", "serving.service:VisionFoundry", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
