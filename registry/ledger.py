@@ -199,6 +199,23 @@ class Ledger:
             if "lock" in str(exc.orig).lower():
                 raise LedgerBusy(f"another promotion held the ledger for over {self.wait_s:.0f} s") from None
             raise LedgerUnavailable(f"{DB_ENV}: {_brief(exc)}") from None
+        except sa.exc.ProgrammingError as exc:  # a role that may not write it
+            raise LedgerUnavailable(f"{DB_ENV}: {_brief(exc)}: only the promotion service appends to the ledger") from None
+
+    def check_writable(self) -> None:
+        """Refuses (``LedgerUnavailable``) an identity that could not append, before any gate runs
+        work on its behalf."""
+        self.create()
+        if self.engine.dialect.name != "postgresql":
+            return  # the embedded file: whoever can open it writes it
+        try:
+            with self.engine.connect() as connection:
+                allowed = connection.execute(sa.select(sa.func.has_table_privilege(records.name, "INSERT"))).scalar()
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"{DB_ENV}: the promotion ledger cannot be read: {_brief(exc)}") from None
+        if not allowed:
+            raise LedgerUnavailable(f"{DB_ENV}: permission denied: this identity may not append to the promotion "
+                                    "ledger; promotions run as the promotion service")
 
 
 @functools.cache

@@ -302,6 +302,7 @@ def promote(client: MlflowClient, model_uri: str, alias: str, reason: str, user:
         raise BadModelReference(f"{', '.join(version_uri(mv) for mv in versions)}: one version per model in a set")
     gates = load_gates() if gates is None else gates
     ledger = ledger or ledger_of(client)
+    ledger.check_writable()  # before validations and evaluations run for someone who could not record them
     for mv in versions:
         check_lineage(mv)
     seen = {mv.name: alias_holder(client, mv.name, alias) for mv in versions}

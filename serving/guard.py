@@ -39,6 +39,7 @@ RELOAD_ROUTE = "/reload"
 # /predict_slide or /predict_series takes.
 UPLOAD_ROUTES = {"/upload_slide": "slide", "/upload_series": "series"}
 OPENAPI_ROUTE = "/docs.json"
+DOCS_ROUTE = "/docs"
 # An image route's answer from the uploads under "images" and the text options, by route.
 Endpoints = Callable[[str, list[BinaryIO], dict[str, str]], Awaitable[BaseModel]]
 
@@ -78,10 +79,14 @@ class RequestGuard:
         if path == "/readyz" and self.state is not None and self.state.unavailable:
             body = json.dumps({"ready": False, "error": self.state.unavailable})
             return await _send_json(send, 503, body.encode(), [(b"retry-after", b"5")])
-        if path == "/readyz" and self.state is not None and (self.state.refused or self.state.watch):
+        if path == "/readyz" and self.state is not None and self.state.serving:
             said = {"refused": self.state.refused, "watch": self.state.watch}
             body = json.dumps({"ready": True, "serving": list(self.state.serving), **{k: v for k, v in said.items() if v}})
             return await _send_json(send, 200, body.encode())
+        if path == DOCS_ROUTE and method == "GET":  # BentoML serves its Swagger page at the root
+            await send({"type": "http.response.start", "status": 307, "headers": [(b"location", b"/"),
+                                                                               (b"content-length", b"0")]})
+            return await send({"type": "http.response.body", "body": b""})
         if path == OPENAPI_ROUTE and method == "GET" and self.describe is not None:
             return await self.app(scope, receive, self._described(send))
         if path in IMAGE_ROUTES and self.state is not None and self.state.unavailable:

@@ -40,4 +40,18 @@ def describe(spec: dict, serving: tuple, target: tuple[str, str], limits: dict[s
         # BentoML declares text fields as JSON parts, which Swagger UI sends as a file named
         # "blob": plain form fields are what a browser, curl -F and the guard take.
         body.pop("encoding", None)
+    _singular_examples(spec)
     return spec
+
+
+def _singular_examples(node) -> None:
+    """OpenAPI 3.0's ``example`` beside pydantic's JSON-Schema ``examples``: the Swagger UI BentoML
+    bundles shows only the former (and ``"string"`` without it)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("examples"), list) and node["examples"] and "example" not in node:
+            node["example"] = node["examples"][0]
+        for value in node.values():
+            _singular_examples(value)
+    elif isinstance(node, list):
+        for value in node:
+            _singular_examples(value)

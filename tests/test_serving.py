@@ -173,6 +173,7 @@ def test_while_loading_or_after_a_failed_load_readyz_and_the_endpoints_answer_50
     assert "cannot be read" in _call("GET", "/readyz", state=failed).json()["error"]
     served = ServingState(serving=("models:/demo-backbone/3", None))
     assert _call("POST", "/embed", state=served, files=[PNG]).status_code == 200
+    assert _call("GET", "/readyz", state=served).json() == {"ready": True, "serving": ["models:/demo-backbone/3", None]}
     # Served, but unwatched: ready, and saying why.
     unwatched = ServingState(serving=("models:/demo-backbone/3", None), watch="no reference: not evaluated")
     assert _call("GET", "/readyz", state=unwatched).json() == {
@@ -222,6 +223,12 @@ def test_the_openapi_page_says_what_is_served_and_sends_plain_form_fields():
     assert spec["components"]["schemas"]["ClassPrediction"]["properties"]["probabilities"]["type"] == "object"
     embedded = spec["paths"]["/embed"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert embedded["properties"]["model"]["examples"] == ["models:/demo-backbone/3"]
+    # OpenAPI 3.0's singular example too, which is what the bundled Swagger UI shows.
+    assert embedded["properties"]["model"]["example"] == "models:/demo-backbone/3"
+    assert spec["components"]["schemas"]["OODScore"]["properties"]["percentile"]["example"] == 62.5
+    # /docs, where the README points, is the Swagger page BentoML serves at the root.
+    docs = _call("GET", "/docs")
+    assert docs.status_code == 307 and docs.headers["location"] == "/"
 
 
 def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypatch, tmp_path):
