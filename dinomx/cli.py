@@ -14,6 +14,7 @@ import sys
 from dinomx.config import DinoMXConfig
 from dinomx.errors import run_command
 from dinomx.interrupt import Interrupted, exit_code
+from dinomx.online_eval import verdict_sentence
 from dinomx.train import make_accelerator, train
 from dinomx.validation_gate import check_validated
 
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, args.data, accelerator=accelerator, resume_from=args.resume_from, eval_root=args.eval_data)
         if accelerator.is_main_process:
             print(f"saved {result.backbone_dir} (checkpoint {result.checkpoint})")
+            if result.knn_before is not None and "knn_top1" in result.metrics:
+                print(verdict_sentence(result.knn_before, result.metrics["knn_top1"]))
+            else:
+                print("learning not measured: give --eval-data (and train.eval_every > 0) for the online kNN verdict")
 
     try:
         return run_command("dinomx", run)

@@ -89,6 +89,12 @@ class KNNMonitor:
 LEARNING_MARGIN = 0.02
 
 
+def verdict_sentence(first: float, last: float) -> str:
+    """The verdict as a person reads it where a run ends: "learned: kNN ..." or "did NOT learn: ..."."""
+    learned, summary = learning_verdict(first, last)
+    return f"learned: {summary}" if learned else summary.replace("did not learn", "did NOT learn", 1)
+
+
 def learning_verdict(first: float, last: float, margin: float = LEARNING_MARGIN) -> tuple[bool, str]:
     """(learned, one line) from the online kNN of the network before any update and at the end."""
     gain = last - first

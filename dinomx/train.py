@@ -54,6 +54,7 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     collapse: str | None = None
+    knn_before: float | None = None  # the online kNN of the network before any update (step 0)
 
 
 def make_accelerator(cfg: DinoMXConfig) -> Accelerator:
@@ -314,6 +315,7 @@ class Reporting:
         self.detector = CollapseDetector(run.cfg.dino_head.out_dim, grace_steps=run.schedules.warmup_steps)
         self.metrics: dict[str, float] = {}
         self.collapse: str | None = None
+        self.knn_before: float | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.started, self.start_step = time.perf_counter(), run.start
         # A live bar for people at a terminal; logs and MLflow get the periodic log line instead.
@@ -326,6 +328,7 @@ class Reporting:
         if run.monitor is None or run.start > 0:
             return
         self.metrics = {"knn_top1": self._knn(run)}
+        self.knn_before = self.metrics["knn_top1"]
         if run.accelerator.is_main_process:
             logger.info("it 0/%d  knn %.3f (before training)", run.total, self.metrics["knn_top1"])
             if self.on_log is not None:
@@ -403,7 +406,7 @@ def _train(cfg: DinoMXConfig, data_root: str | Path, on_log: MetricsCallback | N
                 hook(run, step)
     reporting.progress.close()
     return TrainResult(backbone_dir=export(run), checkpoint=run.checkpoint, steps=run.total, metrics=reporting.metrics,
-                       collapse=reporting.collapse)
+                       collapse=reporting.collapse, knn_before=reporting.knn_before)
 
 
 def export(run: Run) -> Path:

@@ -188,7 +188,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
         except Exception as exc:  # a bug's run says what broke too, not only its log
             mlflow.set_tag(Tag.ERROR, str(exc)[:MAX_TAG_CHARS])
             raise
-        record_learning(run_id, description)
+        verdict = record_learning(run_id, description)
         mlflow.log_artifact(str(result.checkpoint), "checkpoint")
         with TemporaryDirectory() as tmp:
             write_attention_pngs(result.backbone_dir, one_image_per_class(dataset.path, cfg.student.num_channels), tmp)
@@ -206,6 +206,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
             example_images(dataset.path, cfg.student.num_channels),
         )
     print(f"registered models:/{version.name}/{version.version} from run {run_id}")
+    print(verdict)
     accelerator.wait_for_everyone()
     return version
 

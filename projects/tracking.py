@@ -22,7 +22,7 @@ from data.report import ValidationReport
 from data.tiling import tiling_of
 from data.versioning import DatasetVersion, dataset_version, find_repo_root
 from dinomx.errors import UserError, one_line, run_command
-from dinomx.online_eval import learning_verdict
+from dinomx.online_eval import learning_verdict, verdict_sentence
 from dinomx.shards import is_sharded, read_index
 from registry.lineage import Lineage, code_version
 from registry.mlflow_service import MlflowService, Outcome, Tag
@@ -144,17 +144,17 @@ def build_lineage(kind: str, parent: str, data: TrainingData, report_uri: str, c
     )
 
 
-def record_learning(run_id: str, description: str) -> str | None:
+def record_learning(run_id: str, description: str) -> str:
     """The run's learning verdict from its online kNN curve (step 0 is the network before any
-    update): tags the UI and the promotion gate read, and a line in the run's description."""
+    update): tags the UI reads, a line in the run's description, and the sentence a console prints."""
     client = MlflowService().client
     history = sorted(client.get_metric_history(run_id, "knn_top1"), key=lambda m: m.step)
     if len(history) < 2 or history[0].step != 0:
-        return None
+        return "learning not measured: no online kNN (an eval split and train.eval_every > 0 give one)"
     learned, verdict = learning_verdict(history[0].value, history[-1].value)
     mlflow.set_tags({Tag.LEARNING: verdict, Tag.LEARNED: str(learned).lower(),
                      Tag.NOTE: f"{description}\n\n**{'Learned' if learned else 'Did not learn'}:** {verdict}"})
-    return verdict
+    return verdict_sentence(history[0].value, history[-1].value)
 
 
 def family_experiment(family: str) -> str | None:

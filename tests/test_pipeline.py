@@ -268,6 +268,9 @@ def test_predict_refuses_what_it_cannot_cut_in_one_line_and_writes_nothing(demo,
 def test_demo_served_real_requests(demo):
     _, _, output = demo
     assert "POST /embed" in output and "96-d vector" in output
+    # The learning verdict where the pretraining ends, in words.
+    assert re.search(r"^learned: kNN \d\.\d{3} -> \d\.\d{3} \(\+\d\.\d{3} over the network before training\)$",
+                     output, re.MULTILINE), output[-3000:]
     assert "POST /classify" in output and "by models:/demo-head/1" in output
     assert re.search(r"every answer.s ood: glands_0000.png at percentile \d+ of the backbone.s reference \(in distribution", output)
     assert "POST /segment" in output and "structure" in output

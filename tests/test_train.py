@@ -450,3 +450,18 @@ def test_a_checkpoint_of_other_modules_is_refused_naming_resume_from():
            "teacher": teacher.state_dict(), "losses": {}}
     with pytest.raises(ResumeError, match=r"resume_from: the checkpoint holds other modules .*distill_heads"):
         restore(old, [student], teacher, torch.nn.Module())
+
+
+def test_the_engine_cli_ends_with_the_learning_verdict_in_words(tiles, tmp_path, capsys, fresh_accelerate_state):
+    from dinomx.cli import main
+
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "eval_every": 3})
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert main(["--config", str(tmp_path / "c.yaml"), "--data", str(tiles / "train"), "--eval-data",
+                 str(tiles / "val"), "--skip-validation-gate"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said[0].startswith("saved ") and re.fullmatch(
+        r"(learned|did NOT learn): kNN \d\.\d{3} -> \d\.\d{3} \([+-]\d\.\d{3} over the network before training\)"
+        r"(; needs at least \+[\d.]+)?", said[1]), said
+    assert main(["--config", str(tmp_path / "c.yaml"), "--data", str(tiles / "train"), "--skip-validation-gate"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("learning not measured: give --eval-data")
