@@ -64,6 +64,7 @@ class Recorder:
 
     def __init__(self, tracking_uri: str):
         user, password = os.environ.get("VF_WATCH_TRACKING_USERNAME"), os.environ.get("VF_WATCH_TRACKING_PASSWORD")
+        self.user = user or os.environ.get("MLFLOW_TRACKING_USERNAME") or "vision-foundry-service"
         if user and tracking_uri.startswith(("http://", "https://")):
             self.store = RestStore(lambda: MlflowHostCreds(tracking_uri, username=user, password=password))
         else:  # the service's own identity, or an embedded store: the store behind MlflowClient, so that
@@ -85,7 +86,7 @@ class Recorder:
                 run_id = found[0].info.run_id
                 step = len(self.store.get_metric_history(run_id, "drift.p_value"))
             else:
-                run_id = self.store.create_run(experiment_id, "vf-service", int(time.time() * 1000), [
+                run_id = self.store.create_run(experiment_id, self.user, int(time.time() * 1000), [
                     RunTag(Tag.ENTRY_POINT, "monitoring"), RunTag(Tag.MONITORED_MODEL, backbone),
                     RunTag(Tag.REFERENCE_RUN, reference_run), RunTag("mlflow.runName", f"monitoring {backbone}"),
                     RunTag(Tag.NOTE, f"What `{backbone}` was sent, a point per window, against the reference of the "
