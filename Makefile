@@ -77,4 +77,4 @@ test-fast: $(STAMP) $(TEST_SLIDE)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not cluster and not browser and not team"
 
 clean:
-	rm -rf $(VENV) .stack mlruns mlflow.db portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx
+	rm -rf $(VENV) .stack mlruns mlflow.db vf-audit.db* portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx
