@@ -788,3 +788,26 @@ def test_the_monitoring_page_draws_each_served_versions_windows_beside_its_promo
     assert 'class="promotion"' in page and f"v{v1} @production" in page
     assert "/registry/mon-backbone/monitoring" in admin.get("/registry/mon-backbone").get_data(as_text=True)
     assert admin.get("/api/models/nothing-backbone/monitoring").status_code == 404
+
+
+def test_a_finished_job_that_did_not_learn_says_so_and_a_stopped_one_shows_no_eta(app):
+    admin = signed_in(app, "ana")
+    make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    with mlflow.start_run() as training:
+        mlflow.set_tags({"vf.learned": "false", "vf.progress": "20/30 (1m12s left)",
+                         "vf.learning": "did not learn: kNN 0.400 -> 0.405 (+0.005 over the network before training); "
+                                        "needs at least +0.02"})
+    with app.app_context():
+        jobs = [Job(owner="ana", dataset_id=1, entry_point="pretrain", parameters={"name": "flat"}, command=[],
+                    status=status, mlflow_run_id=training.info.run_id, experiment_id="0")
+                for status in ("finished", "cancelled", "running")]
+        db.session.add_all(jobs)
+        db.session.commit()
+        finished, cancelled, running = (job.id for job in jobs)
+    body = admin.get(f"/api/jobs/{finished}").json
+    assert (body["state"], body["learned"], body["progress"]) == ("finished, did not learn", "false", None)
+    page = admin.get(f"/jobs/{finished}").get_data(as_text=True)
+    assert 'class="badge status-not-learned" id="status">finished, did not learn<' in page
+    assert "Did not learn: kNN 0.400 -&gt; 0.405" in page
+    assert admin.get(f"/api/jobs/{cancelled}").json["progress"] is None  # stopped: no ETA
+    assert admin.get(f"/api/jobs/{running}").json["progress"] == "20/30 (1m12s left)"

@@ -111,7 +111,17 @@ def jobs():
 @login_required
 def job_page(job_id: int):
     job = _own(job_id)
-    return answer({}, "job.html", job=job, view=_view(job))
+    return answer({}, "job.html", job=job, view=_view(job), outcome=_outcome(job))
+
+
+def _outcome(job: Job) -> dict:
+    """What a person wants to know of the job's run: ``state`` (a finished training that did not
+    learn says so), the learning verdict, and the progress while it runs (a stopped job has no ETA)."""
+    tags = mlflow().client.get_run(job.mlflow_run_id).data.tags if job.mlflow_run_id else {}
+    learned = tags.get(Tag.LEARNED)
+    return {"state": "finished, did not learn" if job.status == "finished" and learned == "false" else job.status,
+            "learned": learned, "learning": tags.get(Tag.LEARNING),
+            "progress": tags.get(Tag.PROGRESS) if job.status in ACTIVE else None}
 
 
 NO_RUNNER = "this portal process runs no jobs (PORTAL_RUN_JOBS=0)"
@@ -160,12 +170,11 @@ def resume_job(job_id: int):
 def api_job(job_id: int):
     """The job and the live metrics of its MLflow run (full history per metric)."""
     job = _own(job_id)
-    metrics, progress = {}, None
+    metrics = {}
     if job.mlflow_run_id:
         client = mlflow().client
-        progress = client.get_run(job.mlflow_run_id).data.tags.get(Tag.PROGRESS)
         for key in LIVE_METRICS:
             history = client.get_metric_history(job.mlflow_run_id, key)
             if history:
                 metrics[key] = [[m.step, m.value] for m in sorted(history, key=lambda m: m.step)]
-    return answer(_view(job) | {"metrics": metrics, "progress": progress})
+    return answer(_view(job) | {"metrics": metrics} | _outcome(job))
