@@ -107,6 +107,13 @@ def family_of(model_name: str) -> str:
     return model_name
 
 
+def ui_link(base: str, route: str) -> str:
+    """A page of MLflow's UI at ``base`` (``experiments/3/runs/<id>``, ``models/<name>/versions/2``)
+    opened on model training: the UI keeps a workflow type per browser, GenAI unless told, which
+    wins over the experiment's own kind; the ``workflowType`` URL parameter wins over both."""
+    return f"{base.rstrip('/')}/#/{route}?workflowType=machine_learning"
+
+
 def run_name(family: str, what: str) -> str:
     """``demo-pretrain-1202-0931``: runs of one family told apart by what ran and when."""
     return f"{family}-{what}-{datetime.now():%m%d-%H%M%S}"

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 import httpx
+from mlflow import MlflowClient
+
+from registry.mlflow_service import ui_link
 
 
 def step(title: str) -> None:
@@ -143,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"every answer's ood: {ood['note']}")
 
     uri = researcher["MLFLOW_TRACKING_URI"]
+    os.environ.update({k: v for k, v in researcher.items() if k.startswith("MLFLOW_TRACKING_")})  # as the researcher
+    family = MlflowClient(uri).get_experiment_by_name(args.experiment or args.name).experiment_id
     if args.team:
-        print(f"\nDone. The MLflow UI is the tracking server: {uri} (credentials: source .stack/stack.env)")
+        print(f"\nDone. The MLflow UI is the tracking server (credentials: source .stack/stack.env); the family's runs:\n"
+              f"  {ui_link(uri, f'experiments/{family}')}")
     else:
         print(f"\nDone. Compare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"
-              "(from the repository root; `.venv/bin/mlflow` if the venv is not active)")
+              "(from the repository root; `.venv/bin/mlflow` if the venv is not active), then open\n"
+              f"  {ui_link('http://127.0.0.1:5000', f'experiments/{family}')}")
     return 0
 
 

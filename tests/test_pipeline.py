@@ -284,9 +284,12 @@ def test_the_mlflow_ui_shows_what_ran_and_where_a_version_came_from(demo, tmp_pa
     description, the evaluation's images, and the model version page with its lineage."""
     from playwright.sync_api import sync_playwright
 
-    checkout, client, _ = demo
+    checkout, client, output = demo
     run = _run_of(client, "pretrain")
     evaluation = _run_of(client, "evaluate")
+    # The family's page as the demo's last line links it: on model training, not the UI's GenAI default.
+    family = re.search(r"http://127\.0\.0\.1:5000/#/(experiments/\d+\?workflowType=machine_learning)$", output,
+                       re.MULTILINE).group(1)
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id, "plots")} == {
         "plots/confusion_matrix.png", "plots/embeddings_pca.png"}
     assert client.list_artifacts(evaluation.info.run_id, "images")  # shown as the run's images
@@ -304,6 +307,9 @@ def test_the_mlflow_ui_shows_what_ran_and_where_a_version_came_from(demo, tmp_pa
             page.wait_for_selector("text=demo-pretrain", timeout=60_000)
             page.wait_for_selector("text=DINO-MX pretrain of", timeout=60_000)
             page.screenshot(path=tmp_path / "run.png")
+            page.goto(f"{base}/#/{family}")
+            page.wait_for_selector("text=Run Name", timeout=60_000)
+            assert "demo-pretrain" in page.inner_text("body") and "Detect Issues" not in page.inner_text("body")
             page.goto(f"{base}/#/models/demo-backbone/versions/1")
             page.wait_for_selector("text=Lineage", timeout=60_000)
             text = page.inner_text("body")
@@ -737,7 +743,8 @@ def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path
     state = _job_when(web, job["id"], lambda s: s["status"] not in ("queued", "starting", "running"))
     assert state["status"] == "finished", state["log_tail"]
     experiment = client.get_run(state["mlflow_run_id"]).info.experiment_id
-    assert state["mlflow_url"] == f"http://mlflow.test/#/experiments/{experiment}/runs/{state['mlflow_run_id']}"
+    assert state["mlflow_url"] == (f"http://mlflow.test/#/experiments/{experiment}/runs/{state['mlflow_run_id']}"
+                                   "?workflowType=machine_learning")
     assert [step for step, _ in state["metrics"]["total_loss"]] == [10, 20, 30]  # 30 steps, logged every 10
     run = client.get_run(state["mlflow_run_id"])
     assert run.data.params["student.freeze_blocks"] == "2" and run.data.params["train.batch_size"] == "16"

@@ -524,7 +524,8 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         page.click("#promote")
         page.wait_for_selector("table#history >> text=first candidate")
         assert "authorized, lineage complete" in page.inner_text("table#history")
-        assert page.get_attribute("a.mlflow-version >> nth=0", "href") == "http://mlflow.test/#/models/ui-backbone/versions/2"
+        assert page.get_attribute("a.mlflow-version >> nth=0", "href") == \
+            "http://mlflow.test/#/models/ui-backbone/versions/2?workflowType=machine_learning"
         assert page.get_attribute("a.mlflow-run >> nth=0", "href").startswith("http://mlflow.test/#/experiments/")
         assert "knn.accuracy 0.850" in page.inner_text("table#versions")
         page.screenshot(path=shots / "model.png")
@@ -640,8 +641,9 @@ def test_versions_show_their_evaluation_compare_side_by_side_and_say_why_they_ho
     assert newest["evaluation"]["knn.accuracy"] == 0.86 and newest["learning"] == "not measured"
     # The promotion service validated the data of version 1, not the other data version 2 names.
     assert (model["versions"][1]["validated"], newest["validated"], newest["validation"]) == (True, None, "true")
-    assert newest["links"]["version"] == "http://mlflow.test/#/models/cmp-backbone/versions/2"
+    assert newest["links"]["version"] == "http://mlflow.test/#/models/cmp-backbone/versions/2?workflowType=machine_learning"
     assert newest["links"]["run"].startswith("http://mlflow.test/#/experiments/")
+    assert newest["links"]["run"].endswith("?workflowType=machine_learning")  # model training, not MLflow's GenAI view
     assert newest["links"]["validation_report"] == "/registry/cmp-backbone/2/validation-report"
     missing = admin.get("/api/models/cmp-backbone/2/validation-report")  # this test's lineage names no real report
     assert missing.status_code == 404 and "cannot be read" in missing.json["error"]

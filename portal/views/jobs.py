@@ -21,7 +21,7 @@ from portal.jobs import (
 )
 from portal.web import ID, answer, audit, dataset_for, mlflow, payload, refuse, settings
 from registry.lineage import BadModelReference, RegistryError, equals, resolve_version
-from registry.mlflow_service import Tag
+from registry.mlflow_service import Tag, ui_link
 
 bp = Blueprint("jobs", __name__)
 LIVE_METRICS = ("total_loss", "knn_top1", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "distill_loss",
@@ -33,7 +33,7 @@ def _view(job: Job) -> dict:
             "status": job.status, "parameters": job.parameters, "command": job.command,
             "mlflow_run_id": job.mlflow_run_id, "exit_code": job.exit_code, "backend": job.backend,
             "scheduler_id": job.scheduler_id, "scheduler_state": job.scheduler_state,
-            "mlflow_url": (f"{settings().mlflow_ui_url}/#/experiments/{job.experiment_id}/runs/{job.mlflow_run_id}"
+            "mlflow_url": (ui_link(settings().mlflow_ui_url, f"experiments/{job.experiment_id}/runs/{job.mlflow_run_id}")
                            if job.mlflow_run_id else None),
             "created_at": job.created_at.isoformat(), "log_tail": job.log_tail}
 

@@ -29,7 +29,7 @@ from registry.lineage import (
     registry_errors,
     version_uri,
 )
-from registry.mlflow_service import Tag, evaluation_metrics
+from registry.mlflow_service import Tag, evaluation_metrics, ui_link
 from registry.promote import PromotionRefused, ledger_of, promote, rollback
 
 bp = Blueprint("registry", __name__)
@@ -80,8 +80,8 @@ def _row(client, v, aliases: dict, evaluations: list) -> dict:
             "learning": run.data.tags.get(Tag.LEARNING, "not measured") if run else "",
             "learned": run.data.tags.get(Tag.LEARNED) if run else None,
             "created": v.creation_timestamp,
-            "links": {"version": f"{ui}/#/models/{v.name}/versions/{v.version}",
-                      "run": f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" if run else None,
+            "links": {"version": ui_link(ui, f"models/{v.name}/versions/{v.version}"),
+                      "run": ui_link(ui, f"experiments/{run.info.experiment_id}/runs/{run.info.run_id}") if run else None,
                       "validation_report": url_for("registry.validation_report", name=v.name, version=str(v.version))}}
 
 
