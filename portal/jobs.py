@@ -31,6 +31,7 @@ STRATEGIES = ("standard", "lora", "freeze", "distill")
 BACKENDS = ("local", "slurm")
 ACTIVE = ("starting", "running")
 # An ended MLflow run's status as the job's.
+CANCELLING = "CANCELLING"  # the scheduler state of a job the portal was asked to cancel
 JOB_STATUS = {Outcome.FINISHED.status: "finished", Outcome.FAILED.status: "failed", Outcome.KILLED.status: "cancelled"}
 LOG_TAIL = 6000
 # A registered model, or a Hugging Face hub id (``org/name``): never a path, since ``hf:`` of a
@@ -421,12 +422,19 @@ class LocalLauncher:
         """(scheduler state, the job's final status or None while it runs, exit code)."""
         child = self._children.get(job.scheduler_id)
         exit_code = child.poll() if child is not None else None
-        if (child is not None and exit_code is None) or (child is None and self._alive(job)):
+        # Until every process of the session is gone: a cancel ends `mlflow run` at once, while the
+        # training under it still writes its checkpoint and ends its run KILLED.
+        if (child is not None and exit_code is None) or self._alive(job):
             return "RUNNING", None, None  # the scheduler's word, not a run status
         self._children.pop(job.scheduler_id, None)
         service = MlflowService(self.tracking_uri)
-        # A process that ended without ending its run: the run says so.
-        service.finish(job.mlflow_run_id, Outcome.FAILED, f"the job's process ended without reporting (exit code {exit_code})")
+        # A process that ended without ending its run: the run says so. One that was cancelled (a
+        # SIGTERM before the trainer could take it, e.g. during its step-0 kNN) ends as cancelled.
+        if job.scheduler_state == CANCELLING:
+            service.finish(job.mlflow_run_id, Outcome.KILLED, f"cancelled before it could checkpoint (exit code {exit_code})")
+        else:
+            service.finish(job.mlflow_run_id, Outcome.FAILED,
+                           f"the job's process ended without reporting (exit code {exit_code})")
         return "EXITED", JOB_STATUS[service.status(job.mlflow_run_id)], exit_code
 
     def cancel(self, job: Job) -> None:
@@ -549,7 +557,7 @@ class JobRunner:
             job.status, job.finished_at = "cancelled", now()
         elif job.status in ACTIVE and job.scheduler_id:
             self.launcher.cancel(job)
-            job.scheduler_state = "CANCELLING"
+            job.scheduler_state = CANCELLING
         db.session.commit()
 
     def _loop(self) -> None:
@@ -565,7 +573,9 @@ class JobRunner:
     def _refresh(self) -> None:
         for job in db.session.scalars(db.select(Job).where(Job.status == "running")).all():
             state, final, exit_code = self.launcher.poll(job)
-            job.scheduler_state, job.log_tail = state, read_tail(job.log_path) or job.log_tail
+            # A cancel stays one until the job has ended, whichever worker's runner polls it.
+            job.scheduler_state = CANCELLING if job.scheduler_state == CANCELLING and not final else state
+            job.log_tail = read_tail(job.log_path) or job.log_tail
             if final:
                 job.status, job.exit_code, job.finished_at = final, exit_code, now()
                 log.info("job %d %s (%s)", job.id, final, state)

@@ -2,6 +2,7 @@
 signatures) and a real SQLite registry; the pages in headless Chromium (Playwright) with checked screenshots."""
 import re
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -813,3 +814,36 @@ def test_a_finished_job_that_did_not_learn_says_so_and_a_stopped_one_shows_no_et
     assert "Did not learn: kNN 0.400 -&gt; 0.405" in page
     assert admin.get(f"/api/jobs/{cancelled}").json["progress"] is None  # stopped: no ETA
     assert admin.get(f"/api/jobs/{running}").json["progress"] == "20/30 (1m12s left)"
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_cancelled(tmp_path, cancelled):
+    """`mlflow run` ends at once on a cancel while the training under it still checkpoints: the job
+    runs until no process of its session is left. A process that then ended without ending its
+    run leaves it FAILED, or KILLED (the job cancelled) when the portal had asked for the cancel."""
+    import os
+    import signal
+    import subprocess
+    from types import SimpleNamespace
+
+    from portal.jobs import CANCELLING, LocalLauncher
+    from registry.mlflow_service import MlflowService
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(uri).create_run("0").info.run_id
+    # The session's leader exits at once; the process it left behind names the run, as a training does.
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], env={**os.environ, "MLFLOW_RUN_ID": run_id},
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    training = int(leader.stdout.readline())
+    leader.wait()
+    job = SimpleNamespace(scheduler_id=str(leader.pid), mlflow_run_id=run_id,
+                          scheduler_state=CANCELLING if cancelled else "RUNNING")
+    launcher = LocalLauncher(tmp_path, uri, tmp_path)
+    launcher._children[job.scheduler_id] = leader  # as submit keeps the `mlflow run` it started
+    assert launcher.poll(job) == ("RUNNING", None, None)
+    os.kill(training, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while (state := launcher.poll(job))[1] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state[:2] == ("EXITED", "cancelled" if cancelled else "failed")
+    assert MlflowService(uri).status(run_id) == ("KILLED" if cancelled else "FAILED")
