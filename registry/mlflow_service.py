@@ -174,7 +174,10 @@ class MlflowService:
                 for key, value in {Tag.CONTINUED_IN: active.info.run_id,
                                    Tag.NOTE: f"Resumed training: continued in run {active.info.run_id}."}.items():
                     self.client.set_tag(launcher_run, key, value)
-            yield active, Tag.ENTRY_POINT in active.data.tags
+            continuing = Tag.ENTRY_POINT in active.data.tags
+            if continuing and Tag.ERROR in active.data.tags:  # an earlier launch's failure, not this one's
+                self.client.delete_tag(active.info.run_id, Tag.ERROR)
+            yield active, continuing
 
     def experiment_id(self, name: str) -> str:
         """The experiment ``name`` (a model family's), created by whichever process needs it first."""

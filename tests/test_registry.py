@@ -418,6 +418,10 @@ def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(clien
     tags = client.get_run(run).data.tags
     assert tags[Tag.ERROR] == "out of memory" and tags[Tag.NOTE] == "**Failed:** out of memory"
     assert not service.finish(run, Outcome.FINISHED) and service.status(run) == "FAILED"  # already ended: kept
+    # Resumed, the run goes on without the earlier launch's error (a training's run carries its entry point).
+    client.set_tag(run, Tag.ENTRY_POINT, "pretrain")
+    with service.start_or_continue(run) as (_, continuing):
+        assert continuing and Tag.ERROR not in client.get_run(run).data.tags
     killed = client.create_run("0").info.run_id
     service.finish(killed, Outcome.KILLED)
     # A preempted job's run ended KILLED by its process; Slurm, requeueing it, knows better.
