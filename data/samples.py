@@ -105,8 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder (train/ and val/ are written inside)")
     parser.add_argument("--size", type=int, default=32, help="side of the written images in pixels")
     args = parser.parse_args(argv)
-    print(SETS[args.name](args.out, args.size))
+    print(summary(SETS[args.name](args.out, args.size)))
     return 0
+
+
+def summary(root: Path) -> str:
+    """What was written, for a person: "out/digits: 1,797 images of 10 classes, 1,347 train and 450 val (32x32 RGB PNG)"."""
+    counts = {split: sum(1 for _ in (root / split).rglob("*.png")) for split in ("train", "val")}
+    classes = len([d for d in (root / "train").iterdir() if d.is_dir()])
+    with Image.open(next((root / "train").rglob("*.png"))) as first:
+        width, height = first.size
+    return (f"{root}: {sum(counts.values()):,} images of {classes} classes, {counts['train']:,} train and "
+            f"{counts['val']:,} val ({width}x{height} RGB PNG)")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from data.samples import PATCH, PER_CLASS, PHOTOGRAPHS, digits, faces, textures
+from data.samples import PATCH, PER_CLASS, PHOTOGRAPHS, faces, main, textures
 from dinomx.images import list_images
 
 
-def test_digits_are_written_whole_as_a_fixed_rgb_split(tmp_path):
-    root = digits(tmp_path / "digits", size=24)
+def test_digits_are_written_whole_as_a_fixed_rgb_split(tmp_path, capsys):
+    assert main(["digits", str(tmp_path / "digits"), "--size", "24"]) == 0
+    root = tmp_path / "digits"
+    counted = re.fullmatch(r".*digits: 1,797 images of 10 classes, (\d,?\d+) train and (\d+) val \(24x24 RGB PNG\)\n",
+                           capsys.readouterr().out)
+    assert counted and int(counted[1].replace(",", "")) + int(counted[2]) == 1797
     train_paths, train_labels, classes = list_images(root / "train")
     val_paths, val_labels, _ = list_images(root / "val")
     assert classes == [str(d) for d in range(10)]
