@@ -20,11 +20,13 @@ export DO_NOT_TRACK := 1
 
 setup: $(STAMP)
 
+# pip says errors only (-qq): a site's package index settings can make it warn once per package.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@echo "installing the pinned environment into $(VENV) (a few minutes, once)"
+	$(BIN)/python -m pip install -qq --upgrade pip==26.3
+	$(BIN)/python -m pip install -qq -r requirements.lock
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: $(STAMP)
