@@ -115,6 +115,7 @@ def test_backbone_is_registered_with_complete_lineage_and_loads_with_automodel(d
 
     # The version page reads as a lineage chain and an evaluation summary, not raw JSON tags.
     assert mv.description.startswith("### Lineage") and f"DVC md5 `{lineage.data_md5}`" in mv.description
+    assert "- training: **learned**, kNN " in mv.description  # the training run's verdict, where the UI shows the version
     assert "### Evaluation" in mv.description and "| knn.accuracy |" in mv.description
     head = client.get_model_version_by_alias("demo-head", "production")
     assert f"**Built on `models:/demo-backbone/{mv.version}`**" in head.description

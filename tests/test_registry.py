@@ -432,3 +432,17 @@ def test_a_runs_life_ends_once_and_the_part_that_knows_best_keeps_its_word(clien
     # One exit-code rule for both command lines: only the time-limit warning asks to be requeued.
     assert exit_code(Interrupted(3, "ckpt", signal.SIGUSR1)) == REQUEUE_EXIT_CODE == 75
     assert exit_code(Interrupted(3, "ckpt", signal.SIGTERM)) == 143
+
+
+def test_a_versions_description_says_whether_its_training_learned(client):
+    from registry.lineage import describe_version
+
+    learned, flat = register(client, "v-backbone"), register(client, "v-backbone")
+    for version, verdict in ((learned, "kNN 0.700 -> 0.875 (+0.175 over the network before training)"),
+                             (flat, "did not learn: kNN 0.700 -> 0.701 (+0.001 over the network before training); "
+                                    "needs at least +0.02")):
+        mv = client.get_model_version("v-backbone", version)
+        client.set_tag(mv.run_id, Tag.LEARNING, verdict)
+        describe_version(client, mv)
+    assert "- training: **learned**, kNN 0.700 -> 0.875" in client.get_model_version("v-backbone", learned).description
+    assert "- training: **did NOT learn**, kNN 0.700 -> 0.701" in client.get_model_version("v-backbone", flat).description
