@@ -11,13 +11,19 @@ def _log_like(level: int) -> None:
 
 
 @contextmanager
-def units_mapper(workers: int, units: int):
+def units_mapper(workers: int, units: int, preload: tuple[str, ...] = ()):
     """``map`` here, or an ordered ``imap`` over a pool of ``workers`` processes when there is
-    more than one unit. Processes are spawned, not forked: the caller may hold threads (a server,
-    a test runner); they log at the caller's level."""
+    more than one unit. Processes are not forked from the caller, which may hold threads (a server,
+    a test runner): they are spawned, or, with ``preload``, forked from a fresh server process that
+    imported those modules once (Great Expectations' import is seconds a worker); they log at the
+    caller's level."""
     if workers < 2 or units < 2:
         yield map
         return
-    context = multiprocessing.get_context("spawn")
+    if preload:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(preload))
+    else:
+        context = multiprocessing.get_context("spawn")
     with context.Pool(min(workers, units), initializer=_log_like, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
         yield pool.imap

@@ -158,7 +158,7 @@ def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path,
     todo = [(str(path), name, samples, suite, parameters) for path, name, samples, result in tasks if not result.is_file()]
     results = {name: result for _, name, _, result in tasks}
     cache.mkdir(parents=True, exist_ok=True)
-    with units_mapper(workers, len(todo)) as mapper:
+    with units_mapper(workers, len(todo), preload=("data.validate",)) as mapper:
         for task, report in zip(todo, mapper(check_shard, todo)):
             results[task[1]].write_text(json.dumps(report))
     reports = [ValidationReport.from_dict(json.loads(result.read_text())) for result in results.values()]
