@@ -682,8 +682,9 @@ def test_unreachable_storage_is_a_page_that_says_so_and_empty_fields_are_the_con
     admin = signed_in(app, "ana")
     colon = make_dataset(admin)
     app.extensions["vf.storage"] = Storage(BUCKET, "http://127.0.0.1:9")  # nothing listens there
-    page = admin.get(f"/datasets/{colon}")
-    assert page.status_code == 503 and b"s3://hospital at http://127.0.0.1:9 is unreachable or refuses the portal" in page.data
+    page = admin.get(f"/datasets/{colon}")  # what the database knows, and why the files are not listed
+    assert page.status_code == 200 and b"s3://hospital at http://127.0.0.1:9 is unreachable or refuses the portal" in page.data
+    assert b'id="storage-unavailable"' in page.data and b"colon" in page.data and b'id="upload"' not in page.data
     app.extensions["vf.storage"] = Storage("no-such-bucket", app.extensions["vf.settings"].s3_endpoint_url)
     listing = admin.get(f"/api/datasets/{colon}/objects")
     assert listing.status_code == 503 and "s3://no-such-bucket" in listing.json["error"]
@@ -847,3 +848,20 @@ def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_
         time.sleep(0.1)
     assert state[:2] == ("EXITED", "cancelled" if cancelled else "failed")
     assert MlflowService(uri).status(run_id) == ("KILLED" if cancelled else "FAILED")
+
+
+def test_a_versions_validation_report_reads_as_a_page_and_stays_json_for_the_api(app, tmp_path):
+    client = MlflowClient()
+    version = register(client, "rep-backbone")
+    ValidationReport("image_tiles_rgb", "data/demo/images", False, 64, 12, failures=[
+        Failure("expect_column_values_to_be_between", "pixel_std", 2, ["train/a/x.png", "train/a/y.png"],
+                "min_value=2.0", [0.0, 0.5])]).write(tmp_path / "report.json")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "report.json"), "validation")
+    client.set_model_version_tag("rep-backbone", version, "vf.validation_report",
+                                 f"{run.info.artifact_uri}/validation/report.json")
+    admin = signed_in(app, "ana")
+    page = admin.get(f"/registry/rep-backbone/{version}/validation-report").get_data(as_text=True)
+    assert 'id="verdict">FAILED<' in page and "train/a/x.png (0.0)" in page and "min_value=2.0" in page
+    assert "{&#34;" not in page and '{"' not in page  # a page, not the JSON
+    assert admin.get(f"/api/models/rep-backbone/{version}/validation-report").json["success"] is False

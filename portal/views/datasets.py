@@ -12,6 +12,7 @@ from dinomx.images import list_images
 from dinomx.shards import is_sharded, read_index
 from portal.access import AccessDenied, BadPath, clean_prefix, level_of, object_key, visible_datasets
 from portal.db import LEVELS, Dataset, Grant, Group, User, db
+from portal.storage import StorageUnavailable
 from portal.web import ID, answer, audit, dataset_for, payload, settings, storage, text, wants_json
 
 bp = Blueprint("datasets", __name__)
@@ -74,8 +75,14 @@ def check_training_data(project: Path, train_path: str | None, report: str | Non
 def dataset_page(dataset_id: int):
     dataset = dataset_for(dataset_id, "read")
     grants = db.session.scalars(db.select(Grant).where(Grant.dataset_id == dataset.id)).all()
+    # Without storage (the embedded set-up, or S3 down) the page still shows what the database
+    # knows of the dataset; only its files and transfers need the store.
+    try:
+        objects, unreachable = storage().list(dataset.prefix), None
+    except StorageUnavailable as exc:
+        objects, unreachable = [], str(exc)
     return answer({}, "dataset.html", dataset=dataset, level=level_of(current_user, dataset),
-                  objects=storage().list(dataset.prefix), grants=grants)
+                  objects=objects, unreachable=unreachable, grants=grants)
 
 
 @bp.get(f"/api/datasets/<{ID}:dataset_id>/objects")

@@ -6,11 +6,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from flask import Blueprint, abort, jsonify, request, url_for
+from flask import Blueprint, abort, request, url_for
 from flask_login import current_user, login_required
 from mlflow import artifacts as mlflow_artifacts
 from mlflow.exceptions import MlflowException
 
+from data.report import ValidationReport
 from dinomx.errors import UserError
 from portal.access import AccessDenied, authorize_alias_move
 from portal.web import answer, audit, mlflow, payload, settings, text
@@ -113,9 +114,10 @@ def validation_report(name: str, version: str):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             report = json.loads(Path(mlflow_artifacts.download_artifacts(uri, dst_path=tmp)).read_text())
-    except (MlflowException, OSError, ValueError) as exc:
+        readable = ValidationReport.from_dict(report)
+    except (MlflowException, OSError, ValueError, TypeError, KeyError) as exc:
         abort(404, f"validation report {uri} of models:/{name}/{version} cannot be read: {str(exc)[:300]}")
-    return jsonify(report)
+    return answer(report, "validation_report.html", report=readable, model=f"models:/{name}/{version}", uri=uri)
 
 
 @bp.get("/registry/<name>/compare")
