@@ -10,7 +10,6 @@ registry, audit) and the job runner.
 """
 from __future__ import annotations
 
-import json
 import secrets
 
 from flask import Flask, abort, jsonify, redirect, request, session, url_for
@@ -26,7 +25,7 @@ from portal.settings import Settings
 from portal.storage import Storage, StorageUnavailable
 from portal.views import audit, auth, datasets, jobs, monitoring, registry
 from portal.web import audit as audit_event
-from portal.web import audit_refusal, refuse, wants_json
+from portal.web import audit_refusal, plain, refuse, wants_json
 from registry.ledger import LedgerBroken, LedgerUnavailable
 from registry.lineage import RegistryUnavailable
 from registry.mlflow_service import MlflowService
@@ -90,8 +89,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             abort(400, "form expired; reload the page")
         return None
 
-    # JSON as people read it (Jinja's tojson escapes quotes to \u0027 for script contexts); pages escape it.
-    app.add_template_filter(lambda value: json.dumps(value, ensure_ascii=False, sort_keys=True), "readable_json")
+    app.add_template_filter(plain, "plain")
 
     @app.context_processor
     def template_globals():

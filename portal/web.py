@@ -142,3 +142,16 @@ def admin_only(view):
             raise AccessDenied(f"{current_user.username} is not an administrator")
         return view(*args, **kwargs)
     return login_required(wrapped)
+
+
+def plain(value) -> str:
+    """A value as a page shows it to a person: no Python or JSON literals (None, True, {"...)."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {plain(item)}" for key, item in sorted(value.items())) or "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain(item) for item in value) or "—"
+    return str(value)

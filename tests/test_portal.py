@@ -865,3 +865,33 @@ def test_a_versions_validation_report_reads_as_a_page_and_stays_json_for_the_api
     assert 'id="verdict">FAILED<' in page and "train/a/x.png (0.0)" in page and "min_value=2.0" in page
     assert "{&#34;" not in page and '{"' not in page  # a page, not the JSON
     assert admin.get(f"/api/models/rep-backbone/{version}/validation-report").json["success"] is False
+
+
+def test_no_page_shows_a_python_or_json_literal(app):
+    """Every page a person opens, with objects that carry None, booleans and nested values, as text
+    (scripts and styles aside): no `None`, `True`, `False` or `{"`."""
+    admin = signed_in(app, "ana")
+    colon = make_dataset(admin, train_path="data/demo/images/train", validation_report="data/demo/validation/report.json")
+    client = MlflowClient()
+    v1 = register(client, "lit-backbone", evaluated=EVALUATED)
+    register(client, "lit-backbone", evaluated=EVALUATED)
+    assert admin.post("/api/models/lit-backbone/promote", json={"version": v1, "alias": "staging", "reason": "r"}
+                      ).status_code == 200
+    with app.app_context():
+        job = Job(owner="ana", dataset_id=colon, entry_point="pretrain", command=[], status="queued",
+                  parameters={"name": "lit", "lr": None, "freeze": False, "lora": {"r": 8, "targets": ["q", "v"]}})
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+    pages = ["/datasets", f"/datasets/{colon}", "/jobs", f"/jobs/{job_id}", "/registry", "/registry/lit-backbone",
+             f"/registry/lit-backbone/compare?a={v1}&b=2", "/registry/lit-backbone/monitoring", "/audit"]
+    for path in pages:
+        page = admin.get(path)
+        assert page.status_code == 200, (path, page.status_code)
+        text = re.sub(r"<(script|style)\b.*?</\1>", "", page.get_data(as_text=True), flags=re.DOTALL)
+        text = re.sub(r"<[^>]+>", " ", text)
+        leaked = re.findall(r"\bNone\b|\bTrue\b|\bFalse\b|\{&#34;|\{\"|\{&#39;", text)
+        assert not leaked, (path, leaked, text[:2000])
+    parameters = admin.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert "<th>lr</th><td>—</td>" in parameters and "<th>freeze</th><td>no</td>" in parameters
+    assert "<th>lora</th><td>r: 8; targets: q, v</td>" in parameters
