@@ -86,6 +86,7 @@ class TrainingRequest:
     batch_size: int | None = None  # None: the config's
     lr: float | None = None
     epochs: int = 0  # 0: the config's own
+    steps_per_epoch: int = 0  # 0: the config's (or one pass over the data); a few for a short trial
     nodes: int = 1
     gpus_per_node: int = 0
     processes_per_node: int = 1  # on nodes without GPUs; with GPUs it is one process per GPU
@@ -131,6 +132,7 @@ class TrainingRequest:
         values["batch_size"] = number("batch_size", int, 1, 4096, None)
         values["lr"] = number("lr", float, 1e-7, 1.0, None)
         values["epochs"] = number("epochs", int, 0, 10000, 0)
+        values["steps_per_epoch"] = number("steps_per_epoch", int, 0, 10_000_000, 0)
         values["nodes"] = number("nodes", int, 1, 64, 1)
         values["gpus_per_node"] = number("gpus_per_node", int, 0, 16, 0)
         values["processes_per_node"] = number("processes_per_node", int, 1, 64, 1)
@@ -164,6 +166,8 @@ class TrainingRequest:
             items.append(f"optim.lr={self.lr}")
         if self.epochs:
             items.append(f"train.epochs={self.epochs}")
+        if self.steps_per_epoch:
+            items.append(f"train.steps_per_epoch={self.steps_per_epoch}")
         if self.strategy == "lora":
             items += ["lora_config.enabled=true", f"lora_config.r={self.lora_rank}",
                       f"lora_config.alpha={self.lora_alpha}", f"lora_config.dropout={self.lora_dropout}"]
@@ -189,7 +193,15 @@ class TrainingRequest:
         return resources | ({"time": self.time_limit} if self.time_limit else {})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As the job keeps and shows it: another strategy's fields left out (a standard job has no
+        LoRA rank); the dataclass's defaults stand for them when the job is read back."""
+        unused = {field for strategy, fields in STRATEGY_FIELDS.items() if strategy != self.strategy for field in fields}
+        return {key: value for key, value in asdict(self).items() if key not in unused}
+
+
+# The form's fields that only one strategy reads.
+STRATEGY_FIELDS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout"), "freeze": ("freeze_blocks",),
+                   "distill": ("teachers",)}
 
 
 class _Numbers:

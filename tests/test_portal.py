@@ -226,7 +226,15 @@ def test_training_form_is_validated_field_by_field_and_queued(app):
     assert job.status_code == 201 and job.json["status"] == "queued"
     expected = {"strategy": "lora", "lora_rank": 4, "distribution": "fsdp", "processes_per_node": 2}
     assert job.json["parameters"] | expected == job.json["parameters"]
-    assert [j["id"] for j in admin.get("/api/jobs").json] == [job.json["id"]]
+    assert "freeze_blocks" not in job.json["parameters"] and "teachers" not in job.json["parameters"]  # not LoRA's
+    trial = admin.post("/api/jobs", json={"dataset_id": colon, "name": "trial", "config": "configs/demo.yaml",
+                                          "steps_per_epoch": "5", "epochs": "1"})
+    assert trial.status_code == 201 and "lora_rank" not in trial.json["parameters"]
+    with app.app_context():
+        assert "train.steps_per_epoch=5" in job_request(db.session.get(Job, trial.json["id"])).overrides()
+    assert admin.post("/api/jobs", json={"dataset_id": colon, "name": "trial", "config": "configs/demo.yaml",
+                                         "steps_per_epoch": "-1"}).json["errors"]["steps_per_epoch"]
+    assert [j["id"] for j in admin.get("/api/jobs").json] == [trial.json["id"], job.json["id"]]
     assert signed_in(app, "bob").get(f"/api/jobs/{job.json['id']}").status_code == 404  # not bob's job
 
 
