@@ -309,8 +309,8 @@ def test_the_mlflow_ui_shows_what_ran_and_where_a_version_came_from(demo, tmp_pa
             page.wait_for_selector("text=DINO-MX pretrain of", timeout=60_000)
             page.screenshot(path=tmp_path / "run.png")
             page.goto(f"{base}/#/{family}")
-            page.wait_for_selector("text=Run Name", timeout=60_000)
-            assert "demo-pretrain" in page.inner_text("body") and "Detect Issues" not in page.inner_text("body")
+            page.wait_for_selector("text=demo-pretrain", timeout=60_000)  # the runs table, once its rows arrive
+            assert "Run Name" in page.inner_text("body") and "Detect Issues" not in page.inner_text("body")
             page.goto(f"{base}/#/models/demo-backbone/versions/1")
             page.wait_for_selector("text=Lineage", timeout=60_000)
             text = page.inner_text("body")
