@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("standard", "lora", "freeze", "distill")
 BACKENDS = ("local", "slurm")
 ACTIVE = ("starting", "running")
-# An ended MLflow run's status as the job's.
 CANCELLING = "CANCELLING"  # the scheduler state of a job the portal was asked to cancel
+# An ended MLflow run's status as the job's.
 JOB_STATUS = {Outcome.FINISHED.status: "finished", Outcome.FAILED.status: "failed", Outcome.KILLED.status: "cancelled"}
 LOG_TAIL = 6000
 # A registered model, or a Hugging Face hub id (``org/name``): never a path, since ``hf:`` of a
