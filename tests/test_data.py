@@ -1,3 +1,4 @@
+import hashlib
 import json
 import shutil
 import subprocess
@@ -164,3 +165,15 @@ def test_ingestion_options_round_trip_through_the_command_line_they_write(params
     IngestParams.add_arguments(parser)
     declared = IngestParams(**params)
     assert IngestParams.from_args(declared.modality, parser.parse_args(declared.argv())) == declared
+
+
+def test_dvc_lock_records_the_code_its_stages_run():
+    """A stage's code changed without `dvc repro`: every checkout would re-run it and leave dvc.lock
+    modified, so every model trained there would say "uncommitted changes"."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    for name, stage in lock["stages"].items():
+        for dep in stage.get("deps", []):
+            path = REPO / dep["path"]
+            if path.suffix == ".py":
+                assert hashlib.md5(path.read_bytes()).hexdigest() == dep["md5"], (
+                    f"dvc.lock: stage {name} ran another {dep['path']}; run `dvc repro` and commit dvc.lock")
