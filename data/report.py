@@ -7,6 +7,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# Every suite parameter there is (``data.suites``), as ``data.validate`` takes them on its command
+# line (``--tile-size`` ...): numbers, or a list of numbers.
+SUITE_PARAMETERS = ("tile_size", "magnifications", "min_tissue")
+
 
 @dataclass
 class Failure:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from dvc.exceptions import DvcException
 from dvc.repo import Repo
 from mlflow.entities.model_registry import ModelVersion
 
-from data.report import ValidationReport
+from data.report import SUITE_PARAMETERS, ValidationReport
 from dinomx.errors import UserError, run_command
 from registry.evidence import last_words, run_module
 from registry.ledger import Entry, Ledger
@@ -34,6 +35,7 @@ from registry.lineage import Lineage, resolve_version, version_uri
 from registry.mlflow_service import MlflowService
 
 VALIDATION = "validation"
+MD5 = re.compile(r"[0-9a-f]{32}")  # what DVC names an object by; anything else could name a path
 FETCH_THREADS = 8
 CHUNK = 1 << 20
 
@@ -71,14 +73,22 @@ def question(lineage: Lineage, uri: str) -> DataCheck:
         parameters = json.loads(lineage.validation_parameters)
     except json.JSONDecodeError:
         parameters = None
-    if not isinstance(parameters, dict):
-        raise DataUnavailable(f"{uri}: vf.validation_parameters: expected a JSON object, got "
-                              f"{lineage.validation_parameters[:80]!r}")
+    # They become options of a command the promotion service runs: a suite's parameters and numbers
+    # only, never another option (``{"dataset": ...}`` would point the check at another folder).
+    if not isinstance(parameters, dict) or set(parameters) - set(SUITE_PARAMETERS) or \
+            not all(_numbers(value) for value in parameters.values()):
+        raise DataUnavailable(f"{uri}: vf.validation_parameters: expected a JSON object of {', '.join(SUITE_PARAMETERS)} "
+                              f"(numbers), got {lineage.validation_parameters[:80]!r}")
     for inner, outer, what in ((lineage.data_path, lineage.validation_dataset, "the data it trained on"),
                                (lineage.validation_dataset, lineage.data_output, "the validated folder")):
         if not _inside(inner, outer):
             raise DataUnavailable(f"{uri}: {what} ({inner}) is not inside {outer}, which its lineage says holds it")
     return DataCheck(lineage.data_md5, lineage.validation_dataset, lineage.validation_suite, parameters, False, 0, [])
+
+
+def _numbers(value) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return bool(items) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -102,6 +112,8 @@ def fetch(md5: str, subfolder: str, into: Path, repo: str | Path = ".") -> int:
     """Write the files under ``subfolder`` of the DVC directory ``md5`` into ``into`` (keeping their
     paths in it), from the default remote of the DVC repository at ``repo``, each checked against
     its md5 as it is read; returns how many files."""
+    if not MD5.fullmatch(md5.removesuffix(".dir")):
+        raise DataUnavailable(f"data version {md5[:80]!r}: not a DVC md5")
     if not md5.endswith(".dir"):
         raise DataUnavailable(f"data version {md5}: a single file, where a dataset is a folder")
     try:
@@ -124,7 +136,9 @@ def fetch(md5: str, subfolder: str, into: Path, repo: str | Path = ".") -> int:
     try:
         listed = [(str(entry["relpath"]), str(entry["md5"])) for entry in json.loads(manifest)]
     except (ValueError, TypeError, KeyError):
-        raise DataUnavailable(f"data version {md5} in {where}: its file list is not DVC's") from None
+        listed = None
+    if listed is None or not all(MD5.fullmatch(file_md5) for _, file_md5 in listed):
+        raise DataUnavailable(f"data version {md5} in {where}: its file list is not DVC's")
     wanted = []
     for relpath, file_md5 in listed:
         path = PurePosixPath(relpath)

@@ -145,11 +145,30 @@ def test_data_missing_from_or_altered_in_the_platforms_remote_is_refused(platfor
     # A lineage whose folders do not nest, or that does not say how its data was validated.
     refused(trained_on(client, repo, validation_dataset="data/other"), r"data/tiles/train\) is not inside data/other")
     refused(trained_on(client, repo, validation_parameters=""), "does not name the data's DVC output")
+    # Parameters become options of the command the service runs: suite parameters and numbers only.
+    for hostile in ({"tile_size": 32, "dataset": "/etc"}, {"tile_size": "32 --report-dir /tmp/x"},
+                    {"magnifications": []}, {"min_tissue": True}, ["tile_size"]):
+        refused(trained_on(client, repo, validation_parameters=json.dumps(hostile)),
+                r"vf.validation_parameters: expected a JSON object of tile_size, magnifications, min_tissue \(numbers\)")
+    # An md5 or a listed object that is not DVC's could name a path outside the remote.
+    refused(trained_on(client, repo, data_md5="../../etc/passwd.dir"), "not a DVC md5")
+    crafted = json.dumps([{"md5": "../../../etc/hostname", "relpath": "a.png"}]).encode()
+    digest = hashlib.md5(crafted).hexdigest()
+    (store / digest[:2]).mkdir(exist_ok=True)
+    (store / digest[:2] / f"{digest[2:]}.dir").write_bytes(crafted)
+    refused(trained_on(client, repo, data_md5=f"{digest}.dir"), "its file list is not DVC's")
     assert validations(client) == []
 
     # A checkout with no remote: nothing to fetch from, said as such.
     dvc(repo, "remote", "remove", "local")
     refused(trained_on(client, repo), "has no remote to fetch data from")
+
+
+def test_every_suite_parameter_is_one_the_check_passes_on():
+    from data.report import SUITE_PARAMETERS
+    from data.suites import SUITES
+
+    assert {name for suite in SUITES.values() for name in suite.parameters} <= set(SUITE_PARAMETERS)
 
 
 def test_fetch_writes_only_the_validated_folder(platform, tmp_path):
