@@ -234,9 +234,10 @@ def report_link(entry: dict) -> str:
 
 
 def markdown_description(chain: list[dict], metrics: dict[str, float] | None = None,
-                         history: Sequence[dict] = (), table: str = "", learning: str = "") -> str:
+                         history: Sequence[dict] = (), table: str = "",
+                         learning: tuple[bool, str] | None = None) -> str:
     """What the MLflow UI shows on a model version: its lineage chain back to the data, whether its
-    training learned (``learning``: its run's verdict), its evaluation (per category as the paper's
+    training learned (``learning``: its run's verdict, learned or not and in words), its evaluation (per category as the paper's
     Table 3, and the ``vf.eval.*`` metrics the promotion gates read) and its promotion history."""
     lines = ["### Lineage", ""]
     for depth, entry in enumerate(chain):
@@ -253,9 +254,9 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
             f"- code: `{entry['git_commit'][:12]}`{dirty}; config sha256 `{entry['config_sha256'][:12]}`",
         ]
         if depth == 0 and learning:
-            failed = learning.startswith("did not learn: ")
-            lines.append(f"- training: **{'did NOT learn' if failed else 'learned'}**, "
-                         f"{learning.removeprefix('did not learn: ')}")
+            learned, verdict = learning
+            lines.append(f"- training: **{'learned' if learned else 'did NOT learn'}**, "
+                         f"{verdict.removeprefix('did not learn: ')}")
         if not entry["parent"].startswith("models:/"):
             lines.append(f"- parent: `{entry['parent']}`")
         if entry["teachers"]:
@@ -284,7 +285,8 @@ def markdown_description(chain: list[dict], metrics: dict[str, float] | None = N
 def describe_version(client: MlflowClient, mv: ModelVersion, history: Sequence[dict] = ()) -> str:
     """Write the Markdown description of ``mv`` from its lineage, evaluation tags and promotion
     records (``registry.audit``'s, this version's); returns it."""
-    learning = client.get_run(mv.run_id).data.tags.get(Tag.LEARNING, "") if mv.run_id else ""
+    run_tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
+    learning = (run_tags.get(Tag.LEARNED) == "true", run_tags[Tag.LEARNING]) if Tag.LEARNING in run_tags else None
     text = markdown_description(lineage_chain(client, version_uri(mv)), evaluation_metrics(mv.tags), history,
                                 mv.tags.get(Tag.EVALUATION_TABLE, ""), learning)
     client.update_model_version(mv.name, mv.version, description=text)

@@ -443,6 +443,7 @@ def test_a_versions_description_says_whether_its_training_learned(client):
                                     "needs at least +0.02")):
         mv = client.get_model_version("v-backbone", version)
         client.set_tag(mv.run_id, Tag.LEARNING, verdict)
+        client.set_tag(mv.run_id, Tag.LEARNED, str(version == learned).lower())
         describe_version(client, mv)
     assert "- training: **learned**, kNN 0.700 -> 0.875" in client.get_model_version("v-backbone", learned).description
     assert "- training: **did NOT learn**, kNN 0.700 -> 0.701" in client.get_model_version("v-backbone", flat).description
