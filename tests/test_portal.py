@@ -709,7 +709,8 @@ def test_registry_routes_answer_4xx_for_unknown_names_and_never_a_databases_word
     admin = signed_in(app, "ana")
     for url in ("/api/models/nothing/compare?a=1&b=2", "/api/models/%00", "/api/models/%00/compare?a=1&b=2",
                 "/api/models/nothing", "/api/models/nothing/1/validation-report", "/api/models/" + "x" * 300,
-                "/api/models/a%01b/1/validation-report"):
+                "/api/models/a%01b/1/validation-report", "/api/models/nothing/monitoring", "/api/models/%00/monitoring",
+                "/api/models/" + "x" * 300 + "/monitoring"):
         answer = admin.get(url)
         assert answer.status_code == 404 and "registered model" in answer.json["error"], (url, answer.json)
     for action in ("promote", "rollback"):

@@ -8,7 +8,7 @@ from flask import Blueprint
 from flask_login import login_required
 from markupsafe import Markup, escape
 
-from portal.views.registry import _registered, _versions
+from portal.views.registry import _known_shape, _registered, _versions
 from portal.web import answer, mlflow
 from registry.audit import trail as audit_trail
 from registry.lineage import equals
@@ -16,6 +16,8 @@ from registry.mlflow_service import MONITORING_EXPERIMENT, Tag
 from registry.promote import ledger_of
 
 bp = Blueprint("monitoring", __name__)
+# A name no registry could hold is a 404 before any store is asked, as on the registry's pages.
+bp.url_value_preprocessor(_known_shape)
 SERIES = ("drift.p_value", "drift.detected", "ood.fraction", "ood.mean_percentile", "window.size")
 WIDTH, HEIGHT, PAD = 900, 240, 40
 COLOURS = ("#1f4e79", "#2e8b57", "#8b4513", "#6a5acd", "#b8860b")
