@@ -186,6 +186,10 @@ class TrainConfig(Section):
     steps_per_epoch: int = 1250
     seed: int = 0
     log_every: int = 10
+    # Off a terminal (a log file, a Slurm job, MLflow's captured output) there is no live bar: a
+    # short line with step, rate and time left every N seconds instead, so a slow run is never
+    # silent between log steps; 0 turns it off.
+    progress_every_seconds: float = 30.0
     # Multi-expert training: N students, each on its own shard of the data, aggregated by the
     # EMA teacher (memory grows with N).
     num_experts: int = 1
@@ -349,6 +353,7 @@ def _check_semantics(cfg: DinoMXConfig) -> None:
         raise ConfigError("lora_config: expected r > 0 and at least one target module")
     for key, value in {"student.freeze_blocks": cfg.student.freeze_blocks, "train.checkpoint_every": cfg.train.checkpoint_every,
                        "train.checkpoint_every_minutes": cfg.train.checkpoint_every_minutes,
+                       "train.progress_every_seconds": cfg.train.progress_every_seconds,
                        "train.eval_every": cfg.train.eval_every, "ibot.loss_weight": cfg.ibot.loss_weight,
                        "dino_head.koleo_loss_weight": cfg.dino_head.koleo_loss_weight}.items():
         if value < 0:

@@ -318,9 +318,12 @@ class Reporting:
         self.knn_before: float | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.started, self.start_step = time.perf_counter(), run.start
-        # A live bar for people at a terminal; logs and MLflow get the periodic log line instead.
+        # A live bar for people at a terminal; logs and MLflow get the periodic log line instead,
+        # and between log steps a short progress line every train.progress_every_seconds.
         self.progress = tqdm(total=run.total, initial=run.start, unit="it", dynamic_ncols=True,
                              disable=not (run.accelerator.is_main_process and sys.stderr.isatty()))
+        self.progress_every = 0.0 if not self.progress.disable else run.cfg.train.progress_every_seconds
+        self.last_line = time.perf_counter()
 
     def baseline(self, run: Run) -> None:
         """The online kNN of the network before any update, logged at step 0, so that every
@@ -334,6 +337,21 @@ class Reporting:
             if self.on_log is not None:
                 self.on_log(0, dict(self.metrics))
 
+    def _seconds_left(self, run: Run, done: int) -> float:
+        # At this launch's pace so far: what a person waiting on the run wants to know.
+        return (time.perf_counter() - self.started) / (done - self.start_step) * (run.total - done)
+
+    def _progress_line(self, run: Run, done: int) -> None:
+        # Only the main process prints, and it decides by its own clock: no collective, so no rank
+        # can wait on another for a line of text.
+        now = time.perf_counter()
+        if not (self.progress_every and run.accelerator.is_main_process and now - self.last_line >= self.progress_every):
+            return
+        rate = (done - self.start_step) / (now - self.started)
+        logger.info("it %d/%d (%s left)  %.2f it/s  %.1f img/s", done, run.total,
+                    duration(self._seconds_left(run, done)), rate, rate * run.per_step)
+        self.last_line = now
+
     @staticmethod
     def _knn(run: Run) -> float:
         # Through the root module: under FSDP only its forward gathers the sharded weights.
@@ -345,6 +363,7 @@ class Reporting:
         self.window_steps += 1
         evaluate = run.monitor is not None and (done % cfg.train.eval_every == 0 or done == run.total)
         if not (done % cfg.train.log_every == 0 or done == run.total or evaluate):
+            self._progress_line(run, done)
             return
         out = step.out
         self.metrics = {
@@ -358,8 +377,7 @@ class Reporting:
             "teacher_temp": step.teacher_temp,
             "epoch": step.it / cfg.train.steps_per_epoch,
             "images_per_sec": self.window_steps * run.per_step / (time.perf_counter() - self.window_start),
-            # At this launch's pace so far: what a person waiting on the run wants to know.
-            "seconds_left": (time.perf_counter() - self.started) / (done - self.start_step) * (run.total - done),
+            "seconds_left": self._seconds_left(run, done),
         }
         if evaluate:
             self.metrics["knn_top1"] = self._knn(run)
@@ -367,6 +385,7 @@ class Reporting:
                                         accelerator.is_main_process)
         if accelerator.is_main_process:
             _log_line(done, run.total, self.metrics, out.parts, run.per_step, accelerator)
+            self.last_line = time.perf_counter()
             if self.on_log is not None:
                 self.on_log(done, self.metrics)
         if _agreed_max(accelerator, self.collapse is not None and cfg.train.stop_on_collapse):

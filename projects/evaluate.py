@@ -118,7 +118,7 @@ def run_head(mv, dataset: TrainingData) -> dict[str, float]:
                           run_name=run_name(family_of(mv.name), f"head-v{mv.version}-evaluate"),
                           description=f"Scores {uri} (on {parent}) on `{dataset.version.path}/val` "
                                       f"(DVC md5 `{dataset.version.md5}`): its default classifier's `head.*` metrics."):
-        mark_model_training()
+        mark_model_training(family_of(mv.name))
         mlflow.log_params({"evaluated_model": uri, "data.path": dataset.version.path, "backbone": parent})
         mlflow.set_tags({Tag.ENTRY_POINT: "evaluate", Tag.EVALUATED_MODEL: uri})
         log_training_data(dataset, context="evaluation")
@@ -147,7 +147,7 @@ def run_backbone(client, mv, dataset: TrainingData, args: argparse.Namespace,
                    "The metrics become the version's `vf.eval.*` tags; per category, its description's table.")
     with mlflow.start_run(experiment_id=family_experiment(family_of(mv.name)), description=description,
                           run_name=run_name(family_of(mv.name), f"v{mv.version}-evaluate")) as active:
-        mark_model_training()
+        mark_model_training(family_of(mv.name))
         mlflow.log_params({"evaluated_model": uri, "data.path": dataset.version.path, "eval.knn_k": knn_k,
                            "eval.masks": args.masks, "eval.targets": args.targets,
                            "eval.target_column": args.target_column, "eval.folds": args.folds,

@@ -57,7 +57,7 @@ def run(backbone_uri: str, args: argparse.Namespace, knn_k: int):
                    f"on `{dataset.version.path}` (DVC md5 `{dataset.version.md5}`); registers `{args.name}-head`.")
     with mlflow.start_run(experiment_id=family_experiment(args.name), run_name=run_name(args.name, "heads"),
                           description=description):
-        mark_model_training()
+        mark_model_training(args.name)
         mlflow.log_params(settings)
         mlflow.set_tags({Tag.ENTRY_POINT: "heads", Tag.PARENT: parent, Tag.GIT_COMMIT: code[0]})
         report_uri = log_training_data(dataset, context="training")

@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     summaries = []
     with mlflow.start_run(experiment_id=family_experiment(family), run_name=run_name(family, "predict"),
                           description=description) as parent:
-        mark_model_training()
+        mark_model_training(family)
         mlflow.set_tags(tags)
         # Resolved values under their own keys: `mlflow run` already logged the raw parameters.
         mlflow.log_params({"predict.model": model.head_uri if model else "", "predict.input": args.input,

@@ -148,7 +148,7 @@ def run(config: str, data: str, validation_report: str, name: str, overrides: li
                                            description=description,
                                            log_system_metrics=True) as (active, continuing):
         run_id = active.info.run_id
-        mark_model_training()
+        mark_model_training(name)
         run_cfg = _run_config(cfg, run_id)
         output_dir = Path(run_cfg.train.output_dir)
         if not resume_from and continuing and (output_dir / CHECKPOINT_NAME).is_file():

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,11 +167,16 @@ def family_experiment(family: str) -> str | None:
     return MlflowService().experiment_id(family)
 
 
-def mark_model_training() -> None:
-    """The active run's experiment opens in MLflow's model-training view, not the GenAI one."""
-    client, experiment = MlflowService().client, mlflow.active_run().info.experiment_id
-    if client.get_experiment(experiment).tags.get(Tag.EXPERIMENT_KIND) is None:
-        client.set_experiment_tag(experiment, Tag.EXPERIMENT_KIND, "custom_model_development")
+def mark_model_training(family: str) -> None:
+    """The active run's experiment opens in MLflow's model-training view, not the GenAI one; a run
+    that a bare ``mlflow run`` put in MLflow's Default experiment says how to keep it with its family."""
+    client, experiment_id = MlflowService().client, mlflow.active_run().info.experiment_id
+    experiment = client.get_experiment(experiment_id)
+    if experiment.tags.get(Tag.EXPERIMENT_KIND) is None:
+        client.set_experiment_tag(experiment_id, Tag.EXPERIMENT_KIND, "custom_model_development")
+    if experiment.name == "Default":
+        print(f"note: this run is in MLflow's Default experiment, away from the runs of {family!r}; "
+              f"mlflow run --experiment-name {family} keeps it beside them", file=sys.stderr)
 
 
 def metric_key(name: str) -> str:
@@ -207,22 +213,50 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class RunDeleted(UserError):
+    """The MLflow run an entry point logs to was deleted (or its experiment) while it ran."""
+
+    def __init__(self, run_id: str, what: str):
+        super().__init__(f"MLflow run {run_id}: {what}; nothing more can be logged to it")
+
+
 def run_entry_point(prog: str, call: Callable[[], object]) -> int:
     """``call()`` as an entry point's command: a user's error (or the registry's "no such
     model") is one line and exit 2, and the MLflow run it happened in ends FAILED with the
     message as its note, so the UI says why."""
-    return run_command(prog, call, also=(MlflowException,), on_error=fail_run)
+    # The run a launcher (``mlflow run``, the portal, Slurm) opened, and ends once this command
+    # exits; read now, as MLflow unsets the variable when the run is first ended.
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+
+    def watched() -> None:
+        try:
+            call()
+        except MlflowException as exc:
+            # The store's own words ("must be in the 'active' state") do not say who did what.
+            run_id = _current_run_id(launcher)
+            if run_id and (what := MlflowService().deletion(run_id, launched=run_id == launcher)):
+                raise RunDeleted(run_id, what) from exc
+            raise
+    return run_command(prog, watched, also=(MlflowException,), on_error=lambda exc: fail_run(exc, launcher))
 
 
-def fail_run(exc: BaseException) -> None:
-    """The run an entry point's error happened in (open, or the last one it ended) ends FAILED
-    with the error as its reason."""
+def _current_run_id(launcher: str | None) -> str | None:
+    """The run an entry point's error happened in: open, or the last one it ended, or the
+    launcher's."""
     active = mlflow.active_run()
     last = None if active else mlflow.last_active_run()
-    run_id = (active or last).info.run_id if (active or last) else os.environ.get("MLFLOW_RUN_ID")
+    return (active or last).info.run_id if (active or last) else launcher
+
+
+def fail_run(exc: BaseException, launcher: str | None) -> None:
+    """The run an entry point's error happened in ends FAILED with the error as its reason."""
+    run_id = _current_run_id(launcher)
     if not run_id:
         return
     try:
-        MlflowService().finish(run_id, Outcome.FAILED, one_line(exc))
+        if isinstance(exc, RunDeleted):
+            MlflowService().finish_deleted(run_id, Outcome.FAILED, one_line(exc), launched=run_id == launcher)
+        else:
+            MlflowService().finish(run_id, Outcome.FAILED, one_line(exc))
     except MlflowException as unreachable:  # the message still reaches the terminal
         logging.getLogger(__name__).warning("could not mark run %s FAILED: %s", run_id, unreachable)

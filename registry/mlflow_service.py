@@ -219,3 +219,28 @@ class MlflowService:
         else:
             self.client.set_terminated(run_id, outcome.status)
         return True
+
+    def deletion(self, run_id: str, launched: bool) -> str | None:
+        """What was deleted under ``run_id`` while it ran (the run, or its experiment with it) and
+        what ``finish_deleted`` leaves of it; None while it is live."""
+        run = self.client.get_run(run_id)
+        if run.info.lifecycle_stage != "deleted":
+            return None
+        experiment = self.client.get_experiment(run.info.experiment_id)
+        if experiment.lifecycle_stage == "deleted":
+            return (f"its experiment {experiment.name!r} was deleted while it ran (mlflow experiments restore "
+                    f"--experiment-id {experiment.experiment_id} brings it back)")
+        if launched:
+            return (f"it was deleted while it ran; it stays, FAILED, for its launcher to end "
+                    f"(mlflow runs delete --run-id {run_id} deletes it again)")
+        return f"it was deleted while it ran (mlflow runs restore --run-id {run_id} brings it back)"
+
+    def finish_deleted(self, run_id: str, outcome: Outcome, reason: str, launched: bool) -> None:
+        """End a run someone deleted while it ran: a store refuses every write to a deleted run, so
+        it is restored to be ended. It is deleted again unless a launcher (``mlflow run``, which
+        writes the status of its run when the command exits, whatever it holds) still has to end
+        it and would stop in a traceback of its own; a deleted experiment stays deleted either way."""
+        self.client.restore_run(run_id)
+        self.finish(run_id, outcome, reason)
+        if not launched:
+            self.client.delete_run(run_id)

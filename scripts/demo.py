@@ -37,7 +37,9 @@ def step(title: str) -> None:
 
 def sh(*cmd: str, env: dict | None = None) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    if (code := subprocess.run(cmd, env=env).returncode) != 0:
+        # The step has said why above; a traceback of this script would bury it.
+        raise SystemExit(f"demo: stopped, the command above ended with exit code {code}")
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import BaseModel
@@ -39,7 +40,10 @@ RELOAD_ROUTE = "/reload"
 # /predict_slide or /predict_series takes.
 UPLOAD_ROUTES = {"/upload_slide": "slide", "/upload_series": "series"}
 OPENAPI_ROUTE = "/docs.json"
-DOCS_ROUTE = "/docs"
+# The API page, at the root (where BentoML puts its own) and at /docs (where people look): ours,
+# so that it labels uploads as images and loads nothing from outside the service.
+DOCS_PAGES = ("/", "/docs")
+DOCS_PAGE = (Path(__file__).parent / "static" / "docs.html").read_bytes()
 # An image route's answer from the uploads under "images" and the text options, by route.
 Endpoints = Callable[[str, list[BinaryIO], dict[str, str]], Awaitable[BaseModel]]
 
@@ -83,10 +87,8 @@ class RequestGuard:
             said = {"refused": self.state.refused, "watch": self.state.watch}
             body = json.dumps({"ready": True, "serving": list(self.state.serving), **{k: v for k, v in said.items() if v}})
             return await _send_json(send, 200, body.encode())
-        if path == DOCS_ROUTE and method == "GET":  # BentoML serves its Swagger page at the root
-            await send({"type": "http.response.start", "status": 307, "headers": [(b"location", b"/"),
-                                                                               (b"content-length", b"0")]})
-            return await send({"type": "http.response.body", "body": b""})
+        if path in DOCS_PAGES and method == "GET":
+            return await _send(send, 200, DOCS_PAGE, b"text/html; charset=utf-8")
         if path == OPENAPI_ROUTE and method == "GET" and self.describe is not None:
             return await self.app(scope, receive, self._described(send))
         if path in IMAGE_ROUTES and self.state is not None and self.state.unavailable:
@@ -276,8 +278,13 @@ def _replay(body: bytes):
 
 
 async def _send_json(send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    await _send(send, status, body, b"application/json", extra_headers)
+
+
+async def _send(send, status: int, body: bytes, content_type: bytes,
+                extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                             *extra_headers]})
     await send({"type": "http.response.body", "body": body})
 

@@ -24,6 +24,7 @@ def test_bentoml_build_packages_the_service(tmp_path):
     assert {"embed", "classify", "segment", "regress", "attention", "reload"} <= set(routes)
     bento = tmp_path / "bentoml/bentos/vision-foundry" / tag.split(":")[1]
     assert (bento / "src/serving/service.py").is_file() and (bento / "src/dinomx/probes.py").is_file()
+    assert (bento / "src/serving/static/docs.html").is_file()  # the API page the service answers at / and /docs
     assert "torch==2.13.0" in (bento / "env/python/requirements.in").read_text()
 
 

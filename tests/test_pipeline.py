@@ -373,6 +373,12 @@ def test_the_readme_commands_run_as_written(demo, tmp_path):
     assert student.teachers.startswith("models:/ct-backbone") and student.parent == "scratch"
     assert "distill_loss" in client.get_run(student.source_run_id).data.metrics
     assert "distilled from models:/ct-backbone" in format_chain(lineage_chain(client, "models:/ct-small-backbone/1"))
+    # Every run the block started sits in its family's experiment, none in MLflow's Default.
+    for family, entry_points in {"ct": {"pretrain", "evaluate", "heads"}, "ct-small": {"distill"}}.items():
+        runs = client.search_runs([client.get_experiment_by_name(family).experiment_id])
+        assert entry_points <= {r.data.tags.get("vf.entry_point", r.data.tags.get("mlflow.project.entryPoint"))
+                                for r in runs}, family
+    assert "Default experiment" not in stderr
 
 
 def test_head_cannot_be_promoted_before_its_backbone(demo):
@@ -434,6 +440,29 @@ def test_service_classifies_validation_tiles(service):
     assert docs["info"]["title"] == "Vision Foundry" and docs["info"]["version"] == f"{embed['model']} + {body['model']}"
     chosen = httpx.post(f"{base}/classify", files=[_png(samples[0])], data={"head": body["head"]}, timeout=60)
     assert chosen.status_code == 200 and chosen.json()["head"] == body["head"]
+
+
+@pytest.mark.browser
+def test_the_service_api_page_labels_uploads_as_images_and_shows_examples(service, tmp_path):
+    """/docs in headless Chromium, as a person tries the service: Swagger UI with "Try it out" on,
+    an upload control that says it takes images, and answers shown by their examples."""
+    from playwright.sync_api import sync_playwright
+
+    base, _, _ = service
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        outside = []
+        page.route(re.compile(r"^(?!http://127\.0\.0\.1)"), lambda route: (outside.append(route.request.url), route.abort()))
+        page.goto(f"{base}/docs")
+        page.wait_for_selector("text=Vision Foundry")
+        page.locator(".opblock-summary-path", has_text=re.compile(r"^/classify$")).click()
+        add = page.wait_for_selector(".opblock.is-open .json-schema-form-item-add")
+        assert add.inner_text() == "Add image" and "Add string item" not in page.inner_text("body")
+        assert "models:/demo-head/2" in page.inner_text(".opblock.is-open")  # the answer's example
+        page.screenshot(path=tmp_path / "docs.png", full_page=True)
+        browser.close()
+    assert not outside  # a hospital's service page calls nowhere
 
 
 def test_the_service_scores_what_it_is_sent_against_its_reference_and_sees_another_domain(service, demo, tmp_path):

@@ -465,6 +465,16 @@ def _check_screenshot(path: Path) -> None:
     assert body.std() > 10  # text and tables, not a blank or error page
 
 
+LITERAL = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|\{\"|\{'")
+
+
+def _shot(page, path: Path) -> None:
+    """The page as Chromium renders it, scripts run: saved, and free of Python or JSON literals."""
+    text = page.inner_text("body")
+    assert not LITERAL.findall(text), (page.url, LITERAL.findall(text), text[:2000])
+    page.screenshot(path=path)
+
+
 @pytest.mark.browser
 def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -497,7 +507,7 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         page.click("#sign-in")
         page.wait_for_selector("table#datasets")
         assert "colon" in page.inner_text("table#datasets")
-        page.screenshot(path=shots / "datasets.png")
+        _shot(page, shots / "datasets.png")
 
         page.click("text=colon")
         page.fill("#folder", "tiles")
@@ -505,7 +515,7 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         page.click("#upload")
         page.wait_for_selector("text=tiles/tile.png")  # the page reloads with the object S3 now holds
         assert s3.get_object(Bucket=BUCKET, Key="datasets/colon/tiles/tile.png")["Body"].read() == upload.read_bytes()
-        page.screenshot(path=shots / "dataset.png")
+        _shot(page, shots / "dataset.png")
 
         page.goto(f"{live_portal}/jobs/new")
         page.fill("input[name=name]", "Not Valid!")
@@ -513,7 +523,7 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         page.click("#submit")
         assert "expected a number, got 'fast'" in page.inner_text("[data-field=lr]")
         assert "lowercase letters" in page.inner_text("[data-field=name]")
-        page.screenshot(path=shots / "new_job_errors.png")
+        _shot(page, shots / "new_job_errors.png")
 
         page.goto(f"{live_portal}/jobs/new")  # the form shows the chosen task's fields only
         assert page.is_visible("input[name=lr]") and page.is_hidden("input[name=backbone]")
@@ -537,12 +547,12 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
             "http://mlflow.test/#/models/ui-backbone/versions/2?workflowType=machine_learning"
         assert page.get_attribute("a.mlflow-run >> nth=0", "href").startswith("http://mlflow.test/#/experiments/")
         assert "knn.accuracy 0.850" in page.inner_text("table#versions")
-        page.screenshot(path=shots / "model.png")
+        _shot(page, shots / "model.png")
         page.click("#compare")  # v1 against v2, the newest
         page.wait_for_selector("table#comparison")
         comparison = page.inner_text("table#comparison")
         assert "knn.accuracy" in comparison and "+0.0500" in comparison, comparison
-        page.screenshot(path=shots / "compare.png")
+        _shot(page, shots / "compare.png")
 
         watch = MlflowClient()  # what the service's drift watch logs for the promoted version: two windows
         run = watch.create_run(watch.create_experiment("vf-monitoring"),
@@ -555,7 +565,7 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         page.wait_for_selector("svg#watch polyline")
         assert page.locator("svg#watch circle.flagged").count() == 1 and page.locator("svg#watch line.promotion").count() == 1
         assert "v2 @staging" in page.text_content("svg#watch") and "60%" in page.inner_text("table#windows")
-        page.screenshot(path=shots / "monitoring.png")
+        _shot(page, shots / "monitoring.png")
 
         page.goto(f"{live_portal}/jobs/{job_id}")
         page.wait_for_selector("#chart polyline")
@@ -564,11 +574,15 @@ def test_pages_in_headless_chromium(live_portal, app, s3, tmp_path):
         chart = page.text_content("#chart")
         assert "step 0" in chart and "step 30" in chart and "kNN" in chart and "loss" in chart
         assert "knn_top1 0.620 (0.400 before training)" in page.inner_text("#latest")
-        page.screenshot(path=shots / "job.png")
+        _shot(page, shots / "job.png")
+
+        for path in ("/jobs", "/registry"):  # the lists, as rendered
+            page.goto(f"{live_portal}{path}")
+            _shot(page, shots / f"{path.strip('/')}-list.png")
 
         page.goto(f"{live_portal}/audit")
         assert "object.upload" in page.inner_text("table#audit") and "model.promote" in page.inner_text("table#audit")
-        page.screenshot(path=shots / "audit.png")
+        _shot(page, shots / "audit.png")
         browser.close()
     for name in ("datasets", "dataset", "new_job_errors", "model", "compare", "monitoring", "job", "audit"):
         _check_screenshot(shots / f"{name}.png")

@@ -65,3 +65,17 @@ def test_the_portal_commands(tmp_path):
                                    'JOIN user u ON u.id = m.user_id')
         families, members = families.fetchall(), members.fetchall()
     assert families == [("colon", "ana", "pathology")] and members == [("pathology", "ana")]
+
+
+def test_every_mlflow_run_in_the_readme_names_its_experiment():
+    commands = [c for heading, _, _ in readme_blocks() for c in readme_commands(heading) if "mlflow run " in c]
+    assert commands and all("--experiment-name " in c for c in commands), [c for c in commands if "--experiment-name" not in c]
+
+
+def test_a_failed_demo_step_ends_in_one_line(capfd):
+    from scripts.demo import sh
+
+    with pytest.raises(SystemExit) as stopped:
+        sh("python", "-c", "import sys; sys.exit('bad input: named here')")
+    assert str(stopped.value) == "demo: stopped, the command above ended with exit code 1"
+    assert capfd.readouterr().err.strip() == "bad input: named here"

@@ -3,6 +3,7 @@ SQLite registry with lightweight model versions (lineage tags and a run with met
 files needed): the promotion service's evaluations are recorded in its ledger as
 ``registry.evidence`` records them after running ``evaluate``."""
 import json
+import os
 import signal
 import threading
 
@@ -447,3 +448,50 @@ def test_a_versions_description_says_whether_its_training_learned(client):
         describe_version(client, mv)
     assert "- training: **learned**, kNN 0.700 -> 0.875" in client.get_model_version("v-backbone", learned).description
     assert "- training: **did NOT learn**, kNN 0.700 -> 0.701" in client.get_model_version("v-backbone", flat).description
+
+
+def test_a_run_in_the_default_experiment_says_how_to_keep_it_with_its_family(client, capsys):
+    from projects.tracking import family_experiment, mark_model_training
+
+    with mlflow.start_run(experiment_id="0"):
+        mark_model_training("ct")
+    note = capsys.readouterr().err
+    assert "Default experiment" in note and "mlflow run --experiment-name ct" in note
+    with mlflow.start_run(experiment_id=family_experiment("ct")) as run:
+        mark_model_training("ct")
+    assert capsys.readouterr().err == ""
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "ct" and experiment.tags[Tag.EXPERIMENT_KIND] == "custom_model_development"
+
+
+@pytest.mark.parametrize("launched", [False, True])
+@pytest.mark.parametrize("deleted", ["run", "experiment"])
+def test_a_run_deleted_under_an_entry_point_ends_in_one_line(client, capsys, monkeypatch, deleted, launched):
+    from projects.tracking import family_experiment, run_entry_point
+
+    experiment = family_experiment("ct")
+    if launched:  # as `mlflow run` does: it opens the run and ends it when the command exits
+        monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(experiment).info.run_id)
+
+    def heads():
+        with mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID"), experiment_id=experiment) as run:
+            mlflow.log_metric("loss", 1.0)
+            client.delete_run(run.info.run_id) if deleted == "run" else client.delete_experiment(experiment)
+            mlflow.log_metric("loss", 0.5)
+
+    assert run_entry_point("heads", heads) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    (run,) = client.search_runs([experiment], run_view_type=3)
+    run_id = run.info.run_id
+    assert len(said) == 1 and said[0].startswith(f"heads: MLflow run {run_id}: "), said
+    assert "nothing more can be logged to it" in said[0] and "was deleted while it ran" in run.data.tags[Tag.ERROR]
+    assert run.info.status == "FAILED"
+    if deleted == "experiment":
+        assert f"mlflow experiments restore --experiment-id {experiment}" in said[0]
+        assert client.get_experiment(experiment).lifecycle_stage == "deleted"
+    elif launched:
+        assert f"mlflow runs delete --run-id {run_id}" in said[0] and run.info.lifecycle_stage == "active"
+    else:
+        assert f"mlflow runs restore --run-id {run_id}" in said[0] and run.info.lifecycle_stage == "deleted"
+    if launched:  # what `mlflow run` does next no longer ends in a traceback of its own
+        client.set_terminated(run_id, "FAILED")

@@ -2,6 +2,7 @@
 adaptive batching (the served demo models are exercised in test_pipeline.py)."""
 import asyncio
 import json
+import re
 
 import httpx
 import numpy as np
@@ -226,9 +227,13 @@ def test_the_openapi_page_says_what_is_served_and_sends_plain_form_fields():
     # OpenAPI 3.0's singular example too, which is what the bundled Swagger UI shows.
     assert embedded["properties"]["model"]["example"] == "models:/demo-backbone/3"
     assert spec["components"]["schemas"]["OODScore"]["properties"]["percentile"]["example"] == 62.5
-    # /docs, where the README points, is the Swagger page BentoML serves at the root.
-    docs = _call("GET", "/docs")
-    assert docs.status_code == 307 and docs.headers["location"] == "/"
+    # The API page at the root and at /docs, where the README points: Swagger UI on the spec above,
+    # with nothing loaded from outside the service.
+    for path in ("/", "/docs"):
+        docs = _call("GET", path)
+        assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+        assert "./docs.json" in docs.text and "swagger-ui-bundle.js" in docs.text
+        assert not re.search(r"(src|href)=\"(https?:)?//", docs.text)
 
 
 def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypatch, tmp_path):

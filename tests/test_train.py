@@ -441,6 +441,16 @@ def test_a_checkpoint_is_written_every_few_minutes_of_training(tiles, tmp_path, 
     assert seen[2] is written  # before the end of training, which always writes one
 
 
+@pytest.mark.parametrize(("seconds", "lines"), [(1e-9, [1, 2, 3, 4, 5]), (0.0, [])])
+def test_off_a_terminal_a_progress_line_comes_every_few_seconds_between_log_steps(tiles, tmp_path, caplog, seconds, lines):
+    cfg = tiny_config(train={"output_dir": str(tmp_path), "log_every": 6, "progress_every_seconds": seconds})
+    with caplog.at_level(logging.INFO, logger="dinomx.train"):
+        train(cfg, tiles / "train")
+    short = [re.fullmatch(r"it (\d)/6 \(\d+s left\)  [\d.]+ it/s  [\d.]+ img/s", r.getMessage()) for r in caplog.records]
+    assert [int(m[1]) for m in short if m] == lines
+    assert "it 6/6 (0s left)  loss" in caplog.text
+
+
 def test_a_checkpoint_of_other_modules_is_refused_naming_resume_from():
     from dinomx.checkpoint import ResumeError, restore
 
