@@ -80,7 +80,8 @@ class ValidationReport:
             lines.append(f"  built from {self.inputs_line()}")
         if self.shards:
             lines.append(f"  {self.shards['shards']} shard(s), each checked by itself: {self.shards['checked']} now, "
-                         f"{self.shards['cached']} unchanged since their last check")
+                         f"{self.shards['cached']} unchanged since their last check; md5 read for "
+                         f"{self.shards.get('hashed', 0)}, the others' remembered by size and time (--verify reads all)")
         for entries, what in ((self.skipped, "skipped at ingestion (skipped.csv)"),
                               (self.quarantined, "quarantined at ingestion (refused.csv)")):
             if entries:

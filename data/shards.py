@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from dinomx.images import list_images, load_image
 from dinomx.shards import INDEX, METADATA, Shard, ShardSet
 
 SHARDS = "shards"
+# How long an md5 remembered by size and modification time is trusted before it is read again.
+TRUST_DAYS = 7.0
 
 
 class _Hashing(io.RawIOBase):
@@ -58,23 +61,28 @@ class _Hashing(io.RawIOBase):
 class Md5Memo:
     """md5 of files by (name, size, modification time), as DVC keeps them: an unchanged file is
     not read again to know it is unchanged, and one copied again (``dvc update``, a checkout) is
-    read once to know it is the same."""
+    read once to know it is the same. Size and time do not see damage that keeps them (bit rot, a
+    restore with ``cp -p``): an md5 older than ``trust_days`` is computed again, and ``fresh``
+    computes every one."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, trust_days: float = TRUST_DAYS, fresh: bool = False):
+        self.path, self.trust_s, self.fresh = path, trust_days * 86400, fresh
         try:
             self.known = json.loads(path.read_text())
         except (OSError, ValueError):  # a cache: missing or damaged, it is built again
             self.known = {}
-        self.used: dict[str, str] = {}
+        self.used: dict[str, list] = {}
+        self.computed = 0
 
     def md5(self, file: Path) -> str:
         stat = file.stat()
         key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in self.known:
-            self.known[key] = file_md5(file)
-        self.used[key] = self.known[key]
-        return self.used[key]
+        entry = self.known.get(key)
+        if self.fresh or not (isinstance(entry, list) and len(entry) == 2 and time.time() - entry[1] < self.trust_s):
+            entry = self.known[key] = [file_md5(file), time.time()]
+            self.computed += 1
+        self.used[key] = entry
+        return entry[0]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

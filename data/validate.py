@@ -133,24 +133,29 @@ def check_shard(task: tuple[str, str, int, str, dict]) -> dict:
     return report.to_dict()
 
 
-def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path, workers: int) -> ValidationReport:
+def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path, workers: int,
+                    verify: bool = False) -> ValidationReport:
     """Every shard of a sharded dataset checked by itself against the suite, ``workers`` at a
     time: a shard is a slide or a series, and must pass as one (a tolerance such as "95 % of the
     tiles" holds per slide). A shard's result is kept under ``<context>/gx/uncommitted/shards/`` by its md5 and
     name, the suite and the parameters, so checking the dataset again after a slide was added
-    checks only that slide's shards."""
+    checks only that slide's shards. Each shard's md5 is held against its index's; the md5 is
+    remembered by size and modification time for ``Md5Memo``'s trust period, and ``verify``
+    computes every one again."""
     _check_suite(suite, parameters)
     cache = context_dir / "gx" / "uncommitted" / "shards"
     key = hashlib.sha256(json.dumps([suite, parameters, SUITES[suite].fingerprint()], sort_keys=True).encode()).hexdigest()[:16]
-    hashes = Md5Memo(cache / "md5.json")
-    tasks, missing = [], []
+    hashes = Md5Memo(cache / "md5.json", fresh=verify)
+    tasks, missing, damaged = [], [], []
     for index in sorted((root / SHARDS).glob(f"*/{INDEX}")):
         for shard in read_index(index.parent).shards:
             path, name = index.parent / shard.name, f"{SHARDS}/{index.parent.name}/{shard.name}"
             if not path.is_file():
                 missing.append(name)
                 continue
-            result = cache / f"{hashes.md5(path)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}-{key}.json"
+            if (md5 := hashes.md5(path)) != shard.md5:
+                damaged.append((name, shard.md5, md5))
+            result = cache / f"{md5}-{hashlib.sha256(name.encode()).hexdigest()[:8]}-{key}.json"
             tasks.append((path, name, shard.samples, result))
     hashes.save()
     if not tasks and not missing:
@@ -167,7 +172,14 @@ def validate_shards(root: Path, suite: str, parameters: dict, context_dir: Path,
         merged.success = False
         merged.failures.append(Failure(expectation="shard_exists", column=None, unexpected_count=len(missing),
                                        files=missing, expected="every shard its index lists"))
-    merged.shards = {"shards": len(tasks) + len(missing), "checked": len(todo), "cached": len(tasks) - len(todo)}
+    if damaged:
+        merged.success = False
+        merged.failures.append(Failure(expectation="shard_matches_its_index", column=None, unexpected_count=len(damaged),
+                                       files=[name for name, _, _ in damaged],
+                                       expected="the md5 its index records: " + ", ".join(md5 for _, md5, _ in damaged),
+                                       observed=[md5 for _, _, md5 in damaged]))
+    merged.shards = {"shards": len(tasks) + len(missing), "checked": len(todo), "cached": len(tasks) - len(todo),
+                     "hashed": hashes.computed}
     return merged
 
 
@@ -177,13 +189,14 @@ def _plain(value):
 
 
 def validate_dataset(root: str | Path, suite: str, parameters: dict, context_dir: str | Path | None = None,
-                     workers: int = 0) -> tuple[ValidationReport, pd.DataFrame | None]:
-    """The report, and the metadata frame it judged (None for shards, checked one by one)."""
+                     workers: int = 0, verify: bool = False) -> tuple[ValidationReport, pd.DataFrame | None]:
+    """The report, and the metadata frame it judged (None for shards, checked one by one;
+    ``verify``: every shard's md5 computed, none taken from the cache)."""
     root = Path(root)
     context_dir = Path(context_dir) if context_dir else context_root(root.resolve())
     if (root / SHARDS).is_dir():
         frame = None
-        report = validate_shards(root, suite, parameters, context_dir, workers or os.cpu_count() or 1)
+        report = validate_shards(root, suite, parameters, context_dir, workers or os.cpu_count() or 1, verify)
     else:
         frame = dataset_metadata(root)
         report = validate_frame(frame, suite, parameters, repo_relative(root, root), context_dir)
@@ -217,13 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--magnifications", type=float, nargs="+", help="expected magnifications (he_tiles)")
     parser.add_argument("--min-tissue", type=float, help="minimum tissue fraction (he_tiles)")
     parser.add_argument("--context-root", help="folder holding the GX file context gx/ (default: <repo>/data)")
+    parser.add_argument("--verify", action="store_true", help="shards: compute every shard's md5 again rather than "
+                        "trust one remembered by size and modification time (done anyway after a week)")
     args = parser.parse_args(argv)
     parameters = {k: v for k, v in {"tile_size": args.tile_size, "magnifications": args.magnifications,
                                      "min_tissue": args.min_tissue}.items() if v is not None}
     outcome = {}
 
     def validate() -> None:
-        report, frame = validate_dataset(args.dataset, args.suite, parameters, args.context_root)
+        report, frame = validate_dataset(args.dataset, args.suite, parameters, args.context_root, verify=args.verify)
         out = Path(args.report_dir)
         report.write(out / "report.json")
         if frame is not None:

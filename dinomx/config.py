@@ -157,6 +157,10 @@ class DatasetConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=1)
     # The image of a sample that trains (e.g. "10x.png"); empty: the one the shard index names.
     shard_image: str = ""
+    # Each shard's bytes checked against its index's md5 before its samples train (once per
+    # reader process): "stop" names a damaged shard and ends the run, "skip" leaves it out with a
+    # warning (a resumed run then no longer continues the exact sample order), "off" trusts it.
+    verify_shards: Literal["stop", "skip", "off"] = "stop"
 
 
 class DistillationConfig(Section):

@@ -15,11 +15,13 @@ validates shards with it.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,9 +161,41 @@ def samples(stream, source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def read_shard(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+class ShardDamaged(DataError):
+    """A shard whose bytes are not those its index recorded: a damaged copy, bit rot, a restore
+    that kept the old modification time."""
+
+
+def verified(url: str | Path, md5: str, spool_bytes: int = 64 << 20):
+    """The shard at ``url`` as a readable file, once its bytes hash to ``md5``: a local file is
+    hashed where it lies, a remote one is read once into a spool (memory, then a temp file) that
+    is hashed on the way and then parsed, so that no sample of a damaged shard reaches training."""
+    digest = hashlib.md5()
+    if is_url(url):
+        out = tempfile.SpooledTemporaryFile(max_size=spool_bytes)
+        with open_stream(url) as stream:
+            while chunk := stream.read(8 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        out.seek(0)
+    else:
+        with open(url, "rb") as stream:
+            while chunk := stream.read(8 << 20):
+                digest.update(chunk)
+        out = open(url, "rb")
+    if digest.hexdigest() != md5:
+        out.close()
+        raise ShardDamaged(f"{url}: md5 {digest.hexdigest()}, its index says {md5}: the shard's bytes changed after "
+                           "it was indexed (a damaged copy or disk; restore it from the DVC remote with dvc checkout, "
+                           "or ingest again)")
+    return out
+
+
+def read_shard(url: str | Path, md5: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, parts) of each sample of the shard at ``url``; given the index's ``md5``, only once
+    the shard's bytes are checked against it."""
     try:
-        stream = open_stream(url)
+        stream = verified(url, md5) if md5 else open_stream(url)
     except FileNotFoundError:
         raise MissingInput(f"{url}: shard not found (its index lists it)") from None
     with stream:

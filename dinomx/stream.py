@@ -17,13 +17,14 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dinomx.errors import DataError
 from dinomx.images import to_model_mode
-from dinomx.shards import ShardSet, decode, read_shard
+from dinomx.shards import ShardDamaged, ShardSet, decode, read_shard
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +52,25 @@ class Reader:
         return max(0, (samples - first + self.count - 1) // self.count)
 
 
+class Sample(NamedTuple):
+    """A sample as a reader emits it, with where it came from, so that an error can name both."""
+
+    shard: str
+    key: str
+    parts: dict[str, bytes]
+
+
 class ShardOrder:
-    """Which samples a reader emits, in order: (shard position in the index, member number,
-    bytes), from any starting count."""
+    """Which samples a reader emits, in order, from any starting count. ``verify``: each shard
+    checked against its index's md5 before it is read ("stop" on a mismatch, "skip" the shard,
+    or "off")."""
 
     def __init__(self, shards: ShardSet, seed: int, open_shards: int, buffer: int,
-                 read: Callable[[str], Iterator] = read_shard, retries: int = 3, wait_s: float = 1.0):
+                 read: Callable[..., Iterator] = read_shard, retries: int = 3, wait_s: float = 1.0,
+                 verify: str = "stop"):
         self.shards, self.seed, self.open_shards, self.buffer, self.read = shards, seed, open_shards, buffer, read
-        self.retries, self.wait_s = retries, wait_s
+        self.retries, self.wait_s, self.verify = retries, wait_s, verify
+        self.checked: set[int] = set()  # shards this process has found whole
 
     def groups(self, reader: Reader, epoch: int) -> tuple[list[list[int]], bool]:
         order = torch.randperm(len(self.shards.shards), generator=torch.Generator().manual_seed(mix(self.seed, epoch)))
@@ -70,7 +82,7 @@ class ShardOrder:
     def group_size(self, reader: Reader, group: list[int], dealt: bool) -> int:
         return sum(reader.kept(self.shards.shards[j].samples, j, dealt) for j in group)
 
-    def __call__(self, reader: Reader, start: int) -> Iterator[dict[str, bytes]]:
+    def __call__(self, reader: Reader, start: int) -> Iterator[Sample]:
         """The samples of ``reader`` from its ``start``-th on, endlessly."""
         groups, dealt = self.groups(reader, 0)
         if not sum(self.group_size(reader, group, dealt) for group in groups):
@@ -87,11 +99,11 @@ class ShardOrder:
                 yield from itertools.islice(self._group(reader, epoch, number, group, dealt), start, None)
                 start = 0
 
-    def _group(self, reader: Reader, epoch: int, number: int, group: list[int], dealt: bool) -> Iterator[dict]:
+    def _group(self, reader: Reader, epoch: int, number: int, group: list[int], dealt: bool) -> Iterator[Sample]:
         rng = random.Random(mix(self.seed, epoch, reader.index, number))
-        buffer: list[dict[str, bytes]] = []
-        for parts in _round_robin([self._kept(reader, j, dealt) for j in group]):
-            buffer.append(parts)
+        buffer: list[Sample] = []
+        for sample in _round_robin([self._kept(reader, j, dealt) for j in group]):
+            buffer.append(sample)
             if len(buffer) >= self.buffer:
                 pick = rng.randrange(len(buffer))
                 buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
@@ -99,23 +111,30 @@ class ShardOrder:
         rng.shuffle(buffer)
         yield from buffer
 
-    def _kept(self, reader: Reader, j: int, dealt: bool) -> Iterator[dict[str, bytes]]:
+    def _kept(self, reader: Reader, j: int, dealt: bool) -> Iterator[Sample]:
         """The samples of shard ``j`` this reader keeps. A read that breaks off (a dropped
         connection to the store) is tried again ``retries`` times, going on after the last sample
         already given: a long run does not die of one network hiccup."""
         shard, url = self.shards.shards[j], self.shards.url(self.shards.shards[j])
         count, failures = 0, 0
         while True:
+            md5 = shard.md5 if self.verify != "off" and j not in self.checked else None
             try:
-                for member, (_, parts) in enumerate(self.read(url)):
+                for member, (key, parts) in enumerate(self.read(url, md5=md5)):
+                    self.checked.add(j)
                     if member < count:
                         continue
                     count += 1
                     if dealt or (member + j) % reader.count == reader.index:
-                        yield parts
+                        yield Sample(url, key, parts)
                 break
             except FileNotFoundError:
                 raise
+            except ShardDamaged as exc:  # read again, the same bytes: no retry mends them
+                if self.verify != "skip":
+                    raise
+                logger.warning("%s; left out (dataset.verify_shards=skip)", exc)
+                return
             except (OSError, DataError) as exc:
                 failures += 1
                 if failures > self.retries:
@@ -162,9 +181,9 @@ class ShardStream(IterableDataset):
         first = batches_before(self.start) * self.batch_size
         count = batches_before(self.end) * self.batch_size - first
         image = self.order.shards.image
-        for n, parts in enumerate(itertools.islice(self.order(reader, first), count)):
+        for n, (shard, key, parts) in enumerate(itertools.islice(self.order(reader, first), count)):
             if image not in parts:
-                raise DataError(f"{self.order.shards.root}: a sample has no {image!r} (it has {sorted(parts)}); "
+                raise DataError(f"{shard}: sample {key} has no {image!r} (it has {sorted(parts)}); "
                                 "set dataset.shard_image to one of its images")
-            img = to_model_mode(decode(parts[image], f"{self.order.shards.root}: a sample's {image!r}"), self.num_channels)
+            img = to_model_mode(decode(parts[image], f"{shard}: sample {key}'s {image!r}"), self.num_channels)
             yield self.views(img, mix(reader.index, first + n))

@@ -207,7 +207,8 @@ def data_loader(cfg: DinoMXConfig, data_root: str | Path, accelerator: Accelerat
                                   "--layout folder to use it")
         if shards.samples < batch_size:
             raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset at {data_root} ({shards.samples} samples)")
-        order = ShardOrder(shards, cfg.train.seed, cfg.dataset.open_shards, cfg.dataset.shuffle_buffer)
+        order = ShardOrder(shards, cfg.train.seed, cfg.dataset.open_shards, cfg.dataset.shuffle_buffer,
+                           verify=cfg.dataset.verify_shards)
         crops = CropDataset(None, cfg)
         stream = ShardStream(order, crops.views, cfg.student.num_channels, batch_size, start,
                              cfg.total_steps, accelerator.process_index, accelerator.num_processes)

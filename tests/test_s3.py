@@ -57,7 +57,7 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     assert sorted(s.samples for s in read_index(train).shards) == [1, 2]
     report = ValidationReport.read(folder / "validation/report.json")
     assert report.success and report.suite == "ct_slices" and report.rows == 3
-    assert report.shards == {"shards": 2, "checked": 2, "cached": 0}
+    assert report.shards == {"shards": 2, "checked": 2, "cached": 0, "hashed": 2}
 
     # The exact version a run names: the md5 of the ingest stage's output in dvc.lock.
     version = dataset_version(train)
@@ -105,7 +105,7 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     after = {p.name: p.stat().st_ino for p in train.glob("*.tar")}
     assert {name: after[name] for name in before} == before and len(after) == 3
     assert "/.tiles.inputs-md5.json" in (folder / ".gitignore").read_text().splitlines()
-    assert ValidationReport.read(folder / "validation/report.json").shards == {"shards": 3, "checked": 1, "cached": 2}
+    assert ValidationReport.read(folder / "validation/report.json").shards == {"shards": 3, "checked": 1, "cached": 2, "hashed": 1}
     assert dataset_version(train).md5 != version.md5
 
 

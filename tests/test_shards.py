@@ -1,5 +1,6 @@
 """Sharded tile datasets: written by ingestion (a real slide, pydicom's CT), checked shard by shard,
 streamed into training with exact resume, from a folder, worker processes and a real S3 server."""
+import hashlib
 import io
 import itertools
 import json
@@ -25,7 +26,7 @@ from dinomx.checkpoint import CHECKPOINT_NAME
 from dinomx.config import ConfigError
 from dinomx.data import labelled_images
 from dinomx.errors import DataError, MissingInput
-from dinomx.shards import INDEX, ShardSet, read_index, read_shard
+from dinomx.shards import INDEX, ShardDamaged, ShardSet, read_index, read_shard
 from dinomx.stream import Reader, ShardOrder, ShardStream
 from dinomx.train import train
 from tests.conftest import BUCKET, tiny_config
@@ -106,8 +107,26 @@ def test_adding_a_slide_tiles_and_checks_only_that_slide(slides, tmp_path):
     before = {p.name: p.stat().st_ino for p in (out / "shards/train").glob("*.tar")}
 
     again, _ = validate_dataset(out, "he_tiles", params, context)
-    assert again.shards == {"shards": first.shards["shards"], "checked": 0, "cached": first.shards["shards"]}
+    assert again.shards == {"shards": first.shards["shards"], "checked": 0, "cached": first.shards["shards"], "hashed": 0}
     assert again.rows == first.rows
+
+    # Bit rot that keeps size and modification time: unseen while the remembered md5 is trusted,
+    # found by --verify, and by the next validation once the md5 is older than its trust period.
+    rotten = sorted((out / "shards/train").glob("*.tar"))[0]
+    pristine = rotten.read_bytes()
+    _rot(rotten)
+    assert validate_dataset(out, "he_tiles", params, context)[0].success
+    for how in ("verify", "a week later"):
+        if how == "a week later":
+            memo = context / "gx/uncommitted/shards/md5.json"
+            memo.write_text(json.dumps({k: [md5, at - 8 * 86400] for k, (md5, at) in json.loads(memo.read_text()).items()}))
+        rot, _ = validate_dataset(out, "he_tiles", params, context, verify=how == "verify")
+        [failure] = [f for f in rot.failures if f.expectation == "shard_matches_its_index"]
+        assert not rot.success and failure.files == [f"shards/train/{rotten.name}"] and rot.shards["hashed"] > 0, how
+    stat = rotten.stat()
+    rotten.write_bytes(pristine)
+    os.utime(rotten, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert validate_dataset(out, "he_tiles", params, context, verify=True)[0].success
 
     shutil.copy(raw / "batch1" / "s3.svs", mine / "batch1" / "s3.svs")
     ingest_he(mine, out, PLAN, val_fraction=0.0, workers=1, shard_mb=1)
@@ -132,8 +151,8 @@ def test_adding_a_slide_tiles_and_checks_only_that_slide(slides, tmp_path):
     broken, _ = validate_dataset(out, "he_tiles", params, context)
     assert not broken.success and broken.shards["checked"] == 1
     named = {f for failure in broken.failures for f in failure.files}
-    assert f"shards/train/{victim}:{samples[2][0]}.20x.png" in named
-    assert all(f.startswith(f"shards/train/{victim}:") for f in named)
+    assert f"shards/train/{victim}:{samples[2][0]}.20x.png" in named and f"shards/train/{victim}" in named
+    assert all(f.startswith(f"shards/train/{victim}") for f in named)
 
 
 def _synthetic_shards(root: Path, sizes: list[int], side: int = 8) -> ShardSet:
@@ -164,7 +183,7 @@ def test_a_stream_continues_exactly_from_any_position_and_readers_share_nothing(
     index = _synthetic_shards(tmp_path, [7, 5, 9, 6, 8])
     order = ShardOrder(index, seed=3, open_shards=2, buffer=4)
     epoch = sum(s.samples for s in index.shards)
-    streams = [[_number(p) for p in itertools.islice(order(Reader(r, readers), 0), 3 * epoch)] for r in range(readers)]
+    streams = [[_number(p.parts) for p in itertools.islice(order(Reader(r, readers), 0), 3 * epoch)] for r in range(readers)]
     firsts = []
     for r, stream in enumerate(streams):
         per_epoch = sum(order.group_size(Reader(r, readers), g, d) for groups, d in [order.groups(Reader(r, readers), 0)]
@@ -172,7 +191,7 @@ def test_a_stream_continues_exactly_from_any_position_and_readers_share_nothing(
         firsts += stream[:per_epoch]
         # From any start, mid-shard and mid-group included, the same samples follow.
         for start in (1, 3, 5, 11, per_epoch - 1, per_epoch + 2):
-            assert [_number(p) for p in itertools.islice(order(Reader(r, readers), start), 8)] == stream[start:start + 8]
+            assert [_number(p.parts) for p in itertools.islice(order(Reader(r, readers), start), 8)] == stream[start:start + 8]
     # The first epoch of all readers together: every sample once.
     assert sorted(firsts) == list(range(epoch))
     assert streams[0][:epoch] != sorted(streams[0][:epoch])  # shuffled
@@ -183,19 +202,19 @@ def test_a_read_that_breaks_off_goes_on_where_it_stopped(tmp_path, caplog):
     clean = ShardOrder(index, seed=1, open_shards=2, buffer=3)
     broken = set()
 
-    def flaky(url):  # each shard's first read drops the connection after its third sample
-        for n, sample in enumerate(read_shard(url)):
+    def flaky(url, md5=None):  # each shard's first read drops the connection after its third sample
+        for n, sample in enumerate(read_shard(url, md5)):
             if n == 3 and url not in broken:
                 broken.add(url)
                 raise ConnectionResetError("connection reset by peer")
             yield sample
 
     retried = ShardOrder(index, seed=1, open_shards=2, buffer=3, read=flaky, wait_s=0.0)
-    assert [_number(p) for p in itertools.islice(retried(Reader(0, 1), 0), 18)] == [
-        _number(p) for p in itertools.islice(clean(Reader(0, 1), 0), 18)]
+    assert [_number(p.parts) for p in itertools.islice(retried(Reader(0, 1), 0), 18)] == [
+        _number(p.parts) for p in itertools.islice(clean(Reader(0, 1), 0), 18)]
     assert len(broken) == 3 and "read failed after 3 sample(s) (connection reset by peer); trying again" in caplog.text
 
-    def dead(url):
+    def dead(url, md5=None):
         raise ConnectionRefusedError("no route to the store")
         yield
 
@@ -288,7 +307,8 @@ def test_a_truncated_shard_is_named(tmp_path):
         list(read_shard(path))
     report, _ = validate_dataset(tmp_path / "ds", "image_tiles_rgb", {"tile_size": 8}, tmp_path / "context")
     assert [(f.expectation, f.files, f.observed) for f in report.failures] == [
-        ("shard_is_readable", ["shards/train/part0-00000.tar"], ["not a readable shard (unexpected end of data)"])]
+        ("shard_is_readable", ["shards/train/part0-00000.tar"], ["not a readable shard (unexpected end of data)"]),
+        ("shard_matches_its_index", ["shards/train/part0-00000.tar"], [hashlib.md5(whole[:700]).hexdigest()])]
     # Cut at a member boundary, a tar reads as a shorter one: the index's count tells.
     path.write_bytes(whole[:1500])
     report, _ = validate_dataset(tmp_path / "ds", "image_tiles_rgb", {"tile_size": 8}, tmp_path / "context")
@@ -301,9 +321,43 @@ def test_a_truncated_shard_is_named(tmp_path):
     with pytest.raises(DataError, match=r"part0-00000.tar: member 's00000.png' claims 1,099,511,627,776 bytes"):
         list(read_shard(path))
     path.write_bytes(whole[:1500])
-    order = ShardOrder(index, seed=0, open_shards=1, buffer=2)
+    with pytest.raises(ShardDamaged, match=r"part0-00000.tar: md5 [0-9a-f]{32}, its index says " + index.shards[0].md5):
+        list(itertools.islice(ShardOrder(index, seed=0, open_shards=1, buffer=2)(Reader(0, 1), 0), 7))
+    order = ShardOrder(index, seed=0, open_shards=1, buffer=2, verify="off")  # trusted, the count still tells
     with pytest.raises(DataError, match="1 samples, its index says 6"):
         list(itertools.islice(order(Reader(0, 1), 0), 7))
+
+
+def _rot(shard: Path) -> str:
+    """Bit rot in the middle of the first image of ``shard``, its size and modification time kept
+    (as a failing disk, or a restore with cp -p, leaves them): the key of the damaged sample."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    stat = shard.stat()
+    with shard.open("r+b") as f:
+        f.seek(member.offset_data + member.size // 2)
+        f.write(bytes(b ^ 0xFF for b in f.read(8)))
+        f.seek(member.offset_data + member.size // 2)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return member.name.split(".")[0]
+
+
+def test_training_checks_each_shard_against_its_index_and_names_a_damaged_one(tiles, tmp_path, caplog):
+    shards = tmp_path / "shards"
+    index = pack_folder(tiles / "train", shards, max_bytes=8 << 10)
+    damaged = index.shards[1].name
+    key = _rot(shards / damaged)
+
+    def run(verify: str, name: str):
+        return train(tiny_config(train={"output_dir": str(tmp_path / name)}, dataset={"verify_shards": verify}), shards)
+
+    with pytest.raises(ShardDamaged, match=rf"{damaged}: md5 [0-9a-f]{{32}}, its index says {index.shards[1].md5}"):
+        run("stop", "stop")
+    run("skip", "skip")  # trains on the others, and says which one it left out
+    assert f"{damaged}: md5" in caplog.text and "left out (dataset.verify_shards=skip)" in caplog.text
+    # Trusted without a check, the damaged image itself is named by shard and sample.
+    with pytest.raises(DataError, match=rf"{damaged}: sample {key}'s 'png': not a readable image"):
+        run("off", "off")
 
 
 def test_a_hostile_or_broken_index_is_refused_by_name(tmp_path):
