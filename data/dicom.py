@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -161,6 +162,13 @@ def _dcmread(path: str) -> Dataset:
     return ds
 
 
+def _text(value) -> str:
+    """A text element as one string, a multi-valued one joined as DICOM stores it (``B30f\\H``)."""
+    if value is None:
+        return ""
+    return "\\".join(str(v) for v in value) if isinstance(value, MultiValue | list) else str(value)
+
+
 def _floats(value, count: int) -> tuple[float, ...] | None:
     try:
         numbers = tuple(float(v) for v in value)
@@ -204,8 +212,10 @@ def _slices(ds: Dataset, path: str) -> list[CTSlice]:
     has_pixels = any(keyword in ds for keyword in PIXEL_DATA_KEYWORDS)
     if modality is None and not has_pixels:
         raise IngestError(path, "DICOM file truncated or corrupt: it ends before its Modality and pixel data")
-    if modality != "CT":
-        raise IngestError(path, f"modality is {modality or 'missing'}, expected CT")
+    if modality is None:
+        raise IngestError(path, "modality is missing, expected CT")
+    if modality != "CT":  # a study's export holds its other series too (MR, PET, ...): theirs to use, not a fault
+        raise Skipped(path, f"modality {modality}, not CT (this dataset ingests CT)")
     if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
         raise Skipped(path, "scout/localizer (ImageType LOCALIZER), not a diagnostic slice")
     if not has_pixels:
@@ -231,8 +241,7 @@ def _slices(ds: Dataset, path: str) -> list[CTSlice]:
             slice_thickness=float(thickness) if thickness not in (None, "") else None,
             orientation=_floats(_from_group(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
             position=_floats(_from_group(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3),
-            kernel="\\".join(ds.get("ConvolutionKernel", [])) if isinstance(ds.get("ConvolutionKernel"), list)
-            else str(ds.get("ConvolutionKernel", "")),
+            kernel=_text(_from_group(ds, frame, "CTReconstructionSequence", "ConvolutionKernel")),
             description=str(ds.get("SeriesDescription", "")),
         ))
     return out

@@ -111,6 +111,12 @@ def _as_mode(img: Image.Image, mode: str) -> Image.Image:
 UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
+# The first bytes of the formats read here: a file that starts like one and does not open is that
+# format damaged, not another kind of file.
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+              b"BM": "BMP", b"GIF87a": "GIF", b"GIF89a": "GIF"}
+
+
 def image_problem(path: Path, exc: BaseException) -> str:
     """What is wrong with an image file that does not decode (one of ``UNREADABLE``), in the user's terms."""
     if isinstance(exc, FileNotFoundError):
@@ -119,6 +125,12 @@ def image_problem(path: Path, exc: BaseException) -> str:
     if size == 0:
         return "empty file (0 bytes)"
     if isinstance(exc, UnidentifiedImageError):
+        with path.open("rb") as f:
+            head = f.read(12)
+        found = next((kind for signature, kind in SIGNATURES.items() if head.startswith(signature)),
+                     "WebP" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else None)
+        if found:
+            return f"a {found} signature, then content that does not decode as {found} (corrupt or cut short, {size} bytes)"
         return f"its content is not a {path.suffix.lstrip('.').upper() or 'known'} image (unrecognised header)"
     if "truncated" in str(exc).lower() or isinstance(exc, SyntaxError):
         return f"truncated or corrupt after {size} bytes ({exc})"

@@ -55,7 +55,12 @@ def test_a_file_that_does_not_decode_is_named_with_what_is_wrong(tmp_path):
     (tmp_path / "cut.png").write_bytes(whole.read_bytes()[:100])
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("not an image")
+    body = bytearray(whole.read_bytes())
+    body[12:16] = b"XXXX"  # the header chunk's name: the PNG signature holds, the body does not
+    (tmp_path / "broken.png").write_bytes(bytes(body))
     for name, problem in (("cut.png", r"truncated or corrupt after 100 bytes"), ("empty.png", r"empty file \(0 bytes\)"),
-                          ("notes.jpg", r"its content is not a JPG image"), ("gone.png", "no such file")):
+                          ("notes.jpg", r"its content is not a JPG image"), ("gone.png", "no such file"),
+                          ("broken.png", rf"a PNG signature, then content that does not decode as PNG \(corrupt or cut "
+                                         rf"short, {len(body)} bytes\)")):
         with pytest.raises(DataError, match=rf"{tmp_path / name}: not a readable image \({problem}"):
             load_image(tmp_path / name)

@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from data import wsi
-from data.dicom import AIR_HU, read_ct, window
+from data.dicom import AIR_HU, describe, read_ct, window
 from data.ingest import (
     CTPlan,
     IngestFailed,
@@ -169,6 +169,24 @@ def test_enhanced_ct_rescale_from_functional_groups(tmp_path):
     np.testing.assert_allclose(second.hu, stored[1] * 2.0 - 1000.0)
 
 
+def test_enhanced_ct_kernel_is_read_from_its_reconstruction_functional_group(tmp_path):
+    ds = pydicom.dcmread(_testdata("eCT_Supplemental.dcm"))
+    reconstruction = pydicom.Dataset()
+    reconstruction.ConvolutionKernel = ["H30s", "SHARP"]
+    ds.SharedFunctionalGroupsSequence[0].CTReconstructionSequence = pydicom.Sequence([reconstruction])
+    raw = tmp_path / "raw" / "chest"
+    raw.mkdir(parents=True)
+    ds.save_as(raw / "enhanced.dcm")
+    assert [s.kernel for s in describe(raw / "enhanced.dcm")] == ["H30s\\SHARP"] * 2
+    kept = ingest_ct(raw.parent, tmp_path / "kept", CTPlan(select=SeriesFilter(kernels=("h30s\\sharp",))), val_fraction=0.0)
+    assert len(kept) == 2 and set(kept.kernel) == {"H30s\\SHARP"}
+    _ct_like(ConvolutionKernel="B30f").save_as(raw / "b30f.dcm")
+    other = ingest_ct(raw.parent, tmp_path / "other", CTPlan(select=SeriesFilter(kernels=("B30f",))), val_fraction=0.0)
+    assert list(other.source) == ["chest/b30f.dcm"]
+    [(source, reason)] = pd.read_csv(tmp_path / "other" / "skipped.csv").values
+    assert source == "chest/enhanced.dcm" and reason.endswith("kernel H30s\\SHARP not among the selected B30f")
+
+
 def test_windowing_maps_hounsfield_units_to_8_bit():
     hu = np.array([[-1000.0, -160.0, 40.0, 240.0, 3000.0]], np.float32)
     assert window(hu, 40, 400).tolist() == [[0, 0, 128, 255, 255]]
@@ -211,7 +229,6 @@ def _bad_ct(kind: str) -> pydicom.Dataset:
 
 
 @pytest.mark.parametrize("name, make, problem", [
-    ("mr.dcm", lambda: _testdata("MR_small.dcm"), "modality is MR, expected CT"),
     ("truncated.dcm", lambda: "truncate", "pixel data unreadable"),
     # A lossy JPEG 2000 CT cut in its header and in its pixel data: "truncated", never "modality is missing".
     ("cut_header.dcm", lambda: ("693_J2KI.dcm", 600), "DICOM file truncated or corrupt"),
@@ -306,7 +323,8 @@ def test_a_hospital_export_keeps_its_ct_images_and_skips_the_rest_with_reasons(t
                   ("DICOMDIR", _testdata("dicomdirtests/DICOMDIR")), ("chest/sr.dcm", sr),
                   ("chest/seg.dcm", _ct_like(Modality="SEG")), ("chest/rtstruct.dcm", _testdata("rtstruct.dcm")),
                   ("chest/dose.dcm", _ct_like(SOPClassUID="1.2.840.10008.5.1.4.1.1.7")),
-                  ("chest/scout.dcm", _ct_like(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])))
+                  ("chest/scout.dcm", _ct_like(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])),
+                  ("head/mr.dcm", _testdata("MR_small.dcm")))
     (raw / "Thumbs.db").write_bytes(b"\0" * 64)
     (raw / "chest/report.pdf").write_bytes(b"%PDF-1.4")
     (raw / "chest/notes").write_text("<xml>not dicom, no extension</xml>")
@@ -325,11 +343,12 @@ def test_a_hospital_export_keeps_its_ct_images_and_skips_the_rest_with_reasons(t
         "chest/scout.dcm": "scout/localizer (ImageType LOCALIZER), not a diagnostic slice",
         "chest/seg.dcm": "modality SEG (a segmentation), not an image",
         "chest/sr.dcm": "modality SR (a structured report), not an image",
+        "head/mr.dcm": "modality MR, not CT (this dataset ingests CT)",  # the study's other series
     }
     summary = json.loads((out / "ingest.json").read_text())
-    assert summary["inputs"] == 11 == summary["used"] + summary["skipped"]  # nothing silently dropped
+    assert summary["inputs"] == 12 == summary["used"] + summary["skipped"]  # nothing silently dropped
     report, _ = validate_dataset(out, "ct_slices", {}, context_dir=tmp_path)
-    assert report.success and len(report.skipped) == 10 and "10 input(s) skipped at ingestion" in report.summary()
+    assert report.success and len(report.skipped) == 11 and "11 input(s) skipped at ingestion" in report.summary()
 
 
 def test_of_two_copies_of_one_slice_the_one_that_reads_is_kept(tmp_path):

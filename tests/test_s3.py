@@ -109,16 +109,16 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     assert dataset_version(train).md5 != version.md5
 
 
-def test_mr_under_a_ct_prefix_stops_the_pipeline_and_writes_nothing(s3, s3_endpoint, repo):
-    prefix = "datasets/wrong/raw"
+def test_an_mr_series_in_a_ct_export_is_skipped_with_its_reason(s3, s3_endpoint, repo):
+    prefix = "datasets/study/raw"
     s3.upload_file(get_testdata_file("CT_small.dcm"), BUCKET, f"{prefix}/ct.dcm")
     s3.upload_file(get_testdata_file("MR_small.dcm"), BUCKET, f"{prefix}/mr.dcm")
-    folder = add_dataset(repo, "wrong", f"s3://{BUCKET}/{prefix}", IngestParams("ct"), endpoint_url=s3_endpoint)
-    run = _dvc(repo, "repro", "data/wrong/dvc.yaml")
-    assert run.returncode != 0
-    assert "mr.dcm: modality is MR, expected CT" in run.stdout + run.stderr
-    assert not (folder / "tiles").exists() and not (folder / "validation").exists()
-    assert not (folder / "dvc.lock").exists()
+    folder = add_dataset(repo, "study", f"s3://{BUCKET}/{prefix}", IngestParams("ct"), endpoint_url=s3_endpoint)
+    run = _dvc(repo, "repro", "data/study/dvc.yaml")
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = ValidationReport.read(folder / "validation/report.json")
+    assert report.success and report.rows == 1
+    assert [(s["source"], s["reason"]) for s in report.skipped] == [("mr.dcm", "modality MR, not CT (this dataset ingests CT)")]
 
 
 def test_dataset_names_and_pipelines_are_checked(repo):
