@@ -29,7 +29,9 @@ What happens to an input that should be an image and cannot be read is ``on_erro
 ``refuse`` (the default) publishes nothing, leaves ``<out>`` as it was and lists every refused
 file with its own reason in ``<out>.refused.csv`` beside it; ``quarantine`` sets those inputs
 aside (listed in ``<out>/refused.csv``, counted in ``ingest.json``) and builds the dataset from
-the rest. A CT series that loses a slice is dropped whole, never stitched across the gap.
+the rest. A CT series that loses a slice is refused whole; under ``quarantine`` it keeps its
+readable slices, each row saying how many are missing just before it (2.5D, whose slices need
+their neighbours, drops it whole).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +120,15 @@ class IngestErrors(Exception):
     def __init__(self, errors: list[IngestError]):
         self.errors = errors
         super().__init__("; ".join(map(str, errors)))
+
+
+@dataclass
+class Partial:
+    """A unit kept without some of its inputs (a CT series' unreadable slices), which are set
+    aside each with its own reason."""
+
+    rows: list[dict]
+    set_aside: list[IngestError]
 
 
 def split_of(key: str, val_fraction: float, seed: int) -> str:
@@ -250,10 +261,10 @@ class _ShardStaging:
 
 
 def _run_unit(rows_of: Callable, name_of: Callable, staging: Path, raw: Path, layout: ShardLayout | None,
-              task: tuple[str, object]) -> tuple[str, object, dict[str, str]]:
+              task: tuple[str, object]) -> tuple[str, object, dict[str, str], list[tuple[str, str]]]:
     """One unit's rows (or, as shards, the shards it wrote), or why it gave none, as plain values
-    (they may cross a process boundary), with the outputs it wrote. ``task``: (the unit's
-    fingerprint, the unit)."""
+    (they may cross a process boundary), with the outputs it wrote and the inputs it was kept
+    without. ``task``: (the unit's fingerprint, the unit)."""
     fingerprint, unit = task
     if layout is None:
         writer = _Staging(staging)
@@ -262,16 +273,22 @@ def _run_unit(rows_of: Callable, name_of: Callable, staging: Path, raw: Path, la
         writer = _ShardStaging(staging, layout, output_stem(relative).replace(".", "_"), fingerprint, relative)
     try:
         rows = rows_of(unit, writer)
-        return "rows", rows if layout is None else writer.close(), writer.writers
+        aside = rows.set_aside if isinstance(rows, Partial) else []
+        rows = rows.rows if isinstance(rows, Partial) else rows
+        if layout is not None:
+            # A unit kept without some inputs is read again next time (no fingerprint to reuse
+            # its shards by), so that every ingest reports what it was kept without.
+            rows = [(split, replace(shard, unit="") if aside else shard) for split, shard in writer.close()]
+        return "rows", rows, writer.writers, [(e.path, e.problem) for e in aside]
     except Skipped as skip:
-        return "skipped", (skip.path, skip.reason), writer.writers
+        return "skipped", (skip.path, skip.reason), writer.writers, []
     except IngestErrors as many:
-        return "errors", [(e.path, e.problem) for e in many.errors], writer.writers
+        return "errors", [(e.path, e.problem) for e in many.errors], writer.writers, []
     except IngestError as exc:
-        return "errors", [(exc.path, exc.problem)], writer.writers
+        return "errors", [(exc.path, exc.problem)], writer.writers, []
     except Exception as exc:  # a reader's own failure on one file must not hide the others
         log.exception("%s: unexpected failure", name_of(unit))
-        return "errors", [(str(name_of(unit)), f"could not be read ({type(exc).__name__}: {exc})")], writer.writers
+        return "errors", [(str(name_of(unit)), f"could not be read ({type(exc).__name__}: {exc})")], writer.writers, []
 
 
 # -- whole-slide images ----------------------------------------------------------------------------
@@ -425,7 +442,10 @@ def series_gap(ordered: list[CTSlice]) -> tuple[CTSlice, str] | None:
 
 
 def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPlan, val_fraction: float,
-                 seed: int) -> list[dict]:
+                 seed: int, partial: bool) -> list[dict] | Partial:
+    """The rows of a series' slices. An unreadable slice refuses the series whole, or with
+    ``partial`` (quarantine, one slice per image) leaves a series kept without it; each row says
+    how many slices are missing just before it. 2.5D needs every slice's neighbours: never partial."""
     cache: dict[str, list[CTFrame]] = {}
     failed: dict[str, IngestError] = {}
 
@@ -443,14 +463,16 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPl
                 raise
         return cache[info.path][info.frame]
 
-    rows = []
+    partial = partial and plan.channels != "2.5d"
+    rows, missing_before = [], 0
     for index, info in enumerate(series):
         try:
             current = frame(index)
             neighbours = [frame(i) for i in (index - 1, index + 1)] if plan.channels == "2.5d" else []
         except IngestError:
+            missing_before += 1
             continue  # every slice is read, so that one run names every bad file of the series
-        if failed:
+        if failed and not partial:
             continue
         relative = Path(info.path).relative_to(raw)
         label = relative.parts[0] if len(relative.parts) > 1 else UNLABELLED
@@ -470,11 +492,18 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: _Staging, plan: CTPl
             "pixel_spacing_col": info.pixel_spacing[1] if info.pixel_spacing else None,
             "slice_thickness": info.slice_thickness, "kernel": info.kernel,
             "window_center": plan.window[0], "window_width": plan.window[1],
-            "patient_id": info.patient_id,
+            "patient_id": info.patient_id, "slices_missing_before": missing_before,
         })
+        missing_before = 0
         staging.save(image, out, relative.as_posix(), rows[-1])
+    if failed and partial and rows:
+        log.warning("series %s: %d slice(s), kept without %d unreadable one(s)", series[0].series_uid or series[0].path,
+                    len(rows), len(failed))
+        return Partial(rows, list(failed.values()))
     if failed:
-        raise IngestErrors(list(failed.values()))
+        whole = "; 2.5D stacking needs every slice's neighbours, so the series is dropped whole" \
+            if plan.channels == "2.5d" else ""
+        raise IngestErrors([IngestError(e.path, e.problem + whole) for e in failed.values()])
     log.info("series %s: %d slice(s)", series[0].series_uid or series[0].path, len(rows))
     return rows
 
@@ -530,7 +559,7 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
     skipped_listing.unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
     try:
-        writer, rows, shards, used_units, skipped_units = _Staging(staging), [], [], [], 0
+        writer, rows, shards, used, skipped_units, partial = _Staging(staging), [], [], 0, 0, []
         fingerprints = [""] * len(units)
         if layout and fingerprint_of:
             memo = Md5Memo(inputs_memo(out))
@@ -542,11 +571,16 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
         with units_mapper(workers, len(fresh)) as mapper:
             results = iter(mapper(run, fresh))
             for unit, fingerprint in zip(units, fingerprints):
-                kind, payload, written = _relink(out, staging, kept[fingerprint]) if fingerprint in kept else next(results)
+                kind, payload, written, aside = (_relink(out, staging, kept[fingerprint]) if fingerprint in kept
+                                                 else next(results))
                 writer.adopt(written)
                 if kind == "rows":
                     (rows if layout is None else shards).extend(payload)
-                    used_units += [unit] if payload else []
+                    used += len(files_of(unit)) - len(aside) if payload else 0
+                    if aside:
+                        errors += [IngestError(*p) for p in aside]
+                        partial.append({"unit": Path(name_of(unit)).relative_to(raw).as_posix(),
+                                        "set_aside": [Path(path).relative_to(raw).as_posix() for path, _ in aside]})
                     continue
                 writer.discard(written)
                 if kind == "skipped":
@@ -573,11 +607,13 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
         else:
             table = _write_indexes(staging, shards, layout)
             splits, images = set(table["split"]), int(table["images"].sum())
-            used = sum(len(files_of(unit)) for unit in used_units)
         _listing(raw, skipped).to_csv(staging / SKIPPED, index=False)
         _listing(raw, errors).to_csv(staging / REFUSED, index=False)
         warnings = list(warnings or []) + [f"split {split!r} is empty" for split in ("train", "val")
                                            if (split == "train" or val_fraction > 0) and split not in splits]
+        warnings += [f"{p['unit']}: its series kept without {len(p['set_aside'])} unreadable slice(s) "
+                     f"({', '.join(p['set_aside'][:3])}{', ...' if len(p['set_aside']) > 3 else ''}): it has gaps there"
+                     for p in partial]
         if errors:
             warnings.append(f"{len(errors)} input(s) quarantined (--on-error quarantine), listed in {REFUSED}")
         for warning in warnings:
@@ -585,6 +621,7 @@ def _publish(raw: Path, out: Path, inputs: int, units: list, rows_of: Callable, 
         (staging / SUMMARY).write_text(json.dumps({"inputs": inputs, "used": used, "skipped": len(skipped),
                                                    "quarantined": len(errors), "images": images,
                                                    **({"shards": len(table)} if layout else {}),
+                                                   **({"partial": partial} if partial else {}),
                                                    "on_error": on_error, "warnings": warnings}, indent=2))
         for name, text in (extra or {}).items():
             (staging / name).write_text(text)
@@ -625,7 +662,7 @@ def _relink(out: Path, staging: Path, shards: list[tuple[str, Shard]]) -> tuple[
         except OSError:  # another filesystem, or one without hard links
             shutil.copy2(out / relative, staging / relative)
         written[relative] = shard.source
-    return "rows", shards, written
+    return "rows", shards, written, []
 
 
 def _write_indexes(staging: Path, shards: list[tuple[str, Shard]], layout: ShardLayout) -> pd.DataFrame:
@@ -796,7 +833,8 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
         if gap := series_gap(units[-1]):
             warnings.append(f"series {series[0].series_uid}: {gap[1]}: a slice missing from the export?")
     return _publish(raw, out, len(files) + len(hidden), units,
-                    lambda series, staging: _series_rows(series, raw, staging, plan, val_fraction, seed),
+                    lambda series, staging: _series_rows(series, raw, staging, plan, val_fraction, seed,
+                                                         partial=on_error == "quarantine"),
                     lambda series: series[0].path, errors, skipped, val_fraction=val_fraction, on_error=on_error,
                     files_of=_series_files, warnings=warnings, layout=layout,
                     extra={TILING: series_record(plan.window, plan.channels, plan.windows)},

@@ -78,6 +78,9 @@ class ValidationReport:
             lines.append(f"  - {f.expectation}({f.column or 'table'}){expected}: {f.unexpected_count} unexpected: {shown}")
         if self.ingest:
             lines.append(f"  built from {self.inputs_line()}")
+        if partial := self.ingest.get("partial"):
+            lines.append(f"  {len(partial)} series kept with gaps (ingest.json: partial): "
+                         + "; ".join(f"{p['unit']} without {len(p['set_aside'])} slice(s)" for p in partial[:5]))
         if self.shards:
             lines.append(f"  {self.shards['shards']} shard(s), each checked by itself: {self.shards['checked']} now, "
                          f"{self.shards['cached']} unchanged since their last check; md5 read for "

@@ -26,6 +26,7 @@ from data.ingest import (
     ingest_images,
 )
 from data.inputs import IngestError, output_stem
+from data.metadata import dataset_metadata, shard_metadata
 from data.validate import validate_dataset, validate_frame
 from data.wsi import TilePlan, open_slide
 from tests.conftest import sideways_photo
@@ -696,28 +697,57 @@ def test_every_refused_file_is_listed_with_its_reason_and_nothing_is_written(tmp
     assert not (tmp_path / "slices").exists()
 
 
-def test_quarantine_builds_the_rest_drops_a_broken_series_whole_and_tells_the_reviewer(tmp_path):
+@pytest.mark.parametrize("shard_mb", [0, 1])
+def test_quarantine_keeps_a_series_readable_slices_and_records_its_gaps(tmp_path, shard_mb):
+    raw = _export_with_bad_files(tmp_path)  # chest/s1.dcm and s2.dcm, of s0-s3, cut short
+    out = tmp_path / "slices"
+    ingest_ct(raw, out, val_fraction=0.0, on_error="quarantine", shard_mb=shard_mb)
+    shards = sorted((out / "shards/train").glob("*.tar"))
+    frame = pd.concat([shard_metadata(p, p.name) for p in shards]) if shard_mb else dataset_metadata(out)
+    rows = frame.sort_values("source").set_index("source")
+    assert sorted(rows.index) == ["chest/other.dcm", "chest/s0.dcm", "chest/s3.dcm"]
+    # s3 comes after the two slices set aside: the manifest (and each shard sample) says so.
+    assert rows.slices_missing_before.astype(int).to_dict() == {"chest/other.dcm": 0, "chest/s0.dcm": 0, "chest/s3.dcm": 2}
+    summary = json.loads((out / "ingest.json").read_text())
+    assert {k: summary[k] for k in ("inputs", "used", "skipped", "quarantined")} == \
+        {"inputs": 8, "used": 3, "skipped": 2, "quarantined": 3}
+    assert summary["partial"] == [{"unit": "chest/s0.dcm", "set_aside": ["chest/s1.dcm", "chest/s2.dcm"]}]
+    assert any("kept without 2 unreadable slice(s) (chest/s1.dcm, chest/s2.dcm): it has gaps there" in w
+               for w in summary["warnings"])
+    refused = pd.read_csv(out / "refused.csv").set_index("source").reason
+    assert sorted(refused.index) == ["chest/empty.dcm", "chest/s1.dcm", "chest/s2.dcm"]  # each for itself
+    assert refused["chest/s1.dcm"].startswith("pixel data unreadable")
+    skipped = pd.read_csv(out / "skipped.csv").set_index("source").reason
+    assert skipped["chest/.IM0002"].startswith("hidden file") and skipped["photo.tif"].startswith("not a DICOM file")
+    report, _ = validate_dataset(out, "ct_slices", {}, context_dir=tmp_path)
+    assert report.success and report.inputs_line() == "8 inputs: 3 used, 2 skipped, 3 quarantined"
+    assert "3 input(s) quarantined at ingestion (refused.csv)" in report.summary()
+    assert "1 series kept with gaps (ingest.json: partial)" in report.summary()
+    if shard_mb:  # read again on the next ingest, so that it is reported again
+        ingest_ct(raw, out, val_fraction=0.0, on_error="quarantine", shard_mb=shard_mb)
+        assert json.loads((out / "ingest.json").read_text())["partial"] == summary["partial"]
+
+
+def test_quarantine_drops_a_broken_series_whole_for_2_5d_and_says_why(tmp_path):
     raw = _export_with_bad_files(tmp_path)
-    manifest = ingest_ct(raw, tmp_path / "slices", val_fraction=0.0, on_error="quarantine")
+    manifest = ingest_ct(raw, tmp_path / "slices", CTPlan(channels="2.5d"), val_fraction=0.0, on_error="quarantine")
     assert manifest.source.tolist() == ["chest/other.dcm"]  # chest/s*.dcm lost two slices: never stitched
     out = tmp_path / "slices"
     summary = json.loads((out / "ingest.json").read_text())
     assert {k: summary[k] for k in ("inputs", "used", "skipped", "quarantined")} == \
         {"inputs": 8, "used": 1, "skipped": 2, "quarantined": 5}
-    assert len(pd.read_csv(out / "refused.csv")) == 5
-    skipped = pd.read_csv(out / "skipped.csv").set_index("source").reason
-    assert skipped["chest/.IM0002"].startswith("hidden file") and skipped["photo.tif"].startswith("not a DICOM file")
+    refused = pd.read_csv(out / "refused.csv").set_index("source").reason
+    assert refused["chest/s1.dcm"].endswith("2.5D stacking needs every slice's neighbours, so the series is dropped whole")
+    assert refused["chest/s0.dcm"].startswith("goes with s1.dcm, refused: pixel data unreadable")
     assert not list((out / "slices").rglob("*s0.dcm*"))  # what the broken series wrote before it broke is gone
-    report, _ = validate_dataset(out, "ct_slices", {}, context_dir=tmp_path)
-    assert report.success and report.inputs_line() == "8 inputs: 1 used, 2 skipped, 5 quarantined"
-    assert "5 input(s) quarantined at ingestion (refused.csv)" in report.summary()
 
 
 def test_quarantine_that_leaves_nothing_says_why_each_input_was_set_aside(tmp_path, capsys):
     from data.ingest import main
 
     raw = _series(tmp_path, [0.0, 5.0, 10.0])
-    (raw / "chest" / "s1.dcm").write_bytes((raw / "chest" / "s1.dcm").read_bytes()[:20000])
+    for name in ("s0.dcm", "s1.dcm", "s2.dcm"):  # no slice of the series reads
+        (raw / "chest" / name).write_bytes((raw / "chest" / name).read_bytes()[:20000])
     (raw / "chest" / "empty.dcm").write_bytes(b"")
     assert main(["ct", "--raw", str(raw), "--out", str(tmp_path / "slices"), "--on-error", "quarantine"]) == 2
     err = capsys.readouterr().err
@@ -725,7 +755,7 @@ def test_quarantine_that_leaves_nothing_says_why_each_input_was_set_aside(tmp_pa
     assert "quarantine left no input to build from" in err and "empty file (0 bytes)" in err
     refused = pd.read_csv(tmp_path / "slices.refused.csv").set_index("source").reason
     assert sorted(refused.index) == ["chest/empty.dcm", "chest/s0.dcm", "chest/s1.dcm", "chest/s2.dcm"]
-    assert refused["chest/s0.dcm"].startswith("goes with s1.dcm, refused:")
+    assert all(refused[f"chest/s{i}.dcm"].startswith("pixel data unreadable") for i in range(3))
     assert not (tmp_path / "slices").exists()
 
 
