@@ -44,7 +44,7 @@ def child(args) -> None:
     if args.variant == "plain":
         tiles = plain(raw, out, args.tile_size)
     else:
-        from data.ingest import ingest_he
+        from data.readers.slides import ingest_he
         from data.wsi import TilePlan
 
         plan = TilePlan(magnifications=(20,), tile_size=args.tile_size, min_tissue=0.5)

@@ -31,8 +31,8 @@ from clinical import scores
 from clinical.scores import ScoredSlice
 from clinical.slide import PALETTE
 from data.dicom import window
-from data.ingest import CTPlan, slice_image
 from data.inputs import IngestError
+from data.readers.ct_series import CTPlan, slice_image
 from data.sources import folder_md5
 from data.tiling import Tiling, TilingError
 from data.volume import CTVolume, read_series

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from data.inputs import CHANNELS
 from dinomx.errors import UserError
@@ -167,21 +166,3 @@ class IngestParams:
         if self.modality == "ct":
             return ["--suite", "ct_slices" if self.channels == "single" else "ct_slices_stacked"]
         return ["--suite", f"images_{self.modality}"]
-
-    def ingest(self, raw: str | Path, out: str | Path):
-        """Build the dataset at ``out`` from ``raw``; returns its manifest."""
-        from data.ingest import CTPlan, SeriesFilter, ingest_ct, ingest_he, ingest_images
-        from data.wsi import TilePlan
-
-        common = {"val_fraction": self.val_fraction, "seed": self.seed, "on_error": self.on_error,
-                  **({"shard_mb": self.shard_mb} if self.sharded else {})}
-        if self.modality == "he":
-            plan = TilePlan(tuple(self.magnifications), self.tile_size, self.min_tissue)
-            return ingest_he(raw, out, plan, cases=self.cases, lenient_annotations=self.lenient_annotations,
-                             annotations_dir=self.annotations,
-                             workers=self.workers, **common)
-        if self.modality == "ct":
-            plan = CTPlan(window=self.window, channels=self.channels, select=SeriesFilter(self.thickness, self.kernels),
-                          **({"windows": self.windows} if self.windows else {}))
-            return ingest_ct(raw, out, plan, **common)
-        return ingest_images(raw, out, self.modality, value_range=self.value_range, **common)

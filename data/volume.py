@@ -1,6 +1,6 @@
 """A CT series as a volume in patient geometry, for inference and scoring: its slices in
 anatomical order with pixel spacing, slice thickness and positions as ingestion reads them
-(``data.dicom``, ``data.ingest.order_series``), and their Hounsfield units read a few slices at a
+(``data.dicom``, ``data.readers.ct_series.order_series``), and their Hounsfield units read a few slices at a
 time, so a series of any length holds a handful of slices in memory.
 
 A series that cannot be one volume is refused with the file and the reason: slices that differ in
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from data.dicom import CTSlice, read_ct
-from data.ingest import CTPlan, ct_objects, order_series, series_gap, source_files
 from data.inputs import IngestError, Skipped
+from data.listing import source_files
+from data.readers.ct_series import CTPlan, ct_objects, order_series, series_gap
 
 
 @dataclass(frozen=True)

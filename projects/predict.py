@@ -112,7 +112,8 @@ def _slide_file(source: Path) -> Path:
     """A slide file, or the file OpenSlide opens a folder of DICOM whole-slide images by."""
     if source.is_file():
         return source
-    from data.ingest import dicom_slides, source_files
+    from data.listing import source_files
+    from data.readers.dicom_slides import dicom_slides
 
     files, _ = source_files(source)
     slides, _, _, errors = dicom_slides([f for f in files if f.suffix.lower() == ".dcm"])

@@ -14,8 +14,9 @@ from PIL import Image
 
 from clinical.slide import predict_slide
 from data.annotations import feature_collection, proposed_by_of, read_regions, tile_mask
-from data.ingest import ingest_he, ingest_images
 from data.inputs import IngestError
+from data.readers.image_folders import ingest_images
+from data.readers.slides import ingest_he
 from data.synthetic import generate
 from data.tiling import Tiling, TilingError, tiling_of
 from data.vectorize import polygons

@@ -16,17 +16,13 @@ from pydicom.data import get_testdata_file
 
 from data import wsi
 from data.dicom import AIR_HU, describe, read_ct, window
-from data.ingest import (
-    CTPlan,
-    IngestFailed,
-    SeriesFilter,
-    _Staging,
-    ingest_ct,
-    ingest_he,
-    ingest_images,
-)
 from data.inputs import IngestError, output_stem
+from data.listing import IngestFailed
 from data.metadata import dataset_metadata, shard_metadata
+from data.readers.ct_series import CTPlan, SeriesFilter, ingest_ct
+from data.readers.image_folders import ingest_images
+from data.readers.slides import ingest_he
+from data.staging import Staging
 from data.validate import validate_dataset, validate_frame
 from data.wsi import TilePlan, open_slide
 from tests.conftest import sideways_photo
@@ -386,7 +382,7 @@ def test_output_names_never_collide_whatever_the_input_names(tmp_path, slide):
     assert list(per_slide.index) == ["caseA/HE.svs", "caseB/HE.svs"] and per_slide.iloc[0] == per_slide.iloc[1] > 0
     assert tiles.path.is_unique
 
-    staging = _Staging(tmp_path / "staging")
+    staging = Staging(tmp_path / "staging")
     staging.save(Image.new("L", (4, 4)), "a.png", "one.dcm")
     with pytest.raises(IngestError, match="its output a.png is also the output of one.dcm"):
         staging.save(Image.new("L", (4, 4)), "a.png", "two.dcm")

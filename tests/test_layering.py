@@ -36,6 +36,7 @@ def test_the_data_side_loads_neither_torch_nor_the_platform_for_checking_data():
     every training start: importing them loads no torch (tiling slides loads it for the engine's
     HED transform, when stain statistics are computed)."""
     modules = sorted(f"data.{p.stem}" for p in (REPO / "data").glob("*.py") if p.stem != "__init__")
+    modules += sorted(f"data.readers.{p.stem}" for p in (REPO / "data" / "readers").glob("*.py") if p.stem != "__init__")
     assert len(modules) >= 10 and _loaded(modules, ("torch", "mlflow", "bentoml", "flask")) == set()
 
 
@@ -52,3 +53,44 @@ def test_clinical_answers_need_no_mlflow_or_server():
     modules = sorted(f"clinical.{p.stem}" for p in (REPO / "clinical").glob("*.py") if p.stem != "__init__")
     modules += sorted(f"clinical.scores.{p.stem}" for p in (REPO / "clinical" / "scores").glob("*.py") if p.stem != "__init__")
     assert len(modules) >= 3 and _loaded(modules, ("mlflow", "bentoml", "flask", "dvc")) == set()
+
+
+def _data_imports() -> dict[str, set[str]]:
+    """Each module of the data side and the data modules it imports, at its top or inside a function."""
+    import ast
+
+    graph = {}
+    for path in sorted((REPO / "data").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "data":
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "data"}
+        graph[module] = found
+    return graph
+
+
+def test_the_data_side_imports_in_one_direction():
+    """No import circle among the data modules (ingestion, parameters and shards once imported each
+    other): each reader, staging and the listings can be read, and replaced, by themselves."""
+    graph = _data_imports()
+    assert {"data.ingest", "data.listing", "data.staging", "data.readers.slides", "data.readers.ct_series"} <= set(graph)
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done or module not in graph:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+    # The command sits on top: no other module imports it.
+    assert not [m for m, imported in graph.items() if "data.ingest" in imported]

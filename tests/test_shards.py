@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.ingest import ingest_he, split_of
+from data.listing import split_of
+from data.readers.slides import ingest_he
 from data.shards import ShardWriter, pack_folder, png_bytes
 from data.validate import validate_dataset
 from data.wsi import TilePlan
