@@ -68,15 +68,20 @@ stack-down: $(STAMP)
 demo-team: $(STAMP) $(INITDB)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py --team --overrides "$(OVERRIDES)"
 
+# Tests run in TEST_WORKERS processes (pytest-xdist); the modules that share one demo checkout,
+# one team stack or one Slurm cluster each stay on one worker (xdist_group), the rest spread.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(TEST_SLIDE) $(CHROMIUM) $(SLURMCTLD) $(INITDB)
 	$(BIN)/ruff check .
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The developer's lane: unit tests only (no mlflow run, DVC pipeline, BentoML, Slurm, browser or
 # team stack), a few minutes on two cores. CI runs `make test`, which runs everything.
 test-fast: $(STAMP) $(TEST_SLIDE)
 	$(BIN)/ruff check .
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not cluster and not browser and not team"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup \
+		-m "not slow and not cluster and not browser and not team"
 
 clean:
 	rm -rf $(VENV) .stack mlruns mlflow.db vf-audit.db* portal.db .dvc-storage data/demo/images data/demo/annotations data/demo/validation data/gx

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -233,7 +234,10 @@ def test_worker_processes_of_two_ranks_read_disjoint_samples_and_resume_where_th
 
     def batches(rank: int, start: int, end: int) -> list[list[int]]:
         stream = ShardStream(order, _ids, 3, batch_size=2, start=start, end=end, rank=rank, world=2)
-        loader = DataLoader(stream, batch_size=2, num_workers=2, multiprocessing_context="spawn")
+        # Forked workers, as training's DataLoader starts them on Linux; the stream also pickles,
+        # as a spawned worker (macOS, Windows) would need.
+        assert pickle.loads(pickle.dumps(stream)).order.shards == order.shards
+        loader = DataLoader(stream, batch_size=2, num_workers=2)
         return [batch.flatten().tolist() for batch in loader]
 
     ranks = [batches(rank, 0, 20) for rank in (0, 1)]
