@@ -43,8 +43,7 @@ from registry.promote import PromotionRefused, ledger_of, promote
 from scripts.demo import free_port, wait_ready
 from tests.conftest import copy_checkout, portal_with_demo_dataset, readme_commands
 
-# One demo checkout for the module: its tests run on one xdist worker, in order.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+pytestmark = pytest.mark.slow
 
 # The demo's last losses stay below this fraction of ln(out_dim), the loss of a uniform collapse
 # (measured: a mean of 0.94 over steps 210-300 of 300, falling).

@@ -15,7 +15,7 @@ from projects.slurm import MLFLOW_STATUS, SlurmBackend, SlurmConfig, SlurmError,
 from tests.conftest import portal_with_demo_dataset, tiny_overrides
 from tests.slurm_cluster import SlurmCluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 # Processes of one core each (the node has two).
 ONE_CORE = {"cpus_per_task": 1, "poll_s": 0.5}

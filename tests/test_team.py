@@ -28,7 +28,7 @@ from scripts.demo import free_port, wait_ready
 from tests.conftest import REPO, tiny_overrides
 from tests.test_registry import register
 
-pytestmark = [pytest.mark.slow, pytest.mark.team, pytest.mark.xdist_group("team")]
+pytestmark = [pytest.mark.slow, pytest.mark.team]
 
 GATES = Gates({"backbone": [MetricGate("knn.accuracy", 0.01)]})
 
