@@ -1,13 +1,18 @@
 """Work spread over processes: slides tiled, shards checked, one unit per task."""
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 from contextlib import contextmanager
 
 
-def _log_like(level: int) -> None:
+def _start(level: int, preload: tuple[str, ...]) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    # A process has one fork server, preloaded by whoever started it first: a later caller's
+    # modules are imported here, once per worker, if the server did not already hold them.
+    for module in preload:
+        importlib.import_module(module)
 
 
 @contextmanager
@@ -25,5 +30,6 @@ def units_mapper(workers: int, units: int, preload: tuple[str, ...] = ()):
         context.set_forkserver_preload(list(preload))
     else:
         context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, units), initializer=_log_like, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+    with context.Pool(min(workers, units), initializer=_start,
+                      initargs=(logging.getLogger().getEffectiveLevel(), preload)) as pool:
         yield pool.imap

@@ -15,3 +15,8 @@ def test_workers_start_with_the_preloaded_modules_imported_and_spawned_ones_with
         assert list(mapper(_imported, [module] * 4)) == [True] * 4
     with units_mapper(2, 4) as mapper:
         assert list(mapper(_imported, [module] * 4)) == [False] * 4
+    # The process's fork server already runs (preloaded with the module above); another caller's
+    # modules still reach its workers.
+    other = "xml.dom.pulldom"
+    with units_mapper(2, 4, preload=(other,)) as mapper:
+        assert list(mapper(_imported, [other] * 4)) == [True] * 4

