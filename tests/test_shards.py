@@ -339,10 +339,12 @@ def _rot(shard: Path) -> str:
     with tarfile.open(shard) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
     stat = shard.stat()
+    middle = member.offset_data + member.size // 2
     with shard.open("r+b") as f:
-        f.seek(member.offset_data + member.size // 2)
-        f.write(bytes(b ^ 0xFF for b in f.read(8)))
-        f.seek(member.offset_data + member.size // 2)
+        f.seek(middle)
+        flipped = bytes(b ^ 0xFF for b in f.read(8))
+        f.seek(middle)
+        f.write(flipped)
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return member.name.split(".")[0]
 
