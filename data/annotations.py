@@ -155,7 +155,7 @@ def annotation_record(raw: Path, geojson_of: dict[Path, Path], folder: str | Pat
         proposed.update(value if isinstance(value, list) else [value] if value else [])
     for geojson in geojson_of.values():
         proposed |= proposers(geojson)
-    files = {slide.relative_to(raw).as_posix(): geojson.resolve().relative_to(folder.resolve()).as_posix()
+    files = {slide.relative_to(raw).as_posix(): geojson.relative_to(folder.resolve()).as_posix()
              for slide, geojson in sorted(geojson_of.items())}
     return json.dumps({"files": files, "proposed_by": sorted(proposed)}, indent=2)
 

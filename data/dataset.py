@@ -28,6 +28,7 @@ from data.annotations import PROVENANCE, read_regions
 from data.annotations import proposers as annotated_by
 from data.inputs import IngestError
 from data.params import MODALITIES, IngestParams
+from data.privacy import pseudonymous_folder
 from data.shards import inputs_memo
 from data.versioning import find_repo_root
 from dinomx.errors import MissingInput, UserError, one_line, run_command
@@ -65,6 +66,18 @@ def pipeline(params: IngestParams) -> dict:
     }}
 
 
+def _import_unpushed(repo: Repo, source: str, out: Path, fs_config: dict | None) -> None:
+    """``dvc import-url`` of what identifies patients (the raw export; the table of each slide's
+    case, whose values are MRNs as often as not): pinned, ignored by git, and never pushed to the
+    DVC remote that researchers pull the pseudonymised dataset from. It stays where the hospital
+    put it, reached with the dataset's read grant."""
+    stage = repo.imp_url(source, out=str(out), fs_config=fs_config)
+    for output in stage.outs:
+        output.can_push = False
+    stage.md5 = stage.compute_md5()
+    stage.dump()
+
+
 def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestParams,
                 endpoint_url: str | None = None) -> Path:
     """Import ``source`` as ``data/<name>/raw`` and write the dataset's pipeline; returns its folder.
@@ -89,7 +102,9 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
     fs_config = {"endpointurl": endpoint_url} if endpoint_url else None
     try:
         with Repo(str(root)) as repo:
-            repo.imp_url(source, out=str(folder / "raw"), fs_config=fs_config)
+            _import_unpushed(repo, source, folder / "raw", fs_config)
+            if params.cases:
+                _import_unpushed(repo, str(Path(params.cases).resolve()), folder / CASES, None)
     except Exception as exc:  # DVC, botocore and the network each fail their own way; none may leave a half dataset
         if created:
             shutil.rmtree(folder, ignore_errors=True)
@@ -98,11 +113,13 @@ def add_dataset(repo_root: str | Path, name: str, source: str, params: IngestPar
         raise DatasetError(f"source: {source}{where} could not be imported ({type(cause).__name__}: "
                            f"{one_line(cause)[:300]}); check the prefix, the endpoint and the credentials") from None
     if params.cases:
-        shutil.copy(params.cases, folder / CASES)
         params = replace(params, cases=CASES)
     (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline(params), sort_keys=False))
-    if params.sharded:  # this machine's memory of the inputs' md5, not the dataset's
-        with open(folder / ".gitignore", "a") as ignore:
+    with open(folder / ".gitignore", "a") as ignore:
+        # Ingestion's working folder beside the dataset, and (shards) this machine's memory of
+        # the inputs' md5: neither is the dataset's.
+        ignore.write(f"/{pseudonymous_folder(Path('tiles')).name}/\n")
+        if params.sharded:
             ignore.write(f"/{inputs_memo(Path('tiles')).name}\n")
     return folder
 

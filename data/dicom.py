@@ -68,6 +68,7 @@ class CTSlice:
     position: tuple[float, float, float] | None  # ImagePositionPatient, mm
     kernel: str
     description: str
+    burned_in: bool = False  # BurnedInAnnotation YES: text in the pixels, a name or date perhaps
 
     @property
     def normal(self) -> np.ndarray | None:
@@ -243,6 +244,7 @@ def _slices(ds: Dataset, path: str) -> list[CTSlice]:
             position=_floats(_from_group(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3),
             kernel=_text(_from_group(ds, frame, "CTReconstructionSequence", "ConvolutionKernel")),
             description=str(ds.get("SeriesDescription", "")),
+            burned_in=str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES",
         ))
     return out
 

@@ -6,8 +6,8 @@ nothing, without losing or merging an input.
 file name = same place on the slide), ``<out>/masks/...`` (class-index masks of the grid tiles)
 when there are annotations. Splits are per case (``--cases`` CSV, else the top folder).
 
-``ct``: DICOM files (``<raw>/<label>/...`` or flat), grouped into series and ordered by position ->
-``<out>/slices/<split>/<label>/<name>_f<frame>.png``: one window as a grey slice, or three
+``ct``: DICOM files (``<raw>/<label>/...`` with ``--label <label>``, or flat), grouped into series
+and ordered by position -> ``<out>/slices/<split>/<label>/<name>_f<frame>.png``: one window as a grey slice, or three
 channels (adjacent slices, or three windows) for an RGB backbone. Splits are per patient.
 
 ``rgb`` / ``gray``: any folder of images (``<raw>/[<split>/]<class>/<image>``) ->
@@ -35,6 +35,10 @@ their neighbours, drops it whole).
 
     python -m data.ingest he --raw raw --out tiles --magnifications 20 5
 
+Nothing written carries a patient identifier: the readers see the raw folder through a view in
+which folder and file names are keyed pseudonyms, and the CT reader replaces the identifiers of
+the headers (``data.privacy``; a site key is needed, ``python -m data.privacy new-key``).
+
 This module is the command; each kind of input has its reader (``data.readers``), and
 ``data.staging`` builds and publishes what they read, with ``data.listing`` keeping account of
 every input.
@@ -42,6 +46,7 @@ every input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -49,29 +54,79 @@ from pathlib import Path
 
 import pandas as pd
 
+from data.annotations import PROVENANCE
 from data.inputs import REFUSED, SKIPPED, SUMMARY
+from data.listing import resolve
 from data.params import MODALITIES, IngestParams
+from data.privacy import Pseudonyms, clear_parts, pseudonymous_folder, pseudonymous_view
 from data.readers.ct_series import CTPlan, SeriesFilter, ingest_ct
 from data.readers.image_folders import ingest_images
 from data.readers.slides import ingest_he
 from data.wsi import TilePlan
-from dinomx.errors import run_command
+from dinomx.errors import UserError, run_command
 
 
 def ingest(params: IngestParams, raw: str | Path, out: str | Path) -> pd.DataFrame:
-    """Build the dataset ``params`` declare at ``out`` from ``raw``; returns its manifest (or its
-    table of shards)."""
+    """Build the dataset ``params`` declare at ``out`` from ``raw`` under pseudonyms; returns its
+    manifest (or its table of shards). The steward's mapping gets this ingest's pseudonyms even
+    when the export is refused, so that the refused files can be found from the listing."""
+    raw, out = resolve(raw, out)
+    names = Pseudonyms.load(away_from=(raw, out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    view = None
+    try:
+        with contextlib.ExitStack() as views:
+            view = views.enter_context(pseudonymous_view(raw, names, clear_parts(params.modality, params.labels, raw),
+                                                         at=_beside(out, "raw")))
+            return _read(params, view, out, names, views)
+    except UserError as exc:
+        # Said where the user looks: the raw folder they gave, its files by their pseudonyms.
+        if view is not None:
+            exc.args = tuple(a.replace(str(view), str(raw)) if isinstance(a, str) else a for a in exc.args)
+        raise
+    finally:
+        names.save()
+        _beside(out, "cases.csv").unlink(missing_ok=True)
+
+
+def _read(params: IngestParams, raw: Path, out: Path, names: Pseudonyms, views: contextlib.ExitStack) -> pd.DataFrame:
     common = {"val_fraction": params.val_fraction, "seed": params.seed, "on_error": params.on_error,
               **({"shard_mb": params.shard_mb} if params.sharded else {})}
     if params.modality == "he":
         plan = TilePlan(tuple(params.magnifications), params.tile_size, params.min_tissue)
-        return ingest_he(raw, out, plan, cases=params.cases, lenient_annotations=params.lenient_annotations,
-                         annotations_dir=params.annotations, workers=params.workers, **common)
+        annotations = params.annotations and views.enter_context(
+            pseudonymous_view(Path(params.annotations), names, lambda parts: int(parts == (PROVENANCE,)),
+                              at=_beside(out, "annotations")))
+        return ingest_he(raw, out, plan, cases=params.cases and _cases(Path(params.cases), names, _beside(out, "cases.csv")),
+                         lenient_annotations=params.lenient_annotations, annotations_dir=annotations,
+                         workers=params.workers, **common)
     if params.modality == "ct":
         plan = CTPlan(window=params.window, channels=params.channels, select=SeriesFilter(params.thickness, params.kernels),
                       **({"windows": params.windows} if params.windows else {}))
-        return ingest_ct(raw, out, plan, **common)
+        return ingest_ct(raw, out, plan, pseudonyms=names, **common)
     return ingest_images(raw, out, params.modality, value_range=params.value_range, **common)
+
+
+def _beside(out: Path, what: str) -> Path:
+    """Where ingestion keeps its pseudonymous views of the inputs while it runs: beside the dataset
+    (``pseudonymous_folder``), never in it."""
+    return pseudonymous_folder(out) / what
+
+
+def _cases(cases: Path, names: Pseudonyms, into: Path) -> Path:
+    """The ``--cases`` table in the view's names: each slide's pseudonymous path, each case's
+    pseudonym (a case is a patient). One that does not read is handed on as it is, to be refused
+    with its reason."""
+    try:
+        table = pd.read_csv(cases, dtype=str)
+    except (OSError, ValueError):
+        return cases
+    if not {"slide", "case"} <= set(table.columns):
+        return cases
+    table["slide"] = [names.path(Path(s), 0).as_posix() if isinstance(s, str) else s for s in table["slide"]]
+    table["case"] = [names.of("case", c) if isinstance(c, str) else c for c in table["case"]]
+    table.to_csv(into, index=False)
+    return into
 
 
 def main(argv: list[str] | None = None) -> int:

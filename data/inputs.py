@@ -1,7 +1,9 @@
 """What ingestion refuses or skips, how it says so, and how inputs are named in a dataset."""
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -42,14 +44,22 @@ class Skipped(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+# Pseudonymous views open in this context (``data.privacy``): view root -> the raw folder it
+# mirrors. A view's links point outside it by construction; what they may reach is the raw folder.
+VIEWS: contextvars.ContextVar[dict[Path, Path] | None] = contextvars.ContextVar("views", default=None)
+
+
 def within(root: str | Path, path: str | Path) -> Path:
     """``path`` (relative to ``root`` or absolute) resolved, symlinks included; refuses anything
-    that lands outside ``root``, so a crafted name or link never reaches another dataset."""
+    that lands outside ``root``, so a crafted name or link never reaches another dataset. In a
+    pseudonymous view the bound is the raw folder it mirrors, and the path stays the view's."""
     root = Path(root).resolve()
+    origin = (VIEWS.get() or {}).get(root)
     resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise IngestError(path, f"escapes the dataset root {root}")
-    return resolved
+    bounds = (root,) if origin is None else (root, origin)  # a view's own folders, and where its links lead
+    if not any(resolved == bound or bound in resolved.parents for bound in bounds):
+        raise IngestError(path, f"escapes the dataset root {origin or root}")
+    return resolved if origin is None else Path(os.path.normpath(root / path))
 
 
 def file_md5(path: str | Path) -> str:

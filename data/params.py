@@ -54,6 +54,7 @@ class IngestParams:
     windows: tuple[tuple[float, float], ...] | None = None  # ct: the three of channels=windows
     thickness: tuple[float, float] | None = None  # ct: series of this slice thickness only (mm)
     kernels: tuple[str, ...] = ()  # ct: series of these convolution kernels only
+    labels: tuple[str, ...] = ()  # ct: top folders that name a class, kept by name (others are pseudonymised)
     value_range: tuple[float, float] | None = None  # rgb/gray: the range of wide images, forced
     workers: int = 0  # he: slides tiled at once, one process each; 0: one per core
     layout: str | None = None  # shards | folder; None: shards for he and ct, folder for rgb and gray
@@ -120,6 +121,10 @@ class IngestParams:
                             help="ct: keep series of this slice thickness (mm)")
         parser.add_argument("--kernel", action="append", default=[], dest="kernels",
                             help="ct: keep series of this convolution kernel (repeatable)")
+        parser.add_argument("--label", action="append", default=[], dest="labels",
+                            help="ct: a top folder that names a class (<raw>/<label>/...), kept by its name "
+                                 "(repeatable); any other folder name is pseudonymised, as exports name folders "
+                                 "after patients")
         parser.add_argument("--layout", choices=LAYOUTS, default=None,
                             help="he/ct: shards (the default: tar files of up to --shard-mb, a few per slide or "
                                  "series) or folder (one PNG per image)")
@@ -131,7 +136,7 @@ class IngestParams:
     @classmethod
     def from_args(cls, modality: str, args: argparse.Namespace) -> IngestParams:
         values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "modality" and hasattr(args, f.name)}
-        for name in ("magnifications", "window", "thickness", "kernels", "windows", "value_range"):
+        for name in ("magnifications", "window", "thickness", "kernels", "labels", "windows", "value_range"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         return cls(modality=modality, **values)
@@ -151,6 +156,7 @@ class IngestParams:
             args += ["--windows=" + ",".join(f"{c:g}:{w:g}" for c, w in self.windows)] if self.windows else []
             args += ["--thickness", *[f"{v:g}" for v in self.thickness]] if self.thickness else []
             args += [a for kernel in self.kernels for a in ("--kernel", kernel)]
+            args += [a for label in self.labels for a in ("--label", label)]
         elif self.value_range:
             # One token: argparse would take a negative LOW for an option.
             args += [f"--value-range={self.value_range[0]:g}:{self.value_range[1]:g}"]

@@ -76,7 +76,9 @@ class Md5Memo:
 
     def md5(self, file: Path) -> str:
         stat = file.stat()
-        key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        # The path as given, links not followed: ingestion reads through a pseudonymous view, whose
+        # links lead to names that must not be written down.
+        key = f"{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}"
         entry = self.known.get(key)
         if self.fresh or not (isinstance(entry, list) and len(entry) == 2 and time.time() - entry[1] < self.trust_s):
             entry = self.known[key] = [file_md5(file), time.time()]

@@ -1,3 +1,4 @@
+import atexit
 import multiprocessing
 import os
 import re
@@ -20,17 +21,25 @@ for key, value in {
     os.environ.setdefault(key, value)
 # The tools the tests drive (dvc, mlflow, bentoml) are those of the interpreter running them.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+# A site key of the test session's own, outside every checkout: ingestion pseudonymises with it,
+# and its mapping back is written beside it.
+_SITE = Path(tempfile.mkdtemp(prefix="vf-site-"))
+atexit.register(shutil.rmtree, _SITE, ignore_errors=True)
+os.environ["VF_SITE_KEY"] = str(_SITE / "site-key")
+os.environ.pop("VF_PSEUDONYM_MAP", None)
 
 import boto3  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data.privacy import new_key  # noqa: E402
 from data.synthetic import generate  # noqa: E402
 from deploy.stack import PARTS, Stack  # noqa: E402
 from dinomx.config import DinoMXConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+new_key(Path(os.environ["VF_SITE_KEY"]))
 BUCKET = "hospital"
 
 
@@ -52,6 +61,14 @@ def readme_commands(heading: str) -> list[str]:
     """The commands of the bash block under ``heading``."""
     (commands,) = [commands for title, _, commands in readme_blocks() if title == heading]
     return commands
+
+
+def pseudonym(relative: str, clear: int = 0) -> str:
+    """The name ingestion gives the raw file at ``relative`` with this session's site key, its
+    first ``clear`` folders kept (declared classes)."""
+    from data.privacy import Pseudonyms
+
+    return Pseudonyms.load().path(Path(relative), clear).as_posix()
 
 
 def copy_checkout(checkout: Path) -> Path:
@@ -190,9 +207,8 @@ def s3(s3_stack, monkeypatch):
     client.delete_bucket(Bucket=BUCKET)
 
 
-def portal_with_demo_dataset(settings):
-    """A portal app with an admin, ana (password pw), signed in, and the demo dataset registered:
-    (app, signed-in test client, dataset id)."""
+def signed_in_portal(settings):
+    """A portal app with an admin, ana (password pw), signed in: (app, test client)."""
     from portal.app import create_app
     from portal.db import User, db
 
@@ -204,6 +220,12 @@ def portal_with_demo_dataset(settings):
         db.session.commit()
     web = app.test_client()
     web.post("/api/login", json={"username": "ana", "password": "pw"})
+    return app, web
+
+
+def portal_with_demo_dataset(settings):
+    """``signed_in_portal`` with the demo dataset registered: (app, signed-in test client, dataset id)."""
+    app, web = signed_in_portal(settings)
     dataset = web.post("/api/datasets", json={"name": "demo", "prefix": "datasets/demo", "train_path": "data/demo/images/train",
                                               "validation_report": "data/demo/validation/report.json"}).json["id"]
     return app, web, dataset

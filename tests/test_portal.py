@@ -149,6 +149,9 @@ def test_presigned_urls_move_bytes_directly_scoped_to_one_object(app, s3):
     assert [o["path"] for o in bob.get(f"/api/datasets/{colon}/objects").json] == ["slides/case 1.svs"]
     page = bob.get(f"/datasets/{colon}/download?path=slides/case%201.svs")
     assert page.status_code == 302 and page.location.startswith(app.extensions["vf.settings"].s3_endpoint_url)
+    # The raw store is where patients are named: each download (API and page) is in the audit log.
+    downloads = [(e["user"], e["target"]) for e in admin.get("/api/audit").json if e["action"] == "object.download"]
+    assert downloads == [("bob", f"s3://{BUCKET}/datasets/colon/slides/case 1.svs")] * 2
 
 
 @pytest.mark.parametrize("path", ["../colon-secret/report.pdf", "/etc/passwd", "slides/../../colon-secret/x",

@@ -20,7 +20,7 @@ from data.versioning import dataset_version
 from dinomx.shards import read_index
 from projects.tracking import DataNotValidatedError, log_training_data, training_data
 from scripts.demo import free_port
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, pseudonym
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,8 @@ def test_an_mr_series_in_a_ct_export_is_skipped_with_its_reason(s3, s3_endpoint,
     assert run.returncode == 0, run.stdout + run.stderr
     report = ValidationReport.read(folder / "validation/report.json")
     assert report.success and report.rows == 1
-    assert [(s["source"], s["reason"]) for s in report.skipped] == [("mr.dcm", "modality MR, not CT (this dataset ingests CT)")]
+    assert [(s["source"], s["reason"]) for s in report.skipped] == [(pseudonym("mr.dcm"),
+                                                                     "modality MR, not CT (this dataset ingests CT)")]
 
 
 def test_dataset_names_and_pipelines_are_checked(repo):
@@ -203,6 +204,10 @@ def test_every_ingestion_option_reaches_the_dataset_pipeline(repo, tmp_path):
     stage = yaml.safe_load((repo / "data" / "slides" / "dvc.yaml").read_text())["stages"]["ingest"]
     assert "--cases cases.csv --lenient-annotations" in stage["cmd"] and "--on-error quarantine" in stage["cmd"]
     assert stage["deps"] == ["raw", "cases.csv"] and (repo / "data" / "slides" / "cases.csv").is_file()
+    # The export and its cases (MRNs, often) are pinned imports that git ignores and `dvc push` leaves alone.
+    for imported in ("raw.dvc", "cases.csv.dvc"):
+        assert yaml.safe_load((repo / "data" / "slides" / imported).read_text())["outs"][0]["push"] is False
+    assert {"/raw", "/cases.csv", "/.tiles.pseudonymous/"} <= set((repo / "data/slides/.gitignore").read_text().splitlines())
     assert main(["add", "ct", "--modality", "ct", "--source", str(slides), "--repo", str(repo),
                  "--channels", "windows", "--windows=40:400,-600:1500,400:1800"]) == 0
     cmd = yaml.safe_load((repo / "data" / "ct" / "dvc.yaml").read_text())["stages"]["ingest"]["cmd"]

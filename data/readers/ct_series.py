@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from data.listing import (
     split_of,
 )
 from data.metadata import BLANK_STD
+from data.privacy import Pseudonyms
 from data.staging import Found, ShardLayout, Staging, Target, Units, fingerprint, publish
 from data.tiling import TILING, series_record
 from dinomx.errors import DataError
@@ -187,16 +188,19 @@ def _series_rows(series: list[CTSlice], raw: Path, staging: Staging, plan: CTPla
 
 
 def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fraction: float = 0.2,
-              seed: int = 0, on_error: str = "refuse", shard_mb: int = 0) -> pd.DataFrame:
+              seed: int = 0, on_error: str = "refuse", shard_mb: int = 0,
+              pseudonyms: Pseudonyms | None = None) -> pd.DataFrame:
     """Slices of every CT series under ``raw`` (``<raw>/<label>/...`` or flat), grouped by Series
     Instance UID and written in anatomical order; what is not a CT image is skipped with a reason.
     A series with a gap (a slice missing from the export) is written with a warning naming it;
-    2.5D stacking refuses it. ``shard_mb`` > 0 writes each series as shards of up to that size."""
+    2.5D stacking refuses it. ``shard_mb`` > 0 writes each series as shards of up to that size.
+    ``pseudonyms`` (``data.ingest`` always gives them) replace the patient, series and instance
+    identifiers of the headers before anything uses them."""
     check_on_error(on_error)
     layout = ShardLayout(shard_mb << 20, "png", ("png",)) if shard_mb else None
     raw, out = resolve(raw, out)
     files, hidden = source_files(raw)
-    objects, skipped, errors = ct_objects(raw, files)
+    objects, skipped, errors = ct_objects(raw, files, pseudonyms)
     skipped = hidden + skipped
     by_series = {}
     for info in itertools.chain.from_iterable(objects.values()):
@@ -223,10 +227,12 @@ def ingest_ct(raw: str | Path, out: str | Path, plan: CTPlan = CTPlan(), val_fra
                    Target(out, on_error, val_fraction, layout, {TILING: series_record(plan.window, plan.channels, plan.windows)}))
 
 
-def ct_objects(raw: Path, files: list[Path]) -> tuple[dict[str, list[CTSlice]], list[Skipped], list[IngestError]]:
+def ct_objects(raw: Path, files: list[Path], pseudonyms: Pseudonyms | None = None,
+               ) -> tuple[dict[str, list[CTSlice]], list[Skipped], list[IngestError]]:
     """The CT image objects among ``files`` (under ``raw``) by SOP Instance UID, their frames from
     the headers; what is not a CT image, skipped with its reason (of two copies of one object, the
-    one that does not read); and the files that should be CT images and cannot be read."""
+    one that does not read; an image with text burned into its pixels); and the files that should
+    be CT images and cannot be read."""
     candidates, skipped = sort_out(files, lambda p: p.suffix.lower() not in NOT_IMAGES, "DICOM")
     errors, objects = [], {}
     for path in candidates:
@@ -238,6 +244,12 @@ def ct_objects(raw: Path, files: list[Path]) -> tuple[dict[str, list[CTSlice]], 
         except IngestError as exc:
             errors.append(exc)
             continue
+        if infos[0].burned_in:
+            skipped.append(Skipped(path, "BurnedInAnnotation YES: text burned into the pixels may name the patient; "
+                                         "set aside (the raw export keeps it)"))
+            continue
+        if pseudonyms is not None:
+            infos = _pseudonymised(infos, pseudonyms)
         uid = infos[0].sop_uid or str(path)
         if uid in objects:
             objects[uid], copy = _one_copy(raw, objects[uid], infos)
@@ -245,6 +257,22 @@ def ct_objects(raw: Path, files: list[Path]) -> tuple[dict[str, list[CTSlice]], 
         else:
             objects[uid] = infos
     return objects, skipped, errors
+
+
+def _pseudonymised(infos: list[CTSlice], names: Pseudonyms) -> list[CTSlice]:
+    """A file's frames with keyed pseudonyms for its identifiers: a missing one is named by the
+    file's bytes (a patient without an ID, by its series, as the series is then its only unit);
+    the free-text series description is dropped."""
+    first = infos[0]
+
+    def of(kind: str, value: str) -> str:
+        return names.of(kind, value) if value else names.of_content(kind, first.path)
+
+    patient = names.of("patient", first.patient_id) if first.patient_id else of("patient", first.series_uid and
+                                                                                  f"series {first.series_uid}")
+    fields = {"patient_id": patient, "series_uid": of("series", first.series_uid), "description": "",
+              "sop_uid": names.of("instance", first.sop_uid) if first.sop_uid else ""}
+    return [replace(info, **fields) for info in infos]
 
 
 def _one_copy(raw: Path, first: list[CTSlice], second: list[CTSlice]) -> tuple[list[CTSlice], Skipped]:
