@@ -6,7 +6,9 @@ Each variant trains in its own process (peak memory is per process) on generated
 same backbone, batch and crops. The machine is shared and drifts, so the variants alternate in
 rounds (A B C D A B C D ...); every round is printed, and the summary gives each variant's median
 and its median ratio to full fine-tuning with the range over rounds. On CUDA the peak is
-``torch.cuda.max_memory_allocated``; on CPU it is the process's peak resident set size.
+``torch.cuda.max_memory_allocated``; on CPU it is the process's peak resident set size, and also
+that peak less what the process held before training began (torch and its libraries, ~0.5 GB,
+the same for every variant): training's own memory, the figure comparable to the paper's.
 
 The memory table says where the bytes go before activations: the student's weights, gradients and
 AdamW's two moments for what it trains, and the teacher's own weights (frozen weights are shared
@@ -49,6 +51,9 @@ def child(args) -> None:
     from dinomx.train import train
 
     cfg = DinoMXConfig.from_yaml(args.config, json.loads(args.overrides))
+    # What the process holds before training (torch and its libraries): the same for every
+    # variant, and not what the paper's GPU figures count.
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stamps = []
     train(cfg, args.data, on_log=lambda step, m: stamps.append(time.perf_counter()))
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # the first step (warm-up) excluded
@@ -56,7 +61,8 @@ def child(args) -> None:
         peak = torch.cuda.max_memory_allocated() / MIB
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"s_per_step": per_step, "peak_mib": peak}))
+    print(json.dumps({"s_per_step": per_step, "peak_mib": peak,
+                      "training_mib": peak - (0 if torch.cuda.is_available() else start)}))
 
 
 def breakdown(config: Path, overrides: list[str]) -> dict:
@@ -129,15 +135,19 @@ def main() -> None:
                 )
                 figures = json.loads(result.stdout.strip().splitlines()[-1])
                 runs[name].append(figures)
-                print(f"round {round_ + 1}: {name:<26}{figures['s_per_step']:>8.3f} s/step {figures['peak_mib']:>8.0f} MiB")
+                print(f"round {round_ + 1}: {name:<26}{figures['s_per_step']:>8.3f} s/step {figures['peak_mib']:>8.0f} MiB "
+                      f"({figures['training_mib']:.0f} MiB over the process before training)")
 
     base = runs["full fine-tune"]
     print()
-    print(f"{'variant':<26}{'s/step':>8}{'peak MiB':>10}   vs full fine-tune: time, peak (median, range over rounds)")
+    print(f"{'variant':<26}{'s/step':>8}{'peak MiB':>10}{'training':>10}   vs full fine-tune: time, peak, "
+          "training's own (median, range over rounds)")
     for name, figures in runs.items():
         times, peaks = [f["s_per_step"] for f in figures], [f["peak_mib"] for f in figures]
-        print(f"{name:<26}{statistics.median(times):>8.3f}{statistics.median(peaks):>10.0f}   "
-              f"{_median_ratio(times, [f['s_per_step'] for f in base])}, {_median_ratio(peaks, [f['peak_mib'] for f in base])}")
+        own = [f["training_mib"] for f in figures]
+        print(f"{name:<26}{statistics.median(times):>8.3f}{statistics.median(peaks):>10.0f}{statistics.median(own):>10.0f}   "
+              f"{_median_ratio(times, [f['s_per_step'] for f in base])}, {_median_ratio(peaks, [f['peak_mib'] for f in base])}, "
+              f"{_median_ratio(own, [f['training_mib'] for f in base])}")
 
 
 if __name__ == "__main__":
