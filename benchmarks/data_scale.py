@@ -58,8 +58,8 @@ def read_epoch(data: str) -> None:
     if is_sharded(data):
         index = read_index(data)
         order = ShardOrder(index, seed=0, open_shards=4, buffer=1000)
-        for n, parts in enumerate(order(Reader(0, 1), 0)):
-            to_model_mode(decode(parts[index.image], f"{data}: a sample"), 3)
+        for n, sample in enumerate(order(Reader(0, 1), 0)):
+            to_model_mode(decode(sample.parts[index.image], f"{sample.shard}: sample {sample.key}"), 3)
             if n + 1 == index.samples:
                 break
     else:
