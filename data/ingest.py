@@ -7,8 +7,9 @@ file name = same place on the slide), ``<out>/masks/...`` (class-index masks of 
 when there are annotations. Splits are per case (``--cases`` CSV, else the top folder).
 
 ``ct``: DICOM files (``<raw>/<label>/...`` with ``--label <label>``, or flat), grouped into series
-and ordered by position -> ``<out>/slices/<split>/<label>/<name>_f<frame>.png``: one window as a grey slice, or three
-channels (adjacent slices, or three windows) for an RGB backbone. Splits are per patient.
+and ordered by position -> ``<out>/slices/<split>/<label>/<name>_f<frame>.png``: one window as a
+grey slice, or three channels (adjacent slices, or three windows) for an RGB backbone. Splits are
+per patient.
 
 ``rgb`` / ``gray``: any folder of images (``<raw>/[<split>/]<class>/<image>``) ->
 ``<out>/<split>/<label>/<name>.png`` as 8-bit RGB or greyscale (16-bit and float images scaled by

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
-from data.inputs import NOT_IMAGES, VIEWS, IngestError, file_md5
+from data.inputs import NOT_IMAGES, VIEWS, IngestError
 from data.wsi import SLIDE_SUFFIXES
 from dinomx.errors import UserError, run_command
 from dinomx.images import IMAGE_SUFFIXES
@@ -121,10 +121,6 @@ class Pseudonyms:
         token = f"{PREFIXES[kind]}-{digest}"
         self.seen[token] = (kind, value)
         return token
-
-    def of_content(self, kind: str, path: str | Path) -> str:
-        """The pseudonym of an object whose identifier could not be read: from its bytes."""
-        return self.of(kind, f"content md5 {file_md5(path)}")
 
     def name(self, part: str, is_file: bool) -> str:
         """One path component's pseudonym; a hidden one stays hidden, a file keeps a known ending."""

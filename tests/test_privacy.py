@@ -28,9 +28,12 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from data.ingest import main as ingest_main
+from data.inputs import file_md5
+from data.metadata import shard_metadata
 from data.privacy import KEY_ENV, MAP_ENV, Pseudonyms, new_key, reveal
 from data.validate import main as validate_main
 from tests.conftest import tiny_overrides
+from tests.test_ingest import slide  # noqa: F401  (the real slide fixture)
 
 PATIENTS = {  # folder, PatientName, PatientID, birth date, accession number
     "calcified": [("Doe_Jane_MRN-00142", "Doe^Jane", "MRN-00142", "19610412", "ACC778899")],
@@ -113,12 +116,17 @@ def _readable(name: str, data: bytes) -> bytes:
         return repr(image.info).encode() + repr(dict(image.getexif())).encode()
 
 
+def whole_words(needles: set[str]) -> list[tuple[str, re.Pattern]]:
+    """Each needle as a lowercase whole word in bytes: "Doe" is an identifier here, "Does" in a
+    library's YAML is not."""
+    return [(n, re.compile(rb"(?<![a-z0-9])" + re.escape(n.lower().encode()) + rb"(?![a-z0-9])")) for n in needles]
+
+
 def scan(paths: list[Path], needles: set[str]) -> dict[str, list[str]]:
     """Every needle found in the names or contents of the files under ``paths`` (and of the
     members of every tar among them), case-insensitively: {needle: [where]}."""
     hits: dict[str, list[str]] = {}
-    # Whole words: "Doe" is an identifier here, "Does" in a library's YAML is not.
-    patterns = [(n, re.compile(rb"(?<![a-z0-9])" + re.escape(n.lower().encode()) + rb"(?![a-z0-9])")) for n in needles]
+    patterns = whole_words(needles)
 
     def look(where: str, name: str, data: bytes) -> None:
         text = name.lower().encode() + b"\0" + _readable(name, data).lower()
@@ -174,13 +182,7 @@ def test_an_export_full_of_identifiers_leaves_none_in_anything_ingestion_or_vali
 def _rows(out: Path, layout: str) -> pd.DataFrame:
     if layout == "folder":
         return pd.read_csv(out / "manifest.csv")
-    rows = []
-    for shard in sorted((out / "shards").rglob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    rows += [{"split": shard.parent.name, **row} for row in json.loads(tar.extractfile(member).read()).values()]
-    return pd.DataFrame(rows)
+    return pd.concat([shard_metadata(p, p.name) for p in sorted((out / "shards").rglob("*.tar"))])
 
 
 def test_the_same_patient_has_the_same_pseudonym_in_every_ingest_and_another_site_key_gives_others(tmp_path, monkeypatch):
@@ -214,14 +216,8 @@ def test_identifiers_that_cannot_be_read_are_named_by_the_files_content_never_le
     [row] = pd.read_csv(tmp_path / "out" / "manifest.csv").to_dict("records")
     assert row["patient_id"].startswith("pt-") and row["series_uid"].startswith("se-")
     back = reveal([row["patient_id"], row["series_uid"]], Pseudonyms.load().mapping)
-    assert {original for _, original in back.values()} == {f"content md5 {_md5(raw / 'IM0001')}"}
+    assert {original for _, original in back.values()} == {f"content md5 {file_md5(raw / 'IM0001')}"}
     assert scan([tmp_path / "out"], {"Nobody", str(ds.StudyInstanceUID)}) == {}
-
-
-def _md5(path: Path) -> str:
-    from data.inputs import file_md5
-
-    return file_md5(path)
 
 
 def test_without_a_usable_site_key_nothing_is_ingested_and_one_line_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -295,8 +291,7 @@ def test_ingests_running_at_once_each_add_their_pseudonyms_to_the_mapping_once(t
 
 
 def test_a_slide_in_a_patient_folder_with_a_label_image_leaves_no_name_and_its_label_is_never_read(
-        tmp_path, monkeypatch, capsys):
-    slide = Path(os.environ.get("VF_TEST_SLIDE", Path(sys.prefix) / "testdata" / "cmu_small_region.svs"))
+        slide, tmp_path, monkeypatch, capsys):  # noqa: F811
     assert set(openslide.OpenSlide(slide).associated_images) >= {"label", "macro"}  # what a glass label shows
     raw = tmp_path / "export" / "Doe_Jane_MRN-00142"
     raw.mkdir(parents=True)
@@ -444,7 +439,7 @@ def test_the_whole_path_from_an_identified_export_writes_no_identifier_anywhere(
         answers.append(shown.get_data(as_text=True))
 
     # The raw export's copy in DVC's cache is the raw store: identified, as exported, never pushed.
-    raw_objects = {_md5(p) for p in raw.rglob("*") if p.is_file()}
+    raw_objects = {file_md5(p) for p in raw.rglob("*") if p.is_file()}
     raw_listing = yaml.safe_load((checkout / "data/ctp/raw.dvc").read_text())["outs"][0]["md5"]
     cache = checkout / ".dvc/cache/files/md5"
     skip = {checkout / "data/ctp/raw", *(cache / m[:2] / m[2:] for m in raw_objects | {raw_listing})}
@@ -454,8 +449,8 @@ def test_the_whole_path_from_an_identified_export_writes_no_identifier_anywhere(
     assert remote and not {p.parent.name + p.name for p in remote} & (raw_objects | {raw_listing})  # raw never pushed
     needles = identifiers(WHOLE_PATH) | uids
     assert scan(written, needles) == {}
-    texts = "\n".join(said + answers).lower()
-    assert [n for n in needles if re.search(rf"(?<![a-z0-9]){re.escape(n.lower())}(?![a-z0-9])", texts)] == []
+    texts = "\n".join(said + answers).lower().encode()
+    assert [n for n, pattern in whole_words(needles) if pattern.search(texts)] == []
     # What the steward holds, and only there: the mapping beside the key.
     mapping = site / "pseudonyms.csv"
     assert {"MRN-00142", "MRN-00977", "MRN-00321", "MRN-00654"} <= set(pd.read_csv(mapping).original)

@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from data.dicom import CTFrame, CTSlice, describe, read_ct, window
-from data.inputs import CHANNELS, NOT_IMAGES, IngestError, Skipped, output_stem
+from data.inputs import CHANNELS, NOT_IMAGES, IngestError, Skipped, file_md5, output_stem
 from data.listing import (
     UNLABELLED,
     IngestErrors,
@@ -264,13 +264,10 @@ def _pseudonymised(infos: list[CTSlice], names: Pseudonyms) -> list[CTSlice]:
     file's bytes (a patient without an ID, by its series, as the series is then its only unit);
     the free-text series description is dropped."""
     first = infos[0]
-
-    def of(kind: str, value: str) -> str:
-        return names.of(kind, value) if value else names.of_content(kind, first.path)
-
-    patient = names.of("patient", first.patient_id) if first.patient_id else of("patient", first.series_uid and
-                                                                                  f"series {first.series_uid}")
-    fields = {"patient_id": patient, "series_uid": of("series", first.series_uid), "description": "",
+    content = "" if first.series_uid else f"content md5 {file_md5(first.path)}"
+    fields = {"patient_id": names.of("patient", first.patient_id or (first.series_uid and f"series {first.series_uid}")
+                                     or content),
+              "series_uid": names.of("series", first.series_uid or content), "description": "",
               "sop_uid": names.of("instance", first.sop_uid) if first.sop_uid else ""}
     return [replace(info, **fields) for info in infos]
 
