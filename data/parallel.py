@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
+import threading
 from contextlib import contextmanager
 
 
@@ -18,14 +19,20 @@ def _start(level: int, preload: tuple[str, ...]) -> None:
 @contextmanager
 def units_mapper(workers: int, units: int, preload: tuple[str, ...] = ()):
     """``map`` here, or an ordered ``imap`` over a pool of ``workers`` processes when there is
-    more than one unit. Processes are not forked from the caller, which may hold threads (a server,
-    a test runner): they are spawned, or, with ``preload``, forked from a fresh server process that
-    imported those modules once (Great Expectations' import is seconds a worker); they log at the
-    caller's level."""
+    more than one unit; they log at the caller's level. With ``preload``, the workers need those
+    modules (Great Expectations' import is seconds a process): a caller with no thread but its
+    own (a command line) imports them and forks its workers, which start with the modules and
+    whatever the caller built with them. A caller holding threads (a server, a test runner) must
+    not fork: its workers fork from a fresh server process that imported the modules once.
+    Without ``preload`` they are spawned."""
     if workers < 2 or units < 2:
         yield map
         return
-    if preload:
+    if preload and threading.active_count() == 1:
+        for module in preload:
+            importlib.import_module(module)
+        context = multiprocessing.get_context("fork")
+    elif preload:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
     else:
