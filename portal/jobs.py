@@ -459,7 +459,10 @@ class LocalLauncher:
     def _alive(job: Job) -> bool:
         """Whether a process of the job's session is left: ``mlflow run`` itself, or the training
         under it, which may still be writing its checkpoint after a cancel ended ``mlflow run``.
-        A process counts only if it names the job's run (a reused process id is not the job)."""
+        A process counts only if it names the job's run (a reused process id is not the job), or
+        if it is between fork and exec: its environment then reads empty for a moment (a third of
+        the reads right after a fork, here), and it is not yet anyone but the job's. A zombie is
+        gone."""
         marker = job.mlflow_run_id.encode()
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -467,9 +470,12 @@ class LocalLauncher:
             try:
                 if os.getpgid(int(proc.name)) != int(job.scheduler_id):
                     continue
-                if marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes():
+                environ = (proc / "environ").read_bytes()
+                if marker in environ or marker in (proc / "cmdline").read_bytes():
                     return True
-            except (OSError, ValueError):
+                if not environ and (proc / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                    return True
+            except (OSError, ValueError, IndexError):
                 continue
         return False
 

@@ -858,16 +858,25 @@ def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = MlflowClient(uri).create_run("0").info.run_id
-    # The session's leader exits at once; the process it left behind names the run, as a training does.
-    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], env={**os.environ, "MLFLOW_RUN_ID": run_id},
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-    training = int(leader.stdout.readline())
-    leader.wait()
-    job = SimpleNamespace(scheduler_id=str(leader.pid), mlflow_run_id=run_id,
-                          scheduler_state=CANCELLING if cancelled else "RUNNING")
     launcher = LocalLauncher(tmp_path, uri, tmp_path)
-    launcher._children[job.scheduler_id] = leader  # as submit keeps the `mlflow run` it started
-    assert launcher.poll(job) == ("RUNNING", None, None)
+
+    def started():
+        """The session's leader exits at once; the process it left behind names the run, as a training
+        does. Polled at once, that process is often still between fork and exec."""
+        leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], env={**os.environ, "MLFLOW_RUN_ID": run_id},
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+        training = int(leader.stdout.readline())
+        leader.wait()
+        job = SimpleNamespace(scheduler_id=str(leader.pid), mlflow_run_id=run_id,
+                              scheduler_state=CANCELLING if cancelled else "RUNNING")
+        launcher._children[job.scheduler_id] = leader  # as submit keeps the `mlflow run` it started
+        return job, training
+
+    for _ in range(10):  # each a new chance to catch the process mid-exec
+        job, training = started()
+        assert launcher.poll(job) == ("RUNNING", None, None)
+        os.kill(training, signal.SIGKILL)
+    job, training = started()
     os.kill(training, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while (state := launcher.poll(job))[1] is None and time.monotonic() < deadline:
