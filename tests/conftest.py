@@ -112,6 +112,31 @@ def no_child_process_outlives_its_test():
 
 
 @pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made, once: MLflow's migrations take seconds a store."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, _empty_mlflow_store) -> str:
+    """A tracking URI of a new, empty SQLite store of the test's own: a copy of the migrated one,
+    whose Default experiment keeps its artifacts where a store made here would (``./mlruns``)."""
+    import sqlite3
+
+    path = tmp_path / "mlflow.db"
+    shutil.copy(_empty_mlflow_store, path)
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (str(Path.cwd() / "mlruns" / "0"),))
+    connection.close()
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
 def validated_checkout(tmp_path_factory) -> Path:
     """A checkout with the demo data built, validated (`dvc repro`) and pushed to its DVC remote,
     where the promotion service fetches it to validate it again, ready for `mlflow run`."""

@@ -1,5 +1,6 @@
 """The portal's JSON API with Flask's test client, against a real S3 server (SeaweedFS, which checks
 signatures) and a real SQLite registry; the pages in headless Chromium (Playwright) with checked screenshots."""
+import functools
 import re
 import threading
 import time
@@ -42,9 +43,9 @@ def project(tiles, tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def app(tmp_path, s3, s3_endpoint, monkeypatch, project):
+def app(tmp_path, s3, s3_endpoint, monkeypatch, project, mlflow_store):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="test", bucket=BUCKET,
                         s3_endpoint_url=s3_endpoint, presign_expires_s=120, tracking_uri=tracking,
                         mlflow_ui_url="http://mlflow.test", project_dir=project, run_jobs=False)
@@ -53,13 +54,22 @@ def app(tmp_path, s3, s3_endpoint, monkeypatch, project):
         users = {name: User(username=name, is_admin=name == "ana", can_promote=name == "dan")
                  for name in ("ana", "bob", "cara", "dan")}
         for user in users.values():
-            user.set_password(PASSWORD)
+            user.password_hash = _password_hash()
         users["cara"].groups.append(Group(name="pathology"))
         db.session.add_all(users.values())
         db.session.commit()
     mlflow.set_tracking_uri(tracking)
     yield app
     mlflow.set_tracking_uri(None)
+
+
+@functools.cache
+def _password_hash() -> str:
+    """PASSWORD's hash, made once as ``User.set_password`` makes it: a hash is a tenth of a second,
+    four users a test."""
+    user = User(username="any")
+    user.set_password(PASSWORD)
+    return user.password_hash
 
 
 def signed_in(app, username):

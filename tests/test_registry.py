@@ -41,10 +41,9 @@ GATES = Gates({"backbone": [MetricGate("knn.accuracy", 0.01)],
 
 
 @pytest.fixture()
-def client(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
+def client(mlflow_store):
+    mlflow.set_tracking_uri(mlflow_store)
+    yield MlflowClient(mlflow_store)
     mlflow.set_tracking_uri(None)
 
 
