@@ -112,9 +112,9 @@ def test_real_shifts_are_seen_in_the_first_window_and_held_out_images_rarely_ala
 
 
 @pytest.fixture()
-def watched(tmp_path, monkeypatch):
+def watched(monkeypatch, mlflow_store):
     """A watch of ``models:/w-backbone/1`` with windows of 10 images, recording into a SQLite store."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     mlflow.set_tracking_uri(uri)
     monkeypatch.setattr(watch, "WINDOW", 10)
     monkeypatch.setattr(watch, "LOG_INTERVAL_S", 0)  # a point as soon as a window is tested
@@ -180,13 +180,13 @@ def test_a_backbone_without_a_reference_is_served_unwatched_and_says_so():
     assert answer.reference is None and answer.scores == [] and answer.note.startswith("no reference:")
 
 
-def test_a_reference_that_is_not_the_backbones_is_refused_at_load_in_one_line(tmp_path, monkeypatch):
+def test_a_reference_that_is_not_the_backbones_is_refused_at_load_in_one_line(tmp_path, monkeypatch, mlflow_store):
     from registry.evidence import Evaluation, record
     from registry.promote import ledger_of
     from serving.models import ServingError, fetch_reference, watch_of
     from tests.test_registry import register
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store)
     try:
         client = MlflowClient()
         version = register(client, "r-backbone")

@@ -236,12 +236,12 @@ def test_the_openapi_page_says_what_is_served_and_sends_plain_form_fields():
         assert not re.search(r"(src|href)=\"(https?:)?//", docs.text)
 
 
-def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypatch, tmp_path):
+def test_an_alias_whose_files_cannot_be_read_is_refused_before_serving(monkeypatch, tmp_path, mlflow_store):
     import mlflow
 
     import serving.models as models
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     client = mlflow.MlflowClient()
     client.create_registered_model("ct-backbone")
     client.create_model_version("ct-backbone", str(tmp_path / "gone"))  # its files were deleted from the store
