@@ -7,9 +7,9 @@ tables. It asserts nothing.
     .venv/bin/python benchmarks/learning.py adapt --steps 300     # ways to train, on digits
 
 ``sets``: configs/small-cpu.yaml (or ``--config``) exactly as the README runs it, on each of the
-digits, textures and faces: kNN (k=20, cosine) on raw pixels, on the same ViT at random init and
-on the trained export, with the recipe's target (at least 0.20 over random init, within 0.05 of
-raw pixels) met or not.
+digits, textures, faces and photos: kNN (k=20, cosine) on raw pixels, on the same ViT at random
+init and on the trained export, with the recipe's target (at least 0.20 over random init, within
+0.05 of raw pixels) met or not.
 
 ``select``: recipes chosen by the sets they were not chosen on. Every candidate (a name and
 overrides of the recipe) runs on every set with every seed, and each run is read out three ways:
@@ -17,8 +17,8 @@ the CLS token (the export's embedding), the mean of the final patch tokens, and 
 (each L2-normalised, as Hugging Face's ``Dinov2ForImageClassification`` feeds its classifier).
 A run's margin on a set is how far its kNN lies above the harder of the set's two targets: raw
 pixels, and random init plus 0.20 (or two thirds of what random init leaves below 1.0, where
-that is less: faces' random init is 0.88). A candidate's score on some sets is its worst margin over those
-sets and seeds, never the mean. Leave one set out: pick the candidate with the best score on the
+that is less: faces' random init is 0.88). A candidate's score on some sets is its worst margin
+over those sets and seeds, never the mean. Leave one set out: pick the candidate with the best score on the
 others, read its margin on the one left out; rotate. The worst of those held-out margins is what
 the selection promises on images none of the sets resemble. Results are kept in
 ``<work>/select.json``, so an interrupted or extended selection reruns only what is missing.

@@ -460,9 +460,9 @@ class LocalLauncher:
         """Whether a process of the job's session is left: ``mlflow run`` itself, or the training
         under it, which may still be writing its checkpoint after a cancel ended ``mlflow run``.
         A process counts only if it names the job's run (a reused process id is not the job), or
-        if it is between fork and exec: its environment then reads empty for a moment (a third of
-        the reads right after a fork, here), and it is not yet anyone but the job's. A zombie is
-        gone."""
+        if it is in the middle of an exec: its environment and command line then read empty for a
+        moment (1 to 35 % of reads made right after a fork, here, the more the busier the machine),
+        and it is still the job's. A zombie is gone."""
         marker = job.mlflow_run_id.encode()
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():

@@ -872,7 +872,7 @@ def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_
 
     def started():
         """The session's leader exits at once; the process it left behind names the run, as a training
-        does. Polled at once, that process is often still between fork and exec."""
+        does. Polled at once, that process is now and then in the middle of its exec."""
         leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], env={**os.environ, "MLFLOW_RUN_ID": run_id},
                                   stdout=subprocess.PIPE, text=True, start_new_session=True)
         training = int(leader.stdout.readline())
