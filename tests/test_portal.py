@@ -854,7 +854,7 @@ def test_a_finished_job_that_did_not_learn_says_so_and_a_stopped_one_shows_no_et
 
 
 @pytest.mark.parametrize("cancelled", [False, True])
-def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_cancelled(tmp_path, cancelled):
+def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_cancelled(tmp_path, cancelled, mlflow_store):
     """`mlflow run` ends at once on a cancel while the training under it still checkpoints: the job
     runs until no process of its session is left. A process that then ended without ending its
     run leaves it FAILED, or KILLED (the job cancelled) when the portal had asked for the cancel."""
@@ -866,7 +866,7 @@ def test_a_local_job_runs_until_its_whole_session_ends_and_a_cancelled_one_ends_
     from portal.jobs import CANCELLING, LocalLauncher
     from registry.mlflow_service import MlflowService
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     run_id = MlflowClient(uri).create_run("0").info.run_id
     launcher = LocalLauncher(tmp_path, uri, tmp_path)
 
