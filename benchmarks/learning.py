@@ -12,9 +12,11 @@ init and on the trained export, with the recipe's target (at least 0.20 over ran
 0.05 of raw pixels) met or not.
 
 ``select``: recipes chosen by the sets they were not chosen on. Every candidate (a name and
-overrides of the recipe) runs on every set with every seed, and each run is read out three ways:
-the CLS token (the export's embedding), the mean of the final patch tokens, and both side by side
-(each L2-normalised, as Hugging Face's ``Dinov2ForImageClassification`` feeds its classifier).
+overrides of the recipe) runs on every set with every seed, and each run is read out seven ways:
+the CLS token (the export's embedding), the mean of the final patch tokens, both side by side
+(each L2-normalised, as Hugging Face's ``Dinov2ForImageClassification`` feeds its classifier), and
+the patch tokens averaged on a 2x2 or 4x4 grid (where a feature is, as raw pixels keep it), alone
+and beside the CLS token.
 A run's margin on a set is how far its kNN lies above the harder of the set's two targets: raw
 pixels, and random init plus 0.20 (or two thirds of what random init leaves below 1.0, where
 that is less: faces' random init is 0.88). A candidate's score on some sets is its worst margin
@@ -87,22 +89,34 @@ def export_knn(model_dir: Path, data: Path) -> float:
     return knn(train_x, train_y, val_x, val_y)
 
 
-READOUTS = ("cls", "mean", "both")
+READOUTS = ("cls", "mean", "both", "grid2", "grid4", "cls+grid2", "cls+grid4")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _grid(patches: np.ndarray, cells: int) -> np.ndarray:
+    """Patch tokens (N, h, w, D) averaged over a ``cells`` x ``cells`` grid, each cell L2-normalised
+    and the whole of unit norm: where in the image a feature is, which the CLS token and the mean
+    may lose, and which raw pixels keep."""
+    n, h, w, d = patches.shape
+    pooled = patches.reshape(n, cells, h // cells, cells, w // cells, d).mean(axis=(2, 4)).reshape(n * cells * cells, d)
+    return _unit(pooled).reshape(n, -1) / cells
+
+
 def readout_knn(model_dir: Path, data: Path) -> dict[str, float]:
-    """kNN of each readout of the model: CLS token, patch-token mean, both side by side."""
+    """kNN of each readout of the model: CLS token, patch-token mean, both side by side, patch tokens
+    on a 2x2 or 4x4 grid, alone and beside the CLS token."""
     embedder = Embedder.from_pretrained(model_dir)
     splits = {}
     for split in ("train", "val"):
         paths, labels, _ = list_images(data / split)
         cls, patches = embedder.features([load_image(p, embedder.num_channels) for p in paths])
-        mean = patches.mean(axis=(1, 2))
-        splits[split] = {"cls": cls, "mean": mean, "both": np.concatenate([_unit(cls), _unit(mean)], 1)}, labels
+        mean, grids = patches.mean(axis=(1, 2)), {cells: _grid(patches, cells) for cells in (2, 4)}
+        splits[split] = {"cls": cls, "mean": mean, "both": np.concatenate([_unit(cls), _unit(mean)], 1),
+                         **{f"grid{c}": g for c, g in grids.items()},
+                         **{f"cls+grid{c}": np.concatenate([_unit(cls), g], 1) for c, g in grids.items()}}, labels
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     return {name: knn(train_x[name], train_y, val_x[name], val_y) for name in READOUTS}
 
@@ -202,7 +216,7 @@ def target(pixels: float, random_init: float) -> float:
 
 
 class Selection:
-    """Candidates x sets x seeds, each run read out three ways, kept in ``select.json``."""
+    """Candidates x sets x seeds, each run read out every way of ``READOUTS``, kept in ``select.json``."""
 
     def __init__(self, work: Path, config: Path):
         self.work, self.config, self.file = work, config, work / "select.json"
@@ -214,8 +228,15 @@ class Selection:
 
     def run(self, candidate: str, overrides: list[str], name: str, seed: int) -> dict:
         key = f"{candidate}|{name}|{seed}"
+        out = self.work / "runs" / re.sub(r"[^\w-]+", "-", key)
+        if key in self.results and set(READOUTS) - set(self.results[key]["trained"]):
+            # kept from before a readout was added: its kept exports are read again, not trained again
+            data = self.data(name)
+            self.results[key].update(trained=readout_knn(out / "backbone", data),
+                                     random_init=readout_knn(out / "random-init", data))
+            self.file.write_text(json.dumps(self.results, indent=1))
         if key not in self.results:
-            data, out = self.data(name), self.work / "runs" / re.sub(r"[^\w-]+", "-", key)
+            data = self.data(name)
             cfg = DinoMXConfig.from_yaml(self.config, [f"train.output_dir={out}", f"train.seed={seed}", *overrides])
             random_init = random_init_knn(cfg, data, out / "random-init", readout_knn)
             start = time.perf_counter()

@@ -31,6 +31,7 @@ with what arrives.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import gc
 import io
@@ -39,6 +40,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from http import HTTPStatus
@@ -105,6 +107,28 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog())
+# Whether BENTOML_RESULT_STORE is this module's choice (then each server makes its own) or the operator's.
+TASK_STORE_CHOSEN = "VF_TASK_STORE_CHOSEN"
+
+
+def _task_store_of_this_server() -> None:
+    """BentoML keeps the async tasks' results (whole slides and series) in one SQLite file per
+    BENTOML_HOME, which every ``bentoml serve`` deletes and makes anew as it starts: a second
+    service on the host erased the first's task table under it ("disk I/O error" on every task).
+    The results live no longer than their server anyway, so each server takes a file of its own,
+    before BentoML reads the setting, and its workers inherit it; an operator's setting stands."""
+    worker = getattr(sys.modules["__main__"], "__spec__", None)
+    if worker is not None and worker.name == "_bentoml_impl.worker.service":
+        return
+    if os.environ.get("BENTOML_RESULT_STORE") and not os.environ.get(TASK_STORE_CHOSEN):
+        return
+    folder = tempfile.mkdtemp(prefix="vision-foundry-tasks-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["BENTOML_RESULT_STORE"] = os.path.join(folder, "task_result.db")
+    os.environ[TASK_STORE_CHOSEN] = "1"
+
+
+_task_store_of_this_server()
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 LIMITS = {"VF_MAX_IMAGES": MAX_IMAGES, "VF_MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
           "VF_MAX_REQUEST_PIXELS": MAX_REQUEST_PIXELS, "VF_MAX_REQUEST_BYTES": MAX_REQUEST_BYTES,

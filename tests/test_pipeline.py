@@ -2,15 +2,12 @@
 promotion -> BentoML service, in a fresh git checkout with its own SQLite MLflow store."""
 import asyncio
 import base64
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import shlex
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -37,11 +34,11 @@ from dinomx.classifiers import KNNClassifier
 from dinomx.config import DinoMXConfig
 from dinomx.embed import Embedder
 from dinomx.model import build_models
-from registry.lineage import Lineage, format_chain, lineage_chain
-from registry.mlflow_service import EVAL_RUN_ID, Tag
+from registry.lineage import Lineage, lineage_chain
+from registry.mlflow_service import Tag
 from registry.promote import PromotionRefused, ledger_of, promote
 from scripts.demo import free_port, wait_ready
-from tests.conftest import copy_checkout, portal_with_demo_dataset, readme_commands
+from tests.conftest import copy_checkout, readme_commands
 
 pytestmark = pytest.mark.slow
 
@@ -323,62 +320,6 @@ def test_the_mlflow_ui_shows_what_ran_and_where_a_version_came_from(demo, tmp_pa
     for shot in ("run.png", "version.png"):
         pixels = np.asarray(Image.open(tmp_path / shot).convert("L"))
         assert pixels.shape[1] == 1400 and pixels.std() > 10  # a rendered page, not a blank one
-
-
-# Appended to the README's training commands so that they train briefly; nothing else changes.
-BRIEFLY = {"-e pretrain": ("overrides=\"", "overrides=\"train.steps_per_epoch=4 "),
-           "-e distill": ("teachers=models:/ct-backbone@staging",
-                          "teachers=models:/ct-backbone@staging -P overrides=\"train.epochs=1 train.steps_per_epoch=10 "
-                          "student.hidden_size=48\"")}
-
-
-def test_the_readme_commands_run_as_written(demo, tmp_path):
-    """"Using the parts", command by command in a demo checkout, as a reader pastes it into a shell:
-    train, evaluate, fit heads, promote to staging, distill from it, show the lineage, serve the
-    staging pair and classify a tile with curl."""
-    checkout, client, _ = demo
-    (checkout / ".venv").unlink(missing_ok=True)
-    (checkout / ".venv").symlink_to(sys.prefix)
-    (checkout / "tile.png").write_bytes(next((checkout / "data/demo/images/val").rglob("*.png")).read_bytes())
-    with (checkout / ".git/info/exclude").open("a") as exclude:
-        exclude.write(".venv\ntile.png\nserve.log\n")
-    script = ["set -euo pipefail"]
-    for command in readme_commands("Using the parts"):
-        for marker, (old, new) in BRIEFLY.items():
-            if marker in command:
-                assert old in command, f"the README's {marker} command changed: {command}"
-                command = command.replace(old, new)
-        if command.split("#")[0].rstrip().endswith("bentoml serve serving.service:VisionFoundry"):
-            # The one command that does not end: the README's reader runs the next one in another shell.
-            command = (f"{command.split('#')[0]} > serve.log 2>&1 & server=$!\n"
-                       "for _ in $(seq 180); do curl -sf localhost:3000/readyz >/dev/null && break; "
-                       "kill -0 $server; sleep 1; done")
-        script += [f"echo {shlex.quote('>>> ' + command.splitlines()[0][:60])}", command]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV"))}
-    shell = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = shell.communicate(timeout=1200)
-    finally:  # the server too, whether the block got to the end or not
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(shell.pid, signal.SIGTERM)
-    log = stdout[-4000:] + stderr[-4000:] + (checkout / "serve.log").read_text()[-3000:]
-    assert shell.returncode == 0, log
-    answer = json.loads(stdout.split(">>> curl")[1].splitlines()[1])
-    assert answer["model"] == "models:/ct-head/1" and answer["predictions"][0]["label"], answer
-    assert "models:/ct-head/1" in stdout.split(">>> python -m registry.lineage")[1]
-    for name in ("ct-backbone", "ct-head"):
-        assert str(client.get_model_version_by_alias(name, "staging").version) == "1"
-    student = Lineage.from_tags(client.get_model_version("ct-small-backbone", "1").tags)
-    assert student.teachers.startswith("models:/ct-backbone") and student.parent == "scratch"
-    assert "distill_loss" in client.get_run(student.source_run_id).data.metrics
-    assert "distilled from models:/ct-backbone" in format_chain(lineage_chain(client, "models:/ct-small-backbone/1"))
-    # Every run the block started sits in its family's experiment, none in MLflow's Default.
-    for family, entry_points in {"ct": {"pretrain", "evaluate", "heads"}, "ct-small": {"distill"}}.items():
-        runs = client.search_runs([client.get_experiment_by_name(family).experiment_id])
-        assert entry_points <= {r.data.tags.get("vf.entry_point", r.data.tags.get("mlflow.project.entryPoint"))
-                                for r in runs}, family
-    assert "Default experiment" not in stderr
 
 
 def test_head_cannot_be_promoted_before_its_backbone(demo):
@@ -742,86 +683,6 @@ def test_reload_serves_a_new_promotion_and_refuses_a_mismatched_set(service, dem
     subprocess.run([*cli, "demo-backbone", "--rollback", "--with", "demo-head", "--alias", "production", "--reason", "test"],
                    check=True, env=env)
     assert httpx.post(f"{base}/reload", headers=RELOAD, timeout=120).json()["backbone"] == "models:/demo-backbone/1"
-
-
-def _portal_running_jobs(demo, tmp_path):
-    """A portal on the demo checkout and its registry that runs its jobs (local backend):
-    (app, signed-in test client, demo dataset id)."""
-    from portal.app import Settings
-
-    checkout = demo[0]
-    return portal_with_demo_dataset(Settings(
-        database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=f"sqlite:///{checkout / 'mlflow.db'}",
-        project_dir=checkout, run_jobs=True, mlflow_ui_url="http://mlflow.test", job_log_dir=tmp_path / "jobs"))
-
-
-def _job_when(web, job_id: int, until, seconds: float = 400) -> dict:
-    """The job's API answer once ``until`` holds for it."""
-    deadline = time.monotonic() + seconds
-    while not until(state := web.get(f"/api/jobs/{job_id}").json):
-        assert time.monotonic() < deadline, state
-        time.sleep(1)
-    return state
-
-
-def test_portal_training_job_runs_mlflow_and_reports_live_metrics(demo, tmp_path):
-    """A researcher's form becomes a real `mlflow run` of the project, linked to its MLflow run."""
-    app, web, dataset = _portal_running_jobs(demo, tmp_path)
-    client = demo[1]
-    job = web.post("/api/jobs", json={"dataset_id": dataset, "name": "portal", "config": "configs/demo.yaml",
-                                      "strategy": "freeze", "freeze_blocks": "2", "batch_size": "16", "epochs": "1"}).json
-    state = _job_when(web, job["id"], lambda s: s["status"] not in ("queued", "starting", "running"))
-    assert state["status"] == "finished", state["log_tail"]
-    experiment = client.get_run(state["mlflow_run_id"]).info.experiment_id
-    assert state["mlflow_url"] == (f"http://mlflow.test/#/experiments/{experiment}/runs/{state['mlflow_run_id']}"
-                                   "?workflowType=machine_learning")
-    assert [step for step, _ in state["metrics"]["total_loss"]] == [10, 20, 30]  # 30 steps, logged every 10
-    run = client.get_run(state["mlflow_run_id"])
-    assert run.data.params["student.freeze_blocks"] == "2" and run.data.params["train.batch_size"] == "16"
-    assert run.data.tags["vf.portal.owner"] == "ana"
-    assert Lineage.from_tags(client.get_model_version("portal-backbone", "1").tags).source_run_id == state["mlflow_run_id"]
-
-    # The backbone evaluated and given heads from the same form, in the family's experiment.
-    backbone, runs = {"dataset_id": dataset, "backbone": "models:/portal-backbone/1", "knn_k": "5"}, {}
-    for task in ("evaluate", "heads"):
-        job = web.post("/api/jobs", json=backbone | {"task": task}).json
-        done = _job_when(web, job["id"], lambda s: s["status"] not in ("queued", "starting", "running"))
-        assert done["status"] == "finished", done["log_tail"]
-        runs[task] = client.get_run(done["mlflow_run_id"])
-        assert runs[task].info.experiment_id == experiment and runs[task].data.tags["vf.entry_point"] == task
-        assert re.fullmatch(rf"portal-(v1-)?{task}-\S+", runs[task].info.run_name), runs[task].info.run_name
-    assert client.get_model_version("portal-backbone", "1").tags[EVAL_RUN_ID] == runs["evaluate"].info.run_id
-    head = client.get_model_version("portal-head", "1")
-    assert Lineage.from_tags(head.tags).parent == "models:/portal-backbone/1" and head.run_id == runs["heads"].info.run_id
-    app.extensions["vf.jobs"].stop()
-
-
-def test_a_cancelled_portal_job_ends_killed_and_resumes_in_the_same_run(demo, tmp_path):
-    """Cancel: the training checkpoints and its run ends KILLED, the job says cancelled. Resume: the
-    same MLflow run goes on from that checkpoint to the end, its history continuing, not repeating."""
-    app, web, dataset = _portal_running_jobs(demo, tmp_path)
-    client = demo[1]
-    job = web.post("/api/jobs", json={"dataset_id": dataset, "name": "stopped", "config": "configs/demo.yaml",
-                                      "batch_size": "16", "epochs": "3"}).json
-
-    def wait(until):
-        return _job_when(web, job["id"], until)
-
-    running = wait(lambda s: s["status"] == "running" and s["progress"])
-    assert re.fullmatch(r"\d+/90( \(\S+ left\))?", running["progress"]), running["progress"]
-    assert web.post(f"/api/jobs/{job['id']}/resume", json={}).status_code == 409  # still running
-    assert web.post(f"/api/jobs/{job['id']}/cancel", json={}).status_code == 200
-    stopped = wait(lambda s: s["status"] not in ("queued", "starting", "running"))
-    run = client.get_run(stopped["mlflow_run_id"])
-    assert stopped["status"] == "cancelled" and run.info.status == "KILLED", (stopped["log_tail"], run.info.status)
-    stopped_at = int(run.data.tags["vf.interrupted"].split(" at iteration ")[1].split(";")[0])
-    assert web.post(f"/api/jobs/{job['id']}/resume", json={}).status_code == 200
-    done = wait(lambda s: s["status"] not in ("queued", "starting", "running"))
-    assert done["status"] == "finished" and done["mlflow_run_id"] == stopped["mlflow_run_id"], done["log_tail"]
-    steps = [m.step for m in client.get_metric_history(done["mlflow_run_id"], "total_loss")]
-    assert steps == sorted(set(steps)) and steps[-1] == 90 and stopped_at < 90, (steps, stopped_at)
-    assert client.get_run(done["mlflow_run_id"]).info.status == "FINISHED"
-    app.extensions["vf.jobs"].stop()
 
 
 def test_evaluate_follows_the_papers_protocol_folds_an_external_set_and_table_3(demo):

@@ -3,8 +3,11 @@ on kept results (no training)."""
 import json
 
 import pytest
+import torch
 
 from benchmarks.learning import READOUTS, Selection, target
+from dinomx.model import build_models
+from tests.conftest import tiny_config
 
 
 def _row(trained: float, random_init: float = 0.4, pixels: float = 0.5) -> dict:
@@ -40,3 +43,24 @@ def test_a_candidate_is_judged_on_the_set_left_out_by_its_worst_seed(tmp_path):
     assert report.rstrip().endswith("worst held-out margin: -0.150")
     # the mean over seeds would have hidden it: sharp's two z seeds average +0.075
     assert "sharp | cls | " in report and report.count("-0.150") >= 2
+
+
+def test_a_kept_run_is_read_out_again_from_its_exports_when_a_readout_is_added(tmp_path, tiles):
+    cfg = tiny_config()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x").symlink_to(tiles)
+    torch.manual_seed(0)
+    _, teacher = build_models(cfg)
+    for export in ("backbone", "random-init"):  # one network twice: both read out alike
+        teacher.backbone.save_pretrained(tmp_path / "runs" / "kept-x-0" / export, cfg.dataset, cfg.crops.global_crops_size)
+    kept = _row(2.0)  # no kNN scores that: what is read again replaces it
+    for readouts in (kept["trained"], kept["random_init"]):
+        for name in set(readouts) - {"cls", "mean", "both"}:
+            del readouts[name]
+    (tmp_path / "select.json").write_text(json.dumps({"kept|x|0": kept}))
+    # No config to train with: the row can only come from the exports.
+    row = Selection(tmp_path, config=tmp_path / "unused.yaml").run("kept", [], "x", 0)
+    assert set(row["trained"]) == set(READOUTS) and row["trained"] == row["random_init"]
+    assert all(0 <= v <= 1 for v in row["trained"].values())
+    assert (row["minutes"], row["steps"]) == (1.0, 10)  # the training it had is kept
+    assert json.loads((tmp_path / "select.json").read_text())["kept|x|0"] == row

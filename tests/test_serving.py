@@ -2,7 +2,10 @@
 adaptive batching (the served demo models are exercised in test_pipeline.py)."""
 import asyncio
 import json
+import os
 import re
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -306,3 +309,28 @@ def test_slides_and_series_are_streamed_to_disk_checked_and_refused_by_field(tmp
     assert upload("/upload_slide", "slide", "big.svs", b"0" * (4 << 20)).status_code == 413
     with pytest.raises(uploads.UploadRefused, match="slide_id: expected the 32 hex digits"):
         uploads.find("../etc", "slide")
+
+
+def test_every_server_keeps_its_task_results_in_a_file_of_its_own(monkeypatch):
+    """BentoML deletes and remakes its task store as a server starts; one shared file per host let a
+    second service erase the first's tasks. Each server (not its workers) takes its own; an
+    operator's setting stands."""
+    from importlib.machinery import ModuleSpec
+
+    from serving.service import TASK_STORE_CHOSEN, _task_store_of_this_server
+
+    monkeypatch.setenv("BENTOML_RESULT_STORE", "")
+    monkeypatch.setenv(TASK_STORE_CHOSEN, "")
+    stores = []
+    for _ in range(2):  # two servers started from this environment, as a test or a shell starts them
+        _task_store_of_this_server()
+        stores.append(os.environ["BENTOML_RESULT_STORE"])
+    assert stores[0] != stores[1] and all(Path(s).parent.is_dir() and Path(s).name == "task_result.db" for s in stores)
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", ModuleSpec("_bentoml_impl.worker.service", None))
+    _task_store_of_this_server()  # a worker: its server's
+    assert os.environ["BENTOML_RESULT_STORE"] == stores[1]
+    monkeypatch.undo()
+    monkeypatch.setenv("BENTOML_RESULT_STORE", "/srv/vision-foundry/tasks.db")
+    monkeypatch.delenv(TASK_STORE_CHOSEN, raising=False)
+    _task_store_of_this_server()
+    assert os.environ["BENTOML_RESULT_STORE"] == "/srv/vision-foundry/tasks.db"

@@ -257,7 +257,10 @@ def test_pretrain_evaluate_promote_and_serve_through_the_tracking_server_with_au
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(f"{base}/readyz", server, timeout=180)
+        try:
+            wait_ready(f"{base}/readyz", server, timeout=180)
+        except RuntimeError as error:
+            raise AssertionError(server.stdout.read()[-3000:]) from error  # it has exited: all it said
         sample = sorted(Path(validated_checkout, "data/demo/images/val/glands").glob("*.png"))[0]
         with sample.open("rb") as f:
             answer = httpx.post(f"{base}/classify", files={"images": (sample.name, f, "image/png")}, timeout=60)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from accelerate.utils import set_seed
@@ -248,15 +249,21 @@ def _torchrun(tmp_path, cfg, *extra):
 def test_fsdp_checkpoint_of_two_processes_resumes_in_one(tiles, tmp_path):
     cfg = tiny_config(train={"output_dir": str(tmp_path / "out"), "batch_size": 4, "log_every": 1, "checkpoint_every": 2},
                       distribution={"type": "fsdp"}, ibot={"loss_weight": 1.0})
-    # Killed by hand once step 4 is logged (its checkpoint is written before the log line).
+    # Killed by hand once step 4 is logged (its checkpoint is written before the log line): torchrun
+    # and its workers, which it starts in sessions of their own. Left alive, they would train on to
+    # step 6 and write the checkpoint this test resumes from while it resumes (seen with one thread a
+    # worker).
     run = subprocess.Popen(_torchrun(tmp_path, cfg, "--data", str(tiles / "train")), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                           start_new_session=True)
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
     for line in run.stdout:
         seen.append(line)
         if "it 4/6" in line:
-            os.killpg(run.pid, 9)
+            launcher = psutil.Process(run.pid)
+            processes = [launcher, *launcher.children(recursive=True)]
+            for process in processes:
+                process.kill()
+            psutil.wait_procs(processes, timeout=60)
             break
     run.wait(timeout=60)
     log = "".join(seen)
