@@ -158,8 +158,8 @@ def _validated_template(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def validated_checkout(_validated_template, tmp_path_factory) -> Path:
-    """The validated checkout that tests writing only outside it (their MLflow store elsewhere) share,
-    ready for `mlflow run`."""
+    """A validated checkout shared by the tests that `mlflow run` in it with MLflow stores of their
+    own elsewhere (their runs' outputs land in it, which a ``validated_copy`` does not see)."""
     return shutil.copytree(_validated_template, tmp_path_factory.mktemp("validated") / "vision-foundry", symlinks=True)
 
 
