@@ -22,6 +22,7 @@ def portal(validated_copy, mlflow_store, tmp_path):
         database_url=f"sqlite:///{tmp_path / 'portal.db'}", secret_key="t", tracking_uri=mlflow_store,
         project_dir=validated_copy, run_jobs=True, mlflow_ui_url="http://mlflow.test", job_log_dir=tmp_path / "jobs"))
     yield app, web, dataset, MlflowClient(mlflow_store)
+    app.extensions["vf.jobs"].stop()
 
 
 def _job_when(web, job_id: int, until, seconds: float = 400) -> dict:
